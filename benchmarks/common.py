@@ -1,0 +1,68 @@
+"""Shared benchmark plumbing: timing that is right on GPU and CPU, and the record the summary table reads.
+
+Every benchmark is a pytest-benchmark test. Ours and each peer are separate parametrizations of the same
+test, so they are measured in the same run on the same card. Each test calls ``record(...)``, which stores in
+``benchmark.extra_info``: group (what is being compared: op, shape, dtype, pass), impl (ours is
+``internlm_kernels``), metric (``TFLOP/s``, ``GB/s``, ``tokens/s`` ...), value, ms, and the card's name.
+``benchmarks/summarize.py`` turns the JSON of a run into one table with ratios against each peer.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+OURS = "internlm_kernels"
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def card_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"cpu {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 20) -> float:
+    """Median milliseconds of ``fn()``; CUDA work is synchronized (triton.testing.do_bench on GPU)."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def record(benchmark, fn: Callable[[], object], *, group: str, impl: str, metric: str,
+           work: float, unit_scale: float = 1e-9, **extra) -> float:
+    """Time ``fn`` (via pytest-benchmark for its own report, and ``time_ms`` for the figure) and record it.
+
+    ``work`` is the amount per call in base units (FLOPs for TFLOP/s with unit_scale 1e-12, bytes for GB/s
+    with 1e-9, tokens for tokens/s with 1). Returns the value in ``metric`` units.
+    """
+    ms = time_ms(fn)
+    benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)
+    value = work * unit_scale / (ms * 1e-3)
+    benchmark.extra_info.update(group=group, impl=impl, metric=metric, value=value, ms=ms, card=card_name(), **extra)
+    return value
+
+
+def peer_available(name: str) -> bool:
+    """Whether an optional peer library imports here (Liger is installed only on GPU machines)."""
+    try:
+        __import__(name)
+    except Exception:
+        return False
+    return True

@@ -1,0 +1,20 @@
+"""internlm-kernels: Triton and CUDA kernels for training InternLM2-class models.
+
+Drop-in for the calls people make today: flash-attn's varlen attention, rms_norm and rotary, Liger's
+fused linear cross-entropy, torch's fused AdamW. See README.md for the kernel table.
+"""
+from . import backend, nn, reference
+from .backend import use_backend
+from .ops.attention import flash_attn_func, flash_attn_varlen_func
+from .ops.cross_entropy import fused_linear_cross_entropy
+from .ops.rms_norm import rms_norm
+from .ops.rotary import apply_rotary_emb
+from .ops.swiglu import swiglu
+from .optim import FusedAdamW, clip_grad_norm_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "flash_attn_varlen_func", "flash_attn_func", "rms_norm", "swiglu", "apply_rotary_emb",
+    "fused_linear_cross_entropy", "FusedAdamW", "clip_grad_norm_", "use_backend", "backend", "nn", "reference",
+]

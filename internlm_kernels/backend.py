@@ -1,0 +1,144 @@
+"""Which implementation of an op runs for a given tensor.
+
+Backends:
+  reference  plain torch (internlm_kernels/reference.py): the spec, runs anywhere
+  triton     Triton kernels: CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 (the test setup)
+  cuda       the compiled extension's CUDA kernels (internlm_kernels._C)
+  cpu        the compiled extension's C++/OpenMP kernels (internlm_kernels._C)
+  auto       CUDA tensors: the fastest measured GPU implementation of the op;
+             CPU tensors: the C++ kernel where one exists, else the reference.
+
+Choose with the environment variable INTERNLM_KERNELS_BACKEND, either one name for every op
+(``triton``) or per-op entries (``attention=triton,adamw=cpu``, with ``*=...`` for the rest), or in code
+with ``use_backend("triton")`` / ``use_backend(rms_norm="reference")``. A forced backend that cannot run
+an op on the given tensors raises ``BackendUnavailable`` with the reason; it never falls back silently.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
+
+# Implementations each op has, and what `auto` picks on each device (first available wins).
+OPS: dict[str, tuple[str, ...]] = {
+    "attention": ("reference", "triton"),
+    "rms_norm": ("reference", "triton"),
+    "swiglu": ("reference", "triton"),
+    "rotary": ("reference", "triton"),
+    "linear_cross_entropy": ("reference", "triton"),
+    "adamw": ("reference", "cpu", "cuda"),
+    "grad_norm": ("reference", "cpu", "cuda"),
+}
+_AUTO = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+
+ENV_VAR = "INTERNLM_KERNELS_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run this op on these tensors."""
+
+
+_local = threading.local()
+
+
+def _parse(spec: str) -> dict[str, str]:
+    spec = spec.strip()
+    if not spec:
+        return {}
+    if "=" not in spec:
+        choice = {"*": spec}
+    else:
+        choice = {}
+        for item in spec.split(","):
+            if not item.strip():
+                continue
+            op, _, name = item.partition("=")
+            choice[op.strip()] = name.strip()
+    for op, name in choice.items():
+        if name not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}: unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+        if op != "*" and op not in OPS:
+            raise ValueError(f"{ENV_VAR}: unknown op {op!r} (ops: {', '.join(OPS)})")
+    return choice
+
+
+def requested(op: str) -> str:
+    """The backend asked for ``op`` by use_backend() or the environment ('auto' when nothing was asked)."""
+    if op not in OPS:
+        raise KeyError(f"unknown op {op!r}")
+    for choice in reversed(getattr(_local, "stack", [])):
+        if op in choice:
+            return choice[op]
+        if "*" in choice:
+            return choice["*"]
+    choice = _parse(os.environ.get(ENV_VAR, ""))
+    return choice.get(op, choice.get("*", "auto"))
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _why_not(name: str, device: torch.device) -> str | None:
+    """None when backend `name` can run on `device`, else the reason it cannot."""
+    if name == "reference":
+        return None
+    if name == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed"
+        if not triton_runs_on(device):
+            return f"Triton kernels need CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to interpret on CPU)"
+        return None
+    if name in ("cuda", "cpu"):
+        if device.type != name:
+            return f"the {name} backend needs {name} tensors (got {device.type})"
+        from . import _ext
+
+        return _ext.why_unavailable(name)
+    return f"unknown backend {name!r}"
+
+
+def choose(op: str, device: torch.device | str) -> str:
+    """The implementation of ``op`` that runs for tensors on ``device``."""
+    device = torch.device(device)
+    want = requested(op)
+    have = OPS[op]
+    if want == "auto":
+        for name in _AUTO.get(device.type, ("reference",)):
+            if name in have and _why_not(name, device) is None:
+                return name
+        return "reference"
+    if want not in have:
+        raise BackendUnavailable(
+            f"{op}: backend {want!r} was forced but {op} has no {want} implementation (it has: {', '.join(have)})")
+    why = _why_not(want, device)
+    if why is not None:
+        raise BackendUnavailable(f"{op}: backend {want!r} was forced but cannot run: {why}")
+    return want
+
+
+@contextlib.contextmanager
+def use_backend(default: str | None = None, **per_op: str) -> Iterator[None]:
+    """Force backends inside a ``with`` block: ``use_backend("triton")`` or ``use_backend(adamw="cpu")``."""
+    choice = dict(per_op)
+    if default is not None:
+        choice["*"] = default
+    _parse(",".join(f"{k}={v}" for k, v in choice.items()))  # validates names
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(choice)
+    try:
+        yield
+    finally:
+        stack.pop()

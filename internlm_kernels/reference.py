@@ -1,0 +1,298 @@
+"""Plain-torch definitions of every op: the spec, the CPU path and the test oracle.
+
+Written for clarity, not speed. Every function computes in float32 (or float64 when given float64)
+and casts the result back to the input dtype, which is what the kernels do too. Autograd through these
+functions is the reference backward.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------
+def attention_mask(seqlen_q: int, seqlen_k: int, causal: bool, window_size: tuple[int, int],
+                   device=None) -> torch.Tensor:
+    """Boolean (seqlen_q, seqlen_k) mask, True where query i may attend key j.
+
+    flash-attn semantics: queries are aligned to the bottom-right of the key range, so query i sits at
+    key position ``i + seqlen_k - seqlen_q``. With window (left, right), key j is visible when
+    ``pos - left <= j <= pos + right`` (-1 means unbounded on that side). ``causal`` sets right = 0.
+    """
+    left, right = window_size
+    if causal:
+        right = 0
+    i = torch.arange(seqlen_q, device=device)[:, None]
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    pos = i + seqlen_k - seqlen_q
+    mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if right >= 0:
+        mask &= j <= pos + right
+    if left >= 0:
+        mask &= j >= pos - left
+    return mask
+
+
+def attention_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+                  causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                  alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one sequence. q (Lq, Hq, D), k/v (Lk, Hkv, D) -> out (Lq, Hq, D), lse (Hq, Lq) float32.
+
+    s = scale · q kᵀ;  s = softcap · tanh(s / softcap) if softcap > 0;  s -= slope_h · |pos_i - j| with ALiBi;
+    masked entries are -inf;  lse = log Σ_j exp(s_ij);  out = softmax(s) v.
+    Query head h reads key/value head h // (Hq / Hkv) (grouped-query attention).
+    A query row that sees no key gets out = 0 and lse = +inf (as flash-attn).
+    """
+    Lq, Hq, D = q.shape
+    Lk, Hkv, _ = k.shape
+    group = Hq // Hkv
+    dt = _compute_dtype(q)
+    qf = q.to(dt).transpose(0, 1)                                         # (Hq, Lq, D)
+    kf = k.to(dt).transpose(0, 1).repeat_interleave(group, dim=0)         # (Hq, Lk, D)
+    vf = v.to(dt).transpose(0, 1).repeat_interleave(group, dim=0)         # (Hq, Lk, D)
+    s = softmax_scale * (qf @ kf.transpose(1, 2))                         # (Hq, Lq, Lk)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        pos = torch.arange(Lq, device=q.device)[:, None] + Lk - Lq
+        dist = (pos - torch.arange(Lk, device=q.device)[None, :]).abs().to(dt)
+        s = s - alibi_slopes.to(dt).reshape(Hq, 1, 1) * dist
+    mask = attention_mask(Lq, Lk, causal, window_size, device=q.device)  # (Lq, Lk)
+    empty = ~mask.any(dim=1)                                              # (Lq,)
+    # Rows with no visible key are filled with zeros so that neither softmax nor its gradient is NaN;
+    # their probabilities are then zeroed by the mask.
+    s = s.masked_fill(~mask, float("-inf")).masked_fill(empty[:, None], 0.0)
+    lse = torch.logsumexp(s, dim=-1)                                      # (Hq, Lq)
+    p = torch.exp(s - lse[..., None]) * mask
+    out = (p @ vf).transpose(0, 1)                                        # (Lq, Hq, D)
+    lse = lse.float().masked_fill(empty, float("inf"))
+    return out.to(q.dtype), lse
+
+
+def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                      softmax_scale: float | None = None, causal: bool = False,
+                      window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                      alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable-length attention over packed sequences: sequence b owns query rows
+    ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and key rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``; no attention
+    crosses sequences. q (total_q, Hq, D), k/v (total_k, Hkv, D) -> out (total_q, Hq, D),
+    lse (Hq, total_q) float32. ``alibi_slopes`` is (Hq,) or (batch, Hq). See ``attention_one``.
+    """
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    outs, lses = [], []
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        slopes = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes
+        o, l = attention_one(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], softmax_scale,
+                             causal, window_size, softcap, slopes)
+        outs.append(o)
+        lses.append(l)
+    out = torch.cat(outs, dim=0) if outs else q.new_empty(q.shape)
+    lse = torch.cat(lses, dim=1) if lses else q.new_empty(q.shape[1], 0, dtype=torch.float32)
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------------
+# RMSNorm
+# --------------------------------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
+             prenorm: bool = False, residual_in_fp32: bool = False):
+    """RMSNorm with an optional fused residual add (flash-attn ``rms_norm_fn`` semantics, no bias).
+
+    h = x + residual (in float32; h = x without a residual);
+    y = h / sqrt(mean(h², last dim) + eps) · weight, computed in float32 and returned in x.dtype.
+    With ``prenorm`` returns (y, h) where h is stored in residual.dtype if a residual was given, else
+    float32 if ``residual_in_fp32`` else x.dtype — the carried residual stream of a pre-norm block.
+    """
+    dt = _compute_dtype(x)
+    h = x.to(dt)
+    if residual is not None:
+        h = h + residual.to(dt)
+    y = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.to(dt)
+    y = y.to(x.dtype)
+    if not prenorm:
+        return y
+    if residual is not None:
+        res_dtype = residual.dtype
+    else:
+        res_dtype = torch.float32 if residual_in_fp32 else x.dtype
+    return y, h.to(res_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# SwiGLU
+# --------------------------------------------------------------------------------------------------
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up = gate · sigmoid(gate) · up, in float32, returned in gate.dtype."""
+    dt = _compute_dtype(gate)
+    g = gate.to(dt)
+    return (g * torch.sigmoid(g) * up.to(dt)).to(gate.dtype)
+
+
+def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of one tensor holding [gate | up] halves on its last dim (the output of a fused w1/w3 matmul)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return swiglu(gate, up)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rotary embedding
+# --------------------------------------------------------------------------------------------------
+def rotary_positions(x: torch.Tensor, seqlen_offsets: int | torch.Tensor = 0,
+                     cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Position of each token: (B, S) for x (B, S, H, D), or (total,) for packed x with cu_seqlens, where
+    positions restart at 0 in each sequence. ``seqlen_offsets`` (int, or (B,) tensor) is added per sequence."""
+    if cu_seqlens is None:
+        B, S = x.shape[:2]
+        pos = torch.arange(S, device=x.device)[None, :].expand(B, S)
+        offs = seqlen_offsets if isinstance(seqlen_offsets, int) else seqlen_offsets.to(x.device)[:, None]
+        return pos + offs
+    cu = cu_seqlens.tolist()
+    pos = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    for b in range(len(cu) - 1):
+        off = seqlen_offsets if isinstance(seqlen_offsets, int) else int(seqlen_offsets[b])
+        pos[cu[b]:cu[b + 1]] = torch.arange(cu[b + 1] - cu[b], device=x.device) + off
+    return pos
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
+                     seqlen_offsets: int | torch.Tensor = 0, cu_seqlens: torch.Tensor | None = None,
+                     conjugate: bool = False) -> torch.Tensor:
+    """Rotary embedding (flash-attn ``apply_rotary_emb`` semantics).
+
+    x (B, S, H, D), or (total, H, D) with cu_seqlens; cos/sin (seqlen_ro, rotary_dim / 2).
+    The first rotary_dim features rotate, the rest pass through. With c = cos[pos], s = sin[pos]:
+      rotate-half (InternLM2, Llama):  x1, x2 = x[:rd/2], x[rd/2:rd]   -> (x1 c - x2 s, x1 s + x2 c)
+      interleaved (GPT-J):             x1, x2 = x[0:rd:2], x[1:rd:2]   -> same, written back interleaved.
+    ``conjugate`` rotates by -angle (the backward of the forward rotation).
+    """
+    dt = _compute_dtype(x)
+    rd = cos.shape[-1] * 2
+    pos = rotary_positions(x, seqlen_offsets, cu_seqlens)                # (B, S) or (total,)
+    c = cos.to(dt)[pos].unsqueeze(-2)                                      # (..., 1, rd/2)
+    s = sin.to(dt)[pos].unsqueeze(-2)
+    if conjugate:
+        s = -s
+    xf = x.to(dt)
+    xr, xpass = xf[..., :rd], xf[..., rd:]
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rot = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
+        rot = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((rot, xpass), dim=-1).to(x.dtype)
+
+
+def rotary_cos_sin(seqlen: int, rotary_dim: int, theta: float = 10000.0, scaling_type: str | None = None,
+                   scaling_factor: float = 1.0, max_position_embeddings: int | None = None,
+                   device=None, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (seqlen, rotary_dim / 2) for InternLM2's RoPE.
+
+    inv_freq_i = base^(-2i / d). ``linear`` scaling divides positions by the factor. ``dynamic`` (NTK) raises
+    the base when seqlen exceeds max_position_embeddings:
+    base = theta · (factor · seqlen / max_pos - (factor - 1)) ^ (d / (d - 2)).
+    """
+    base = theta
+    if scaling_type == "dynamic" and max_position_embeddings is not None and seqlen > max_position_embeddings:
+        base = theta * ((scaling_factor * seqlen / max_position_embeddings) - (scaling_factor - 1)) ** (
+            rotary_dim / (rotary_dim - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float64) / rotary_dim))
+    t = torch.arange(seqlen, device=device, dtype=torch.float64)
+    if scaling_type == "linear":
+        t = t / scaling_factor
+    freqs = torch.outer(t, inv_freq)
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear + cross-entropy
+# --------------------------------------------------------------------------------------------------
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+                         softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``target``; returns (loss, z_loss).
+
+    hidden (N, H), weight (V, H), target (N,) int64. Logits z in float32 (softcapped: c · tanh(z / c)).
+    Per token with lse = log Σ_v exp(z_v):
+      loss_t = (1 - ε)(lse - z_target) + ε (lse - mean_v z_v) + λ lse²,   z_loss_t = λ lse²
+    with ε = label_smoothing and λ = lse_square_scale (z-loss, PaLM). Tokens whose target is
+    ``ignore_index`` contribute 0. reduction ``mean`` divides the sum by the number of non-ignored tokens
+    (0 when every token is ignored), ``sum`` sums, ``none`` returns per-token values (N,).
+    """
+    dt = _compute_dtype(hidden)
+    z = hidden.to(dt) @ weight.to(dt).t()
+    if bias is not None:
+        z = z + bias.to(dt)
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    lse = torch.logsumexp(z, dim=-1)
+    nll = lse - z.gather(-1, safe_target[:, None]).squeeze(-1)
+    loss = (1.0 - label_smoothing) * nll + label_smoothing * (lse - z.mean(dim=-1))
+    z_loss = lse_square_scale * lse.pow(2)
+    loss = torch.where(valid, loss + z_loss, torch.zeros_like(loss))
+    z_loss = torch.where(valid, z_loss, torch.zeros_like(z_loss))
+    if reduction == "none":
+        return loss, z_loss
+    if reduction == "sum":
+        return loss.sum(), z_loss.sum()
+    if reduction == "mean":
+        n = valid.sum().clamp(min=1).to(dt)
+        return loss.sum() / n, z_loss.sum() / n
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer
+# --------------------------------------------------------------------------------------------------
+def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+               step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+               maximize: bool = False, max_exp_avg_sq: torch.Tensor | None = None) -> None:
+    """One AdamW step in place, exactly as ``torch.optim.AdamW`` (decoupled weight decay), ``step`` counted from 1:
+
+      p ← p · (1 - lr · wd)
+      m ← m + (1 - β1)(g - m);          v ← β2 v + (1 - β2) g²
+      (AMSGrad: v̂ ← max(v̂, v), used in place of v below)
+      p ← p - lr / (1 - β1^t) · m / (sqrt(v) / sqrt(1 - β2^t) + eps)
+    """
+    if maximize:
+        grad = -grad
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    second = exp_avg_sq
+    if max_exp_avg_sq is not None:
+        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        second = max_exp_avg_sq
+    denom = (second.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """Norm of all tensors together, as ``torch.nn.utils.clip_grad_norm_`` computes it (float32 result)."""
+    if not tensors:
+        return torch.tensor(0.0)
+    norms = torch.stack([torch.linalg.vector_norm(t.float(), norm_type) for t in tensors])
+    return torch.linalg.vector_norm(norms, norm_type)
+
+
+__all__ = [
+    "attention_mask", "attention_one", "flash_attn_varlen", "rms_norm", "swiglu", "swiglu_packed",
+    "rotary_positions", "apply_rotary_emb", "rotary_cos_sin", "linear_cross_entropy", "adamw_step", "total_norm",
+]
