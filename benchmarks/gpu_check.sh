@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The one-call GPU check (see README "GPU check"): build, GPU tests, benchmarks beside their peers,
+# one summary table printed last. Results land in $OUT (the device tool's output folder) or runs/gpu_check.
+#
+#   bash benchmarks/gpu_check.sh            # everything
+#   BENCH="bench_attention.py" bash benchmarks/gpu_check.sh   # a subset of benchmark files
+#
+# Stage time limits keep the whole script inside ~8 minutes; a stage that runs out still leaves its partial results.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/runs/gpu_check}
+mkdir -p "$OUT"
+PY=${PY:-python}
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+tag="$(date +%F)-$(echo "${card:-unknown}" | tr -cs 'A-Za-z0-9' '-' | sed 's/-$//' | tr 'A-Z' 'a-z')"
+echo "== card: ${card:-none}; results tag: $tag"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>/dev/null | tee "$OUT/card.txt"
+
+# Peers that are not preinstalled: the Liger wheel, carried in wheels/ (ignored by git).
+if ls wheels/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-deps wheels/*.whl >"$OUT/peers.log" 2>&1 && echo "== installed peers: $(ls wheels)"
+fi
+
+echo "== build"
+export INTERNLM_KERNELS_CUDA=ON INTERNLM_KERNELS_CUDA_ARCHS=${INTERNLM_KERNELS_CUDA_ARCHS:-90a}
+if ! timeout 240 $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+fi
+$PY -c "import internlm_kernels._C as C; print('extension: cuda', C.built_with_cuda(), repr(C.cuda_device_error()))"
+
+echo "== GPU tests"
+timeout ${TEST_TIMEOUT:-150} $PY -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" \
+  2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+tests_rc=${PIPESTATUS[0]}
+
+echo "== benchmarks"
+files=()
+for f in ${BENCH:-bench_fused.py bench_cross_entropy.py bench_adamw.py bench_attention.py bench_model.py bench_train.py}; do
+  [ -f "benchmarks/$f" ] && files+=("benchmarks/$f")
+done
+timeout ${BENCH_TIMEOUT:-300} $PY -m pytest -q "${files[@]}" -p no:cacheprovider --benchmark-json="$OUT/bench.json" \
+  --benchmark-disable-gc 2>&1 | tee "$OUT/bench.log" | tail -15
+bench_rc=${PIPESTATUS[0]}
+
+echo "== summary ($card)"
+tests_arg=()
+[ -f "$OUT/gpu-tests.xml" ] && tests_arg=(--tests "$OUT/gpu-tests.xml")
+if [ -f "$OUT/bench.json" ]; then
+  cp "$OUT/bench.json" "$OUT/$tag.json"
+  $PY benchmarks/summarize.py "$OUT/bench.json" "${tests_arg[@]}" --markdown "$OUT/summary.md"
+else
+  echo "no benchmark JSON (bench rc=$bench_rc)"
+fi
+echo "gpu tests rc=$tests_rc, benchmarks rc=$bench_rc"
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
