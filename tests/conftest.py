@@ -55,6 +55,34 @@ def _patch_interpreter_bf16_dot() -> None:
 _patch_interpreter_bf16_dot()
 
 
+def _patch_interpreter_scalar_index() -> None:
+    """Work around the Triton interpreter's scalar ``__index__`` under NumPy >= 2.4 (triton-lang/triton#9171).
+
+    The interpreter holds a scalar kernel argument as a one-element 1-D array and converts it with ``int(array)``,
+    which NumPy 2.4 rejects, so ``for i in range(0, n)`` over a runtime ``n`` fails. We convert through a 0-d
+    reshape, which is the upstream fix. Only the interpreter is patched.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    if getattr(interpreter, "_ik_scalar_index_patched", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(())))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    interpreter._ik_scalar_index_patched = True
+
+
+_patch_interpreter_scalar_index()
+
+
 def pytest_collection_modifyitems(config, items):
     if ON_GPU_RUN:
         return
