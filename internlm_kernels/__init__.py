@@ -8,13 +8,14 @@ from .backend import use_backend
 from .ops.attention import flash_attn_func, flash_attn_varlen_func
 from .ops.cross_entropy import fused_linear_cross_entropy
 from .ops.rms_norm import rms_norm
-from .ops.rotary import apply_rotary_emb
-from .ops.swiglu import swiglu
+from .ops.rotary import apply_rotary_emb, qkv_rotary, rotary_cos_sin
+from .ops.swiglu import swiglu, swiglu_packed
 from .optim import FusedAdamW, clip_grad_norm_
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "flash_attn_varlen_func", "flash_attn_func", "rms_norm", "swiglu", "apply_rotary_emb",
+    "flash_attn_varlen_func", "flash_attn_func", "rms_norm", "swiglu", "swiglu_packed", "apply_rotary_emb",
+    "qkv_rotary", "rotary_cos_sin",
     "fused_linear_cross_entropy", "FusedAdamW", "clip_grad_norm_", "use_backend", "backend", "nn", "reference",
 ]

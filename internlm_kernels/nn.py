@@ -5,7 +5,8 @@ import torch
 
 from .ops.cross_entropy import fused_linear_cross_entropy
 from .ops.rms_norm import rms_norm
-from .ops.swiglu import swiglu
+from .ops.rotary import rotary_cos_sin
+from .ops.swiglu import swiglu, swiglu_packed
 
 
 class RMSNorm(torch.nn.Module):
@@ -24,10 +25,48 @@ class RMSNorm(torch.nn.Module):
 
 
 class SwiGLU(torch.nn.Module):
-    """silu(gate) * up."""
+    """silu(gate) * up; called with one tensor, it holds [gate | up] halves on its last dim (fused w1/w3 output)."""
 
-    def forward(self, gate, up):
-        return swiglu(gate, up)
+    def forward(self, gate, up=None):
+        return swiglu_packed(gate) if up is None else swiglu(gate, up)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """InternLM2's RoPE tables, built once and cached: ``forward(seqlen, device)`` -> cos, sin (seqlen, dim / 2).
+
+    ``scaling_type`` None, "linear" (positions divided by the factor) or "dynamic" (NTK: the base grows once
+    seqlen exceeds max_position_embeddings, so such tables are built for that exact seqlen). Tables are float32 by
+    default (the kernels compute in float32 whatever the dtype of x) and are not part of the state dict.
+    """
+
+    def __init__(self, dim: int, theta: float = 10000.0, scaling_type: str | None = None, scaling_factor: float = 1.0,
+                 max_position_embeddings: int | None = None):
+        super().__init__()
+        if scaling_type not in (None, "linear", "dynamic"):
+            raise NotImplementedError(f"scaling_type {scaling_type!r} (supported: None, 'linear', 'dynamic')")
+        if scaling_type == "dynamic" and max_position_embeddings is None:
+            raise ValueError("scaling_type='dynamic' needs max_position_embeddings")
+        self.dim, self.theta = dim, theta
+        self.scaling_type, self.scaling_factor = scaling_type, scaling_factor
+        self.max_position_embeddings = max_position_embeddings
+        self._cached: tuple[int | None, torch.device, torch.dtype, torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, seqlen: int, device=None, dtype: torch.dtype = torch.float32):
+        device = torch.device(device if device is not None else "cpu")
+        if self.scaling_type == "dynamic" and seqlen > self.max_position_embeddings:
+            key, length = seqlen, seqlen  # the NTK-rescaled base depends on seqlen: this table serves only seqlen
+        else:
+            key, length = None, max(seqlen, self.max_position_embeddings or 0)  # plain base: prefixes serve all
+        c = self._cached
+        if c is None or c[:3] != (key, device, dtype) or c[3].shape[0] < length:
+            cos, sin = rotary_cos_sin(length, self.dim, self.theta, self.scaling_type, self.scaling_factor,
+                                      self.max_position_embeddings, device=device, dtype=dtype)
+            self._cached = c = (key, device, dtype, cos, sin)
+        return c[3][:seqlen], c[4][:seqlen]
+
+    def extra_repr(self) -> str:
+        return (f"{self.dim}, theta={self.theta}, scaling_type={self.scaling_type}, "
+                f"scaling_factor={self.scaling_factor}, max_position_embeddings={self.max_position_embeddings}")
 
 
 class FusedLinearCrossEntropyLoss(torch.nn.Module):

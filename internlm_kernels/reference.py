@@ -216,6 +216,24 @@ def rotary_cos_sin(seqlen: int, rotary_dim: int, theta: float = 10000.0, scaling
     return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
+def qkv_rotary(wqkv_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_kv_heads: int, head_dim: int,
+               interleaved: bool = False, seqlen_offsets: int | torch.Tensor = 0,
+               cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split InternLM2's packed wqkv output into q, k, v and rotate q and k (see ``apply_rotary_emb``).
+
+    wqkv_out (B, S, F), or (total, F) with cu_seqlens, is viewed as (..., n_kv_heads, g + 2, head_dim): per KV
+    group g query heads, then one key head, then one value head. Returns q (..., n_kv_heads · g, head_dim),
+    k and v (..., n_kv_heads, head_dim), all contiguous.
+    """
+    lead = wqkv_out.shape[:-1]
+    qkv = wqkv_out.reshape(*lead, n_kv_heads, -1, head_dim)              # (..., Hkv, g + 2, D)
+    q = qkv[..., :-2, :].reshape(*lead, -1, head_dim)                    # (..., Hkv · g, D)
+    k, v = qkv[..., -2, :], qkv[..., -1, :]                              # (..., Hkv, D)
+    q = apply_rotary_emb(q, cos, sin, interleaved, seqlen_offsets, cu_seqlens)
+    k = apply_rotary_emb(k, cos, sin, interleaved, seqlen_offsets, cu_seqlens)
+    return q, k, v.contiguous()
+
+
 # --------------------------------------------------------------------------------------------------
 # Linear + cross-entropy
 # --------------------------------------------------------------------------------------------------
@@ -294,5 +312,6 @@ def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Ten
 
 __all__ = [
     "attention_mask", "attention_one", "flash_attn_varlen", "rms_norm", "swiglu", "swiglu_packed",
-    "rotary_positions", "apply_rotary_emb", "rotary_cos_sin", "linear_cross_entropy", "adamw_step", "total_norm",
+    "rotary_positions", "apply_rotary_emb", "rotary_cos_sin", "qkv_rotary", "linear_cross_entropy", "adamw_step",
+    "total_norm",
 ]

@@ -1,19 +1,157 @@
-"""RMSNorm with fused residual add: drop-in for flash_attn.ops.triton.layer_norm.rms_norm_fn (no bias)."""
+"""RMSNorm with fused residual add: drop-in for flash_attn.ops.triton.layer_norm.rms_norm_fn (no bias).
+
+Custom ops (torch.ops.internlm_kernels.*), all over any leading shape with features on the last dim:
+  rms_norm_fwd(x, weight, eps) -> (y, rstd)                          no residual: h is x itself
+  add_rms_norm_fwd(x, residual?, weight, eps, h_dtype) -> (y, h, rstd) h = x (+ residual) stored in h_dtype
+  rms_norm_bwd(dy, h, weight, rstd, dh_out?, dx_dtype, dres_dtype?) -> [dx, dweight(, dres)]
+The forward ops carry registered autograd that calls rms_norm_bwd. Kernels: internlm_kernels/triton/rms_norm.py.
+"""
 from __future__ import annotations
+
+import torch
 
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_tensor
 from ..backend import choose
+from ..triton._rows import rows_of
+
+
+def _kernels():
+    # Imported on first use so that the package imports without triton (the reference backend needs none).
+    from ..triton import rms_norm as kernels
+
+    return kernels
+
+
+@torch.library.custom_op("internlm_kernels::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    kernels = _kernels()
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    kernels.rms_norm_forward(rows_of(x), weight.contiguous(), eps, y.view(-1, x.shape[-1]), rstd.view(-1))
+    return y, rstd
+
+
+@rms_norm_fwd.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("internlm_kernels::add_rms_norm_fwd", mutates_args=())
+def add_rms_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     h_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kernels = _kernels()
+    N = x.shape[-1]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h = torch.empty(x.shape, dtype=h_dtype, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    kernels.rms_norm_forward(rows_of(x), weight.contiguous(), eps, y.view(-1, N), rstd.view(-1),
+                             residual=rows_of(residual) if residual is not None else None, h=h.view(-1, N))
+    return y, h, rstd
+
+
+@add_rms_norm_fwd.register_fake
+def _(x, residual, weight, eps, h_dtype):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, dtype=h_dtype, memory_format=torch.contiguous_format),
+            x.new_empty(x.shape[:-1], dtype=torch.float32))
+
+
+@torch.library.custom_op("internlm_kernels::rms_norm_bwd", mutates_args=())
+def rms_norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                 dh_out: torch.Tensor | None, dx_dtype: torch.dtype,
+                 dres_dtype: torch.dtype | None) -> list[torch.Tensor]:
+    kernels = _kernels()
+    N = h.shape[-1]
+    dx = torch.empty(h.shape, dtype=dx_dtype, device=h.device)
+    dres = torch.empty(h.shape, dtype=dres_dtype, device=h.device) if dres_dtype is not None else None
+    dw = kernels.rms_norm_backward(
+        rows_of(dy), rows_of(h), weight.contiguous(), rstd.reshape(-1), dx.view(-1, N),
+        dh_out=rows_of(dh_out) if dh_out is not None else None,
+        dres=dres.view(-1, N) if dres is not None else None)
+    return [dx, dw] if dres is None else [dx, dw, dres]
+
+
+@rms_norm_bwd.register_fake
+def _(dy, h, weight, rstd, dh_out, dx_dtype, dres_dtype):
+    dx = torch.empty_like(h, dtype=dx_dtype, memory_format=torch.contiguous_format)
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    if dres_dtype is None:
+        return [dx, dw]
+    return [dx, dw, torch.empty_like(h, dtype=dres_dtype, memory_format=torch.contiguous_format)]
+
+
+def _setup_plain(ctx, inputs, output):
+    x, weight, _eps = inputs
+    _y, rstd = output
+    ctx.save_for_backward(x, weight, rstd)
+    ctx.mark_non_differentiable(rstd)
+
+
+def _backward_plain(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = torch.ops.internlm_kernels.rms_norm_bwd(dy, x, weight, rstd, None, x.dtype, None)
+    return dx, dw, None
+
+
+rms_norm_fwd.register_autograd(_backward_plain, setup_context=_setup_plain)
+
+
+def _setup_add(ctx, inputs, output):
+    x, residual, weight, _eps, _h_dtype = inputs
+    _y, h, rstd = output
+    ctx.save_for_backward(h, weight, rstd)
+    ctx.mark_non_differentiable(rstd)
+    ctx.x_dtype = x.dtype
+    ctx.res_dtype = residual.dtype if residual is not None else None
+    # Without prenorm nobody uses h: keep its gradient None rather than a tensor of zeros to read.
+    ctx.set_materialize_grads(False)
+
+
+def _backward_add(ctx, dy, dh_out, _drstd):
+    h, weight, rstd = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(h, dtype=ctx.x_dtype)
+    # dx and dresidual are the same values; a second store is only needed when their dtypes differ.
+    dres_dtype = ctx.res_dtype if ctx.res_dtype not in (None, ctx.x_dtype) else None
+    grads = torch.ops.internlm_kernels.rms_norm_bwd(dy, h, weight, rstd, dh_out, ctx.x_dtype, dres_dtype)
+    dx, dw = grads[0], grads[1]
+    if ctx.res_dtype is None:
+        dres = None
+    else:
+        dres = grads[2] if dres_dtype is not None else dx
+    return dx, dres, dw, None, None
+
+
+add_rms_norm_fwd.register_autograd(_backward_add, setup_context=_setup_add)
 
 
 def rms_norm(x, weight, eps=1e-6, residual=None, prenorm=False, residual_in_fp32=False):
+    """y = (x + residual) / rms · weight over the last dim; with ``prenorm`` returns (y, x + residual).
+
+    The carried sum is stored in residual's dtype when a residual is given, else in float32 with
+    ``residual_in_fp32``, else in x's dtype (then it is x itself). Statistics are float32 throughout.
+    """
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=1, device=x.device)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dim (the features), got shape {tuple(x.shape)}")
     if weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight has {weight.shape[0]} entries but x's last dim is {x.shape[-1]}")
     if residual is not None:
         check_tensor("residual", residual, dtypes=FLOAT_DTYPES, device=x.device)
         if residual.shape != x.shape:
             raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
-    choose("rms_norm", x.device)
-    return reference.rms_norm(x, weight, eps, residual, prenorm, residual_in_fp32)
+    if choose("rms_norm", x.device) == "reference":
+        return reference.rms_norm(x, weight, eps, residual, prenorm, residual_in_fp32)
+    if x.shape[-1] > _kernels().MAX_FEATURES:
+        raise NotImplementedError(
+            f"x's last dim {x.shape[-1]} exceeds the {_kernels().MAX_FEATURES} features a row kernel holds; "
+            "use the reference backend")
+    carries_fp32 = prenorm and residual_in_fp32 and x.dtype != torch.float32
+    if residual is None and not carries_fp32:
+        y, _ = torch.ops.internlm_kernels.rms_norm_fwd(x, weight, eps)
+        return (y, x) if prenorm else y
+    h_dtype = residual.dtype if residual is not None else torch.float32
+    y, h, _ = torch.ops.internlm_kernels.add_rms_norm_fwd(x, residual, weight, eps, h_dtype)
+    return (y, h) if prenorm else y

@@ -1,16 +1,139 @@
-"""SwiGLU activation silu(gate) * up."""
+"""SwiGLU activation silu(gate) * up, on two tensors or on one packed [gate | up] tensor.
+
+Custom ops (torch.ops.internlm_kernels.*), any leading shape:
+  swiglu_fwd(gate, up) -> out                 swiglu_bwd(dout, gate, up) -> (dgate, dup)
+  swiglu_packed_fwd(gate_up) -> out           swiglu_packed_bwd(dout, gate_up) -> dgate_up
+Packed layout: gate_up (..., 2I) holds gate in [..., :I] and up in [..., I:] (what one matmul with the w1 and w3
+weights stacked as rows [w1; w3] produces); out is (..., I), and the gradient comes back packed the same way.
+Kernels: internlm_kernels/triton/swiglu.py.
+"""
 from __future__ import annotations
+
+import torch
 
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_same_dtype, check_tensor
 from ..backend import choose
+from ..triton._rows import rows_of
+
+
+def _kernels():
+    # Imported on first use so that the package imports without triton (the reference backend needs none).
+    from ..triton import swiglu as kernels
+
+    return kernels
+
+
+def _new_like(t: torch.Tensor, shape=None) -> torch.Tensor:
+    return torch.empty(t.shape if shape is None else shape, dtype=t.dtype, device=t.device)
+
+
+@torch.library.custom_op("internlm_kernels::swiglu_fwd", mutates_args=())
+def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    out = _new_like(gate)
+    if out.numel():
+        _kernels().swiglu_forward(rows_of(gate), rows_of(up), out.view(-1, gate.shape[-1]))
+    return out
+
+
+@swiglu_fwd.register_fake
+def _(gate, up):
+    return _new_like(gate)
+
+
+@torch.library.custom_op("internlm_kernels::swiglu_bwd", mutates_args=())
+def swiglu_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    N = gate.shape[-1]
+    dgate, dup = _new_like(gate), _new_like(up)
+    if dgate.numel():
+        _kernels().swiglu_backward(rows_of(dout), rows_of(gate), rows_of(up), dgate.view(-1, N), dup.view(-1, N))
+    return dgate, dup
+
+
+@swiglu_bwd.register_fake
+def _(dout, gate, up):
+    return _new_like(gate), _new_like(up)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dout):
+    gate, up = ctx.saved_tensors
+    return torch.ops.internlm_kernels.swiglu_bwd(dout, gate, up)
+
+
+swiglu_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def _halves(gate_up_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up halves of packed rows (M, 2I): two strided (M, I) views, no copy."""
+    half = gate_up_rows.shape[-1] // 2
+    return gate_up_rows[:, :half], gate_up_rows[:, half:]
+
+
+@torch.library.custom_op("internlm_kernels::swiglu_packed_fwd", mutates_args=())
+def swiglu_packed_fwd(gate_up: torch.Tensor) -> torch.Tensor:
+    half = gate_up.shape[-1] // 2
+    out = _new_like(gate_up, (*gate_up.shape[:-1], half))
+    if out.numel():
+        gate, up = _halves(rows_of(gate_up))
+        _kernels().swiglu_forward(gate, up, out.view(-1, half))
+    return out
+
+
+@swiglu_packed_fwd.register_fake
+def _(gate_up):
+    return _new_like(gate_up, (*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+@torch.library.custom_op("internlm_kernels::swiglu_packed_bwd", mutates_args=())
+def swiglu_packed_bwd(dout: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    dgate_up = _new_like(gate_up)
+    if dgate_up.numel():
+        gate, up = _halves(rows_of(gate_up))
+        dgate, dup = _halves(dgate_up.view(-1, gate_up.shape[-1]))
+        _kernels().swiglu_backward(rows_of(dout), gate, up, dgate, dup)
+    return dgate_up
+
+
+@swiglu_packed_bwd.register_fake
+def _(dout, gate_up):
+    return _new_like(gate_up)
+
+
+def _setup_packed(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _backward_packed(ctx, dout):
+    (gate_up,) = ctx.saved_tensors
+    return torch.ops.internlm_kernels.swiglu_packed_bwd(dout, gate_up)
+
+
+swiglu_packed_fwd.register_autograd(_backward_packed, setup_context=_setup_packed)
 
 
 def swiglu(gate, up):
+    """silu(gate) * up, computed in float32 and returned in gate's dtype."""
     check_tensor("gate", gate, dtypes=FLOAT_DTYPES)
     check_tensor("up", up, dtypes=FLOAT_DTYPES, device=gate.device)
     check_same_dtype("up", up, "gate", gate)
     if gate.shape != up.shape:
         raise ValueError(f"gate shape {tuple(gate.shape)} differs from up shape {tuple(up.shape)}")
-    choose("swiglu", gate.device)
-    return reference.swiglu(gate, up)
+    if gate.dim() == 0:
+        raise ValueError("gate must have at least one dim")
+    if choose("swiglu", gate.device) == "reference":
+        return reference.swiglu(gate, up)
+    return torch.ops.internlm_kernels.swiglu_fwd(gate, up)
+
+
+def swiglu_packed(gate_up):
+    """SwiGLU of one tensor holding [gate | up] halves on its last dim: silu(gate_up[..., :I]) * gate_up[..., I:]."""
+    check_tensor("gate_up", gate_up, dtypes=FLOAT_DTYPES)
+    if gate_up.dim() == 0 or gate_up.shape[-1] % 2 != 0:
+        raise ValueError(f"gate_up's last dim must be even ([gate | up] halves), got shape {tuple(gate_up.shape)}")
+    if choose("swiglu", gate_up.device) == "reference":
+        return reference.swiglu_packed(gate_up)
+    return torch.ops.internlm_kernels.swiglu_packed_fwd(gate_up)

@@ -1,0 +1,100 @@
+"""SwiGLU, silu(gate) · up: Triton kernels and their launch helpers (no autograd here).
+
+With σ the logistic sigmoid, all in float32:
+
+    forward    out   = gate · σ(gate) · up
+    backward   dgate = dout · up · σ(gate) · (1 + gate · (1 - σ(gate)))
+               dup   = dout · gate · σ(gate)
+
+Elementwise and memory-bound: the forward reads gate and up once and writes out (3 element moves), the backward
+reads dout, gate and up once and writes dgate and dup (5), recomputing σ(gate) instead of saving it.
+
+Tensors are seen as rows (M, N) with a row stride and a contiguous last dim. That covers separate gate and up tensors
+(row stride N) and one packed tensor holding [gate | up] halves on its last dim, the output of a fused w1/w3 matmul
+(gate = packed[:, :N], up = packed[:, N:], both with row stride 2N): the packed form is read in place and its
+gradient is written straight into one packed (M, 2N) tensor, so neither a split nor a concatenation is ever copied.
+Each program covers a BLOCK_M × BLOCK_N tile (rows × columns) of ~2048 elements, tails masked.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    GATE,         # (M, N) gate rows
+    UP,           # (M, N) up rows
+    OUT,          # (M, N) output rows
+    stride_gate,  # row strides in elements; last dims are contiguous
+    stride_up,
+    stride_out,
+    M,            # rows
+    N,            # columns
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]  # row * stride overflows int32 beyond 2^31 elements
+    gate = tl.load(GATE + rows64 * stride_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(UP + rows64 * stride_up + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = gate * tl.sigmoid(gate) * up
+    tl.store(OUT + rows64 * stride_out + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    DOUT,         # (M, N) gradient of out
+    GATE,         # (M, N) gate rows from the forward
+    UP,           # (M, N) up rows from the forward
+    DGATE,        # (M, N) output: gradient of gate
+    DUP,          # (M, N) output: gradient of up
+    stride_dout,  # row strides in elements; last dims are contiguous
+    stride_gate,
+    stride_up,
+    stride_dgate,
+    stride_dup,
+    M,            # rows
+    N,            # columns
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    dout = tl.load(DOUT + rows64 * stride_dout + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(GATE + rows64 * stride_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(UP + rows64 * stride_up + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    dgate = dout * up * sig * (1.0 + gate * (1.0 - sig))
+    tl.store(DGATE + rows64 * stride_dgate + cols[None, :], dgate.to(DGATE.dtype.element_ty), mask=mask)
+    tl.store(DUP + rows64 * stride_dup + cols[None, :], (dout * silu).to(DUP.dtype.element_ty), mask=mask)
+
+
+def _tile(M: int, N: int) -> tuple[tuple[int, int], int, int]:
+    """(grid, BLOCK_M, BLOCK_N): ~2048-element tiles, whole short rows packed several to a program."""
+    block_n = min(2048, triton.next_power_of_2(N))
+    block_m = max(1, 2048 // block_n)
+    return (triton.cdiv(M, block_m), triton.cdiv(N, block_n)), block_m, block_n
+
+
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> None:
+    """out = silu(gate) · up over rows (M, N); each may be a strided row view (e.g. half of a packed tensor)."""
+    M, N = gate.shape  # both > 0: the ops layer skips empty tensors
+    grid, block_m, block_n = _tile(M, N)
+    _swiglu_fwd_kernel[grid](gate, up, out, gate.stride(0), up.stride(0), out.stride(0), M, N,
+                             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+
+
+def swiglu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dgate: torch.Tensor,
+                    dup: torch.Tensor) -> None:
+    """Write dgate and dup (M, N); dgate and dup may be the two halves of one packed gradient."""
+    M, N = gate.shape  # both > 0: the ops layer skips empty tensors
+    grid, block_m, block_n = _tile(M, N)
+    _swiglu_bwd_kernel[grid](dout, gate, up, dgate, dup, dout.stride(0), gate.stride(0), up.stride(0),
+                             dgate.stride(0), dup.stride(0), M, N, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
