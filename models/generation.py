@@ -32,7 +32,8 @@ class KVCache:
 
     def __init__(self, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        self.kv = torch.empty(num_layers, 2, batch, max_len, num_kv_heads, head_dim, dtype=dtype, device=device)
+        # Zeroed, not empty: masked-out rows still enter SDPA's product with the probabilities (0 · NaN = NaN).
+        self.kv = torch.zeros(num_layers, 2, batch, max_len, num_kv_heads, head_dim, dtype=dtype, device=device)
         self._rows: torch.Tensor | None = None   # (T,) prefill: the sequence of each packed token
         self._cols: torch.Tensor | None = None   # (T,) prefill: its position in that sequence
 

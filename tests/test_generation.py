@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 import torch
 
+import internlm_kernels as ik
 from models import InternLM2Config, InternLM2ForCausalLM
 from models.generation import sample
 
@@ -34,6 +35,15 @@ def test_cached_greedy_equals_uncached(model):
     got = model.generate(PROMPTS, max_new_tokens=12, stop_token_ids=())
     assert [len(g) for g in got] == [12] * len(PROMPTS)
     assert got == [uncached_greedy(model, p, 12, ()) for p in PROMPTS]
+
+
+def test_generation_through_the_kernels_matches_reference(model):
+    """Prefill through the varlen kernel and packed rotary, decode through rotary with per-sequence offsets."""
+    prompts = [PROMPTS[0], PROMPTS[3]]
+    with ik.use_backend("reference"):
+        want = model.generate(prompts, max_new_tokens=4, stop_token_ids=())
+    with ik.use_backend("triton"):
+        assert model.generate(prompts, max_new_tokens=4, stop_token_ids=()) == want
 
 
 def test_stop_tokens_end_each_sequence(model):
