@@ -61,9 +61,11 @@ class DecodeContext:
         self.mask = (key_pos[None, :] <= positions[:, None])[:, None, None, :]   # (B, 1, 1, visible)
         self.batch_index = torch.arange(positions.numel(), device=positions.device)
 
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, H, D) at each sequence's position -> rotated (B, H, D)."""
-        return ik.apply_rotary_emb(x.unsqueeze(1), self.cos, self.sin, seqlen_offsets=self.offsets).squeeze(1)
+    def qkv(self, wqkv_out: torch.Tensor, n_kv_heads: int, head_dim: int):
+        """wqkv output (B, F) of the new tokens -> q (B, Hq, D), k and v (B, Hkv, D), rotated at each position."""
+        q, k, v = ik.qkv_rotary(wqkv_out.unsqueeze(1), self.cos, self.sin, n_kv_heads, head_dim,
+                                seqlen_offsets=self.offsets)
+        return q[:, 0], k[:, 0], v[:, 0]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (B, Hq, D), new k/v (B, Hkv, D) -> (B, Hq, D)."""
@@ -147,7 +149,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
             break
         positions = lengths + step                                                 # where `token` goes
         visible = longest + step + 1
-        cos, sin = model.model.rotary.tables(visible, device)
+        cos, sin = model.model.rotary(visible, device)
         hidden = model.model(token, DecodeContext(cache, positions, visible, cos, sin))   # (B, hidden)
         logits = model.output(hidden).float()
     return [[t for t in row if t >= 0] for row in new_tokens.tolist()]

@@ -8,8 +8,9 @@ right padding give the same result.
 
 One block (pre-norm; the residual add is fused into the norms):
     x, r = rms_norm(h, residual=r)                     r: the residual stream, carried between norms
-    q, k, v = split(wqkv(x))                           packed HF layout, per KV group: g query heads, 1 k, 1 v
-    h = wo(attention(rotary(q), rotary(k), v))         causal, per document, GQA
+    q, k, v = qkv_rotary(wqkv(x))                      packed HF layout, per KV group: g query heads, 1 k, 1 v;
+                                                       split and q, k rotated in one pass
+    h = wo(attention(q, k, v))                         causal, per document, GQA
     x, r = rms_norm(h, residual=r)
     h = w2(swiglu(w1(x), w3(x)))
 after the last block: rms_norm(h, residual=r) -> output head (or fused linear cross-entropy for the loss).
@@ -31,7 +32,6 @@ from internlm_kernels._checks import check_cu_seqlens, check_tensor
 
 from . import checkpoint as ckpt
 from .config import InternLM2Config
-from .rotary import RotaryTables
 
 IGNORE_INDEX = -100
 
@@ -149,26 +149,29 @@ def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor
 class PackedContext:
     """What every layer needs for a packed forward. ``cache`` (prefill) receives each layer's rotated k and v."""
 
-    def __init__(self, packed: PackedInputs, rotary: RotaryTables, cache=None):
+    def __init__(self, packed: PackedInputs, rotary: ik.nn.RotaryEmbedding, cache=None):
         self.cu_seqlens = packed.cu_seqlens
         self.max_seqlen = packed.max_seqlen
         self.cache = cache
+        device = packed.input_ids.device
         if packed.positions is None:
             # Dynamic NTK: the base follows the longest sequence of the batch (HF: the sequence length).
-            self.cos, self.sin = rotary.tables(max(self.max_seqlen, 1), packed.input_ids.device)
+            self.cos, self.sin = rotary(max(self.max_seqlen, 1), device)
             self.per_token = False
         else:
             seq_len = int(packed.positions.max()) + 1 if packed.positions.numel() else 1
-            cos, sin = rotary.tables(seq_len, packed.input_ids.device)
+            cos, sin = rotary(seq_len, device)
             self.cos, self.sin = cos[packed.positions], sin[packed.positions]   # (T, D/2): row i is token i
             self.per_token = True
 
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """x (T, H, D) -> rotated (T, H, D)."""
+    def qkv(self, wqkv_out: torch.Tensor, n_kv_heads: int, head_dim: int):
+        """wqkv output (T, (Hq + 2 Hkv) · D) -> rotated q (T, Hq, D), rotated k and v (T, Hkv, D), one pass."""
         if self.per_token:
             # One "sequence" of T tokens at positions 0..T-1 reading the per-token tables = explicit positions.
-            return ik.apply_rotary_emb(x.unsqueeze(0), self.cos, self.sin).squeeze(0)
-        return ik.apply_rotary_emb(x, self.cos, self.sin, cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen)
+            q, k, v = ik.qkv_rotary(wqkv_out.unsqueeze(0), self.cos, self.sin, n_kv_heads, head_dim)
+            return q[0], k[0], v[0]
+        return ik.qkv_rotary(wqkv_out, self.cos, self.sin, n_kv_heads, head_dim, cu_seqlens=self.cu_seqlens,
+                             max_seqlen=self.max_seqlen)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D), causal within each sequence."""
@@ -187,17 +190,14 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
-        self.groups = config.num_query_groups
         self.head_dim = config.head_dim
         self.wqkv = nn.Linear(config.hidden_size, config.qkv_size, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         N = x.shape[0]                                                   # tokens (packed) or sequences (decode)
-        qkv = self.wqkv(x).view(N, self.n_kv_heads, self.groups + 2, self.head_dim)
-        q = qkv[:, :, : self.groups].reshape(N, self.n_heads, self.head_dim)   # (N, Hq, D)
-        k, v = qkv[:, :, -2], qkv[:, :, -1]                                     # (N, Hkv, D) each
-        out = ctx.attend(self.layer_idx, ctx.rotate(q), ctx.rotate(k), v)       # (N, Hq, D)
+        q, k, v = ctx.qkv(self.wqkv(x), self.n_kv_heads, self.head_dim)  # (N, Hq, D), (N, Hkv, D) x2, rotated
+        out = ctx.attend(self.layer_idx, q, k, v)                        # (N, Hq, D)
         return self.wo(out.reshape(N, self.n_heads * self.head_dim))
 
 
@@ -237,7 +237,10 @@ class InternLM2Model(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = ik.nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary = RotaryTables(config)
+        scaling = config.rope_scaling or {}
+        # cos/sin tables (theta, linear or dynamic NTK), cached per length; no state in checkpoints.
+        self.rotary = ik.nn.RotaryEmbedding(config.head_dim, config.rope_theta, scaling.get("type"),
+                                            scaling.get("factor", 1.0), config.max_position_embeddings)
         self.gradient_checkpointing = False
 
     def forward(self, input_ids: torch.Tensor, ctx) -> torch.Tensor:

@@ -13,7 +13,6 @@ from conftest import assert_close
 import internlm_kernels as ik
 from internlm_kernels import backend
 from models import InternLM2Config, InternLM2ForCausalLM, InternLM2ForScore
-from models.rotary import RotaryTables
 
 LENGTHS = (5, 17, 1, 9)
 
@@ -158,9 +157,9 @@ def expected_cos_sin(seq_len, dim, theta, scaling, max_pos):
 @pytest.mark.parametrize("seq_len", [10, 64, 65, 200])
 def test_rotary_tables_match_the_formula(scaling, seq_len):
     cfg = micro(rope_scaling=scaling)
-    tables = RotaryTables(cfg)
+    rotary = InternLM2ForCausalLM(cfg).model.rotary          # the tables the model rotates with
     for _ in range(2):                                       # fresh, then from the cache
-        cos, sin = tables.tables(seq_len, torch.device("cpu"))
+        cos, sin = rotary(seq_len, torch.device("cpu"))
         want_cos, want_sin = expected_cos_sin(seq_len, cfg.head_dim, cfg.rope_theta, scaling, 64)
         assert cos.shape[0] >= seq_len and cos.dtype == torch.float32
         assert_close(cos[:seq_len].double(), want_cos, rtol=1e-6, atol=1e-6)
