@@ -107,3 +107,10 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float | Non
         rtol = rtol if rtol is not None else (1e-2 if low else 1e-5)
         atol = atol if atol is not None else (1e-2 if low else 1e-5)
     torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol, atol=atol, msg=msg or None)
+
+
+def oracle_leaf(t: torch.Tensor, kernel_dtype: torch.dtype) -> torch.Tensor:
+    """A fresh leaf of ``t`` for the reference side of a comparison: float64 when the kernel under test runs in
+    float32 (so the oracle's own rounding is negligible at the 1e-5 tolerance), else t's own dtype (the reference
+    computes in float32 and rounds its outputs like the fp16/bf16 kernels)."""
+    return t.detach().to(torch.float64 if kernel_dtype == torch.float32 else t.dtype).requires_grad_(True)

@@ -3,18 +3,12 @@ import pytest
 import torch
 
 import internlm_kernels as ik
-from conftest import assert_close
+from conftest import assert_close, oracle_leaf
 from internlm_kernels import reference as ref
 from internlm_kernels.triton import rms_norm as kernels
 
 LOW = (torch.float16, torch.bfloat16)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _oracle_leaf(t, x_dtype):
-    """A fresh leaf for the reference: float64 when x is float32, else the same dtype (the reference computes in
-    float32 and rounds like the kernels)."""
-    return t.detach().to(torch.float64 if x_dtype == torch.float32 else t.dtype).requires_grad_(True)
 
 
 def _assert_grad_close(actual, expected, x_dtype):
@@ -81,7 +75,7 @@ def test_matches_reference_forward_backward(dtype, residual, prenorm, residual_i
 
     with ik.use_backend("triton"):
         out = ik.rms_norm(x, w, 1e-5, r, prenorm, residual_in_fp32)
-    leaves = [_oracle_leaf(t, dtype) for t in inputs]
+    leaves = [oracle_leaf(t, dtype) for t in inputs]
     expect = ref.rms_norm(leaves[0], leaves[1], 1e-5, leaves[2] if r is not None else None, prenorm,
                           residual_in_fp32)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import internlm_kernels as ik
-from conftest import assert_close
+from conftest import assert_close, oracle_leaf
 from internlm_kernels import reference as ref
 from internlm_kernels.triton import rotary as kernels
 
@@ -23,15 +23,10 @@ def _tables(seqlen, rotary_dim, dtype=torch.float32):
     return cos.to(dtype), sin.to(dtype)
 
 
-def _leaf(t, dtype):
-    """A fresh leaf for the reference: float64 for float32 kernels, else the same dtype."""
-    return t.detach().to(torch.float64 if dtype == torch.float32 else dtype).requires_grad_(True)
-
-
 def _assert_rotary_matches(x, cos, sin, interleaved=False, seqlen_offsets=0, cu_seqlens=None, inplace=False):
     """Our apply_rotary_emb equals the reference in value and gradient (x is a float leaf that requires grad)."""
     dtype = x.dtype
-    xo = _leaf(x, dtype)
+    xo = oracle_leaf(x, dtype)
     tables = (cos.double(), sin.double()) if dtype == torch.float32 else (cos, sin)
     expect = ref.apply_rotary_emb(xo, *tables, interleaved, seqlen_offsets, cu_seqlens)
     arg = x.clone() if inplace else x  # a non-leaf to rotate in place; its gradient flows to x
@@ -134,7 +129,7 @@ def test_qkv_rotary_matches_reference(packed, rotary_dim, interleaved):
     with ik.use_backend("triton"):
         q, k, v = ik.qkv_rotary(w, cos, sin, n_kv_heads, D, cu_seqlens=cu, seqlen_offsets=offsets,
                                 interleaved=interleaved)
-    wo = _leaf(w, torch.float32)
+    wo = oracle_leaf(w, torch.float32)
     expect = ref.qkv_rotary(wo, cos.double(), sin.double(), n_kv_heads, D, interleaved, offsets, cu)
     lead = w.shape[:-1]
     for t, e, heads in zip((q, k, v), expect, (n_kv_heads * group, n_kv_heads, n_kv_heads)):

@@ -3,17 +3,12 @@ import pytest
 import torch
 
 import internlm_kernels as ik
-from conftest import assert_close
+from conftest import assert_close, oracle_leaf
 from internlm_kernels import reference as ref
 from internlm_kernels.triton import swiglu as kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def _leaf(t, dtype):
-    """A fresh leaf for the reference: float64 for float32 kernels, else the same dtype."""
-    return t.detach().to(torch.float64 if dtype == torch.float32 else dtype).requires_grad_(True)
 
 
 @pytest.mark.parametrize("M,N", [(111, 1000), (1, 8), (5, 2500)])
@@ -51,7 +46,7 @@ def test_separate_matches_reference_forward_backward(shape, dtype):
     up = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_(True)
     with ik.use_backend("triton"):
         out = ik.swiglu(gate, up)
-    go, uo = _leaf(gate, dtype), _leaf(up, dtype)
+    go, uo = oracle_leaf(gate, dtype), oracle_leaf(up, dtype)
     expect = ref.swiglu(go, uo)
     assert out.dtype == dtype and out.shape == shape
     assert_close(out, expect.to(dtype))
@@ -69,7 +64,7 @@ def test_packed_matches_reference_forward_backward(shape, dtype):
     gate_up = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_(True)
     with ik.use_backend("triton"):
         out = ik.swiglu_packed(gate_up)
-    leaf = _leaf(gate_up, dtype)
+    leaf = oracle_leaf(gate_up, dtype)
     expect = ref.swiglu_packed(leaf)
     assert out.shape == (*shape[:-1], shape[-1] // 2)
     assert_close(out, expect.to(dtype))
