@@ -1,0 +1,95 @@
+"""Linear + cross-entropy, 16384 tokens × 4096 → vocab 92544 (bf16): ours against its peers in the same run.
+
+Peers: eager torch (the logits materialized, as transformers computes them), the same under torch.compile, and
+Liger's LigerFusedLinearCrossEntropyLoss when installed. Figures: TFLOP/s of the three matmuls (6·N·H·V for
+forward + backward, 2·N·H·V for the loss alone) and, on GPU, the extra peak memory of one call (gradients
+included), which is the point of fusing. On CPU only the peers run, at a tiny shape.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from common import OURS, device, peer_available, record
+
+import internlm_kernels as ik
+
+ON_GPU = torch.cuda.is_available()
+N, H, V, DTYPE = (16384, 4096, 92544, torch.bfloat16) if ON_GPU else (64, 32, 500, torch.float32)
+SHAPE = f"{N}x{H}->{V} {str(DTYPE).replace('torch.', '')}"
+IMPLS = [OURS, "eager", "torch.compile", "liger"]
+
+
+def _eager(x, w, y):
+    return torch.nn.functional.cross_entropy((x @ w.t()).float(), y)
+
+
+def loss_fn(impl: str):
+    if impl == OURS:
+        if not ON_GPU:
+            pytest.skip("our Triton kernels time only on CUDA (the CPU interpreter is a test harness, not a figure)")
+
+        def ours(x, w, y):
+            with ik.use_backend("triton"):
+                return ik.fused_linear_cross_entropy(x, w, y)
+        return ours
+    if impl == "eager":
+        return _eager
+    if impl == "torch.compile":
+        return torch.compile(_eager)
+    if not (ON_GPU and peer_available("liger_kernel")):
+        pytest.skip("Liger is installed only on GPU machines")
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    liger = LigerFusedLinearCrossEntropyLoss()
+    return lambda x, w, y: liger(w, x, y)
+
+
+def inputs():
+    dev = device()
+    x = torch.randn(N, H, device=dev, dtype=DTYPE, requires_grad=True)
+    w = (torch.randn(V, H, device=dev, dtype=DTYPE) * 0.02).requires_grad_()
+    y = torch.randint(0, V, (N,), device=dev)
+    return x, w, y
+
+
+def extra_peak_gib(fn) -> float | None:
+    """Peak memory one call adds above what is allocated before it (its outputs and gradients included)."""
+    if not ON_GPU:
+        return None
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def _run(benchmark, impl: str, group: str, work: float, step):
+    peak = extra_peak_gib(step)
+    note = f"+{peak:.2f} GiB peak" if peak is not None else ""
+    try:
+        record(benchmark, step, group=group, impl=impl, metric="TFLOP/s", work=work, unit_scale=1e-12,
+               extra_peak_gib=peak, note=note)
+    finally:
+        if ON_GPU:
+            torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_cross_entropy_fwd_bwd(benchmark, impl):
+    fn = loss_fn(impl)
+    x, w, y = inputs()
+    _run(benchmark, impl, f"linear_ce fwd+bwd {SHAPE}", 6 * N * H * V,
+         lambda: torch.autograd.grad(fn(x, w, y), (x, w)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_cross_entropy_loss_only(benchmark, impl):
+    fn = loss_fn(impl)
+    x, w, y = inputs()
+
+    def loss():
+        with torch.no_grad():
+            return fn(x, w, y)
+    _run(benchmark, impl, f"linear_ce loss only (no grad) {SHAPE}", 2 * N * H * V, loss)
