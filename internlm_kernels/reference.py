@@ -42,13 +42,15 @@ def attention_mask(seqlen_q: int, seqlen_k: int, causal: bool, window_size: tupl
 
 def attention_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
                   causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                  alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0,
+                  dropout_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one sequence. q (Lq, Hq, D), k/v (Lk, Hkv, D) -> out (Lq, Hq, D), lse (Hq, Lq) float32.
 
     s = scale · q kᵀ;  s = softcap · tanh(s / softcap) if softcap > 0;  s -= slope_h · |pos_i - j| with ALiBi;
     masked entries are -inf;  lse = log Σ_j exp(s_ij);  out = softmax(s) v.
     Query head h reads key/value head h // (Hq / Hkv) (grouped-query attention).
     A query row that sees no key gets out = 0 and lse = +inf (as flash-attn).
+    Dropout: with ``dropout_keep`` (Hq, Lq, Lk) bool, out = (p · keep / (1 - dropout_p)) v; lse is unchanged.
     """
     Lq, Hq, D = q.shape
     Lk, Hkv, _ = k.shape
@@ -71,6 +73,8 @@ def attention_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     s = s.masked_fill(~mask, float("-inf")).masked_fill(empty[:, None], 0.0)
     lse = torch.logsumexp(s, dim=-1)                                      # (Hq, Lq)
     p = torch.exp(s - lse[..., None]) * mask
+    if dropout_keep is not None:
+        p = p * dropout_keep / (1.0 - dropout_p)
     out = (p @ vf).transpose(0, 1)                                        # (Lq, Hq, D)
     lse = lse.float().masked_fill(empty, float("inf"))
     return out.to(q.dtype), lse
@@ -80,12 +84,17 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                       softmax_scale: float | None = None, causal: bool = False,
                       window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                      alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0,
+                      dropout_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Variable-length attention over packed sequences: sequence b owns query rows
     ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and key rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``; no attention
     crosses sequences. q (total_q, Hq, D), k/v (total_k, Hkv, D) -> out (total_q, Hq, D),
-    lse (Hq, total_q) float32. ``alibi_slopes`` is (Hq,) or (batch, Hq). See ``attention_one``.
+    lse (Hq, total_q) float32. ``alibi_slopes`` is (Hq,) or (batch, Hq). With ``dropout_p`` > 0, ``dropout_keep``
+    (Hq, total_q, >= max key length) bool says which weights survive: sequence b uses
+    ``dropout_keep[:, cu_seqlens_q[b]:cu_seqlens_q[b+1], :Lk_b]``. See ``attention_one``.
     """
+    if dropout_p > 0 and dropout_keep is None:
+        raise ValueError("dropout_p > 0 needs dropout_keep (the reference draws no random numbers itself)")
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     outs, lses = [], []
@@ -94,8 +103,11 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         slopes = None
         if alibi_slopes is not None:
             slopes = alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes
+        keep = None
+        if dropout_p > 0:
+            keep = dropout_keep[:, cq[b]:cq[b + 1], :ck[b + 1] - ck[b]]
         o, l = attention_one(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], softmax_scale,
-                             causal, window_size, softcap, slopes)
+                             causal, window_size, softcap, slopes, dropout_p, keep)
         outs.append(o)
         lses.append(l)
     out = torch.cat(outs, dim=0) if outs else q.new_empty(q.shape)
