@@ -1,5 +1,17 @@
-"""Variable-length flash attention: drop-in for flash_attn.flash_attn_varlen_func / flash_attn_func."""
+"""Variable-length flash attention: drop-in for flash_attn.flash_attn_varlen_func / flash_attn_func.
+
+Custom ops (torch.ops.internlm_kernels.*):
+  flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left, window_right, softcap,
+                        alibi_slopes?, dropout_p, seed?) -> (out, lse)
+  flash_attn_varlen_bwd(dout, q, k, v, out, lse, dlse?, cu_seqlens_q, cu_seqlens_k, ...same...) -> (dq, dk, dv)
+  flash_attn_dropout_mask(seed, n_heads, total_q, width, dropout_p) -> (n_heads, total_q, width) keep pattern
+The forward op carries registered autograd that calls the backward op; gradients reach q, k, v (and flow back
+through lse too). Kernels: internlm_kernels/triton/flash_attn*.py.
+"""
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 
@@ -8,47 +20,235 @@ from .._checks import FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_te
 from ..backend import choose
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False):
-    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
-    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=3, device=q.device)
-    check_tensor("v", v, dtypes=FLOAT_DTYPES, ndim=3, device=q.device)
+def _kernels():
+    # Imported on first use so that the package imports without triton (the reference backend needs none).
+    from ..triton import flash_attn_bwd, flash_attn_fwd
+
+    return flash_attn_fwd, flash_attn_bwd
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    # The kernels take any token/head strides (e.g. q, k, v sliced from one packed qkv tensor) but step through
+    # the head dim with stride 1.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("internlm_kernels::flash_attn_varlen_fwd", mutates_args=())
+def flash_attn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                          cu_seqlens_k: torch.Tensor, softmax_scale: float, window_left: int, window_right: int,
+                          softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float,
+                          seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    fwd, _ = _kernels()
+    return fwd.flash_attn_fwd(_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
+                              cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left, window_right, softcap,
+                              alibi_slopes, dropout_p, seed)
+
+
+@flash_attn_varlen_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left, window_right, softcap, alibi_slopes,
+      dropout_p, seed):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("internlm_kernels::flash_attn_varlen_bwd", mutates_args=())
+def flash_attn_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                          lse: torch.Tensor, dlse: torch.Tensor | None, cu_seqlens_q: torch.Tensor,
+                          cu_seqlens_k: torch.Tensor, softmax_scale: float, window_left: int, window_right: int,
+                          softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float,
+                          seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, bwd = _kernels()
+    return bwd.flash_attn_bwd(
+        _last_dim_contiguous(dout), _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
+        out, lse, dlse.contiguous() if dlse is not None else None, cu_seqlens_q, cu_seqlens_k, softmax_scale,
+        window_left, window_right, softcap, alibi_slopes, dropout_p, seed)
+
+
+@flash_attn_varlen_bwd.register_fake
+def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left, window_right, softcap,
+      alibi_slopes, dropout_p, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left, window_right, softcap, alibi, dropout_p, seed = \
+        inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi, seed)
+    ctx.params = (softmax_scale, window_left, window_right, softcap)
+    ctx.dropout_p = dropout_p
+    # A caller that uses only out (the usual case) leaves lse's gradient None instead of a tensor of zeros to read.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi, seed = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.internlm_kernels.flash_attn_varlen_bwd(
+        dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, *ctx.params, alibi, ctx.dropout_p, seed)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+flash_attn_varlen_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("internlm_kernels::flash_attn_dropout_mask", mutates_args=())
+def flash_attn_dropout_mask(seed: torch.Tensor, n_heads: int, total_q: int, width: int,
+                            dropout_p: float) -> torch.Tensor:
+    fwd, _ = _kernels()
+    return fwd.dropout_mask(seed, n_heads, total_q, width, dropout_p)
+
+
+@flash_attn_dropout_mask.register_fake
+def _(seed, n_heads, total_q, width, dropout_p):
+    return seed.new_empty((n_heads, total_q, width), dtype=torch.bool)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------------
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value)  # transformers passes max lengths as 0-d tensors
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_args(q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes, deterministic,
+                n_seqs: int) -> tuple[float, int, int]:
+    """Checks shared by both entry points; returns (softmax_scale, window_left, window_right before causal)."""
+    check_tensor("k", k, dtypes=FLOAT_DTYPES, device=q.device)
+    check_tensor("v", v, dtypes=FLOAT_DTYPES, device=q.device)
     check_same_dtype("k", k, "q", q)
     check_same_dtype("v", v, "q", q)
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"q head dim {q.shape[2]} differs from k head dim {k.shape[2]}")
-    if q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"number of query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q head dim {q.shape[-1]} differs from k head dim {k.shape[-1]}")
+    if q.shape[-1] == 0 or k.shape[-2] == 0 or q.shape[-2] % k.shape[-2] != 0:
+        raise ValueError(f"number of query heads ({q.shape[-2]}) must be a positive multiple of key/value heads "
+                         f"({k.shape[-2]}), with a head dim > 0")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) or w < -1 for w in window_size)):
+        raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
+    if not isinstance(softcap, (int, float)) or not softcap >= 0.0 or not math.isfinite(softcap):
+        raise ValueError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+    if alibi_slopes is not None:
+        check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,), ndim=(1, 2), device=q.device)
+        if alibi_slopes.shape not in ((q.shape[-2],), (n_seqs, q.shape[-2])):
+            raise ValueError(f"alibi_slopes must have shape ({q.shape[-2]},) or ({n_seqs}, {q.shape[-2]}), "
+                             f"got {tuple(alibi_slopes.shape)}")
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be a bool, got {deterministic!r}")
+    return float(softmax_scale), int(window_size[0]), int(window_size[1])
+
+
+def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, dropout_p, softmax_scale, causal, window_left,
+               window_right, softcap, alibi_slopes, return_attn_probs):
+    """Dispatch to the chosen backend once the arguments are known to be valid."""
+    if causal:
+        window_right = 0
+    backend = choose("attention", q.device)
+    keep = None
+    if backend == "reference":
+        if dropout_p > 0.0:
+            lens = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+            width = max(max_seqlen_k, int(lens.max()) if lens.numel() else 0)
+            keep = torch.rand(q.shape[1], q.shape[0], width, device=q.device) >= dropout_p
+        out, lse = reference.flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, False,
+                                               (window_left, window_right), softcap, alibi_slopes, dropout_p, keep)
+        keep = keep[..., :max_seqlen_k] if keep is not None else None
+    else:
+        if q.shape[-1] > 256:
+            raise NotImplementedError(f"head dim {q.shape[-1]} > 256 is not supported by the triton backend")
+        seed = None
+        if dropout_p > 0.0:
+            # Drawn from torch's generator, so torch.manual_seed makes dropout reproducible.
+            seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
+        out, lse = torch.ops.internlm_kernels.flash_attn_varlen_fwd(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left, window_right, float(softcap),
+            alibi_slopes, float(dropout_p), seed)
+        if return_attn_probs and seed is not None:
+            keep = torch.ops.internlm_kernels.flash_attn_dropout_mask(seed, q.shape[1], q.shape[0], max_seqlen_k,
+                                                                      float(dropout_p))
+    if return_attn_probs:
+        return out, lse, keep
+    return out
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False):
+    """Attention over packed sequences, with flash_attn.flash_attn_varlen_func's signature and semantics.
+
+    q (total_q, Hq, D), k/v (total_k, Hkv, D) with Hq % Hkv == 0 (GQA/MQA read K/V head h // (Hq / Hkv));
+    sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and cu_seqlens_k[b]:cu_seqlens_k[b+1] of k/v
+    (int32, non-decreasing, from 0). ``causal`` aligns queries to the bottom-right of the keys; ``window_size``
+    (left, right) limits the keys each query sees (-1 = unbounded); ``softcap`` > 0 applies softcap·tanh(s/softcap);
+    ``alibi_slopes`` (Hq,) or (batch, Hq) float32 subtracts slope·|i + Lk - Lq - j|; ``dropout_p`` drops attention
+    weights (Philox, seeded from torch's generator). Returns out (total_q, Hq, D), or with ``return_attn_probs``
+    (out, lse (Hq, total_q) float32, keep) where keep is the dropout pattern (Hq, total_q, max_seqlen_k) bool
+    (True = kept; key columns are per sequence) when dropout_p > 0, else None. A query that sees no key gets
+    out 0 and lse +inf. Gradients flow to q, k, v and through lse.
+
+    ``max_seqlen_q``/``max_seqlen_k`` are hints: the work list is built from cu_seqlens on the device, so any value
+    is correct (max_seqlen_k sizes only the returned dropout pattern). ``deterministic`` is accepted for
+    compatibility: the backward never uses atomics, so gradients are bitwise repeatable either way.
+    """
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
+    check_tensor("k", k, ndim=3)
+    check_tensor("v", v, ndim=3)
     check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
     check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
-    if dropout_p != 0.0:
-        raise NotImplementedError("dropout_p > 0 is not supported (InternLM2 trains without attention dropout)")
-    choose("attention", q.device)
-    out, lse = reference.flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal,
-                                           tuple(window_size), softcap, alibi_slopes)
-    if return_attn_probs:
-        return out, lse, None
-    return out
+        raise ValueError(f"cu_seqlens_q ({cu_seqlens_q.numel()} entries) and cu_seqlens_k "
+                         f"({cu_seqlens_k.numel()} entries) must describe the same number of sequences")
+    _check_int("max_seqlen_q", max_seqlen_q, 0)
+    max_seqlen_k = _check_int("max_seqlen_k", max_seqlen_k, 0)
+    scale, left, right = _check_args(q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
+                                     deterministic, cu_seqlens_q.numel() - 1)
+    return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, dropout_p, scale, bool(causal), left, right,
+                      softcap, alibi_slopes, return_attn_probs)
+
+
+@functools.lru_cache(maxsize=16)
+def _uniform_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
+    # One tensor per shape, so the kernels' work-list cache hits on every layer of a model.
+    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
-    """(B, S, H, D) attention, as flash_attn.flash_attn_func; runs the varlen kernel on equal-length sequences."""
+    """(B, S, H, D) attention, as flash_attn.flash_attn_func: every batch row is one sequence (Sq queries, Sk keys);
+    runs the varlen kernel. With ``return_attn_probs`` the lse is (B, Hq, Sq) and the dropout pattern
+    (B, Hq, Sq, Sk)."""
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4)
-    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=4, device=q.device)
+    check_tensor("k", k, ndim=4)
+    check_tensor("v", v, ndim=4)
     B, Sq, Hq, D = q.shape
     Sk = k.shape[1]
-    cu_q = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32, device=q.device)
-    cu_k = torch.arange(0, (B + 1) * Sk, Sk, dtype=torch.int32, device=q.device)
-    res = flash_attn_varlen_func(q.reshape(B * Sq, Hq, D), k.reshape(B * Sk, *k.shape[2:]),
-                                 v.reshape(B * Sk, *v.shape[2:]), cu_q, cu_k, Sq, Sk, dropout_p, softmax_scale,
-                                 causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+    if k.shape[0] != B:
+        raise ValueError(f"k has batch size {k.shape[0]} but q has {B}")
+    scale, left, right = _check_args(q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
+                                     deterministic, B)
+    if torch.compiler.is_compiling():
+        cu_q = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32, device=q.device)
+        cu_k = torch.arange(0, (B + 1) * Sk, Sk, dtype=torch.int32, device=q.device)
+    else:
+        cu_q, cu_k = _uniform_cu_seqlens(B, Sq, q.device), _uniform_cu_seqlens(B, Sk, q.device)
+    res = _attention(q.reshape(B * Sq, Hq, D), k.reshape(B * Sk, *k.shape[2:]), v.reshape(B * Sk, *v.shape[2:]),
+                     cu_q, cu_k, Sk, dropout_p, scale, bool(causal), left, right, softcap, alibi_slopes,
+                     return_attn_probs)
     if return_attn_probs:
-        out, lse, _ = res
-        return out.reshape(B, Sq, Hq, D), lse.reshape(Hq, B, Sq).transpose(0, 1), None
+        out, lse, keep = res
+        if keep is not None:
+            keep = keep.reshape(Hq, B, Sq, Sk).transpose(0, 1)
+        return out.reshape(B, Sq, Hq, D), lse.reshape(Hq, B, Sq).transpose(0, 1), keep
     return res.reshape(B, Sq, Hq, D)
