@@ -34,6 +34,7 @@ from . import checkpoint as ckpt
 from .config import InternLM2Config
 
 IGNORE_INDEX = -100
+CHECKPOINTING_MODES = (False, True, "mlp")
 
 
 @dataclass
@@ -207,9 +208,18 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)   # gate
         self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)   # up
         self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)   # down
+        # Recompute silu(gate) * up in backward instead of keeping it for w2's weight gradient: saves
+        # tokens x intermediate activations per layer for one elementwise pass.
+        self.recompute_activation = False
+
+    def _down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.w2(ik.swiglu(gate, up))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(ik.swiglu(self.w1(x), self.w3(x)))
+        gate, up = self.w1(x), self.w3(x)                                # (N, intermediate) each
+        if self.recompute_activation and torch.is_grad_enabled():
+            return checkpoint(self._down, gate, up, use_reentrant=False)
+        return self._down(gate, up)
 
 
 class DecoderLayer(nn.Module):
@@ -241,7 +251,21 @@ class InternLM2Model(nn.Module):
         # cos/sin tables (theta, linear or dynamic NTK), cached per length; no state in checkpoints.
         self.rotary = ik.nn.RotaryEmbedding(config.head_dim, config.rope_theta, scaling.get("type"),
                                             scaling.get("factor", 1.0), config.max_position_embeddings)
-        self.gradient_checkpointing = False
+        self._checkpointing: bool | str = False
+
+    @property
+    def gradient_checkpointing(self) -> bool | str:
+        """False; True: recompute each block in backward (only block inputs stay alive); "mlp": recompute only
+        the SwiGLU activation (the largest saved tensor, cheap to recompute)."""
+        return self._checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, mode: bool | str) -> None:
+        if not any(mode is m for m in CHECKPOINTING_MODES):
+            raise ValueError(f"gradient_checkpointing must be one of {CHECKPOINTING_MODES}, got {mode!r}")
+        self._checkpointing = mode
+        for layer in self.layers:
+            layer.feed_forward.recompute_activation = mode == "mlp"
 
     def forward(self, input_ids: torch.Tensor, ctx) -> torch.Tensor:
         """input_ids (N,) -> hidden (N, hidden_size); ``ctx`` supplies rotary and attention (PackedContext, or
@@ -249,7 +273,7 @@ class InternLM2Model(nn.Module):
         h = self.tok_embeddings(input_ids)                               # (N, hidden)
         residual = None
         for layer in self.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if self._checkpointing is True and torch.is_grad_enabled():
                 h, residual = checkpoint(layer, h, residual, ctx, use_reentrant=False)
             else:
                 h, residual = layer(h, residual, ctx)
@@ -263,12 +287,12 @@ class _InternLM2Base(nn.Module):
     model: InternLM2Model
 
     @property
-    def gradient_checkpointing(self) -> bool:
+    def gradient_checkpointing(self) -> bool | str:
         return self.model.gradient_checkpointing
 
     @gradient_checkpointing.setter
-    def gradient_checkpointing(self, enabled: bool) -> None:
-        self.model.gradient_checkpointing = bool(enabled)
+    def gradient_checkpointing(self, mode: bool | str) -> None:
+        self.model.gradient_checkpointing = mode
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:

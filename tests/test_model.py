@@ -122,20 +122,58 @@ def test_explicit_position_ids(model):
     assert not torch.allclose(model(ids, position_ids=torch.arange(12) * 2).logits, default, atol=1e-3)
 
 
-def test_gradient_checkpointing_gives_same_gradients():
+def saved_bytes(fn) -> int:
+    """Bytes of distinct tensors autograd keeps for backward outside recomputed regions while running fn."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_gradient_checkpointing_modes_give_same_gradients_with_less_memory():
     torch.manual_seed(2)
     model = InternLM2ForCausalLM(micro())
     ids = torch.randint(0, 101, (20,))
     cu = cu_of((8, 12))
-    grads = []
-    for ckpt in (False, True):
+    grads, kept = {}, {}
+    for mode in (False, "mlp", True):
         model.zero_grad()
-        model.gradient_checkpointing = ckpt
-        model(ids, cu_seqlens=cu, labels=ids).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    assert model.model.gradient_checkpointing
-    for n in grads[0]:
-        assert_close(grads[1][n], grads[0][n], msg=n)
+        model.gradient_checkpointing = mode
+        assert model.model.gradient_checkpointing is mode
+        loss = []
+        kept[mode] = saved_bytes(lambda: loss.append(model(ids, cu_seqlens=cu, labels=ids).loss))
+        loss[0].backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for mode in ("mlp", True):
+        for n in grads[False]:
+            assert_close(grads[mode][n], grads[False][n], msg=f"{mode} {n}")
+    # "mlp" no longer keeps the SwiGLU output (20 tokens x 200 features, fp32) of either layer.
+    assert kept[False] - kept["mlp"] >= 2 * 20 * 200 * 4
+    assert kept[True] < kept["mlp"]
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        model.gradient_checkpointing = "attention"
+
+
+def test_bf16_weights_train_with_fp32_master_weights():
+    torch.manual_seed(6)
+    model = InternLM2ForCausalLM(micro()).to(torch.bfloat16)
+    opt = ik.FusedAdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, master_weights=True)
+    ids = torch.randint(0, 101, (32,))
+    cu = cu_of((12, 20))
+    losses = []
+    for _ in range(4):
+        loss = model(ids, cu_seqlens=cu, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert losses[-1] < losses[0] - 0.5, losses
 
 
 def expected_cos_sin(seq_len, dim, theta, scaling, max_pos):
