@@ -31,9 +31,22 @@ def check_same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tenso
         raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
 
 
-# cu_seqlens tensors whose values were already checked: a model calls attention once per layer with the
-# same tensor, and checking values costs a device sync, so each (tensor, version) is checked once.
-_checked_cu: list[tuple[weakref.ref, int, int]] = []
+# Results computed from tensor values, kept per (tensor, version, key): a model passes the same cu_seqlens (or
+# position offsets) to every layer, and reading values costs a device sync, so each is read once. Weak references
+# keep no tensor alive; the newest few entries are kept.
+_value_cache: list[tuple[weakref.ref, int, object, object]] = []
+
+
+def once_per_version(t: torch.Tensor, key, compute):
+    """``compute()`` (which reads ``t``'s values), reused while ``t`` is the same unmodified tensor; an exception
+    from ``compute`` is raised every time (nothing is cached)."""
+    for ref, version, cached_key, value in _value_cache:
+        if ref() is t and version == t._version and cached_key == key:
+            return value
+    value = compute()
+    _value_cache.append((weakref.ref(t), t._version, key, value))
+    del _value_cache[:-16]
+    return value
 
 
 def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> None:
@@ -48,15 +61,14 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.devi
         raise ValueError(f"{name} is on {cu.device} but the inputs are on {device}")
     if torch.compiler.is_compiling():
         return  # values are not inspectable while tracing; the eager call checks them
-    for ref, version, checked_total in _checked_cu:
-        if ref() is cu and version == cu._version and checked_total == total:
-            return
-    first, last = int(cu[0]), int(cu[-1])
-    if first != 0:
-        raise ValueError(f"{name} must start at 0, got {first}")
-    if bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(f"{name} must be non-decreasing (sorted cumulative lengths), got {cu.tolist()[:16]}")
-    if last != total:
-        raise ValueError(f"{name} ends at {last} but the packed tensor has {total} rows")
-    _checked_cu.append((weakref.ref(cu), cu._version, total))
-    del _checked_cu[:-8]
+
+    def check_values():
+        first, last = int(cu[0]), int(cu[-1])
+        if first != 0:
+            raise ValueError(f"{name} must start at 0, got {first}")
+        if bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"{name} must be non-decreasing (sorted cumulative lengths), got {cu.tolist()[:16]}")
+        if last != total:
+            raise ValueError(f"{name} ends at {last} but the packed tensor has {total} rows")
+
+    once_per_version(cu, ("valid cu_seqlens", total), check_values)

@@ -228,6 +228,13 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
         with pytest.raises(ValueError, match="seqlen_offsets"):
             ik.apply_rotary_emb(x, cos, sin, seqlen_offsets=-1)
         with pytest.raises(ValueError, match="seqlen_offsets"):
+            ik.apply_rotary_emb(x, cos, sin, seqlen_offsets=torch.tensor([2, -1]))
+        offsets = torch.tensor([0, 1])
+        ik.apply_rotary_emb(x, cos, sin, seqlen_offsets=offsets)
+        offsets[1] = 9  # a changed tensor is checked again, not served from the per-version cache
+        with pytest.raises(ValueError, match="cos/sin have 16 rows"):
+            ik.apply_rotary_emb(x, cos, sin, seqlen_offsets=offsets)
+        with pytest.raises(ValueError, match="seqlen_offsets"):
             ik.apply_rotary_emb(x, cos, sin, seqlen_offsets=1.5)
         with pytest.raises(ValueError, match="cu_seqlens"):
             ik.apply_rotary_emb(x.reshape(16, 2, 16), cos, sin, cu_seqlens=cu.long())

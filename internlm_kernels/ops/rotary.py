@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._checks import FLOAT_DTYPES, check_cu_seqlens, check_tensor
+from .._checks import FLOAT_DTYPES, check_cu_seqlens, check_tensor, once_per_version
 from ..backend import choose
 
 rotary_cos_sin = reference.rotary_cos_sin  # the InternLM2 table builder (theta, linear and dynamic NTK): plain torch
@@ -187,17 +187,20 @@ def _check_rotary(x: torch.Tensor, cos, sin, head_dim: int, seqlen_offsets, cu_s
         raise ValueError(f"seqlen_offsets must be >= 0, got {seqlen_offsets}")
     if not torch.compiler.is_compiling():
         # Values are not inspectable while tracing; the eager call checks that every position has a table row.
+        # Values read from tensors are cached per tensor version: one sync per new tensor, not one per layer.
         if cu_seqlens is None:
             longest = x.shape[1]
         elif max_seqlen is not None:
             longest = max_seqlen
         else:
-            longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            longest = once_per_version(cu_seqlens, "longest sequence",
+                                       lambda: int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
         offset = seqlen_offsets
         if isinstance(seqlen_offsets, torch.Tensor):
-            if n_seqs and int(seqlen_offsets.min()) < 0:
-                raise ValueError("seqlen_offsets must be >= 0")
-            offset = int(seqlen_offsets.max()) if n_seqs else 0
+            low, offset = once_per_version(seqlen_offsets, "min, max", lambda: torch.stack(
+                (seqlen_offsets.min(), seqlen_offsets.max())).tolist()) if n_seqs else (0, 0)
+            if low < 0:
+                raise ValueError(f"seqlen_offsets must be >= 0, got a minimum of {low}")
         if longest + offset > cos.shape[0]:
             raise ValueError(f"cos/sin have {cos.shape[0]} rows but positions reach {longest + offset - 1} "
                              f"(longest sequence {longest} + seqlen_offsets {offset})")
