@@ -1,7 +1,19 @@
-"""Loads the compiled extension internlm_kernels._C and says why a native backend cannot run."""
+"""The compiled extension internlm_kernels._C: loading it, saying why a native backend cannot run, and
+building the work lists its multi-tensor kernels read.
+
+The extension does not link torch. Tensors cross as integer addresses, dtypes as codes and CUDA streams as
+integers; this module (torch) owns and allocates every buffer, including the work lists. A work list is a
+table with one int64 row per tensor (layouts in csrc/multi_tensor.h) plus a chunk list (tensor index, first
+element) with one row per chunk of ``chunk_size`` elements. Both are cached, keyed on the rows, so a training
+step over the same tensors as the step before reuses them and copies nothing to the device.
+"""
 from __future__ import annotations
 
+import collections
 import functools
+from typing import NamedTuple
+
+import torch
 
 
 @functools.cache
@@ -29,3 +41,89 @@ def why_unavailable(kind: str) -> str | None:
         if err:
             return err
     return None
+
+
+@functools.cache
+def dtype_codes() -> dict[torch.dtype, int]:
+    """Element types the kernels take, with their codes (defined once, in csrc/dtypes.h)."""
+    return {getattr(torch, name): code for name, code in load().dtype_codes().items()}
+
+
+@functools.cache
+def norm_kinds() -> dict[str, int]:
+    """Norm kinds of the gradient-norm kernels ('l1', 'l2', 'inf', 'p'), with their codes."""
+    return dict(load().norm_kinds())
+
+
+# Below this many elements a CPU kernel runs on one thread: waking the OpenMP team costs more than it saves.
+MIN_ELEMENTS_PER_THREAD = 1 << 15
+
+
+def cpu_threads(work: "WorkList") -> int:
+    """Threads for a CPU kernel over ``work``: torch's thread count, fewer for small work."""
+    return max(1, min(torch.get_num_threads(), work.numel // MIN_ELEMENTS_PER_THREAD))
+
+
+def cuda_stream(device: torch.device) -> int:
+    """The current CUDA stream of ``device``, as the integer the kernels take."""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+class WorkList(NamedTuple):
+    table: torch.Tensor   # (n_tensors, columns) int64 on the kernels' device
+    chunks: torch.Tensor  # (n_chunks, 2) int64: tensor index, first element of the chunk
+    n_chunks: int
+    chunk_size: int
+    numel: int            # elements over all tensors
+    stream: int | None    # CUDA stream the tables were allocated on (None on CPU)
+
+
+def build_work_list(rows: list[tuple[int, ...]], numel_column: int, chunk_size: int,
+                    device: torch.device) -> WorkList:
+    """Tables for ``rows`` (one tuple of int64 columns per tensor) cut into chunks of ``chunk_size`` elements."""
+    if chunk_size % load().CHUNK_MULTIPLE:
+        raise ValueError(f"chunk_size must be a multiple of {load().CHUNK_MULTIPLE}, got {chunk_size}")
+    table = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), -1)        # (n_tensors, columns)
+    counts = (table[:, numel_column] + chunk_size - 1) // chunk_size             # chunks per tensor
+    tensor_index = torch.repeat_interleave(torch.arange(len(rows)), counts)     # (n_chunks,)
+    first_chunk = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    starts = (torch.arange(tensor_index.numel()) - first_chunk) * chunk_size    # (n_chunks,)
+    chunks = torch.stack([tensor_index, starts], dim=1)                         # (n_chunks, 2)
+    stream = None
+    if device.type == "cuda":
+        table, chunks = table.to(device), chunks.to(device)
+        stream = cuda_stream(device)
+    return WorkList(table, chunks, chunks.shape[0], chunk_size, int(table[:, numel_column].sum()), stream)
+
+
+class WorkLists:
+    """Least-recently-used cache of work lists keyed on their rows (addresses, sizes, dtypes).
+
+    A cached list is only reused for exactly the rows it was built from, so reuse is always correct; training
+    reuses the same parameter, gradient and state tensors step after step, which makes hits the steady state.
+    """
+
+    def __init__(self, capacity: int = 8):
+        self.capacity = capacity
+        self._lists: collections.OrderedDict[tuple, WorkList] = collections.OrderedDict()
+
+    def get(self, rows: list[tuple[int, ...]], numel_column: int, chunk_size: int,
+            device: torch.device) -> WorkList:
+        key = (device, chunk_size, tuple(rows))
+        work = self._lists.get(key)
+        if work is None:
+            work = self._lists[key] = build_work_list(rows, numel_column, chunk_size, device)
+            while len(self._lists) > self.capacity:
+                self._lists.popitem(last=False)
+        else:
+            self._lists.move_to_end(key)
+        if work.stream is not None and work.stream != cuda_stream(device):
+            # Used on another stream than it was allocated on: keep the allocator from reusing the memory
+            # before that stream's kernels have read it, should the entry be evicted meanwhile.
+            stream = torch.cuda.current_stream(device)
+            work.table.record_stream(stream)
+            work.chunks.record_stream(stream)
+        return work
+
+    def __len__(self) -> int:
+        return len(self._lists)

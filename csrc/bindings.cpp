@@ -1,0 +1,102 @@
+// The pybind11 module internlm_kernels._C. It does not link torch: tensors cross as integer addresses,
+// dtypes as codes, CUDA streams as integers (see docs/kernels/adamw.md). Python validates and allocates.
+#include <pybind11/pybind11.h>
+
+#include "entry_points.h"
+#include "grad_norm.h"
+#include "multi_tensor.h"
+
+namespace py = pybind11;
+
+namespace {
+
+ik::AdamWLaunch adamw_launch(int64_t table, int64_t chunks, int64_t n_chunks, int64_t chunk_size, int param_dtype,
+                             int grad_dtype, bool master, bool amsgrad, py::tuple scalars) {
+  if (scalars.size() != 8) throw std::invalid_argument("adamw: scalars must have 8 entries");
+  ik::AdamWScalars s{};
+  float* fields[] = {&s.weight_decay_factor, &s.beta1_weight, &s.beta2, &s.one_minus_beta2,
+                     &s.bias_correction2_sqrt, &s.neg_step_size, &s.eps, &s.grad_sign};
+  for (size_t i = 0; i < 8; ++i) *fields[i] = scalars[i].cast<float>();
+  return ik::AdamWLaunch{{table, chunks, n_chunks, chunk_size}, param_dtype, grad_dtype, master, amsgrad, s};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "internlm_kernels native kernels: multi-tensor AdamW and gradient norm/clipping (CPU and CUDA)";
+
+  m.def("built_with_cuda", &ik::built_with_cuda, "True when the CUDA kernels were compiled in.");
+  m.def("cuda_device_error", &ik::cuda_device_error, "'' when a CUDA device is usable, else the reason.");
+  m.def("dtype_codes", [] {
+    py::dict d;
+    d["float32"] = int(ik::kFloat32);
+    d["float16"] = int(ik::kFloat16);
+    d["bfloat16"] = int(ik::kBFloat16);
+    return d;
+  }, "Codes of the element types, by torch dtype name.");
+  m.def("norm_kinds", [] {
+    py::dict d;
+    d["l1"] = int(ik::kNormL1);
+    d["l2"] = int(ik::kNormL2);
+    d["inf"] = int(ik::kNormInf);
+    d["p"] = int(ik::kNormP);
+    return d;
+  }, "Codes of the norm kinds.");
+  m.attr("CHUNK_MULTIPLE") = ik::kChunkMultiple;
+  m.attr("ADAMW_ROW_COLUMNS") = int(sizeof(ik::AdamWTensorRow) / sizeof(int64_t));
+  m.attr("GRAD_ROW_COLUMNS") = int(sizeof(ik::GradTensorRow) / sizeof(int64_t));
+
+  // scalars: (1 - lr*wd, 1 - beta1, beta2, 1 - beta2, sqrt(1 - beta2^t), -lr/(1 - beta1^t), eps, ±1)
+  m.def("adamw_cpu",
+        [](int64_t table, int64_t chunks, int64_t n_chunks, int64_t chunk_size, int param_dtype, int grad_dtype,
+           bool master, bool amsgrad, py::tuple scalars, int num_threads) {
+          ik::AdamWLaunch l = adamw_launch(table, chunks, n_chunks, chunk_size, param_dtype, grad_dtype, master,
+                                           amsgrad, scalars);
+          py::gil_scoped_release release;
+          ik::adamw_cpu(l, num_threads);
+        },
+        py::arg("table"), py::arg("chunks"), py::arg("n_chunks"), py::arg("chunk_size"), py::arg("param_dtype"),
+        py::arg("grad_dtype"), py::arg("master"), py::arg("amsgrad"), py::arg("scalars"), py::arg("num_threads"));
+  m.def("adamw_cuda",
+        [](int64_t table, int64_t chunks, int64_t n_chunks, int64_t chunk_size, int param_dtype, int grad_dtype,
+           bool master, bool amsgrad, py::tuple scalars, int device, int64_t stream) {
+          ik::adamw_cuda(adamw_launch(table, chunks, n_chunks, chunk_size, param_dtype, grad_dtype, master, amsgrad,
+                                      scalars),
+                         device, stream);
+        },
+        py::arg("table"), py::arg("chunks"), py::arg("n_chunks"), py::arg("chunk_size"), py::arg("param_dtype"),
+        py::arg("grad_dtype"), py::arg("master"), py::arg("amsgrad"), py::arg("scalars"), py::arg("device"),
+        py::arg("stream"));
+
+  m.def("grad_norm_cpu",
+        [](int64_t table, int64_t chunks, int64_t n_chunks, int64_t chunk_size, int kind, double p,
+           int64_t partials, int64_t out, int num_threads) {
+          py::gil_scoped_release release;
+          ik::grad_norm_cpu({table, chunks, n_chunks, chunk_size}, kind, p, partials, out, num_threads);
+        },
+        py::arg("table"), py::arg("chunks"), py::arg("n_chunks"), py::arg("chunk_size"), py::arg("kind"),
+        py::arg("p"), py::arg("partials"), py::arg("out"), py::arg("num_threads"));
+  m.def("grad_norm_cuda",
+        [](int64_t table, int64_t chunks, int64_t n_chunks, int64_t chunk_size, int kind, double p,
+           int64_t partials, int64_t out, int device, int64_t stream) {
+          ik::grad_norm_cuda({table, chunks, n_chunks, chunk_size}, kind, p, partials, out, device, stream);
+        },
+        py::arg("table"), py::arg("chunks"), py::arg("n_chunks"), py::arg("chunk_size"), py::arg("kind"),
+        py::arg("p"), py::arg("partials"), py::arg("out"), py::arg("device"), py::arg("stream"));
+
+  m.def("grad_scale_cpu",
+        [](int64_t table, int64_t chunks, int64_t n_chunks, int64_t chunk_size, int64_t total_norm, float max_norm,
+           int num_threads) {
+          py::gil_scoped_release release;
+          ik::grad_scale_cpu({table, chunks, n_chunks, chunk_size}, total_norm, max_norm, num_threads);
+        },
+        py::arg("table"), py::arg("chunks"), py::arg("n_chunks"), py::arg("chunk_size"), py::arg("total_norm"),
+        py::arg("max_norm"), py::arg("num_threads"));
+  m.def("grad_scale_cuda",
+        [](int64_t table, int64_t chunks, int64_t n_chunks, int64_t chunk_size, int64_t total_norm, float max_norm,
+           int device, int64_t stream) {
+          ik::grad_scale_cuda({table, chunks, n_chunks, chunk_size}, total_norm, max_norm, device, stream);
+        },
+        py::arg("table"), py::arg("chunks"), py::arg("n_chunks"), py::arg("chunk_size"), py::arg("total_norm"),
+        py::arg("max_norm"), py::arg("device"), py::arg("stream"));
+}

@@ -1,0 +1,48 @@
+// The functions bindings.cpp exposes. Tensors arrive as addresses (int64), dtypes as ik::DType codes,
+// CUDA streams as integers; Python has validated every argument and owns every buffer.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "adamw.h"
+
+namespace ik {
+
+// A multi-tensor launch: `table` and `chunks` are the addresses of the tables of multi_tensor.h.
+struct MultiTensorLaunch {
+  int64_t table;
+  int64_t chunks;
+  int64_t n_chunks;
+  int64_t chunk_size;
+};
+
+struct AdamWLaunch {
+  MultiTensorLaunch work;  // rows are AdamWTensorRow
+  int param_dtype;         // every row's parameter dtype
+  int grad_dtype;          // every row's gradient dtype
+  bool master;             // rows carry fp32 master weights and fp32 moments (half/bfloat16 params only)
+  bool amsgrad;            // rows carry max_exp_avg_sq
+  AdamWScalars scalars;
+};
+
+void adamw_cpu(const AdamWLaunch& launch, int num_threads);
+void adamw_cuda(const AdamWLaunch& launch, int device, int64_t stream);
+
+// Norm of all gradients of a GradTensorRow table: chunk partials (double on CPU, float on CUDA, n_chunks of
+// them) then one combined value written as float to `out`. `kind` is an ik::NormKind, `p` its order.
+void grad_norm_cpu(const MultiTensorLaunch& work, int kind, double p, int64_t partials, int64_t out,
+                   int num_threads);
+void grad_norm_cuda(const MultiTensorLaunch& work, int kind, double p, int64_t partials, int64_t out, int device,
+                    int64_t stream);
+
+// Multiplies every gradient by clip_coefficient(max_norm, *total_norm), reading the norm (a float) where the
+// device finds it, so no host synchronization is needed; leaves gradients untouched when the coefficient is 1.
+void grad_scale_cpu(const MultiTensorLaunch& work, int64_t total_norm, float max_norm, int num_threads);
+void grad_scale_cuda(const MultiTensorLaunch& work, int64_t total_norm, float max_norm, int device, int64_t stream);
+
+bool built_with_cuda();
+// "" when a CUDA device is usable, else why not.
+std::string cuda_device_error();
+
+}  // namespace ik
