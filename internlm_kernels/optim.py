@@ -1,32 +1,148 @@
-"""FusedAdamW and fused gradient-norm clipping (drop-in for torch.optim.AdamW and clip_grad_norm_)."""
+"""FusedAdamW and fused gradient-norm clipping: drop-in for torch.optim.AdamW and torch.nn.utils.clip_grad_norm_.
+
+CPU tensors run the extension's OpenMP kernels, CUDA tensors its multi-tensor CUDA kernels (one launch for all
+parameters of a group that share dtypes and step count); the ``reference`` backend runs the plain-torch
+definitions of internlm_kernels/reference.py. docs/kernels/adamw.md describes the kernels.
+"""
 from __future__ import annotations
+
+import functools
+import math
+from typing import Iterable
 
 import torch
 
-from . import reference
-from .backend import choose
+from . import _ext, reference
+from .backend import choose, requested
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Elements per chunk of the multi-tensor work lists. CPU: one OpenMP work item, large enough to amortize
+# scheduling. CUDA: one block of 512 threads, 16 vector iterations each; small enough that the last wave of
+# blocks is a small fraction of a large launch.
+CHUNK_SIZE = {"cpu": 1 << 16, "cuda": 1 << 15}
+
+ADAMW_NUMEL_COLUMN = 6  # AdamWTensorRow: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, numel, unused
+GRAD_NUMEL_COLUMN = 1   # GradTensorRow: data, numel, dtype, unused
+
+
+def _kernel_backend(op: str, device: torch.device, supported: bool, what: str) -> str:
+    """choose(op, device), except that inputs the native kernels do not take run the reference under auto;
+    a forced native backend raises NotImplementedError naming them."""
+    name = choose(op, device)
+    if name in ("cpu", "cuda") and not supported:
+        if requested(op) != "auto":
+            raise NotImplementedError(f"{op}: the {name} backend does not support {what}")
+        return "reference"
+    return name
+
+
+def _as_float(name: str, value) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} as a Tensor must have exactly one element, got shape {tuple(value.shape)}")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
+    if not 0.0 <= _as_float("lr", lr):
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= _as_float(f"betas[{i}]", beta) < 1.0:
+            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta}")
+    if not 0.0 <= _as_float("eps", eps):
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not 0.0 <= _as_float("weight_decay", weight_decay):
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
 
 
 class FusedAdamW(torch.optim.Optimizer):
-    """AdamW with torch.optim.AdamW's defaults, state layout and step semantics.
+    """AdamW with torch.optim.AdamW's defaults, state layout (``step``, ``exp_avg``, ``exp_avg_sq``,
+    ``max_exp_avg_sq``) and step semantics; state dicts load into either optimizer.
 
-    ``master_weights=True`` keeps a float32 copy of each bf16/fp16 parameter (state ``master_param``) and
-    float32 moments; the step updates the master copy and writes the rounded value into the parameter.
+    ``lr`` may be a float or a one-element tensor (read once per step). ``master_weights=True`` keeps a
+    float32 copy of each float16/bfloat16 parameter (state ``master_param``) and float32 moments; the step
+    updates the master copy and writes it, rounded, into the parameter. Gradients may be float32, float16 or
+    bfloat16 whatever the parameter dtype. All parameters must live on one device. float64 parameters run the
+    reference implementation (the native kernels take the three dtypes above).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, master_weights=False):
-        if not 0.0 <= lr:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        _check_hyperparameters(lr, betas, eps, weight_decay)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         master_weights=master_weights)
+        self._work_lists = _ext.WorkLists()
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        group = dict(param_group)
+        params = group["params"]
+        group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+        _check_hyperparameters(*(group.get(k, self.defaults[k]) for k in ("lr", "betas", "eps", "weight_decay")))
+        devices = {p.device for g in self.param_groups for p in g["params"]}
+        for p in group["params"]:
+            if not isinstance(p, torch.Tensor):
+                raise ValueError(f"params must be tensors, got {type(p).__name__}")
+            if not p.is_floating_point():
+                raise ValueError(f"params must be floating point, got a parameter of dtype {p.dtype}")
+            devices.add(p.device)
+        if len(devices) > 1:
+            names = ", ".join(sorted(str(d) for d in devices))
+            raise ValueError(f"params must all be on one device, got parameters on {names}")
+        super().add_param_group(group)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # Groups loaded from a torch.optim.AdamW state dict lack our keys: take this optimizer's defaults.
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("master_weights", self.defaults.get("master_weights", False))
+        if not hasattr(self, "_work_lists"):
+            self._work_lists = _ext.WorkLists()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts every floating-point state tensor to its parameter's dtype, which would round the fp32
+        # master copy and moments of a bfloat16 parameter; keep those in fp32.
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved_state = {i: dict(s) for i, s in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
+        for saved_id, (p, group) in zip(saved_ids, params):
+            if not (group["master_weights"] and p.dtype in LOW_PRECISION) or saved_id not in saved_state:
+                continue
+            for key in ("master_param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                value = saved_state[saved_id].get(key)
+                if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+                    self.state[p][key] = value.to(p.device)
+
+    def _prepared_state(self, p: torch.Tensor, group: dict, master: bool) -> dict:
+        """The state of ``p`` with every tensor this step needs, in the dtype and device it needs."""
+        state = self.state[p]
+        step = state.get("step")
+        if not (isinstance(step, torch.Tensor) and step.device.type == "cpu" and step.dtype == torch.float32):
+            # New state, or one from a fused/capturable torch optimizer (step on the device): host it on the CPU.
+            state["step"] = torch.tensor(float(step) if step is not None else 0.0, dtype=torch.float32)
+        moment_dtype = torch.float32 if master else p.dtype
+        if master and "master_param" not in state:
+            state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+        elif not master:
+            state.pop("master_param", None)
+        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+        for key in keys:
+            t = state.get(key)
+            if t is None:
+                state[key] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+            elif t.dtype != moment_dtype or t.device != p.device:
+                state[key] = t.to(device=p.device, dtype=moment_dtype)
+        return state
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -35,50 +151,256 @@ class FusedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError("FusedAdamW does not support sparse gradients")
-                state = self.state[p]
-                master = group["master_weights"] and p.dtype in (torch.float16, torch.bfloat16)
-                if not state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    src = p.detach().float() if master else p.detach()
-                    if master:
-                        state["master_param"] = src.clone()
-                    state["exp_avg"] = torch.zeros_like(src, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(src, memory_format=torch.preserve_format)
-                    if group["amsgrad"]:
-                        state["max_exp_avg_sq"] = torch.zeros_like(src, memory_format=torch.preserve_format)
-                choose("adamw", p.device)
-                state["step"] += 1
-                target = state["master_param"] if master else p
-                reference.adamw_step(target, p.grad.to(target.dtype), state["exp_avg"], state["exp_avg_sq"],
-                                     int(state["step"].item()), group["lr"], beta1, beta2, group["eps"],
-                                     group["weight_decay"], group["maximize"], state.get("max_exp_avg_sq"))
-                if master:
-                    p.copy_(target)
+            self._step_group(group)
         return loss
+
+    def _step_group(self, group: dict) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
+            g = p.grad
+            if g.is_sparse:
+                raise ValueError("FusedAdamW does not support sparse gradients")
+            if g.device != p.device:
+                raise ValueError(f"a gradient is on {g.device} but its parameter is on {p.device}")
+            if g.shape != p.shape:
+                raise ValueError(f"a gradient has shape {tuple(g.shape)} but its parameter has {tuple(p.shape)}")
+            if not g.is_floating_point():
+                raise ValueError(f"gradients must be floating point, got {g.dtype}")
+        masters = [group["master_weights"] and p.dtype in LOW_PRECISION for p in params]
+        states = [self._prepared_state(p, group, m) for p, m in zip(params, masters)]
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1.0)
+
+        # Parameters that share a kernel launch: same backend, dtypes, master weights and step count.
+        buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, dict]]] = {}
+        device = params[0].device
+        backends: dict[tuple[torch.dtype, torch.dtype], str] = {}
+        for p, state, master, step in zip(params, states, masters, steps):
+            dtypes = (p.dtype, p.grad.dtype)
+            backend = backends.get(dtypes)
+            if backend is None:
+                supported = p.dtype in KERNEL_DTYPES and p.grad.dtype in KERNEL_DTYPES
+                backend = backends[dtypes] = _kernel_backend("adamw", device, supported,
+                                                             f"{p.dtype} parameters with {p.grad.dtype} grads")
+            key = (backend, master, p.dtype, p.grad.dtype, float(step))
+            buckets.setdefault(key, []).append((p, p.grad, state))
+        hyper = dict(lr=_as_float("lr", group["lr"]), beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
+                     eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), maximize=group["maximize"])
+        for (backend, master, _, _, step), items in buckets.items():
+            if backend == "reference":
+                _adamw_reference(items, master, step, **hyper)
+            else:
+                _adamw_native(self._work_lists, items, master, group["amsgrad"], step, **hyper)
+
+
+def _adamw_reference(items, master: bool, step: float, *, lr, beta1, beta2, eps, weight_decay, maximize) -> None:
+    for p, grad, state in items:
+        target = state["master_param"] if master else p
+        reference.adamw_step(target, grad.to(target.dtype), state["exp_avg"], state["exp_avg_sq"], int(step), lr,
+                             beta1, beta2, eps, weight_decay, maximize, state.get("max_exp_avg_sq"))
+        if master:
+            p.copy_(target)
+
+
+def _adamw_scalars(step: float, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                   maximize: bool) -> tuple[float, ...]:
+    """The AdamWScalars of csrc/adamw.h, computed in double as torch's single-tensor AdamW computes them."""
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    return (1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, bias_correction2 ** 0.5, -(lr / bias_correction1),
+            eps, -1.0 if maximize else 1.0)
+
+
+def _contiguous_for_kernel(t: torch.Tensor, writebacks: list) -> torch.Tensor:
+    """``t`` itself when contiguous, else a contiguous copy that is written back after the kernel."""
+    if t.is_contiguous():
+        return t
+    tmp = t.contiguous()
+    writebacks.append((t, tmp))
+    return tmp
+
+
+def _adamw_native(work_lists: _ext.WorkLists, items, master: bool, amsgrad: bool, step: float, *, lr, beta1,
+                  beta2, eps, weight_decay, maximize) -> None:
+    C = _ext.load()
+    codes = _ext.dtype_codes()
+    device = items[0][0].device
+    rows, writebacks, grads = [], [], []
+    for p, grad, state in items:
+        grads.append(grad.contiguous())  # read only: a copy, if one is needed, must outlive the launch
+        rows.append((
+            _contiguous_for_kernel(p, writebacks).data_ptr(),
+            grads[-1].data_ptr(),
+            _contiguous_for_kernel(state["exp_avg"], writebacks).data_ptr(),
+            _contiguous_for_kernel(state["exp_avg_sq"], writebacks).data_ptr(),
+            _contiguous_for_kernel(state["max_exp_avg_sq"], writebacks).data_ptr() if amsgrad else 0,
+            _contiguous_for_kernel(state["master_param"], writebacks).data_ptr() if master else 0,
+            p.numel(),
+            0,
+        ))
+    work = work_lists.get(rows, ADAMW_NUMEL_COLUMN, CHUNK_SIZE[device.type], device)
+    scalars = _adamw_scalars(step, lr, beta1, beta2, eps, weight_decay, maximize)
+    param_dtype, grad_dtype = codes[items[0][0].dtype], codes[items[0][1].dtype]
+    args = (work.table.data_ptr(), work.chunks.data_ptr(), work.n_chunks, work.chunk_size, param_dtype, grad_dtype,
+            master, amsgrad, scalars)
+    if device.type == "cuda":
+        C.adamw_cuda(*args, device.index, _ext.cuda_stream(device))
+    else:
+        C.adamw_cpu(*args, _ext.cpu_threads(work))
+    for original, tmp in writebacks:
+        original.copy_(tmp)
+
+
+def _grads_of(parameters) -> list[torch.Tensor]:
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = []
+    for p in parameters:
+        if not isinstance(p, torch.Tensor):
+            raise ValueError(f"parameters must be tensors, got {type(p).__name__}")
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise ValueError("gradient clipping does not support sparse gradients")
+        if not p.grad.is_floating_point():
+            raise ValueError(f"gradients must be floating point, got {p.grad.dtype}")
+        grads.append(p.grad)
+    return grads
+
+
+def _norm_kind(norm_type: float) -> int | None:
+    """The kernels' code for an L_p norm, or None for orders they do not take (0, negative, -inf, NaN)."""
+    kinds = _ext.norm_kinds()
+    if norm_type == math.inf:
+        return kinds["inf"]
+    if norm_type == 2.0:
+        return kinds["l2"]
+    if norm_type == 1.0:
+        return kinds["l1"]
+    if 0.0 < norm_type < math.inf:
+        return kinds["p"]
+    return None
+
+
+_grad_work_lists = _ext.WorkLists()
+
+
+def _grad_rows(grads: list[torch.Tensor]) -> list[tuple[int, int, int, int]]:
+    codes = _ext.dtype_codes()
+    return [(g.data_ptr(), g.numel(), codes[g.dtype], 0) for g in grads]
+
+
+def _device_norm(grads: list[torch.Tensor], norm_type: float, backend: str) -> torch.Tensor:
+    """Norm (float32 scalar on the grads' device) of same-device gradients."""
+    if backend == "reference":
+        return reference.total_norm(grads, norm_type)
+    C = _ext.load()
+    device = grads[0].device
+    grads = [g.contiguous() for g in grads]  # read only; copies (rare) live until the launch is queued
+    work = _grad_work_lists.get(_grad_rows(grads), GRAD_NUMEL_COLUMN, CHUNK_SIZE[device.type], device)
+    out = torch.empty((), dtype=torch.float32, device=device)
+    if device.type == "cuda":
+        partials = torch.empty(work.n_chunks, dtype=torch.float32, device=device)
+        C.grad_norm_cuda(work.table.data_ptr(), work.chunks.data_ptr(), work.n_chunks, work.chunk_size,
+                         _norm_kind(norm_type), norm_type, partials.data_ptr(), out.data_ptr(), device.index,
+                         _ext.cuda_stream(device))
+    else:
+        partials = torch.empty(work.n_chunks, dtype=torch.float64)
+        C.grad_norm_cpu(work.table.data_ptr(), work.chunks.data_ptr(), work.n_chunks, work.chunk_size,
+                        _norm_kind(norm_type), norm_type, partials.data_ptr(), out.data_ptr(), _ext.cpu_threads(work))
+    return out
+
+
+def _device_scale(grads: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float, backend: str) -> None:
+    """Multiply same-device gradients by min(max_norm / (total_norm + 1e-6), 1), as torch does."""
+    if backend == "reference":
+        coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+        return
+    C = _ext.load()
+    device = grads[0].device
+    writebacks = []
+    grads = [_contiguous_for_kernel(g, writebacks) for g in grads]
+    work = _grad_work_lists.get(_grad_rows(grads), GRAD_NUMEL_COLUMN, CHUNK_SIZE[device.type], device)
+    args = (work.table.data_ptr(), work.chunks.data_ptr(), work.n_chunks, work.chunk_size, total_norm.data_ptr(),
+            max_norm)
+    if device.type == "cuda":
+        C.grad_scale_cuda(*args, device.index, _ext.cuda_stream(device))
+    else:
+        C.grad_scale_cpu(*args, _ext.cpu_threads(work))
+    for original, tmp in writebacks:
+        original.copy_(tmp)
+
+
+def _grads_by_device(grads: list[torch.Tensor], norm_type: float) -> dict[torch.device, tuple[str, list]]:
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    out = {}
+    for device, gs in by_device.items():
+        supported = _norm_kind(norm_type) is not None and all(g.dtype in KERNEL_DTYPES for g in gs)
+        backend = _kernel_backend("grad_norm", device, supported,
+                                  f"norm_type={norm_type} with grads of dtypes {sorted({str(g.dtype) for g in gs})}")
+        out[device] = (backend, gs)
+    return out
+
+
+def _total_norm(groups: dict, norm_type: float) -> torch.Tensor:
+    norms = [_device_norm(gs, norm_type, backend) for backend, gs in groups.values()]
+    if len(norms) == 1:
+        return norms[0]
+    first = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), norm_type)
+
+
+def _check_foreach(foreach) -> None:
+    if foreach not in (None, True, False):
+        raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
-                    foreach=None) -> torch.Tensor:
-    """Scale gradients so their total norm is at most ``max_norm``; returns the total norm (as torch's)."""
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
-    grads = [p.grad for p in parameters if p.grad is not None]
+def total_grad_norm(parameters: torch.Tensor | Iterable[torch.Tensor], norm_type: float = 2.0,
+                    foreach: bool | None = None) -> torch.Tensor:
+    """The norm of all gradients together (float32 scalar on the first gradient's device), as
+    clip_grad_norm_ computes it, without clipping. 0 when no parameter has a gradient."""
+    _check_foreach(foreach)
+    grads = _grads_of(parameters)
     if not grads:
         return torch.tensor(0.0)
-    choose("grad_norm", grads[0].device)
-    norm = reference.total_norm(grads, float(norm_type)).to(grads[0].device)
-    if error_if_nonfinite and not torch.isfinite(norm):
-        raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
-                           "so it cannot be clipped. To disable this error and scale the gradients by the non-finite "
-                           "norm anyway, set `error_if_nonfinite=False`")
-    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(scale.to(g.dtype))
-    return norm
+    norm_type = float(norm_type)
+    return _total_norm(_grads_by_device(grads, norm_type), norm_type)
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False, foreach: bool | None = None) -> torch.Tensor:
+    """Scale gradients in place so their total norm is at most ``max_norm``; returns the total norm.
+
+    Same contract as torch.nn.utils.clip_grad_norm_: coefficient min(max_norm / (norm + 1e-6), 1) applied to
+    every gradient, a non-finite norm raises RuntimeError with ``error_if_nonfinite`` (else the gradients are
+    scaled by it, as torch does), the returned norm has the gradients' (promoted) dtype. The norm is
+    accumulated in float32 or wider whatever the gradient dtype, and the coefficient is read on the device
+    (no host synchronization unless ``error_if_nonfinite``). ``foreach`` only selects an implementation in
+    torch; here every path is multi-tensor, so it is accepted for compatibility and changes nothing.
+    Norm orders the kernels do not take (0, negative, -inf) run the reference implementation.
+    """
+    _check_foreach(foreach)
+    grads = _grads_of(parameters)
+    if not grads:
+        return torch.tensor(0.0)
+    norm_type = float(norm_type)
+    max_norm = _as_float("max_norm", max_norm)
+    groups = _grads_by_device(grads, norm_type)
+    total = _total_norm(groups, norm_type)
+    if error_if_nonfinite and not bool(torch.isfinite(total)):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
+            "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
+            "`error_if_nonfinite=False`")
+    for device, (backend, gs) in groups.items():
+        _device_scale(gs, total.to(device), max_norm, backend)
+    return total.to(functools.reduce(torch.promote_types, [g.dtype for g in grads]))
+
