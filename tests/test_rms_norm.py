@@ -170,6 +170,8 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
             ik.rms_norm(torch.randn(3, 0), torch.randn(0))
         with pytest.raises(ValueError, match="x"):
             ik.rms_norm([1.0, 2.0], w)
+        with pytest.raises(ValueError, match="eps"):
+            ik.rms_norm(x, w, eps=-1e-6)
 
 
 def test_rows_wider_than_a_program_raise_not_implemented():

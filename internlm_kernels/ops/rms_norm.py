@@ -138,6 +138,8 @@ def rms_norm(x, weight, eps=1e-6, residual=None, prenorm=False, residual_in_fp32
         raise ValueError(f"x must have a non-empty last dim (the features), got shape {tuple(x.shape)}")
     if weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight has {weight.shape[0]} entries but x's last dim is {x.shape[-1]}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
     if residual is not None:
         check_tensor("residual", residual, dtypes=FLOAT_DTYPES, device=x.device)
         if residual.shape != x.shape:
