@@ -54,7 +54,7 @@ def build_ours(config: InternLM2Config, docs, dtype, dev, checkpointing):
     cu = torch.tensor((0,) + tuple(torch.tensor(docs).cumsum(0).tolist()), dtype=torch.int32, device=dev)
 
     def step():
-        loss = model(ids, cu_seqlens=cu, labels=ids, max_seqlen=max(docs)).loss
+        loss = model(ids, cu_seqlens=cu, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

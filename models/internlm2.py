@@ -81,7 +81,7 @@ class PackedInputs:
         return out.reshape(B, S, *t.shape[1:])
 
 
-def pack_inputs(input_ids, cu_seqlens=None, attention_mask=None, position_ids=None, max_seqlen=None,
+def pack_inputs(input_ids, cu_seqlens=None, attention_mask=None, position_ids=None,
                 vocab_size: int | None = None) -> PackedInputs:
     """Validate the forward's inputs and pack them (see the module docstring)."""
     check_tensor("input_ids", input_ids, dtypes=(torch.int64, torch.int32), ndim=(1, 2))
@@ -109,17 +109,16 @@ def pack_inputs(input_ids, cu_seqlens=None, attention_mask=None, position_ids=No
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape "
                                  f"{tuple(input_ids.shape)}")
-            mask = attention_mask.bool()
             if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
                 raise ValueError("attention_mask must hold only 0 and 1")
+            mask = attention_mask.bool()
             lengths = mask.sum(dim=1, dtype=torch.int32)
             valid_index = mask.reshape(-1).nonzero().squeeze(1)
             ids = input_ids.reshape(-1)[valid_index]
         cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     if vocab_size is not None and ids.numel() and bool(((ids < 0) | (ids >= vocab_size)).any()):
         raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size})")
-    if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     positions = None
     if position_ids is not None:
         check_tensor("position_ids", position_ids, dtypes=(torch.int64, torch.int32), device=device)
@@ -130,8 +129,7 @@ def pack_inputs(input_ids, cu_seqlens=None, attention_mask=None, position_ids=No
         positions = (flat if valid_index is None else flat[valid_index]).long()
         if positions.numel() and bool((positions < 0).any()):
             raise ValueError("position_ids must be >= 0")
-    packed = PackedInputs(ids.long(), cu_seqlens, max_seqlen, positions, padded_shape, valid_index)
-    return packed
+    return PackedInputs(ids.long(), cu_seqlens, max_seqlen, positions, padded_shape, valid_index)
 
 
 def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -312,8 +310,8 @@ class _InternLM2Base(nn.Module):
                     gen = generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
             p.normal_(0.0, self.config.initializer_range, generator=gen)
 
-    def _pack(self, input_ids, cu_seqlens, attention_mask, position_ids, max_seqlen) -> PackedInputs:
-        return pack_inputs(input_ids, cu_seqlens, attention_mask, position_ids, max_seqlen, self.config.vocab_size)
+    def _pack(self, input_ids, cu_seqlens, attention_mask, position_ids) -> PackedInputs:
+        return pack_inputs(input_ids, cu_seqlens, attention_mask, position_ids, self.config.vocab_size)
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None, layout: str = "internlm2",
                         max_shard_bytes: int = ckpt.DEFAULT_MAX_SHARD_BYTES) -> None:
@@ -339,18 +337,18 @@ class InternLM2ForCausalLM(_InternLM2Base):
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, loss_reduction: str = "mean", return_logits: bool = False,
-                max_seqlen: int | None = None) -> CausalLMOutput:
+                labels: torch.Tensor | None = None, loss_reduction: str = "mean",
+                return_logits: bool = False) -> CausalLMOutput:
         """Packed input_ids (T,) with cu_seqlens (B+1,) int32, or padded (B, S) with attention_mask (B, S).
 
         labels: same shape as input_ids, HF convention (-100 ignored); the shift by one happens inside each
         sequence. With labels the loss comes from fused linear cross-entropy and logits are None unless
         ``return_logits``. ``loss_reduction``: "mean" over non-ignored targets, "sum", or "none" (per token, in
-        the layout of input_ids). ``max_seqlen`` (optional) saves a device sync when the caller knows it.
+        the layout of input_ids).
         """
         if loss_reduction not in ("mean", "sum", "none"):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
-        packed = self._pack(input_ids, cu_seqlens, attention_mask, position_ids, max_seqlen)
+        packed = self._pack(input_ids, cu_seqlens, attention_mask, position_ids)
         hidden = self.model(packed.input_ids, PackedContext(packed, self.model.rotary))   # (T, hidden)
         out = CausalLMOutput()
         if labels is not None:
@@ -392,9 +390,9 @@ class InternLM2ForScore(_InternLM2Base):
         self.init_weights()
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                max_seqlen: int | None = None) -> ScoreOutput:
-        packed = self._pack(input_ids, cu_seqlens, attention_mask, position_ids, max_seqlen)
+                attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> ScoreOutput:
+        packed = self._pack(input_ids, cu_seqlens, attention_mask, position_ids)
         lengths = packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]
         if bool((lengths == 0).any()):
             raise ValueError("every sequence needs at least one token to be scored (found an empty one)")
