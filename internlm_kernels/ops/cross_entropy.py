@@ -73,7 +73,9 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-
         loss, z_loss = reference.linear_cross_entropy(hidden2d, weight, target1d.long(), bias, ignore_index,
                                                       reduction, label_smoothing, lse_square_scale, softcap)
     else:
-        ahead = reduction != "none" and torch.is_grad_enabled()
+        # fp16 recomputes in the backward instead: its narrow range needs the upstream grad (a GradScaler's scale)
+        # applied before dlogits are rounded to fp16, as in eager fp16, or small probabilities flush to zero.
+        ahead = reduction != "none" and torch.is_grad_enabled() and hidden.dtype != torch.float16
         loss, z_loss, _, _, _ = torch.ops.internlm_kernels.linear_cross_entropy_fwd(
             hidden2d, weight, target1d, bias, ignore_index, reduction, float(label_smoothing),
             float(lse_square_scale), float(softcap), ahead and hidden.requires_grad, ahead and weight.requires_grad,

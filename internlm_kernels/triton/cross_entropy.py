@@ -23,6 +23,8 @@ outputs to the input dtype. dW is accumulated in the weight's dtype across chunk
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -144,12 +146,16 @@ def _scale_unless_one_kernel(
     factor_ptr,         # 0-d fp32 factor; when it is exactly 1 nothing is read or written
     BLOCK: tl.constexpr,
 ):
+    # Persistent: a few programs per SM stride over x, so a factor of 1 costs one tiny launch, not n / BLOCK programs.
     factor = tl.load(factor_ptr).to(tl.float32)
     if factor != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
-        tl.store(x_ptr + offs, (x * factor).to(x_ptr.dtype.element_ty), mask=mask)
+        first = tl.program_id(0).to(tl.int64) * BLOCK
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(first, n, step):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < n
+            x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+            tl.store(x_ptr + offs, (x * factor).to(x_ptr.dtype.element_ty), mask=mask)
 
 
 def scale_unless_one_(x: torch.Tensor, factor: torch.Tensor) -> None:
@@ -157,7 +163,14 @@ def scale_unless_one_(x: torch.Tensor, factor: torch.Tensor) -> None:
     assert x.is_contiguous() and factor.numel() == 1
     n = x.numel()
     if n:
-        _scale_unless_one_kernel[(triton.cdiv(n, SCALE_BLOCK),)](x, n, factor, BLOCK=SCALE_BLOCK, num_warps=8)
+        programs = 8 * _sm_count(x.device) if x.is_cuda else 4
+        grid = (min(triton.cdiv(n, SCALE_BLOCK), programs),)
+        _scale_unless_one_kernel[grid](x, n, factor, BLOCK=SCALE_BLOCK, num_warps=8)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def chunk_rows(n_tokens: int, vocab: int, element_size: int) -> int:
