@@ -23,6 +23,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile: (rows (BLOCK_M, 1) int64, cols (1, BLOCK_N), mask (BLOCK_M, BLOCK_N)).
+
+    Rows are int64 because row * stride overflows int32 beyond 2^31 elements."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    return rows.to(tl.int64)[:, None], cols[None, :], mask
+
+
+@triton.jit
 def _swiglu_fwd_kernel(
     GATE,         # (M, N) gate rows
     UP,           # (M, N) up rows
@@ -35,14 +46,11 @@ def _swiglu_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]  # row * stride overflows int32 beyond 2^31 elements
-    gate = tl.load(GATE + rows64 * stride_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(UP + rows64 * stride_up + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask = _tile_offsets(M, N, BLOCK_M, BLOCK_N)
+    gate = tl.load(GATE + rows * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(UP + rows * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
     out = gate * tl.sigmoid(gate) * up
-    tl.store(OUT + rows64 * stride_out + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + rows * stride_out + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -62,18 +70,15 @@ def _swiglu_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    dout = tl.load(DOUT + rows64 * stride_dout + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(GATE + rows64 * stride_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(UP + rows64 * stride_up + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask = _tile_offsets(M, N, BLOCK_M, BLOCK_N)
+    dout = tl.load(DOUT + rows * stride_dout + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(GATE + rows * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(UP + rows * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     silu = gate * sig
     dgate = dout * up * sig * (1.0 + gate * (1.0 - sig))
-    tl.store(DGATE + rows64 * stride_dgate + cols[None, :], dgate.to(DGATE.dtype.element_ty), mask=mask)
-    tl.store(DUP + rows64 * stride_dup + cols[None, :], (dout * silu).to(DUP.dtype.element_ty), mask=mask)
+    tl.store(DGATE + rows * stride_dgate + cols, dgate.to(DGATE.dtype.element_ty), mask=mask)
+    tl.store(DUP + rows * stride_dup + cols, (dout * silu).to(DUP.dtype.element_ty), mask=mask)
 
 
 def _tile(M: int, N: int) -> tuple[tuple[int, int], int, int]:
