@@ -9,8 +9,8 @@ fused=True), so weights, gradients and optimizer state take the same bytes and t
 activations and the loss.
 
 A third case runs ours with ``gradient_checkpointing="mlp"`` (the SwiGLU output recomputed in backward instead of
-kept), the cheap memory saving. Recorded per case: tokens/s (the figure), MFU, peak memory, parameter count. MFU counts each document's own
-attention: FLOPs = Σ_docs len · config.flops_per_token(len) (6·N + 6·layers·heads·head_dim·len per token), against
+kept), the cheap memory saving. Recorded per case: tokens/s (the figure), MFU, peak memory, parameter count.
+MFU counts each document's own attention: FLOPs = Σ_docs len · config.flops_per_token(len) (6·N + 6·layers·heads·head_dim·len per token), against
 the card's dense bf16 peak (989 TFLOP/s on H100/H200). On CPU only a micro-sized case runs (plumbing check).
 """
 from __future__ import annotations

@@ -116,10 +116,17 @@ def from_llama_state_dict(state_dict: Mapping[str, torch.Tensor],
             unknown.append(name)
     if unknown:
         raise CheckpointError(f"tensors with no InternLM2 equivalent: {', '.join(sorted(unknown))}")
+    D, h = config.head_dim, config.hidden_size
+    want = dict(zip(_QKV_PROJ, ((config.num_attention_heads * D, h), (config.num_key_value_heads * D, h),
+                                (config.num_key_value_heads * D, h))))
     for prefix, projs in qkv.items():
         missing = [p for p in _QKV_PROJ if p not in projs]
         if missing:
             raise CheckpointError(f"{prefix} lacks {', '.join(missing)} (needed to build wqkv)")
+        wrong = [f"{prefix}{p}: checkpoint {tuple(t.shape)} vs model {want[p]}" for p, t in projs.items()
+                 if tuple(t.shape) != want[p]]
+        if wrong:
+            raise CheckpointError("wrong shape (cannot build wqkv): " + "; ".join(wrong))
         out[prefix + _WQKV] = merge_qkv(*(projs[p] for p in _QKV_PROJ), config)
     return out
 

@@ -39,6 +39,7 @@ def test_save_load_round_trip_bitwise(model, tmp_path):
     loaded = InternLM2ForCausalLM.from_pretrained(tmp_path / "ckpt")
     assert loaded.config == model.config
     assert_same_weights(loaded, model)
+    assert all(p.requires_grad for p in loaded.parameters())
     ids = torch.randint(0, 101, (9,))
     assert torch.equal(loaded(ids).logits, model(ids).logits)
 
@@ -162,12 +163,19 @@ def test_missing_files_and_bad_config(model, tmp_path):
         InternLM2ForCausalLM.from_pretrained(tmp_path / "empty")
 
 
-def test_llama_directory_with_missing_projection(model, tmp_path):
+def test_llama_directory_with_missing_or_misshaped_projection(model, tmp_path):
     model.save_pretrained(tmp_path / "llama", layout="llama")
-    state = safetensors.torch.load_file(tmp_path / "llama" / "model.safetensors")
+    file = tmp_path / "llama" / "model.safetensors"
+    good = safetensors.torch.load_file(file)
+    state = dict(good)
     del state["model.layers.0.self_attn.k_proj.weight"]
-    safetensors.torch.save_file(state, tmp_path / "llama" / "model.safetensors")
-    with pytest.raises(CheckpointError, match="k_proj"):
+    safetensors.torch.save_file(state, file)
+    with pytest.raises(CheckpointError, match="model.layers.0. lacks self_attn.k_proj.weight"):
+        InternLM2ForCausalLM.from_pretrained(tmp_path / "llama")
+    state = good | {"model.layers.1.self_attn.v_proj.weight": torch.zeros(32, 128)}
+    safetensors.torch.save_file(state, file)
+    with pytest.raises(CheckpointError, match=r"model.layers.1.self_attn.v_proj.weight: checkpoint \(32, 128\) "
+                                              r"vs model \(64, 128\)"):
         InternLM2ForCausalLM.from_pretrained(tmp_path / "llama")
 
 
