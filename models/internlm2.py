@@ -259,9 +259,9 @@ class InternLM2Model(nn.Module):
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, mode: bool | str) -> None:
-        if not any(mode is m for m in CHECKPOINTING_MODES):
+        if not (isinstance(mode, bool) or mode == "mlp"):
             raise ValueError(f"gradient_checkpointing must be one of {CHECKPOINTING_MODES}, got {mode!r}")
-        self._checkpointing = mode
+        self._checkpointing = mode if isinstance(mode, bool) else "mlp"
         for layer in self.layers:
             layer.feed_forward.recompute_activation = mode == "mlp"
 

@@ -155,8 +155,11 @@ def test_gradient_checkpointing_modes_give_same_gradients_with_less_memory():
     # "mlp" no longer keeps the SwiGLU output (20 tokens x 200 features, fp32) of either layer.
     assert kept[False] - kept["mlp"] >= 2 * 20 * 200 * 4
     assert kept[True] < kept["mlp"]
-    with pytest.raises(ValueError, match="gradient_checkpointing"):
-        model.gradient_checkpointing = "attention"
+    model.gradient_checkpointing = "".join(["m", "lp"])          # a string built at run time (from a config)
+    assert model.gradient_checkpointing == "mlp" and model.model.layers[0].feed_forward.recompute_activation
+    for bad in ("attention", 1, None):
+        with pytest.raises(ValueError, match="gradient_checkpointing"):
+            model.gradient_checkpointing = bad
 
 
 def test_bf16_weights_train_with_fp32_master_weights():
