@@ -72,7 +72,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t n_packed = n / kVec * kVec;
     for (int64_t i = int64_t(threadIdx.x) * kVec; i < n_packed; i += int64_t(kThreads) * kVec) {
       // All loads of the iteration are issued before any math, keeping 4-6 vector loads in flight per thread.
-      Pack<P> p = load_pack(param + i);
+      Pack<P> p;
+      if (!MASTER) p = load_pack(param + i);  // with master weights the parameter is only written
       const Pack<G> g = load_pack(grad + i);
       Pack<S> m = load_pack(exp_avg + i);
       Pack<S> v = load_pack(exp_avg_sq + i);
@@ -134,7 +135,7 @@ void dispatch_grad(const AdamWLaunch& l, int64_t stream) {
 
 void adamw_cuda(const AdamWLaunch& l, int device, int64_t stream) {
   if (l.work.n_chunks > 0x7fffffff) throw std::invalid_argument("adamw_cuda: more than 2^31 - 1 chunks");
-  cuda::prepare(device);
+  const cuda::DeviceGuard guard(device);
   if (l.work.n_chunks == 0) return;
   switch (l.param_dtype) {
     case kFloat32: return dispatch_grad<float>(l, stream);

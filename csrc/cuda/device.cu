@@ -1,5 +1,5 @@
 // Device discovery and error reporting. cudart is linked statically, so the module imports on machines
-// without a driver; every entry point calls prepare() first and gets a clear error there.
+// without a driver; every entry point opens a DeviceGuard first and gets a clear error there.
 #include <atomic>
 #include <stdexcept>
 #include <string>
@@ -25,7 +25,7 @@ std::string cuda_device_error() {
 
 namespace cuda {
 
-void prepare(int device) {
+DeviceGuard::DeviceGuard(int device) {
   // Once a device was seen it stays; until then each call asks again (and reports why not).
   static std::atomic<bool> device_seen{false};
   if (!device_seen.load(std::memory_order_relaxed)) {
@@ -33,10 +33,20 @@ void prepare(int device) {
     if (!err.empty()) throw std::runtime_error(err);
     device_seen.store(true, std::memory_order_relaxed);
   }
-  const cudaError_t set = cudaSetDevice(device);
-  if (set != cudaSuccess) {
-    throw std::runtime_error("cudaSetDevice(" + std::to_string(device) + ") failed: " + cudaGetErrorString(set));
+  int current = 0;
+  cudaError_t e = cudaGetDevice(&current);
+  if (e == cudaSuccess && current != device) {
+    e = cudaSetDevice(device);
+    if (e == cudaSuccess) previous_ = current;
   }
+  if (e != cudaSuccess) {
+    throw std::runtime_error("cannot make CUDA device " + std::to_string(device) + " current: " +
+                             cudaGetErrorString(e));
+  }
+}
+
+DeviceGuard::~DeviceGuard() {
+  if (previous_ >= 0) cudaSetDevice(previous_);
 }
 
 void check_launch(const char* what) {

@@ -11,8 +11,18 @@
 namespace ik {
 namespace cuda {
 
-// Throws std::runtime_error unless a CUDA device is usable, then makes `device` current.
-void prepare(int device);
+// Throws std::runtime_error unless a CUDA device is usable, then makes `device` current until the guard goes
+// out of scope. (The current device is per-thread driver state shared with torch's CUDA runtime: restore it.)
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device);
+  ~DeviceGuard();
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
 
 // Throws std::runtime_error naming `what` if the last launch failed.
 void check_launch(const char* what);

@@ -152,7 +152,7 @@ void check_grid(const MultiTensorLaunch& work, const char* fn) {
 void grad_norm_cuda(const MultiTensorLaunch& work, int kind, double p, int64_t partials, int64_t out, int device,
                     int64_t stream) {
   check_grid(work, "grad_norm_cuda");
-  cuda::prepare(device);
+  const cuda::DeviceGuard guard(device);
   auto* part = reinterpret_cast<float*>(partials);
   auto* result = reinterpret_cast<float*>(out);
   const cudaStream_t s = cuda::as_stream(stream);
@@ -167,7 +167,7 @@ void grad_norm_cuda(const MultiTensorLaunch& work, int kind, double p, int64_t p
 
 void grad_scale_cuda(const MultiTensorLaunch& work, int64_t total_norm, float max_norm, int device, int64_t stream) {
   check_grid(work, "grad_scale_cuda");
-  cuda::prepare(device);
+  const cuda::DeviceGuard guard(device);
   if (work.n_chunks == 0) return;
   scale_kernel<<<unsigned(work.n_chunks), kThreads, 0, cuda::as_stream(stream)>>>(
       reinterpret_cast<const GradTensorRow*>(work.table), reinterpret_cast<const ChunkRef*>(work.chunks),
