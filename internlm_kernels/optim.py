@@ -124,23 +124,25 @@ class FusedAdamW(torch.optim.Optimizer):
                     self.state[p][key] = value.to(p.device)
 
     def _prepared_state(self, p: torch.Tensor, group: dict, master: bool) -> dict:
-        """The state of ``p`` with every tensor this step needs, in the dtype and device it needs."""
+        """The state of ``p`` with every tensor this step needs, in the dtype and device it needs.
+        (Called for every parameter every step: the checks are the cheap ones.)"""
         state = self.state[p]
         step = state.get("step")
-        if not (isinstance(step, torch.Tensor) and step.device.type == "cpu" and step.dtype == torch.float32):
+        if not (isinstance(step, torch.Tensor) and step.is_cpu and step.dtype == torch.float32):
             # New state, or one from a fused/capturable torch optimizer (step on the device): host it on the CPU.
             state["step"] = torch.tensor(float(step) if step is not None else 0.0, dtype=torch.float32)
         moment_dtype = torch.float32 if master else p.dtype
-        if master and "master_param" not in state:
-            state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
-        elif not master:
-            state.pop("master_param", None)
-        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
-        for key in keys:
+        if master:
+            if "master_param" not in state:
+                state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+        elif "master_param" in state:
+            del state["master_param"]
+        device_index = p.get_device()
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq"):
             t = state.get(key)
             if t is None:
                 state[key] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
-            elif t.dtype != moment_dtype or t.device != p.device:
+            elif t.dtype != moment_dtype or t.get_device() != device_index:
                 state[key] = t.to(device=p.device, dtype=moment_dtype)
         return state
 
