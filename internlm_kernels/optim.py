@@ -160,6 +160,9 @@ class FusedAdamW(torch.optim.Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
+        # Everything that can refuse runs before any state changes.
+        device = params[0].device
+        backends: dict[tuple[torch.dtype, torch.dtype], str] = {}
         for p in params:
             g = p.grad
             if g.is_sparse:
@@ -170,6 +173,14 @@ class FusedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"a gradient has shape {tuple(g.shape)} but its parameter has {tuple(p.shape)}")
             if not g.is_floating_point():
                 raise ValueError(f"gradients must be floating point, got {g.dtype}")
+            dtypes = (p.dtype, g.dtype)
+            if dtypes not in backends:
+                supported = p.dtype in KERNEL_DTYPES and g.dtype in KERNEL_DTYPES
+                backends[dtypes] = _kernel_backend("adamw", device, supported,
+                                                   f"{p.dtype} parameters with {g.dtype} grads")
+        hyper = dict(lr=_as_float("lr", group["lr"]), beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
+                     eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), maximize=group["maximize"])
+
         masters = [group["master_weights"] and p.dtype in LOW_PRECISION for p in params]
         states = [self._prepared_state(p, group, m) for p, m in zip(params, masters)]
         steps = [s["step"] for s in states]
@@ -177,19 +188,9 @@ class FusedAdamW(torch.optim.Optimizer):
 
         # Parameters that share a kernel launch: same backend, dtypes, master weights and step count.
         buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, dict]]] = {}
-        device = params[0].device
-        backends: dict[tuple[torch.dtype, torch.dtype], str] = {}
         for p, state, master, step in zip(params, states, masters, steps):
-            dtypes = (p.dtype, p.grad.dtype)
-            backend = backends.get(dtypes)
-            if backend is None:
-                supported = p.dtype in KERNEL_DTYPES and p.grad.dtype in KERNEL_DTYPES
-                backend = backends[dtypes] = _kernel_backend("adamw", device, supported,
-                                                             f"{p.dtype} parameters with {p.grad.dtype} grads")
-            key = (backend, master, p.dtype, p.grad.dtype, float(step))
+            key = (backends[(p.dtype, p.grad.dtype)], master, p.dtype, p.grad.dtype, float(step))
             buckets.setdefault(key, []).append((p, p.grad, state))
-        hyper = dict(lr=_as_float("lr", group["lr"]), beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
-                     eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), maximize=group["maximize"])
         for (backend, master, _, _, step), items in buckets.items():
             if backend == "reference":
                 _adamw_reference(items, master, step, **hyper)

@@ -134,8 +134,10 @@ def test_adamw_float64_params_run_reference_under_auto_and_refuse_forced_cpu():
     ours_opt, theirs_opt = ik.FusedAdamW(ours, lr=1e-2), torch.optim.AdamW(theirs, lr=1e-2)
     _step_both(ours_opt, theirs_opt, ours, theirs, 5)
     _assert_same_state(ours_opt, theirs_opt, ours, theirs, rtol=1e-12, atol=1e-14)
+    steps = [float(ours_opt.state[p]["step"]) for p in ours]
     with use_backend(adamw="cpu"), pytest.raises(NotImplementedError, match="torch.float64"):
         ours_opt.step()
+    assert [float(ours_opt.state[p]["step"]) for p in ours] == steps  # a refused step changes nothing
 
 
 def test_adamw_non_contiguous_param(small_chunks):
