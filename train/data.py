@@ -1,0 +1,314 @@
+"""Documents in, packed fixed-size token rows out: readers, packing with cu_seqlens, a resumable sharded iterator.
+
+Pipeline: a document source (``SyntheticCorpus`` or ``FileCorpus``; both random-access by document index through
+``iter_from(i)``) -> tokenize each document as ``<s> text </s>`` -> ``PackedStream`` cuts the token stream into
+rows of exactly ``seq_len`` tokens. A document that does not fit in the space left in a row is cut at the row's
+end and its remainder starts the next row (InternLM2's "longer documents truncated, remainders reused"), so no
+token is ever dropped, duplicated or padded. Each row records its document boundaries; ``cu_seqlens`` is built
+from them (per-document attention, the default) or is one span per row (``document_boundaries=False``).
+
+Resumption: the stream's state is (index of the next document to read, the pending remainder's tokens, rows
+emitted). Restoring it regenerates exactly the same rows, since sources are deterministic by index.
+
+Data parallelism: every rank packs the same stream and keeps the rows ``rank, rank + world, ...`` of each
+step's global batch (DistributedSampler-like over rows). The global batch is then independent of the world
+size, and all ranks hold the same stream state, so rank 0's state is the checkpoint's.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterator, Protocol, Sequence
+
+import torch
+
+from .tokenizer import Tokenizer
+
+TEXT_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
+IGNORE_INDEX = -100
+
+
+class DocumentSource(Protocol):
+    def iter_from(self, start: int) -> Iterator[str]: ...
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Readers
+
+
+def expand_paths(paths: Sequence[str], what: str = "data.paths") -> list[str]:
+    """Files named by ``paths`` (files, directories scanned recursively, or glob patterns), sorted per entry."""
+    if isinstance(paths, str):
+        paths = [paths]
+    files: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs if f.endswith(TEXT_EXTENSIONS))
+            if not found:
+                raise ValueError(f"{what}: directory {p!r} has no {'/'.join(TEXT_EXTENSIONS)} files")
+            files.extend(found)
+        elif os.path.isfile(p):
+            if not p.endswith(TEXT_EXTENSIONS):
+                raise ValueError(f"{what}: {p!r} is not a supported file type ({', '.join(TEXT_EXTENSIONS)})")
+            files.append(p)
+        elif any(c in p for c in "*?["):
+            found = sorted(f for f in glob.glob(p, recursive=True) if f.endswith(TEXT_EXTENSIONS))
+            if not found:
+                raise ValueError(f"{what}: pattern {p!r} matches no {'/'.join(TEXT_EXTENSIONS)} files")
+            files.extend(found)
+        else:
+            raise ValueError(f"{what}: {p!r} does not exist")
+    if not files:
+        raise ValueError(f"{what}: no input files given")
+    return files
+
+
+def read_txt(path: str, mode: str = "line") -> Iterator[str]:
+    """``mode="line"``: one document per non-empty line; ``mode="file"``: the whole file is one document."""
+    with open(path, encoding="utf-8") as f:
+        if mode == "file":
+            text = f.read()
+            if text.strip():
+                yield text
+            return
+        if mode != "line":
+            raise ValueError(f"data.txt_mode must be 'line' or 'file', got {mode!r}")
+        for line in f:
+            line = line.rstrip("\n")
+            if line.strip():
+                yield line
+
+
+def read_jsonl(path: str, text_field: str = "text") -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+            if not isinstance(obj, dict) or text_field not in obj:
+                raise ValueError(f"{path}:{n}: no {text_field!r} field (set data.text_field)")
+            text = obj[text_field]
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{n}: field {text_field!r} is {type(text).__name__}, not a string")
+            if text:
+                yield text
+
+
+def read_parquet(path: str, text_field: str = "text") -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ValueError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from e
+    pf = pq.ParquetFile(path)
+    if text_field not in pf.schema_arrow.names:
+        raise ValueError(f"{path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}; "
+                         "set data.text_field)")
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if text:
+                yield text
+
+
+def read_file(path: str, text_field: str = "text", txt_mode: str = "line") -> Iterator[str]:
+    if path.endswith(".txt"):
+        return read_txt(path, txt_mode)
+    if path.endswith((".jsonl", ".json")):
+        return read_jsonl(path, text_field)
+    if path.endswith(".parquet"):
+        return read_parquet(path, text_field)
+    raise ValueError(f"{path}: unsupported file type (supported: {', '.join(TEXT_EXTENSIONS)})")
+
+
+class FileCorpus:
+    """The documents of txt/jsonl/parquet files in order, repeated in epochs; ``skip`` reserves the first
+    documents (the held-out split) so that training never sees them."""
+
+    def __init__(self, paths: Sequence[str], text_field: str = "text", txt_mode: str = "line", skip: int = 0,
+                 limit: int | None = None):
+        self.files = expand_paths(paths)
+        self.text_field, self.txt_mode = text_field, txt_mode
+        self.skip, self.limit = skip, limit
+        self._count: int | None = None  # documents per epoch after `skip`, known after the first full pass
+
+    def _one_pass(self) -> Iterator[str]:
+        n = 0
+        for path in self.files:
+            for text in read_file(path, self.text_field, self.txt_mode):
+                if n >= self.skip:
+                    yield text
+                n += 1
+                if self.limit is not None and n >= self.skip + self.limit:
+                    return
+
+    def iter_from(self, start: int) -> Iterator[str]:
+        if self._count is not None:
+            start %= self._count
+        i = 0
+        while True:
+            seen = 0
+            for text in self._one_pass():
+                seen += 1
+                if i >= start:
+                    yield text
+                i += 1
+            if seen == 0:
+                raise ValueError(f"data.paths: no documents in {', '.join(self.files)}"
+                                 + (f" after the {self.skip} held-out ones" if self.skip else ""))
+            self._count = seen
+            if self.limit is not None:  # a bounded source (held-out set) is read once
+                return
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packing
+
+
+@dataclass
+class PackedRow:
+    tokens: list[int]          # (seq_len,)
+    doc_bounds: list[int]      # [0, b1, ..., seq_len]: piece boundaries inside the row
+
+
+class PackedStream:
+    """Rows of exactly ``seq_len`` tokens packed from a document source; resumable via state_dict()."""
+
+    def __init__(self, source: DocumentSource, tokenizer: Tokenizer, seq_len: int, start_doc: int = 0,
+                 add_bos: bool = True, add_eos: bool = True):
+        if not isinstance(seq_len, int) or seq_len < 2:
+            raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
+        self.source, self.tokenizer, self.seq_len = source, tokenizer, seq_len
+        self.add_bos, self.add_eos = add_bos, add_eos
+        self.next_doc = start_doc
+        self.pending: list[int] = []
+        self.rows = 0
+        self._docs: Iterator[str] | None = None
+
+    def _next_document(self) -> list[int]:
+        if self._docs is None:
+            self._docs = self.source.iter_from(self.next_doc)
+        while True:
+            text = next(self._docs)
+            self.next_doc += 1
+            ids = self.tokenizer.encode(text, add_bos=self.add_bos, add_eos=self.add_eos)
+            if ids:
+                return ids
+
+    def next_row(self) -> PackedRow:
+        tokens: list[int] = []
+        bounds = [0]
+        while len(tokens) < self.seq_len:
+            piece = self.pending if self.pending else self._next_document()
+            space = self.seq_len - len(tokens)
+            tokens.extend(piece[:space])
+            self.pending = piece[space:]
+            bounds.append(len(tokens))
+        self.rows += 1
+        return PackedRow(tokens, bounds)
+
+    def __iter__(self) -> Iterator[PackedRow]:
+        while True:
+            yield self.next_row()
+
+    def state_dict(self) -> dict:
+        return {"next_doc": self.next_doc, "pending": list(self.pending), "rows": self.rows, "seq_len": self.seq_len}
+
+    def continue_after(self, state: dict) -> None:
+        """Start where another stream (e.g. the previous stage's, of another seq_len) stopped: same next document,
+        its pending remainder first."""
+        self.next_doc, self.pending = int(state["next_doc"]), list(state["pending"])
+        self._docs = None
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seq_len"] != self.seq_len:
+            raise ValueError(f"data state was saved with seq_len {state['seq_len']}, this stream packs {self.seq_len}")
+        self.next_doc, self.pending, self.rows = int(state["next_doc"]), list(state["pending"]), int(state["rows"])
+        self._docs = None
+
+
+def pack_documents(docs: Sequence[Sequence[int]], seq_len: int) -> list[PackedRow]:
+    """Pack a finite list of token lists the same way (cut at row ends, remainders first in the next row);
+    the last row holds what is left and may be shorter. Used for evaluation sets."""
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
+    rows: list[PackedRow] = []
+    tokens: list[int] = []
+    bounds = [0]
+    for doc in docs:
+        piece = list(doc)
+        while piece:
+            space = seq_len - len(tokens)
+            tokens.extend(piece[:space])
+            piece = piece[space:]
+            bounds.append(len(tokens))
+            if len(tokens) == seq_len:
+                rows.append(PackedRow(tokens, bounds))
+                tokens, bounds = [], [0]
+    if tokens:
+        rows.append(PackedRow(tokens, bounds))
+    return rows
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor    # (T,) int64, rows concatenated
+    labels: torch.Tensor       # (T,) int64, HF convention: the model shifts inside each sequence
+    cu_seqlens: torch.Tensor   # (B+1,) int32
+    max_seqlen: int
+    num_targets: int           # tokens that carry a loss: non-first positions of each sequence, label != -100
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.input_ids.to(device, non_blocking=True), self.labels.to(device, non_blocking=True),
+                     self.cu_seqlens.to(device, non_blocking=True), self.max_seqlen, self.num_targets)
+
+
+def collate(rows: Sequence[PackedRow], document_boundaries: bool = True) -> Batch:
+    """Concatenate rows into one packed batch; sequences never cross rows."""
+    if not rows:
+        raise ValueError("rows: need at least one row")
+    tokens: list[int] = []
+    cu = [0]
+    for row in rows:
+        base = len(tokens)
+        tokens.extend(row.tokens)
+        bounds = row.doc_bounds if document_boundaries else [0, len(row.tokens)]
+        cu.extend(base + b for b in bounds[1:])
+    ids = torch.tensor(tokens, dtype=torch.int64)
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    lengths = cu_t[1:] - cu_t[:-1]
+    return Batch(ids, ids.clone(), cu_t, int(lengths.max()), int((lengths - 1).clamp(min=0).sum()))
+
+
+class ShardedBatches:
+    """Each step's global batch (``rows_per_step`` rows) split across ranks, then into micro-batches."""
+
+    def __init__(self, stream: PackedStream, rows_per_step: int, rows_per_micro: int, rank: int = 0, world: int = 1,
+                 document_boundaries: bool = True):
+        if rows_per_step % (rows_per_micro * world):
+            raise ValueError(f"the global batch ({rows_per_step} rows of {stream.seq_len} tokens) does not split into "
+                             f"{world} ranks x micro-batches of {rows_per_micro} rows")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, {world}), got {rank}")
+        self.stream, self.rows_per_step, self.rows_per_micro = stream, rows_per_step, rows_per_micro
+        self.rank, self.world, self.document_boundaries = rank, world, document_boundaries
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.rows_per_step // (self.rows_per_micro * self.world)
+
+    def next_step(self) -> list[Batch]:
+        """The micro-batches of this rank for the next step (all ranks advance the stream identically)."""
+        rows = [self.stream.next_row() for _ in range(self.rows_per_step)]
+        mine = rows[self.rank::self.world]
+        k = self.rows_per_micro
+        return [collate(mine[i:i + k], self.document_boundaries) for i in range(0, len(mine), k)]
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
