@@ -277,6 +277,86 @@ def test_unsupported_head_dim_raises_not_implemented():
         ik.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 3, 3)
 
 
+def _compile_for_sm90(kernel, constexprs, cfg):
+    """Compile a kernel for sm_90 on this machine (Triton ships ptxas), with the specializations a real launch gets
+    (16-byte aligned pointers, strides that are multiples of 16). Returns the compiled kernel."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptr = {"Lse": "*fp32", "Delta": "*fp32", "Alibi": "*fp32", "Seed": "*i64", "CuQ": "*i32", "CuK": "*i32",
+           "Items": "*i32"}
+    names = list(inspect.signature(kernel.fn).parameters)
+    sig = {}
+    for n in names:
+        if n in constexprs:
+            sig[n] = "constexpr"
+        elif n[0].isupper():
+            sig[n] = ptr.get(n, "*bf16")
+        else:
+            sig[n] = "fp32" if n in ("qk_scale", "softcap_log2", "dropout_p", "softmax_scale") else "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if sig[n].startswith("*") or (n.startswith("stride") and n != "stride_alibi")}
+    src = ASTSource(kernel, sig, constexprs=dict(constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n), attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+def _hopper_resource_usage() -> list[tuple[str, bool, int, str]]:
+    """(kernel, uses wgmma and cp.async, shared bytes, cuobjdump resource line) for the d=128 causal kernels compiled
+    for sm_90 with the chosen blocks. Needs compiled (not interpreted) kernels: run with TRITON_INTERPRET=0."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+
+    from internlm_kernels.triton import flash_attn_bwd, flash_attn_fwd
+
+    table = flash_attn._SM90_CONFIGS[128]
+    flags = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False,
+                 HAS_ALIBI=False, HAS_DROPOUT=False, PRECISION=None)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    rows = []
+    for kernel, cfg in ((flash_attn_fwd._attn_fwd_kernel, table.fwd),
+                        (flash_attn_bwd._attn_bwd_dkdv_kernel, table.dkdv),
+                        (flash_attn_bwd._attn_bwd_dq_kernel, table.dq)):
+        compiled = _compile_for_sm90(kernel, flags, cfg)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                   text=True).stdout
+        ptx = compiled.asm["ptx"]
+        rows.append((kernel.fn.__name__, "wgmma" in ptx and "cp.async" in ptx, compiled.metadata.shared,
+                     " ".join(line.strip() for line in usage.splitlines() if "REG:" in line)))
+    return rows
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU run compiles and times the real thing")
+def test_kernels_compile_for_hopper_without_spills():
+    """The interpreter compiles nothing: check in a subprocess (kernels compiled, not interpreted) that they lower to
+    sm_90 with wgmma and pipelined async copies, fit in shared memory and do not spill registers (d=128)."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).parents[1]
+    code = ("import json, sys; sys.path.insert(0, 'tests'); import test_attention as t; "
+            "print(json.dumps(t._hopper_resource_usage()))")
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(root))
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name, fast_path, shared, usage in json.loads(res.stdout.strip().splitlines()[-1]):
+        assert fast_path, f"{name}: no wgmma / cp.async in the PTX"
+        assert shared <= 227 * 1024, (name, shared)
+        assert "STACK:0 " in usage + " ", (name, usage)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # GPU: bf16 at InternLM2's shapes (run by benchmarks/gpu_check.sh)
 # ------------------------------------------------------------------------------------------------------------------

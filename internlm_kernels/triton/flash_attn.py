@@ -56,22 +56,29 @@ class AttnConfigs:
     dq: BlockConfig     # a program owns block_m queries and steps through keys block_n at a time
 
 
-# Chosen per head dim for Hopper (sm_90) in 16-bit. Rationale: the forward keeps a (block_m, D) fp32 accumulator
-# and a (block_m, block_n) score tile in registers, so block_m·(D + block_n) / (32 · num_warps) must stay well under
-# ~160 registers per thread; the dK/dV program holds two (block_n, D) fp32 accumulators, so it takes the larger key
-# block and a small query step. Shared memory (K and V tiles times num_stages, plus Q) stays under 227 KB.
+# Chosen per head dim for Hopper (sm_90) in 16-bit, from compiling every candidate for sm_90 (no card was available
+# to time them): the largest tiles that Triton compiles without register spills (cuobjdump: REG <= 255, STACK 0)
+# and within the 227 KB of shared memory, preferring 8 warps (two warpgroups, each on a 64-row wgmma tile) and, at
+# equal size, the deeper pipeline. Only dK/dV at D = 256 spills (72 bytes/thread: two 64×256 fp32 accumulators).
+# Registers per thread / shared memory of the choices:
+#   D=64   fwd 109 / 65 KB (two programs fit an SM)   dK/dV 210 / 66 KB    dQ 128 / 82 KB
+#   D=128  fwd 196 / 131 KB                           dK/dV 255 / 132 KB   dQ 220 / 164 KB
+#   D=256  fwd 248 / 131 KB                           dK/dV 255+72 B / 131 KB   dQ 255 / 197 KB
 # benchmarks/bench_attention.py (ATTN_SWEEP=1) times the alternatives on the card; update this table from it.
 _SM90_CONFIGS = {
-    64: AttnConfigs(fwd=BlockConfig(128, 64, 4, 3), dkdv=BlockConfig(64, 128, 8, 2), dq=BlockConfig(128, 64, 8, 2)),
-    128: AttnConfigs(fwd=BlockConfig(128, 64, 8, 3), dkdv=BlockConfig(64, 128, 8, 2), dq=BlockConfig(128, 64, 8, 2)),
-    256: AttnConfigs(fwd=BlockConfig(128, 64, 8, 2), dkdv=BlockConfig(64, 64, 8, 1), dq=BlockConfig(64, 64, 8, 2)),
+    64: AttnConfigs(fwd=BlockConfig(128, 64, 8, 3), dkdv=BlockConfig(64, 128, 8, 2), dq=BlockConfig(128, 64, 8, 3)),
+    128: AttnConfigs(fwd=BlockConfig(128, 64, 8, 3), dkdv=BlockConfig(64, 128, 8, 2), dq=BlockConfig(128, 64, 8, 3)),
+    256: AttnConfigs(fwd=BlockConfig(128, 32, 8, 2), dkdv=BlockConfig(32, 64, 8, 2), dq=BlockConfig(128, 32, 8, 2)),
 }
-# Ampere-class cards have 164 KB of shared memory and no wgmma: shallower pipelines, smaller D=256 tiles.
+# Ampere-class cards (mma.sync, at most 164 KB of shared memory), chosen the same way for sm_80: all spill-free.
 _SM80_CONFIGS = {
-    64: AttnConfigs(fwd=BlockConfig(128, 64, 4, 3), dkdv=BlockConfig(64, 128, 8, 2), dq=BlockConfig(128, 64, 8, 2)),
-    128: AttnConfigs(fwd=BlockConfig(128, 64, 8, 2), dkdv=BlockConfig(64, 128, 8, 1), dq=BlockConfig(128, 64, 8, 1)),
-    256: AttnConfigs(fwd=BlockConfig(64, 64, 8, 1), dkdv=BlockConfig(32, 64, 8, 1), dq=BlockConfig(64, 32, 8, 1)),
+    64: AttnConfigs(fwd=BlockConfig(128, 64, 8, 2), dkdv=BlockConfig(64, 128, 8, 1), dq=BlockConfig(128, 64, 8, 2)),
+    128: AttnConfigs(fwd=BlockConfig(128, 64, 8, 2), dkdv=BlockConfig(64, 64, 8, 2), dq=BlockConfig(128, 32, 8, 2)),
+    256: AttnConfigs(fwd=BlockConfig(64, 32, 8, 1), dkdv=BlockConfig(16, 64, 8, 1), dq=BlockConfig(64, 32, 8, 1)),
 }
+# float32 inputs (accepted for testing) take exact fp32 products, which run on the FMA units, not the tensor cores:
+# small tiles keep the register spills modest (none at D=64, up to ~3 KB per thread at D=256).
+_FP32_CONFIGS = AttnConfigs(fwd=BlockConfig(16, 32, 4, 1), dkdv=BlockConfig(32, 16, 4, 1), dq=BlockConfig(32, 16, 4, 1))
 # The Triton interpreter (CPU tests): small blocks so sequence tails, window edges and multi-block loops all occur
 # at test sizes; block_m != block_n so that a swapped block size would show.
 _INTERPRETER_CONFIGS = AttnConfigs(fwd=BlockConfig(32, 16), dkdv=BlockConfig(16, 32), dq=BlockConfig(32, 16))
@@ -86,14 +93,10 @@ def choose_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> A
     """The block table entry for this head dim on this device (the interpreter's on CPU)."""
     if device.type != "cuda":
         return _INTERPRETER_CONFIGS
-    major, _ = torch.cuda.get_device_capability(device)
-    table = _SM90_CONFIGS if major >= 9 else _SM80_CONFIGS
-    cfg = table[min(k for k in table if k >= block_d(head_dim))]
     if dtype == torch.float32:
-        # fp32 operands take twice the shared memory and registers; halve the query block.
-        cfg = AttnConfigs(*(dataclasses.replace(c, block_m=max(16, c.block_m // 2), num_stages=1)
-                            for c in (cfg.fwd, cfg.dkdv, cfg.dq)))
-    return cfg
+        return _FP32_CONFIGS
+    table = _SM90_CONFIGS if torch.cuda.get_device_capability(device)[0] >= 9 else _SM80_CONFIGS
+    return table[min(k for k in table if k >= block_d(head_dim))]
 
 
 # --------------------------------------------------------------------------------------------------

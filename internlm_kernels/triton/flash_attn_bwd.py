@@ -61,22 +61,33 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_query_blocks(dk, dv, k, v, Q_seq, DO_seq, Lse_seq, Delta_seq, stride_qt, stride_dot, n_q, off, cols,
-                       offs_m, offs_d, start, end, q_start, head, seed, qk_scale, softcap_log2, alibi_log2,
-                       window_left, window_right, dropout_p,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                       HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                       HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one key block over query blocks [start, end) of one query head. Works on transposed
-    tiles (keys × queries) so that pᵀ and dSᵀ feed the matmuls without a transpose. Rows past the sequence end read
-    dO = 0 and lse = +inf, so they add nothing."""
-    for m0 in range(start, end, BLOCK_M):
+def _dkdv_query_blocks(dk, dv, k, v, Q_seq, DO_seq, Lse_seq, Delta_seq, Alibi_seq, stride_qh, stride_doh, stride_lse,
+                       stride_qt, stride_dot, n_q, off, cols, offs_m, offs_d, start, end, q_start, kv_head, seed,
+                       qk_scale, softcap_log2, window_left, window_right, dropout_p,
+                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                       MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                       HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [start, end) of each of the GROUP query heads that share
+    its K/V head. One flat loop over (head, query block) pairs rather than a loop over heads around a loop over
+    blocks: the pipeliner then overlaps loads across heads too, and the nested form spilled ~500 bytes per thread.
+    Works on transposed tiles (keys × queries) so that pᵀ and dSᵀ feed the matmuls without a transpose. Rows past
+    the sequence end read dO = 0 and lse = +inf, so they add nothing."""
+    n_blocks = tl.cdiv(end - start, BLOCK_M)
+    for it in range(0, GROUP * n_blocks):
+        g = it // n_blocks
+        head = kv_head * GROUP + g
+        m0 = start + (it - g * n_blocks) * BLOCK_M
         rows = m0 + offs_m                                                                   # (BLOCK_M,)
         row_ok = rows < n_q
-        q = _load_tile(Q_seq, rows, n_q, stride_qt, offs_d, HEAD_DIM, BLOCK_D, True)          # (BLOCK_M, BLOCK_D)
-        do = _load_tile(DO_seq, rows, n_q, stride_dot, offs_d, HEAD_DIM, BLOCK_D, True)
-        lse2 = tl.load(Lse_seq + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634  # (BLOCK_M,)
-        delta = tl.load(Delta_seq + rows, mask=row_ok, other=0.0)
+        q = _load_tile(Q_seq + head * stride_qh, rows, n_q, stride_qt, offs_d, HEAD_DIM, BLOCK_D, True)
+        do = _load_tile(DO_seq + head * stride_doh, rows, n_q, stride_dot, offs_d, HEAD_DIM, BLOCK_D, True)
+        lse_off = head.to(tl.int64) * stride_lse + rows
+        lse2 = tl.load(Lse_seq + lse_off, mask=row_ok, other=float("inf")) * 1.4426950408889634  # (BLOCK_M,)
+        delta = tl.load(Delta_seq + lse_off, mask=row_ok, other=0.0)
+        alibi_log2 = 0.0
+        if HAS_ALIBI:
+            alibi_log2 = tl.load(Alibi_seq + head) * 1.4426950408889634
         pos = rows + off
         qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)                               # (BLOCK_N, BLOCK_M)
         sT, tT = _scores(qkT, pos[None, :], cols[:, None], qk_scale, softcap_log2, alibi_log2, HAS_SOFTCAP,
@@ -149,33 +160,29 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    Q_seq = Q + q_start.to(tl.int64) * stride_qt
+    DO_seq = DO + q_start.to(tl.int64) * stride_dot
+    Lse_seq = Lse + q_start
+    Delta_seq = Delta + q_start
+    Alibi_seq = Alibi + seq * stride_alibi
     lo, flo, fhi, hi = _query_range(n0, n_q, n_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    for g in range(GROUP):
-        head = kv_head * GROUP + g
-        Q_seq = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
-        DO_seq = DO + q_start.to(tl.int64) * stride_dot + head * stride_doh
-        Lse_seq = Lse + head.to(tl.int64) * stride_lse + q_start
-        Delta_seq = Delta + head.to(tl.int64) * stride_lse + q_start
-        alibi_log2 = 0.0
-        if HAS_ALIBI:
-            alibi_log2 = tl.load(Alibi + seq * stride_alibi + head) * 1.4426950408889634
-        if HAS_RIGHT:  # query blocks cut by the diagonal / right window edge
-            dk, dv = _dkdv_query_blocks(
-                dk, dv, k, v, Q_seq, DO_seq, Lse_seq, Delta_seq, stride_qt, stride_dot, n_q, off, cols, offs_m,
-                offs_d, lo, flo, q_start, head, seed, qk_scale, softcap_log2, alibi_log2, window_left, window_right,
-                dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                HAS_DROPOUT, PRECISION)
-        dk, dv = _dkdv_query_blocks(  # query blocks that see the whole key block
-            dk, dv, k, v, Q_seq, DO_seq, Lse_seq, Delta_seq, stride_qt, stride_dot, n_q, off, cols, offs_m,
-            offs_d, flo, fhi, q_start, head, seed, qk_scale, softcap_log2, alibi_log2, window_left, window_right,
-            dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-            HAS_DROPOUT, PRECISION)
-        if HAS_LEFT:  # query blocks cut by the left window edge
-            dk, dv = _dkdv_query_blocks(
-                dk, dv, k, v, Q_seq, DO_seq, Lse_seq, Delta_seq, stride_qt, stride_dot, n_q, off, cols, offs_m,
-                offs_d, fhi, hi, q_start, head, seed, qk_scale, softcap_log2, alibi_log2, window_left,
-                window_right, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                HAS_ALIBI, HAS_DROPOUT, PRECISION)
+    if HAS_RIGHT:  # query blocks cut by the diagonal / right window edge
+        dk, dv = _dkdv_query_blocks(
+            dk, dv, k, v, Q_seq, DO_seq, Lse_seq, Delta_seq, Alibi_seq, stride_qh, stride_doh, stride_lse, stride_qt,
+            stride_dot, n_q, off, cols, offs_m, offs_d, lo, flo, q_start, kv_head, seed, qk_scale, softcap_log2,
+            window_left, window_right, dropout_p, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_LEFT, HAS_RIGHT,
+            HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
+    dk, dv = _dkdv_query_blocks(  # query blocks that see the whole key block
+        dk, dv, k, v, Q_seq, DO_seq, Lse_seq, Delta_seq, Alibi_seq, stride_qh, stride_doh, stride_lse, stride_qt,
+        stride_dot, n_q, off, cols, offs_m, offs_d, flo, fhi, q_start, kv_head, seed, qk_scale, softcap_log2,
+        window_left, window_right, dropout_p, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_LEFT, HAS_RIGHT,
+        HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
+    if HAS_LEFT:  # query blocks cut by the left window edge
+        dk, dv = _dkdv_query_blocks(
+            dk, dv, k, v, Q_seq, DO_seq, Lse_seq, Delta_seq, Alibi_seq, stride_qh, stride_doh, stride_lse, stride_qt,
+            stride_dot, n_q, off, cols, offs_m, offs_d, fhi, hi, q_start, kv_head, seed, qk_scale, softcap_log2,
+            window_left, window_right, dropout_p, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_LEFT, HAS_RIGHT,
+            HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
 
     dk = dk * softmax_scale
     mask = (cols[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
