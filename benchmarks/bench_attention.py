@@ -118,7 +118,8 @@ def attention_fn(impl: str, lens, q, k, v, cu):
             pytest.skip("torch.nn.attention.varlen is missing in this torch")
         kk = k.detach().repeat_interleave(hq // hkv, 1).requires_grad_()
         vv = v.detach().repeat_interleave(hq // hkv, 1).requires_grad_()
-        kw = {"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters else {"window_size": (-1, 0)}
+        params = inspect.signature(varlen_attn).parameters
+        kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
         return lambda: varlen_attn(q, kk, vv, cu, cu, mx, mx, **kw), (q, kk, vv)
     if impl == "flex_attention":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention

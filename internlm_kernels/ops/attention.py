@@ -20,6 +20,10 @@ from .._checks import FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_te
 from ..backend import choose
 
 
+# The Triton kernels hold (rows, head dim) tiles in registers; beyond 256 they would not fit.
+MAX_TRITON_HEAD_DIM = 256
+
+
 def _kernels():
     # Imported on first use so that the package imports without triton (the reference backend needs none).
     from ..triton import flash_attn_bwd, flash_attn_fwd
@@ -166,8 +170,9 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, dropout_p, sof
                                                (window_left, window_right), softcap, alibi_slopes, dropout_p, keep)
         keep = keep[..., :max_seqlen_k] if keep is not None else None
     else:
-        if q.shape[-1] > 256:
-            raise NotImplementedError(f"head dim {q.shape[-1]} > 256 is not supported by the triton backend")
+        if q.shape[-1] > MAX_TRITON_HEAD_DIM:
+            raise NotImplementedError(f"head dim {q.shape[-1]} > {MAX_TRITON_HEAD_DIM} is not supported by the "
+                                      "triton backend (the reference backend takes any head dim)")
         seed = None
         if dropout_p > 0.0:
             # Drawn from torch's generator, so torch.manual_seed makes dropout reproducible.
