@@ -57,6 +57,14 @@ def test_packed_documents_match_separate_sdpa_runs():
     for name, g in got_grads.items():
         assert_close(g, want_grads[name], rtol=1e-4, atol=1e-4, msg=name)
 
+    # The same documents given as flash-attention kwargs (cu_seq_lens), with positions that do not restart: RoPE is
+    # relative, so only the document boundaries from cu_seq_lens keep the logits equal.
+    cu = torch.tensor([0, 5, 16, 24], dtype=torch.int32, device=DEVICE)
+    with torch.no_grad(), ik.use_backend("triton"):
+        via_cu = ours(input_ids=ids, position_ids=torch.arange(24, device=DEVICE)[None], cu_seq_lens_q=cu,
+                      cu_seq_lens_k=cu, max_length_q=11, max_length_k=11).logits
+    assert_close(via_cu, want)
+
 
 def test_padded_batch_and_plain_batch_match_sdpa():
     ours, sdpa = tiny_llama_pair()
