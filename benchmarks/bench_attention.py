@@ -3,9 +3,9 @@
 Shapes are the anchors' (../shared/anchors/README.md): 16384 tokens packed from documents of 128..4096 tokens
 (the anchors' seed-0 mix, 7 documents), causal per document, with InternLM2-7B heads (32 query, 8 KV, d 128), the
 1.8B heads (16 query, 8 KV, d 128), 32 heads of d 64 and 16 heads of d 256; and one dense causal 16k sequence with
-the 7B heads. Peers, called as the anchors called them: torch.nn.attention.varlen.varlen_attn (on K/V repeated to
-the query heads, as it needs), flex_attention compiled with a document block mask, and SDPA's flash and cuDNN
-backends on the dense sequence.
+the 7B heads. Peers, where and as the anchors measured them: torch.nn.attention.varlen.varlen_attn on every packed
+shape (on K/V repeated to the query heads, as it needs), flex_attention compiled with a document block mask on the
+7B shape, and SDPA's flash and cuDNN backends on the dense sequence.
 
 Figures: TFLOP/s counted as 4·L²·D·Hq/2 per causal document forward, ×3.5 for forward+backward (the anchors'
 convention), and in the note the fraction of the card's bf16 matmul peak measured in the same run (8192³).
@@ -55,18 +55,16 @@ def doc_lengths(total: int, seed: int = 0) -> list[int]:
     return lens
 
 
-# name: (document lengths, query heads, KV heads, head dim)
+# name: (document lengths, query heads, KV heads, head dim, peers) -- the peers the anchors measured at that shape
 GPU_SHAPES = {
-    "7b-heads 16k packed": (doc_lengths(TOTAL), 32, 8, 128),
-    "1.8b-heads 16k packed": (doc_lengths(TOTAL), 16, 8, 128),
-    "d64 32-heads 16k packed": (doc_lengths(TOTAL), 32, 32, 64),
-    "d256 16-heads 16k packed": (doc_lengths(TOTAL), 16, 16, 256),
-    "7b-heads dense 16k": ([TOTAL], 32, 8, 128),
+    "7b-heads 16k packed": (doc_lengths(TOTAL), 32, 8, 128, ["varlen_attn", "flex_attention"]),
+    "1.8b-heads 16k packed": (doc_lengths(TOTAL), 16, 8, 128, ["varlen_attn"]),
+    "d64 32-heads 16k packed": (doc_lengths(TOTAL), 32, 32, 64, ["varlen_attn"]),
+    "d256 16-heads 16k packed": (doc_lengths(TOTAL), 16, 16, 256, ["varlen_attn"]),
+    "7b-heads dense 16k": ([TOTAL], 32, 8, 128, ["sdpa-flash", "sdpa-cudnn"]),
 }
-CPU_SHAPES = {"tiny packed": ([17, 40, 3], 4, 2, 32)}
+CPU_SHAPES = {"tiny packed": ([17, 40, 3], 4, 2, 32, ["reference"])}
 SHAPES = GPU_SHAPES if ON_GPU else CPU_SHAPES
-PACKED_PEERS = ["varlen_attn", "flex_attention"]
-DENSE_PEERS = ["sdpa-flash", "sdpa-cudnn"]
 
 
 def causal_flops(lens, hq, d) -> float:
@@ -145,9 +143,8 @@ def attention_fn(impl: str, lens, q, k, v, cu):
 
 
 def _cases():
-    for name, (lens, hq, hkv, d) in SHAPES.items():
-        peers = DENSE_PEERS if len(lens) == 1 else PACKED_PEERS
-        for impl in [OURS, *(peers if ON_GPU else ["reference"])]:
+    for name, (*_, peers) in SHAPES.items():
+        for impl in [OURS, *peers]:
             yield pytest.param(name, impl, id=f"{name}-{impl}")
 
 
@@ -163,7 +160,7 @@ def _record(benchmark, name, impl, pass_name, fn, flops):
 
 @pytest.mark.parametrize("name,impl", list(_cases()))
 def test_attention_forward(benchmark, name, impl):
-    lens, hq, hkv, d = SHAPES[name]
+    lens, hq, hkv, d, _ = SHAPES[name]
     fn, _ = attention_fn(impl, lens, *packed_inputs(lens, hq, hkv, d))
     with torch.no_grad():
         fn()  # compile / autotune outside the timing
@@ -172,7 +169,7 @@ def test_attention_forward(benchmark, name, impl):
 
 @pytest.mark.parametrize("name,impl", list(_cases()))
 def test_attention_forward_backward(benchmark, name, impl):
-    lens, hq, hkv, d = SHAPES[name]
+    lens, hq, hkv, d, _ = SHAPES[name]
     fn, leaves = attention_fn(impl, lens, *packed_inputs(lens, hq, hkv, d))
     dout = torch.randn_like(fn())
 
