@@ -3,7 +3,7 @@
 Drop-in for the calls people make today: flash-attn's varlen attention, rms_norm and rotary, Liger's
 fused linear cross-entropy, torch's fused AdamW. See README.md for the kernel table.
 """
-from . import backend, nn, reference
+from . import backend, integrations, nn, reference
 from .backend import use_backend
 from .ops.attention import flash_attn_func, flash_attn_varlen_func
 from .ops.cross_entropy import fused_linear_cross_entropy
@@ -18,4 +18,5 @@ __all__ = [
     "flash_attn_varlen_func", "flash_attn_func", "rms_norm", "swiglu", "swiglu_packed", "apply_rotary_emb",
     "qkv_rotary", "rotary_cos_sin",
     "fused_linear_cross_entropy", "FusedAdamW", "clip_grad_norm_", "use_backend", "backend", "nn", "reference",
+    "integrations",
 ]

@@ -1,5 +1,14 @@
-"""Integrations with other libraries; each module imports its library lazily, on use.
+"""Integrations with other libraries, each imported on first use (the library itself is then imported).
 
-``internlm_kernels.integrations.transformers``: ``register()`` makes ``attn_implementation="internlm_kernels"``
-available to Hugging Face transformers models.
+``ik.integrations.transformers.register()`` makes ``attn_implementation="internlm_kernels"`` available to Hugging
+Face transformers models.
 """
+import importlib
+
+_MODULES = ("transformers",)
+
+
+def __getattr__(name):
+    if name in _MODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
