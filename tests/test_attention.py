@@ -91,6 +91,8 @@ CASES = {
     "sliding-window-causal": ([70, 9, 33], None, 4, 2, 32, torch.float32, dict(causal=True, window_size=(19, -1))),
     "window-both-sides-softcap": ([45, 64, 3], [60, 30, 3], 2, 2, 32, torch.float32,
                                   dict(window_size=(8, 5), softcap=1.5, softmax_scale=0.4)),
+    "right-window-only": ([33, 20], [40, 20], 2, 2, 32, torch.float32, dict(window_size=(-1, 3))),
+    "diagonal-only": ([37, 5], None, 2, 1, 32, torch.float32, dict(window_size=(0, 0))),
     "alibi-per-sequence-causal": ([30, 17, 50], [30, 25, 50], 4, 2, 32, torch.float32,
                                   dict(causal=True, alibi=(3, 4))),
     "alibi-per-head-softcap": ([21, 40], None, 2, 1, 32, torch.float32, dict(alibi=(2,), softcap=3.0)),
