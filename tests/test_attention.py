@@ -123,11 +123,12 @@ def test_lse_gradient_flows():
 
 
 def test_deterministic_and_max_seqlen_only_a_hint():
-    """Two runs give bitwise-equal outputs and gradients, whatever max_seqlen and deterministic say."""
+    """Runs give bitwise-equal outputs and gradients whatever max_seqlen (an int or a tensor, even too small) and
+    deterministic say."""
     q, k, v, cu_q, cu_k = make_inputs([33, 64, 5], None, 4, 2, 32, torch.float32)
     dout = torch.randn(q.shape, device=DEV)
     results = []
-    for max_seqlen, deterministic in ((64, True), (0, False), (10**6, True)):
+    for max_seqlen, deterministic in ((64, True), (0, False), (10**6, True), (torch.tensor(7), False)):
         with ik.use_backend("triton"):
             out = ik.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_seqlen, max_seqlen, causal=True,
                                             deterministic=deterministic)
@@ -263,6 +264,7 @@ BAD_INPUTS = {
     "alibi_slopes must have shape": dict(alibi_slopes=torch.rand(3)),
     "alibi_slopes must have dtype": dict(alibi_slopes=torch.rand(4, dtype=torch.float64)),
     "max_seqlen_k": dict(max_seqlen_k=-1),
+    "max_seqlen_q": dict(max_seqlen_q=torch.tensor([1.5])),
     "deterministic": dict(deterministic="yes"),
 }
 

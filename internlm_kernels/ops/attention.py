@@ -111,11 +111,15 @@ def _(seed, n_heads, total_q, width, dropout_p):
 # --------------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------------
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-        value = int(value)  # transformers passes max lengths as 0-d tensors
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+def _check_hint(name: str, value) -> int | None:
+    """A max_seqlen hint: an int >= 0, or a one-element integer tensor (transformers passes those), which is not
+    read (that would sync with the device); None then."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex():
+            raise ValueError(f"{name} must be an int >= 0 or a one-element integer tensor, got {value!r}")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     return value
 
 
@@ -161,14 +165,18 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, dropout_p, sof
         window_right = 0
     backend = choose("attention", q.device)
     keep = None
+    if dropout_p > 0.0 and (return_attn_probs or backend == "reference"):
+        # The dropout pattern is (Hq, total_q, width): as wide as the hint, and at least the longest key sequence
+        # when the reference draws it (reading that length syncs with the device; only this path needs it).
+        lens = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+        longest = int(lens.max()) if lens.numel() else 0
+        width = longest if max_seqlen_k is None else max_seqlen_k
     if backend == "reference":
         if dropout_p > 0.0:
-            lens = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
-            width = max(max_seqlen_k, int(lens.max()) if lens.numel() else 0)
-            keep = torch.rand(q.shape[1], q.shape[0], width, device=q.device) >= dropout_p
+            keep = torch.rand(q.shape[1], q.shape[0], max(width, longest), device=q.device) >= dropout_p
         out, lse = reference.flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, False,
                                                (window_left, window_right), softcap, alibi_slopes, dropout_p, keep)
-        keep = keep[..., :max_seqlen_k] if keep is not None else None
+        keep = keep[..., :width] if keep is not None else None
     else:
         if q.shape[-1] > MAX_TRITON_HEAD_DIM:
             raise NotImplementedError(f"head dim {q.shape[-1]} > {MAX_TRITON_HEAD_DIM} is not supported by the "
@@ -181,7 +189,7 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, dropout_p, sof
             q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left, window_right, float(softcap),
             alibi_slopes, float(dropout_p), seed)
         if return_attn_probs and seed is not None:
-            keep = torch.ops.internlm_kernels.flash_attn_dropout_mask(seed, q.shape[1], q.shape[0], max_seqlen_k,
+            keep = torch.ops.internlm_kernels.flash_attn_dropout_mask(seed, q.shape[1], q.shape[0], width,
                                                                       float(dropout_p))
     if return_attn_probs:
         return out, lse, keep
@@ -203,8 +211,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     (True = kept; key columns are per sequence) when dropout_p > 0, else None. A query that sees no key gets
     out 0 and lse +inf. Gradients flow to q, k, v and through lse.
 
-    ``max_seqlen_q``/``max_seqlen_k`` are hints: the work list is built from cu_seqlens on the device, so any value
-    is correct (max_seqlen_k sizes only the returned dropout pattern). ``deterministic`` is accepted for
+    ``max_seqlen_q``/``max_seqlen_k`` (ints or one-element tensors) are hints: the work list is built from
+    cu_seqlens on the device, so any value is correct (max_seqlen_k sizes only the returned dropout pattern). ``deterministic`` is accepted for
     compatibility: the backward never uses atomics, so gradients are bitwise repeatable either way.
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
@@ -215,8 +223,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q ({cu_seqlens_q.numel()} entries) and cu_seqlens_k "
                          f"({cu_seqlens_k.numel()} entries) must describe the same number of sequences")
-    _check_int("max_seqlen_q", max_seqlen_q, 0)
-    max_seqlen_k = _check_int("max_seqlen_k", max_seqlen_k, 0)
+    _check_hint("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _check_hint("max_seqlen_k", max_seqlen_k)
     scale, left, right = _check_args(q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
                                      deterministic, cu_seqlens_q.numel() - 1)
     return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, dropout_p, scale, bool(causal), left, right,
