@@ -75,6 +75,11 @@ def _varlen_padded(q, k, v, attention_mask, **kw):
     return out.new_zeros(B * Sq, Hq, D).index_copy(0, idx_q, out).reshape(B, Sq, Hq, D)
 
 
+def _given(hint, default):
+    # `hint or default` would read a tensor hint (a device sync); hints are passed through unread.
+    return default if hint is None else hint
+
+
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       sliding_window: int | None = None, softcap: float | None = None, is_causal: bool | None = None,
@@ -101,7 +106,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if cu_q is not None and cu_k is not None:
         out = flash_attn_varlen_func(q.reshape(B * Sq, *q.shape[2:]), k.reshape(B * Sk, *k.shape[2:]),
                                      v.reshape(B * Sk, *v.shape[2:]), cu_q.to(torch.int32), cu_k.to(torch.int32),
-                                     kwargs.get("max_length_q") or Sq, kwargs.get("max_length_k") or Sk, **kw)
+                                     _given(kwargs.get("max_length_q"), Sq), _given(kwargs.get("max_length_k"), Sk),
+                                     **kw)
         return out.reshape(B, Sq, *out.shape[1:]), None
     if attention_mask is not None:
         return _varlen_padded(q, k, v, attention_mask, **kw), None
