@@ -12,8 +12,9 @@ the 2-D padding mask when there is padding (None otherwise). ``attention_forward
   * a 2-D padding mask: the valid tokens of each row are gathered into one packed sequence per row (queries aligned
     to the end of the keys, as with a KV cache), attended with the varlen kernel and scattered back (0 at padding);
   * ``position_ids`` restarting inside a row (several documents packed into one row, as in padding-free training):
-    each run of consecutive positions is one sequence; the resulting cu_seqlens are cached per position_ids tensor,
-    so the device sync of building them happens once per forward, not once per layer;
+    each run of consecutive positions is one sequence;
+  (the index lists and cu_seqlens built from the mask or the position_ids are cached per tensor, so their device
+  sync happens once per forward, not once per layer)
   * otherwise every row is one sequence: ``flash_attn_func`` on (B, S, H, D).
 """
 from __future__ import annotations
@@ -36,26 +37,50 @@ def register(name: str = NAME) -> None:
     AttentionMaskInterface.register(name, flash_attention_mask)
 
 
-_segments_cache: dict = {"key": None, "value": None}
+class _PerTensorCache:
+    """The last result computed from a tensor that every layer receives (position_ids, the padding mask): building
+    cu_seqlens from it needs nonzero() and a device sync, so it runs once per forward, not once per layer. Valid
+    while the tensor is the same live object, unmodified (same ``_version``)."""
+
+    def __init__(self):
+        self.key, self.ref, self.value = None, None, None
+
+    def get(self, tensor: torch.Tensor, extra: tuple, compute):
+        if torch.compiler.is_compiling():
+            return compute()
+        key = (id(tensor), tensor._version, extra)
+        if self.key == key and self.ref() is tensor:
+            return self.value
+        self.key, self.ref, self.value = key, weakref.ref(tensor), compute()
+        return self.value
 
 
-def _segments(position_ids: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
+_segments_cache = _PerTensorCache()
+_padding_cache = _PerTensorCache()
+
+
+def _segments(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
     """cu_seqlens (int32) of the runs of consecutive positions in each row of (batch or 1, S) position_ids, over the
-    flattened (batch · S) tokens, and S as the max_seqlen hint."""
-    pos = position_ids.expand(batch, -1)
-    key = (id(position_ids), position_ids._version, batch)
-    cached = _segments_cache["key"]
-    if not torch.compiler.is_compiling() and cached is not None and cached[0] == key and cached[1]() is position_ids:
-        return _segments_cache["value"]
-    starts = torch.ones_like(pos, dtype=torch.bool)
-    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1                          # (batch, S) a document starts here
-    idx = starts.reshape(-1).nonzero().reshape(-1)
-    cu = torch.cat((idx, idx.new_tensor([pos.numel()]))).to(torch.int32)
-    value = (cu, pos.shape[1])
-    if not torch.compiler.is_compiling():
-        _segments_cache["key"] = (key, weakref.ref(position_ids))
-        _segments_cache["value"] = value
-    return value
+    flattened batch · S tokens."""
+    def compute():
+        pos = position_ids.expand(batch, -1)
+        starts = torch.ones_like(pos, dtype=torch.bool)
+        starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1                      # (batch, S) a document starts here
+        idx = starts.reshape(-1).nonzero().reshape(-1)
+        return torch.cat((idx, idx.new_tensor([pos.numel()]))).to(torch.int32)
+    return _segments_cache.get(position_ids, (batch,), compute)
+
+
+def _unpadding(attention_mask: torch.Tensor, Sq: int, Sk: int):
+    """Token indices and cu_seqlens of the valid queries and keys of a (B, >= Sk) padding mask whose last Sk columns
+    are the keys and last Sq columns the queries: (idx_q, cu_q, idx_k, cu_k)."""
+    def compute():
+        mask_k = attention_mask[:, -Sk:].bool()
+        mask_q = mask_k[:, -Sq:]
+        zero = torch.zeros(1, dtype=torch.int32, device=attention_mask.device)
+        return (mask_q.reshape(-1).nonzero().reshape(-1), torch.cat((zero, mask_q.sum(1).cumsum(0).to(torch.int32))),
+                mask_k.reshape(-1).nonzero().reshape(-1), torch.cat((zero, mask_k.sum(1).cumsum(0).to(torch.int32))))
+    return _padding_cache.get(attention_mask, (Sq, Sk), compute)
 
 
 def _varlen_padded(q, k, v, attention_mask, **kw):
@@ -63,13 +88,7 @@ def _varlen_padded(q, k, v, attention_mask, **kw):
     (B, Sk) bool with the queries at its last Sq columns."""
     B, Sq, Hq, D = q.shape
     Sk = k.shape[1]
-    mask_k = attention_mask[:, -Sk:].bool()
-    mask_q = mask_k[:, -Sq:]
-    idx_q = mask_q.reshape(-1).nonzero().reshape(-1)
-    idx_k = mask_k.reshape(-1).nonzero().reshape(-1)
-    zero = torch.zeros(1, dtype=torch.int32, device=q.device)
-    cu_q = torch.cat((zero, mask_q.sum(1).cumsum(0).to(torch.int32)))
-    cu_k = torch.cat((zero, mask_k.sum(1).cumsum(0).to(torch.int32)))
+    idx_q, cu_q, idx_k, cu_k = _unpadding(attention_mask, Sq, Sk)
     out = flash_attn_varlen_func(q.reshape(B * Sq, Hq, D)[idx_q], k.reshape(B * Sk, *k.shape[2:])[idx_k],
                                  v.reshape(B * Sk, *v.shape[2:])[idx_k], cu_q, cu_k, Sq, Sk, **kw)
     return out.new_zeros(B * Sq, Hq, D).index_copy(0, idx_q, out).reshape(B, Sq, Hq, D)
@@ -113,8 +132,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         return _varlen_padded(q, k, v, attention_mask, **kw), None
     position_ids = kwargs.get("position_ids")
     if position_ids is not None and Sq == Sk and Sq > 1:
-        cu, max_len = _segments(position_ids, B)
+        cu = _segments(position_ids, B)
         out = flash_attn_varlen_func(q.reshape(B * Sq, *q.shape[2:]), k.reshape(B * Sk, *k.shape[2:]),
-                                     v.reshape(B * Sk, *v.shape[2:]), cu, cu, max_len, max_len, **kw)
+                                     v.reshape(B * Sk, *v.shape[2:]), cu, cu, Sq, Sk, **kw)
         return out.reshape(B, Sq, *out.shape[1:]), None
     return flash_attn_func(q, k, v, **kw), None
