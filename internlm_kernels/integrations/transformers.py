@@ -13,9 +13,9 @@ the 2-D padding mask when there is padding (None otherwise). ``attention_forward
     to the end of the keys, as with a KV cache), attended with the varlen kernel and scattered back (0 at padding);
   * ``position_ids`` restarting inside a row (several documents packed into one row, as in padding-free training):
     each run of consecutive positions is one sequence;
-  (the index lists and cu_seqlens built from the mask or the position_ids are cached per tensor, so their device
-  sync happens once per forward, not once per layer)
   * otherwise every row is one sequence: ``flash_attn_func`` on (B, S, H, D).
+The index lists and cu_seqlens built from the mask or the position_ids are cached per tensor, so their device sync
+happens once per forward, not once per layer.
 """
 from __future__ import annotations
 
