@@ -4,7 +4,8 @@ Backends:
   reference  plain torch (internlm_kernels/reference.py): the spec, runs anywhere
   triton     Triton kernels: CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 (the test setup)
   cuda       the compiled extension's CUDA kernels (internlm_kernels._C)
-  cpu        the compiled extension's C++/OpenMP kernels (internlm_kernels._C)
+  cpu        CPU kernels: the compiled extension's C++/OpenMP kernels (internlm_kernels._C) for adamw and
+             grad_norm; for attention, ATen's CPU flash kernel (torch SDPA) run per document
   auto       CUDA tensors: the fastest measured GPU implementation of the op;
              CPU tensors: the C++ kernel where one exists, else the reference.
 
@@ -26,7 +27,7 @@ BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 
 # Implementations each op has, and what `auto` picks on each device (first available wins).
 OPS: dict[str, tuple[str, ...]] = {
-    "attention": ("reference", "triton"),
+    "attention": ("reference", "triton", "cpu"),
     "rms_norm": ("reference", "triton"),
     "swiglu": ("reference", "triton"),
     "rotary": ("reference", "triton"),
@@ -34,6 +35,8 @@ OPS: dict[str, tuple[str, ...]] = {
     "adamw": ("reference", "cpu", "cuda"),
     "grad_norm": ("reference", "cpu", "cuda"),
 }
+# Ops whose cpu/cuda implementations live in the compiled extension.
+NATIVE_OPS = ("adamw", "grad_norm")
 _AUTO = {
     "cuda": ("cuda", "triton", "reference"),
     "cpu": ("cpu", "reference"),
@@ -87,8 +90,8 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _why_not(name: str, device: torch.device) -> str | None:
-    """None when backend `name` can run on `device`, else the reason it cannot."""
+def _why_not(op: str, name: str, device: torch.device) -> str | None:
+    """None when backend `name` can run `op` on `device`, else the reason it cannot."""
     if name == "reference":
         return None
     if name == "triton":
@@ -102,6 +105,8 @@ def _why_not(name: str, device: torch.device) -> str | None:
     if name in ("cuda", "cpu"):
         if device.type != name:
             return f"the {name} backend needs {name} tensors (got {device.type})"
+        if op not in NATIVE_OPS:
+            return None
         from . import _ext
 
         return _ext.why_unavailable(name)
@@ -115,13 +120,13 @@ def choose(op: str, device: torch.device | str) -> str:
     have = OPS[op]
     if want == "auto":
         for name in _AUTO.get(device.type, ("reference",)):
-            if name in have and _why_not(name, device) is None:
+            if name in have and _why_not(op, name, device) is None:
                 return name
         return "reference"
     if want not in have:
         raise BackendUnavailable(
             f"{op}: backend {want!r} was forced but {op} has no {want} implementation (it has: {', '.join(have)})")
-    why = _why_not(want, device)
+    why = _why_not(op, want, device)
     if why is not None:
         raise BackendUnavailable(f"{op}: backend {want!r} was forced but cannot run: {why}")
     return want

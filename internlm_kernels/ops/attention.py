@@ -17,7 +17,7 @@ import torch
 
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_tensor
-from ..backend import choose
+from ..backend import choose, requested
 
 
 # The Triton kernels hold (rows, head dim) tiles in registers; beyond 256 they would not fit.
@@ -158,12 +158,61 @@ def _check_args(q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_s
     return float(softmax_scale), int(window_size[0]), int(window_size[1])
 
 
+def _sdpa_unsupported(cu_seqlens_q, cu_seqlens_k, dropout_p, window_left, window_right, softcap, alibi_slopes,
+                      return_attn_probs) -> str | None:
+    """None when the cpu backend (torch SDPA per document) computes this call exactly, else the argument it lacks."""
+    if dropout_p > 0.0:
+        return "dropout_p"
+    if softcap > 0.0:
+        return "softcap"
+    if alibi_slopes is not None:
+        return "alibi_slopes"
+    if return_attn_probs:
+        return "return_attn_probs (SDPA does not return the softmax lse)"
+    if window_left != -1 or window_right not in (-1, 0):
+        return "window_size"
+    if window_right == 0 and bool(((cu_seqlens_q[1:] - cu_seqlens_q[:-1]) > (cu_seqlens_k[1:] - cu_seqlens_k[:-1])).any()):
+        return "causal with more queries than keys (rows that see no key)"
+    return None
+
+
+def _sdpa_per_document(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal):
+    """The cpu backend: ATen's fused CPU attention (torch SDPA) run on each document, GQA without repeating K/V.
+    Causal documents with fewer queries than keys get the bottom-right aligned mask explicitly."""
+    out = torch.zeros_like(q)                                             # (total_q, Hq, D); empty documents stay 0
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        Lq, Lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        if Lq == 0 or Lk == 0:
+            continue
+        qd = q[cq[b]:cq[b + 1]].transpose(0, 1)                           # (Hq, Lq, D)
+        kd = k[ck[b]:ck[b + 1]].transpose(0, 1)                           # (Hkv, Lk, D)
+        vd = v[ck[b]:ck[b + 1]].transpose(0, 1)
+        mask = None
+        if causal and Lq != Lk:
+            mask = reference.attention_mask(Lq, Lk, True, (-1, 0), device=q.device)
+        od = torch.nn.functional.scaled_dot_product_attention(
+            qd, kd, vd, attn_mask=mask, is_causal=causal and mask is None, scale=softmax_scale,
+            enable_gqa=q.shape[1] != k.shape[1])
+        out[cq[b]:cq[b + 1]] = od.transpose(0, 1)
+    return out
+
+
 def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, dropout_p, softmax_scale, causal, window_left,
                window_right, softcap, alibi_slopes, return_attn_probs):
     """Dispatch to the chosen backend once the arguments are known to be valid."""
     if causal:
         window_right = 0
     backend = choose("attention", q.device)
+    if backend == "cpu":
+        lacking = _sdpa_unsupported(cu_seqlens_q, cu_seqlens_k, dropout_p, window_left, window_right, softcap,
+                                    alibi_slopes, return_attn_probs)
+        if lacking is None:
+            return _sdpa_per_document(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_right == 0)
+        if requested("attention") != "auto":
+            raise NotImplementedError(f"the cpu attention backend (torch SDPA per document) does not support "
+                                      f"{lacking}; use the reference or triton backend")
+        backend = "reference"  # auto: the reference covers every argument
     keep = None
     if dropout_p > 0.0 and (return_attn_probs or backend == "reference"):
         # The dropout pattern is (Hq, total_q, width): as wide as the hint, and at least the longest key sequence
