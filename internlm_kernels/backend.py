@@ -113,6 +113,12 @@ def _why_not(op: str, name: str, device: torch.device) -> str | None:
     return f"unknown backend {name!r}"
 
 
+def available(op: str, device: torch.device | str) -> tuple[str, ...]:
+    """The implementations of ``op`` that can run on ``device`` here."""
+    device = torch.device(device)
+    return tuple(name for name in OPS[op] if _why_not(op, name, device) is None)
+
+
 def choose(op: str, device: torch.device | str) -> str:
     """The implementation of ``op`` that runs for tensors on ``device``."""
     device = torch.device(device)

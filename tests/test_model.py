@@ -308,9 +308,9 @@ MODEL_OPS = ("attention", "rms_norm", "swiglu", "rotary", "linear_cross_entropy"
 
 def kernel_backends():
     """(op, backend) for every non-reference implementation of the model's ops that can run here, and 'all'."""
-    cases = [(op, name) for op in MODEL_OPS for name in backend.OPS[op]
-             if name != "reference" and backend._why_not(name, torch.device("cpu")) is None]
-    names = sorted({name for _, name in cases})
+    cases = [(op, name) for op in MODEL_OPS for name in backend.available(op, "cpu") if name != "reference"]
+    # 'all': a backend forced for every op, where every op of the model has it.
+    names = sorted({name for _, name in cases if all((op, name) in cases for op in MODEL_OPS)})
     return cases + [("*", name) for name in names]
 
 
