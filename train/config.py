@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# model.gradient_checkpointing values -> the model's `gradient_checkpointing` attribute
+CHECKPOINTING = {"none": False, "full": True, "mlp": "mlp"}
+
+
 class ConfigError(ValueError):
     """A configuration key, value or path is wrong."""
 
@@ -36,7 +40,7 @@ class RunConfig:
 class ModelConfig:
     preset: str = "tiny"               # InternLM2Config.preset name
     init_from: str = ""                # optional HF-layout directory to start from instead of random init
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: str = "none"   # none | full (recompute each block) | mlp (recompute the SwiGLU output)
     compile: bool = False              # torch.compile the model (GPU)
     overrides: dict[str, Any] = field(default_factory=dict)  # any InternLM2Config field, e.g. hidden_size
 
@@ -270,6 +274,8 @@ def validate(c: TrainConfig) -> None:
            f"run.dtype must be auto, float32 or bfloat16, got {c.run.dtype!r}")
     _check(c.run.threads >= 0, f"run.threads must be >= 0, got {c.run.threads}")
     _check(c.run.stop_at_step >= 0, f"run.stop_at_step must be >= 0, got {c.run.stop_at_step}")
+    _check(c.model.gradient_checkpointing in CHECKPOINTING,
+           f"model.gradient_checkpointing must be one of {', '.join(CHECKPOINTING)}, got {c.model.gradient_checkpointing!r}")
     if c.model.init_from:
         _check(os.path.isdir(c.model.init_from), f"model.init_from: directory {c.model.init_from!r} does not exist")
     _check(c.data.source in ("synthetic", "files"), f"data.source must be synthetic or files, got {c.data.source!r}")

@@ -7,7 +7,6 @@ written after its checkpoint, so the file reads as one uninterrupted run.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from typing import Any
@@ -140,7 +139,3 @@ def plot_training(records: list[dict], out_dir: str) -> dict[str, str]:
     fig.savefig(paths["throughput"], dpi=110)
     plt.close(fig)
     return paths
-
-
-def format_rate(x: float) -> str:
-    return f"{x:,.0f}" if math.isfinite(x) else "n/a"

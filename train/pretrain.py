@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from .checkpoint import (checkpoint_root, latest_checkpoint, load_optimizer_state, load_trainer_state,
                          restore_optimizer_state, rng_state, save_checkpoint, set_rng_state)
-from .config import TrainConfig, parse_cli, to_dict
+from .config import CHECKPOINTING, TrainConfig, parse_cli, to_dict
 from .corpus import SyntheticCorpus
 from .data import FileCorpus, PackedStream, ShardedBatches
 from .eval import heldout_loss, heldout_rows, passkey_probe, write_passkey
@@ -158,10 +158,10 @@ def run_pretraining(cfg: TrainConfig) -> PretrainResult:
         if model is None:
             if resume_from:
                 model = build_model(config, rt, cfg.run.seed, init_from=os.path.join(resume_from, "model"),
-                                    checkpointing=cfg.model.gradient_checkpointing)
+                                    checkpointing=CHECKPOINTING[cfg.model.gradient_checkpointing])
             else:
                 model = build_model(config, rt, cfg.run.seed, init_from=cfg.model.init_from,
-                                    checkpointing=cfg.model.gradient_checkpointing)
+                                    checkpointing=CHECKPOINTING[cfg.model.gradient_checkpointing])
             optimizer = build_optimizer(model, cfg.optim, rt)
             if resume_from:
                 load_optimizer_state(optimizer, resume_from)
@@ -170,7 +170,7 @@ def run_pretraining(cfg: TrainConfig) -> PretrainResult:
             # New RoPE base: same weights and optimizer state in a model built with the stage's config.
             opt_state = optimizer.state_dict()
             model = build_model(config, rt, cfg.run.seed, state_dict=model.state_dict(),
-                                checkpointing=cfg.model.gradient_checkpointing)
+                                checkpointing=CHECKPOINTING[cfg.model.gradient_checkpointing])
             optimizer = build_optimizer(model, cfg.optim, rt)
             restore_optimizer_state(optimizer, opt_state)
             ddp_model = wrap_ddp(model, rt)
