@@ -201,6 +201,10 @@ def test_bad_data_fails_clearly(tmp_path):
         run_pretraining(micro_config(tmp_path, "bad2", ((2, 64, 192, 128, 1e6),)))
     with pytest.raises(ValueError, match="not an InternLM2Config field"):
         run_pretraining(micro_config(tmp_path, "bad3", **{"model.overrides": {"hidden": 3}}))
+    # A probe length that cannot hold the passkey prompt fails before any training step.
+    with pytest.raises(ValueError, match="eval.passkey_lengths"):
+        run_pretraining(micro_config(tmp_path, "bad4", **{"eval.passkey": True, "eval.passkey_lengths": [100]}))
+    assert not os.path.exists(os.path.join(tmp_path, "bad4", "metrics.jsonl"))
 
 
 def test_data_parallel_two_ranks_matches_single_process(tmp_path):

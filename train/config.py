@@ -2,7 +2,7 @@
 
 Every key is checked: an unknown key, a value of the wrong type, or an inconsistent setting raises ``ConfigError``
 (a ValueError) naming the key and the file. Overrides are parsed as TOML values (``--optim.lr=1e-3``,
-``--eval.passkey_lengths=[128,256]``, ``--run.name=x``; a bare word is a string), and index into lists of tables
+``--eval.passkey_lengths=[256,512]``, ``--run.name=x``; a bare word is a string), and index into lists of tables
 with a number (``--stages.1.steps=40``).
 """
 from __future__ import annotations
@@ -326,7 +326,8 @@ def validate(c: TrainConfig) -> None:
     _check(c.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {c.checkpoint.keep_last}")
     e = c.eval
     _check(e.heldout_seq_len >= 0, f"eval.heldout_seq_len must be >= 0, got {e.heldout_seq_len}")
-    _check(all(n >= 64 for n in e.passkey_lengths), f"eval.passkey_lengths must be >= 64 tokens each, got {e.passkey_lengths}")
+    _check(bool(e.passkey_lengths) and all(n > 0 for n in e.passkey_lengths),
+           f"eval.passkey_lengths must be positive token counts, got {e.passkey_lengths}")
     _check(all(0 <= d <= 1 for d in e.passkey_depths), f"eval.passkey_depths must be in [0, 1], got {e.passkey_depths}")
     _check(e.passkey_trials >= 1, f"eval.passkey_trials must be >= 1, got {e.passkey_trials}")
     _check(e.batch_tokens >= 64, f"eval.batch_tokens must be >= 64, got {e.batch_tokens}")

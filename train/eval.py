@@ -68,10 +68,34 @@ def passkey_prompt(tokenizer: Tokenizer, rng: random.Random, length: int, depth:
     return tokenizer.encode(prompt, add_bos=True), answer
 
 
+def _chunks(prompts: list[list[int]], batch_tokens: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of prompts holding at most ``batch_tokens`` prompt tokens each (at least one prompt),
+    which bounds the KV cache of one generate call."""
+    ranges, start, size = [], 0, 0
+    for i, p in enumerate(prompts):
+        if i > start and size + len(p) > batch_tokens:
+            ranges.append((start, i))
+            start, size = i, 0
+        size += len(p)
+    ranges.append((start, len(prompts)))
+    return ranges
+
+
+def check_passkey_lengths(tokenizer: Tokenizer, lengths: Sequence[int]) -> None:
+    """Every probe length must hold the prompt without filler (intro, needle, question); else ValueError."""
+    shortest = len(passkey_prompt(tokenizer, random.Random(0), 1, 0.5)[0])
+    too_short = [n for n in lengths if n < shortest]
+    if too_short:
+        raise ValueError(f"eval.passkey_lengths: {too_short} are shorter than the passkey prompt without filler "
+                         f"({shortest} tokens with this tokenizer)")
+
+
 @torch.no_grad()
 def passkey_probe(model: torch.nn.Module, tokenizer: Tokenizer, lengths: Sequence[int], depths: Sequence[float],
-                  trials: int, seed: int = 0) -> dict:
-    """Accuracy per (length, depth): {"lengths", "depths", "accuracy": [[acc per depth] per length], "samples"}."""
+                  trials: int, seed: int = 0, batch_tokens: int = 65536) -> dict:
+    """Accuracy per (length, depth): {"lengths", "depths", "accuracy": [[acc per depth] per length], "samples"}.
+    Prompts are generated in groups of at most ``batch_tokens`` prompt tokens."""
+    check_passkey_lengths(tokenizer, lengths)
     model = _unwrap(model)
     accuracy, samples = [], []
     for length in lengths:
@@ -84,7 +108,10 @@ def passkey_probe(model: torch.nn.Module, tokenizer: Tokenizer, lengths: Sequenc
                 answers.append(answer)
                 cells.append(di)
         n_new = max(len(tokenizer.encode(a)) for a in answers)
-        outputs = model.generate(prompts, max_new_tokens=n_new, temperature=0.0, stop_token_ids=(tokenizer.eos_id,))
+        outputs = []
+        for start, end in _chunks(prompts, batch_tokens):
+            outputs += model.generate(prompts[start:end], max_new_tokens=n_new, temperature=0.0,
+                                      stop_token_ids=(tokenizer.eos_id,))
         hits = [0] * len(depths)
         for out, answer, cell in zip(outputs, answers, cells):
             text = tokenizer.decode(out)

@@ -29,7 +29,7 @@ from .checkpoint import (checkpoint_root, latest_checkpoint, load_optimizer_stat
 from .config import CHECKPOINTING, TrainConfig, parse_cli, to_dict
 from .corpus import SyntheticCorpus
 from .data import FileCorpus, PackedStream, ShardedBatches
-from .eval import heldout_loss, heldout_rows, passkey_probe, write_passkey
+from .eval import check_passkey_lengths, heldout_loss, heldout_rows, passkey_probe, write_passkey
 from .loop import (Runtime, batch_flops, build_model, build_optimizer, init_runtime, model_config, train_step,
                    wrap_ddp)
 from .metrics import MetricsLog, Progress, peak_tflops
@@ -96,6 +96,8 @@ def _stage_batches(cfg: TrainConfig, si: int, rt: Runtime, tokenizer: Tokenizer)
 def run_pretraining(cfg: TrainConfig) -> PretrainResult:
     rt = init_runtime(cfg.run)
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.byte_vocab_size)
+    if cfg.eval.passkey:
+        check_passkey_lengths(tokenizer, cfg.eval.passkey_lengths)  # fail before training, not after
     run_dir = cfg.run_dir
     resume_from = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
     if rt.is_main:
@@ -239,7 +241,7 @@ def run_pretraining(cfg: TrainConfig) -> PretrainResult:
     result = PretrainResult(run_dir, latest, model, tokenizer, finished=True, metrics_path=metrics_path)
     if cfg.eval.passkey and rt.is_main:
         result.passkey = passkey_probe(model, tokenizer, cfg.eval.passkey_lengths, cfg.eval.passkey_depths,
-                                       cfg.eval.passkey_trials, cfg.run.seed)
+                                       cfg.eval.passkey_trials, cfg.run.seed, cfg.eval.batch_tokens)
         result.passkey_paths = write_passkey(result.passkey, os.path.join(run_dir, "eval"))
         means = {str(n): sum(a) / len(a) for n, a in zip(result.passkey["lengths"], result.passkey["accuracy"])}
         log.write({"kind": "eval", "step": global_step, "stage": cfg.stages[-1].name, "passkey_accuracy": means})
