@@ -31,15 +31,16 @@ def transformers_check(result: PretrainResult, text: str) -> dict:
     from transformers import LlamaForCausalLM
 
     path = os.path.join(result.checkpoint, "model")
-    hf = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
     ours = getattr(result.model, "module", result.model)
-    device = next(ours.parameters()).device
-    ids = torch.tensor(result.tokenizer.encode(text, add_bos=True)[:512])
+    param = next(ours.parameters())
+    # Same device and dtype as ours, so the comparison measures the layout, not a precision change.
+    hf = LlamaForCausalLM.from_pretrained(path, torch_dtype=param.dtype).to(param.device).eval()
+    ids = torch.tensor(result.tokenizer.encode(text, add_bos=True)[:512], device=param.device)
     with torch.no_grad():
         ref = hf(ids[None]).logits[0].float()
-        got = ours(ids.to(device), return_logits=True).logits.float().cpu()
+        got = ours(ids, return_logits=True).logits.float()
     # Greedy continuation by transformers' own generate, to show the exported model works on its own.
-    prompt = torch.tensor([result.tokenizer.encode(SAMPLE_PROMPTS[0], add_bos=True)])
+    prompt = torch.tensor([result.tokenizer.encode(SAMPLE_PROMPTS[0], add_bos=True)], device=param.device)
     out = hf.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=result.tokenizer.eos_id)
     return {"path": path, "max_abs_logit_diff": float((ref - got).abs().max()),
             "logit_scale": float(ref.abs().max()),
