@@ -13,7 +13,9 @@ import torch
 ON_GPU_RUN = torch.cuda.is_available()
 if not ON_GPU_RUN:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist every worker gets one thread: two workers with two OpenMP threads each on two cores spin-wait
+# on each other and run many times slower.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 def _patch_interpreter_bf16_dot() -> None:
