@@ -7,28 +7,32 @@ TORCH_CPU_VERSION ?= 2.13.0
 TRITON_VERSION ?= 3.6.0
 PYTEST_WORKERS ?= 2
 
+STAMP := $(VENV)/.installed
+
 .PHONY: install install-gpu test demo bench gpu-check clean
 
-$(PY):
-	python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+install: $(STAMP)
 
-install: $(PY)
+# Re-runs when the build or the dependencies change; the editable install rebuilds the extension.
+$(STAMP): pyproject.toml CMakeLists.txt requirements-dev.txt $(wildcard csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*.cpp)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==$(TORCH_CPU_VERSION)" "triton==$(TRITON_VERSION)"
 	$(PIP) install -q -r requirements-dev.txt
 	$(PIP) install -q -e .
+	touch $(STAMP)
 
 # On the offline GPU machine: torch, triton and the build tools are preinstalled.
 install-gpu:
 	pip install --no-build-isolation --no-deps -e .
 
-test:
+test: $(STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
 
-demo:
+demo: $(STAMP)
 	$(PY) -m train.pipeline
 
-bench:
+bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks
 
 gpu-check:

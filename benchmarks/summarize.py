@@ -1,6 +1,7 @@
 """One summary table from a pytest-benchmark JSON file (and optionally the GPU tests' JUnit XML).
 
-usage: python benchmarks/summarize.py BENCH_JSON [--tests JUNIT_XML] [--markdown OUT_MD]
+usage: python benchmarks/summarize.py BENCH_JSON [BENCH_JSON ...] [--tests JUNIT_XML] [--markdown OUT_MD]
+                                     [--merged OUT_JSON]
 
 Rows are grouped by ``extra_info.group``; within a group every implementation is listed with its figure, and
 ours (``internlm_kernels``) gets its ratio against each peer measured in the same run. A higher-is-better metric
@@ -17,16 +18,15 @@ from collections import defaultdict
 OURS = "internlm_kernels"
 
 
-def load_rows(path: str) -> tuple[dict, list[dict]]:
-    with open(path) as f:
-        data = json.load(f)
+def load_rows(data: dict) -> list[dict]:
+    """The recorded rows (extra_info of benchmarks that called benchmarks.common.record) of one JSON document."""
     rows = []
     for b in data.get("benchmarks", []):
         info = b.get("extra_info", {})
         if "group" not in info or "value" not in info:
             continue
         rows.append(info | {"test": b.get("fullname", b.get("name"))})
-    return data.get("machine_info", {}), rows
+    return rows
 
 
 def ratio_text(ours: dict, peer: dict) -> str:
@@ -64,11 +64,24 @@ def test_summary(path: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("bench_json")
+    ap.add_argument("bench_json", nargs="+", help="pytest-benchmark JSON files of one run")
     ap.add_argument("--tests", help="JUnit XML of the GPU test run")
     ap.add_argument("--markdown", help="also write the table to this file")
+    ap.add_argument("--merged", help="also write all benchmarks of the given files into one JSON file")
     args = ap.parse_args(argv)
-    machine, rows = load_rows(args.bench_json)
+    machine, rows, merged = {}, [], None
+    for path in args.bench_json:
+        with open(path) as f:
+            data = json.load(f)
+        machine = machine or data.get("machine_info", {})
+        rows += load_rows(data)
+        if merged is None:
+            merged = data
+        else:
+            merged["benchmarks"] += data.get("benchmarks", [])
+    if args.merged and merged is not None:
+        with open(args.merged, "w") as f:
+            json.dump(merged, f, indent=1)
     cards = sorted({r.get("card", "?") for r in rows})
     out = [f"Card: {', '.join(cards) or 'unknown'}; python {machine.get('python_version', '?')}", ""]
     if args.tests:
