@@ -27,6 +27,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from models.checkpoint import fsync_path
+
 _NAME = re.compile(r"^step_(\d{8})$")
 _TMP = re.compile(r"^step_\d{8}\.tmp-\d+$")
 
@@ -38,17 +40,8 @@ def checkpoint_root(run_dir: str) -> str:
 def _fsync_tree(path: str) -> None:
     for dirpath, _, files in os.walk(path):
         for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(dirpath)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)
 
 
 def list_checkpoints(run_dir: str) -> list[str]:
@@ -110,7 +103,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer: torch.optim.Optim
     if os.path.exists(final):  # re-saving the same step (e.g. a resumed run that ends where it resumed)
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_path(root)
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old)
     return final

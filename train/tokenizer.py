@@ -51,20 +51,19 @@ def _special_pattern(names) -> re.Pattern:
     return re.compile("(" + "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) + ")")
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as tokens, with bos/eos/unk and InternLM2's specials (layout in the module docstring)."""
+class _SpecialsAware:
+    """Shared encoding: special-token strings in the text become their ids, the rest goes to ``_encode_plain``."""
 
-    def __init__(self, vocab_size: int = DEFAULT_BYTE_VOCAB):
-        if not isinstance(vocab_size, int) or vocab_size < MIN_BYTE_VOCAB:
-            raise ValueError(f"vocab_size must be an int >= {MIN_BYTE_VOCAB} for the byte tokenizer, got {vocab_size!r}")
-        self.vocab_size = vocab_size
-        self.unk_id, self.bos_id, self.eos_id = 0, 1, 2
-        self.pad_id = self.eos_id  # as InternLM2
-        top = vocab_size - INTERNLM2_VOCAB_SIZE
-        self.special_ids = {UNK: 0, BOS: 1, EOS: 2}
-        self.special_ids.update({name: real + top for name, real in INTERNLM2_SPECIALS.items()})
-        self._id_to_special = {i: name for name, i in self.special_ids.items()}
-        self._pattern = _special_pattern(self.special_ids)
+    bos_id: int
+    eos_id: int
+
+    def _set_specials(self, special_ids: dict[str, int]) -> None:
+        self.special_ids = special_ids
+        self._id_to_special = {i: name for name, i in special_ids.items()}
+        self._pattern = _special_pattern(special_ids)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        raise NotImplementedError
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         if not isinstance(text, str):
@@ -74,10 +73,28 @@ class ByteTokenizer:
             if i % 2:  # odd parts of re.split with one group are the matched specials
                 ids.append(self.special_ids[part])
             else:
-                ids.extend(b + BYTE_OFFSET for b in part.encode("utf-8"))
+                ids.extend(self._encode_plain(part))
         if add_eos:
             ids.append(self.eos_id)
         return ids
+
+
+class ByteTokenizer(_SpecialsAware):
+    """UTF-8 bytes as tokens, with bos/eos/unk and InternLM2's specials (layout in the module docstring)."""
+
+    def __init__(self, vocab_size: int = DEFAULT_BYTE_VOCAB):
+        if not isinstance(vocab_size, int) or vocab_size < MIN_BYTE_VOCAB:
+            raise ValueError(f"vocab_size must be an int >= {MIN_BYTE_VOCAB} for the byte tokenizer, got {vocab_size!r}")
+        self.vocab_size = vocab_size
+        self.unk_id, self.bos_id, self.eos_id = 0, 1, 2
+        self.pad_id = self.eos_id  # as InternLM2
+        top = vocab_size - INTERNLM2_VOCAB_SIZE
+        special_ids = {UNK: 0, BOS: 1, EOS: 2}
+        special_ids.update({name: real + top for name, real in INTERNLM2_SPECIALS.items()})
+        self._set_specials(special_ids)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return [b + BYTE_OFFSET for b in text.encode("utf-8")]
 
     def decode(self, ids: Sequence[int]) -> str:
         out: list[str] = []
@@ -98,7 +115,7 @@ class ByteTokenizer:
         return "".join(out)
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_SpecialsAware):
     """A SentencePiece ``tokenizer.model`` (e.g. InternLM2's), with its special tokens kept whole."""
 
     def __init__(self, path: str | os.PathLike):
@@ -120,26 +137,15 @@ class SentencePieceTokenizer:
         pad = int(self._sp.pad_id())
         self.pad_id = pad if pad >= 0 else self.eos_id
         # Specials that the model actually has as pieces (control or user-defined symbols).
-        self.special_ids = {}
+        special_ids = {}
         for name in (UNK, BOS, EOS, *INTERNLM2_SPECIALS):
             i = int(self._sp.PieceToId(name))
             if i != self.unk_id or name == UNK:
-                self.special_ids[name] = i
-        self._id_to_special = {i: name for name, i in self.special_ids.items()}
-        self._pattern = _special_pattern(self.special_ids)
+                special_ids[name] = i
+        self._set_specials(special_ids)
 
-    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        if not isinstance(text, str):
-            raise ValueError(f"text must be a str, got {type(text).__name__}")
-        ids = [self.bos_id] if add_bos else []
-        for i, part in enumerate(self._pattern.split(text)):
-            if i % 2:
-                ids.append(self.special_ids[part])
-            elif part:
-                ids.extend(self._sp.EncodeAsIds(part))
-        if add_eos:
-            ids.append(self.eos_id)
-        return ids
+    def _encode_plain(self, text: str) -> list[int]:
+        return list(self._sp.EncodeAsIds(text)) if text else []
 
     def decode(self, ids: Sequence[int]) -> str:
         out: list[str] = []
