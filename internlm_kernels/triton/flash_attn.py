@@ -184,6 +184,18 @@ def _tanh(x):
 
 
 @triton.jit
+def _sequence_extent(Items, CuQ, CuK, item, seq, BLOCK: tl.constexpr):
+    """For work item ``item`` of sequence ``seq`` (>= 0): (first row of its block, q start, q length, k start,
+    k length). The block counts query rows (forward, dQ) or key rows (dK/dV), BLOCK at a time."""
+    start = tl.load(Items + 2 * item + 1) * BLOCK
+    q_start = tl.load(CuQ + seq)
+    n_q = tl.load(CuQ + seq + 1) - q_start
+    k_start = tl.load(CuK + seq)
+    n_k = tl.load(CuK + seq + 1) - k_start
+    return start, q_start, n_q, k_start, n_k
+
+
+@triton.jit
 def _load_tile(seq_base, rows, n_rows, stride, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                CHECK_ROWS: tl.constexpr):
     """(len(rows), BLOCK_D) tile of a (tokens, heads, D) tensor: ``seq_base`` points at (the sequence's first token,

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attn import (LOG2E, AttnConfigs, _dropout_keep, _key_range, _load_tile, _query_range, _scores, _visible,
-                         block_d, choose_configs, schedule)
+from .flash_attn import (LOG2E, AttnConfigs, _dropout_keep, _key_range, _load_tile, _query_range, _scores,
+                         _sequence_extent, _visible, block_d, choose_configs, schedule)
 from .flash_attn_fwd import precision
 
 
@@ -139,11 +139,7 @@ def _attn_bwd_dkdv_kernel(
     seq = tl.load(Items + 2 * item)
     if seq < 0:
         return
-    n0 = tl.load(Items + 2 * item + 1) * BLOCK_N
-    q_start = tl.load(CuQ + seq)
-    n_q = tl.load(CuQ + seq + 1) - q_start
-    k_start = tl.load(CuK + seq)
-    n_k = tl.load(CuK + seq + 1) - k_start
+    n0, q_start, n_q, k_start, n_k = _sequence_extent(Items, CuQ, CuK, item, seq, BLOCK_N)
     off = n_k - n_q
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -243,11 +239,7 @@ def _attn_bwd_dq_kernel(
     seq = tl.load(Items + 2 * item)
     if seq < 0:
         return
-    m0 = tl.load(Items + 2 * item + 1) * BLOCK_M
-    q_start = tl.load(CuQ + seq)
-    n_q = tl.load(CuQ + seq + 1) - q_start
-    k_start = tl.load(CuK + seq)
-    n_k = tl.load(CuK + seq + 1) - k_start
+    m0, q_start, n_q, k_start, n_k = _sequence_extent(Items, CuQ, CuK, item, seq, BLOCK_M)
     kv_head = head // GROUP
 
     offs_m = tl.arange(0, BLOCK_M)

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attn import (LOG2E, BlockConfig, _dropout_keep, _key_range, _load_tile, _scores, _visible, block_d,
-                         choose_configs, schedule)
+from .flash_attn import (LOG2E, BlockConfig, _dropout_keep, _key_range, _load_tile, _scores, _sequence_extent,
+                         _visible, block_d, choose_configs, schedule)
 
 
 @triton.jit
@@ -96,11 +96,7 @@ def _attn_fwd_kernel(
     seq = tl.load(Items + 2 * item)
     if seq < 0:
         return
-    m0 = tl.load(Items + 2 * item + 1) * BLOCK_M
-    q_start = tl.load(CuQ + seq)
-    n_q = tl.load(CuQ + seq + 1) - q_start
-    k_start = tl.load(CuK + seq)
-    n_k = tl.load(CuK + seq + 1) - k_start
+    m0, q_start, n_q, k_start, n_k = _sequence_extent(Items, CuQ, CuK, item, seq, BLOCK_M)
     kv_head = head // GROUP
 
     offs_m = tl.arange(0, BLOCK_M)
