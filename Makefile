@@ -9,7 +9,7 @@ PYTEST_WORKERS ?= 2
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-gpu test demo bench gpu-check clean
+.PHONY: install install-gpu lint test demo bench gpu-check clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml CMakeLists.txt requirements-dev.txt $(wildcard csrc/*.h
 # On the offline GPU machine: torch, triton and the build tools are preinstalled.
 install-gpu:
 	pip install --no-build-isolation --no-deps -e .
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests

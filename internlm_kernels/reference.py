@@ -106,10 +106,10 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         keep = None
         if dropout_p > 0:
             keep = dropout_keep[:, cq[b]:cq[b + 1], :ck[b + 1] - ck[b]]
-        o, l = attention_one(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], softmax_scale,
+        o, lse_b = attention_one(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], softmax_scale,
                              causal, window_size, softcap, slopes, dropout_p, keep)
         outs.append(o)
-        lses.append(l)
+        lses.append(lse_b)
     out = torch.cat(outs, dim=0) if outs else q.new_empty(q.shape)
     lse = torch.cat(lses, dim=1) if lses else q.new_empty(q.shape[1], 0, dtype=torch.float32)
     return out, lse

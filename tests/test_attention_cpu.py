@@ -1,9 +1,9 @@
 """The cpu attention backend (torch SDPA per document) against the reference, and its limits."""
 import pytest
 import torch
+from conftest import assert_close
 
 import internlm_kernels as ik
-from conftest import assert_close
 from internlm_kernels import reference
 
 

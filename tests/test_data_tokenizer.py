@@ -6,8 +6,14 @@ import random
 
 import pytest
 
-from train.tokenizer import (BYTE_OFFSET, INTERNLM2_SPECIALS, INTERNLM2_VOCAB_SIZE, ByteTokenizer,
-                             SentencePieceTokenizer, load_tokenizer)
+from train.tokenizer import (
+    BYTE_OFFSET,
+    INTERNLM2_SPECIALS,
+    INTERNLM2_VOCAB_SIZE,
+    ByteTokenizer,
+    SentencePieceTokenizer,
+    load_tokenizer,
+)
 
 CHAT = ("<|im_start|>system name=<|plugin|>\ntools<|im_end|>\n<|im_start|>user\nGrüße, 東京 🙂<|im_end|>\n"
         "<|im_start|>assistant\n<|action_start|><|plugin|>{\"a\": 1}<|action_end|><|im_end|>\n"

@@ -1,9 +1,9 @@
 """The fused ops run inside one torch.compile(fullgraph=True) graph, forward and backward, and match eager."""
 import torch
+from conftest import assert_close
 from torch._inductor.compile_fx import compile_fx
 
 import internlm_kernels as ik
-from conftest import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

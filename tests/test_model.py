@@ -146,7 +146,7 @@ def test_gradient_checkpointing_modes_give_same_gradients_with_less_memory():
         model.gradient_checkpointing = mode
         assert model.model.gradient_checkpointing is mode
         loss = []
-        kept[mode] = saved_bytes(lambda: loss.append(model(ids, cu_seqlens=cu, labels=ids).loss))
+        kept[mode] = saved_bytes(lambda out=loss: out.append(model(ids, cu_seqlens=cu, labels=ids).loss))
         loss[0].backward()
         grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
     for mode in ("mlp", True):

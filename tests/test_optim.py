@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
+from conftest import assert_close
 
 import internlm_kernels as ik
-from conftest import assert_close
 from internlm_kernels import optim
 from internlm_kernels.backend import BackendUnavailable, use_backend
 

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import assert_close
+
 from internlm_kernels import reference as ref
 
 

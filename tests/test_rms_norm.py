@@ -1,9 +1,9 @@
 """RMSNorm (+ fused residual add) Triton kernels against internlm_kernels/reference.py, forward and backward."""
 import pytest
 import torch
+from conftest import assert_close, oracle_leaf
 
 import internlm_kernels as ik
-from conftest import assert_close, oracle_leaf
 from internlm_kernels import reference as ref
 from internlm_kernels.triton import rms_norm as kernels
 

@@ -3,9 +3,9 @@ internlm_kernels/reference.py: rotate-half and interleaved, partial rotary_dim, 
 forward and backward."""
 import pytest
 import torch
+from conftest import assert_close, oracle_leaf
 
 import internlm_kernels as ik
-from conftest import assert_close, oracle_leaf
 from internlm_kernels import reference as ref
 from internlm_kernels.triton import rotary as kernels
 

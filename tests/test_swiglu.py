@@ -1,9 +1,9 @@
 """SwiGLU Triton kernels (two tensors, and one packed [gate | up] tensor) against internlm_kernels/reference.py."""
 import pytest
 import torch
+from conftest import assert_close, oracle_leaf
 
 import internlm_kernels as ik
-from conftest import assert_close, oracle_leaf
 from internlm_kernels import reference as ref
 from internlm_kernels.triton import swiglu as kernels
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -125,12 +126,11 @@ def test_checkpoint_write_interrupted_leaves_previous_loadable(tmp_path):
     result = run_pretraining(cfg)
     good = latest_checkpoint(result.run_dir)
     # A write that dies after the model and optimizer files are written (the state cannot be pickled).
+    import internlm_kernels as ik
     from models import InternLM2ForCausalLM
 
-    import internlm_kernels as ik
-
     optimizer = ik.FusedAdamW(result.model.parameters())
-    with pytest.raises(Exception):
+    with pytest.raises((AttributeError, pickle.PicklingError)):
         save_checkpoint(result.run_dir, 99, result.model, optimizer, {"bad": lambda: None}, keep_last=1)
     assert latest_checkpoint(result.run_dir) == good
     partial = [n for n in os.listdir(os.path.dirname(good)) if ".tmp-" in n]

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+import tomllib
 
 # model.gradient_checkpointing values -> the model's `gradient_checkpointing` attribute
 CHECKPOINTING = {"none": False, "full": True, "mlp": "mlp"}

@@ -24,14 +24,20 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (checkpoint_root, latest_checkpoint, load_optimizer_state, load_trainer_state, rng_state,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (
+    checkpoint_root,
+    latest_checkpoint,
+    load_optimizer_state,
+    load_trainer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import CHECKPOINTING, TrainConfig, parse_cli, to_dict
 from .corpus import SyntheticCorpus
 from .data import FileCorpus, PackedStream, ShardedBatches
 from .eval import check_passkey_lengths, heldout_loss, heldout_rows, passkey_probe, write_passkey
-from .loop import (Runtime, batch_flops, build_model, build_optimizer, init_runtime, model_config, train_step,
-                   wrap_ddp)
+from .loop import Runtime, batch_flops, build_model, build_optimizer, init_runtime, model_config, train_step, wrap_ddp
 from .metrics import MetricsLog, Progress, peak_tflops
 from .schedule import WarmupCosine
 from .tokenizer import Tokenizer, describe, load_tokenizer

@@ -19,7 +19,6 @@ from .. import reference
 from .._checks import FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_tensor
 from ..backend import choose, requested
 
-
 # The Triton kernels hold (rows, head dim) tiles in registers; beyond 256 they would not fit.
 MAX_TRITON_HEAD_DIM = 256
 

@@ -26,8 +26,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attn import (LOG2E, AttnConfigs, _dropout_keep, _key_range, _load_tile, _query_range, _scores,
-                         _sequence_extent, _visible, block_d, choose_configs, schedule)
+from .flash_attn import (
+    LOG2E,
+    AttnConfigs,
+    _dropout_keep,
+    _key_range,
+    _load_tile,
+    _query_range,
+    _scores,
+    _sequence_extent,
+    _visible,
+    block_d,
+    choose_configs,
+    schedule,
+)
 from .flash_attn_fwd import precision
 
 

@@ -20,8 +20,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attn import (LOG2E, BlockConfig, _dropout_keep, _key_range, _load_tile, _scores, _sequence_extent,
-                         _visible, block_d, choose_configs, schedule)
+from .flash_attn import (
+    LOG2E,
+    BlockConfig,
+    _dropout_keep,
+    _key_range,
+    _load_tile,
+    _scores,
+    _sequence_extent,
+    _visible,
+    block_d,
+    choose_configs,
+    schedule,
+)
 
 
 @triton.jit
