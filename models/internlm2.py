@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import internlm_kernels as ik
-from internlm_kernels._checks import check_cu_seqlens, check_tensor
+from internlm_kernels.checks import check_cu_seqlens, check_tensor
 
 from . import checkpoint as ckpt
 from .config import InternLM2Config

@@ -14,15 +14,14 @@ the 2-D padding mask when there is padding (None otherwise). ``attention_forward
   * ``position_ids`` restarting inside a row (several documents packed into one row, as in padding-free training):
     each run of consecutive positions is one sequence;
   * otherwise every row is one sequence: ``flash_attn_func`` on (B, S, H, D).
-The index lists and cu_seqlens built from the mask or the position_ids are cached per tensor, so their device sync
-happens once per forward, not once per layer.
+The index lists and cu_seqlens built from the mask or the position_ids are cached per tensor (also under
+``torch.inference_mode()``), so their device sync happens once per forward, not once per layer.
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 
+from .._tensor_cache import PerTensorCache
 from ..ops.attention import flash_attn_func, flash_attn_varlen_func
 
 NAME = "internlm_kernels"
@@ -37,26 +36,12 @@ def register(name: str = NAME) -> None:
     AttentionMaskInterface.register(name, flash_attention_mask)
 
 
-class _PerTensorCache:
-    """The last result computed from a tensor that every layer receives (position_ids, the padding mask): building
-    cu_seqlens from it needs nonzero() and a device sync, so it runs once per forward, not once per layer. Valid
-    while the tensor is the same live object, unmodified (same ``_version``)."""
-
-    def __init__(self):
-        self.key, self.ref, self.value = None, None, None
-
-    def get(self, tensor: torch.Tensor, extra: tuple, compute):
-        if torch.compiler.is_compiling():
-            return compute()
-        key = (id(tensor), tensor._version, extra)
-        if self.key == key and self.ref() is tensor:
-            return self.value
-        self.key, self.ref, self.value = key, weakref.ref(tensor), compute()
-        return self.value
-
-
-_segments_cache = _PerTensorCache()
-_padding_cache = _PerTensorCache()
+# The index lists and cu_seqlens built from position_ids or the padding mask need nonzero() (a device sync), so they
+# are built once per forward, not once per layer. transformers builds these tensors anew for every forward and
+# never modifies them in place, so under inference_mode (no version counter) they are reused on identity alone.
+# Under CUDA graph capture they are refused: nonzero() cannot be recorded.
+_segments_cache = PerTensorCache("position_ids → cu_seqlens", capturable=False, reuse_inference=True, size=4)
+_padding_cache = PerTensorCache("padding mask → unpadded indices", capturable=False, reuse_inference=True, size=4)
 
 
 def _segments(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
@@ -68,7 +53,7 @@ def _segments(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
         starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1                      # (batch, S) a document starts here
         idx = starts.reshape(-1).nonzero().reshape(-1)
         return torch.cat((idx, idx.new_tensor([pos.numel()]))).to(torch.int32)
-    return _segments_cache.get(position_ids, (batch,), compute)
+    return _segments_cache.get((position_ids,), batch, compute)
 
 
 def _unpadding(attention_mask: torch.Tensor, Sq: int, Sk: int):
@@ -80,7 +65,7 @@ def _unpadding(attention_mask: torch.Tensor, Sq: int, Sk: int):
         zero = torch.zeros(1, dtype=torch.int32, device=attention_mask.device)
         return (mask_q.reshape(-1).nonzero().reshape(-1), torch.cat((zero, mask_q.sum(1).cumsum(0).to(torch.int32))),
                 mask_k.reshape(-1).nonzero().reshape(-1), torch.cat((zero, mask_k.sum(1).cumsum(0).to(torch.int32))))
-    return _padding_cache.get(attention_mask, (Sq, Sk), compute)
+    return _padding_cache.get((attention_mask,), (Sq, Sk), compute)
 
 
 def _varlen_padded(q, k, v, attention_mask, **kw):

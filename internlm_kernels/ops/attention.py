@@ -16,8 +16,8 @@ import math
 import torch
 
 from .. import reference
-from .._checks import FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_tensor
 from ..backend import choose, requested
+from ..checks import FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_tensor
 
 # The Triton kernels hold (rows, head dim) tiles in registers; beyond 256 they would not fit.
 MAX_TRITON_HEAD_DIM = 256
@@ -280,9 +280,19 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 
 @functools.lru_cache(maxsize=16)
+def _shared_uniform_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
+    # A normal tensor even when first asked for under inference_mode: it is later saved for a backward.
+    with torch.inference_mode(False):
+        return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+
+
 def _uniform_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
-    # One tensor per shape, so the kernels' work-list cache hits on every layer of a model.
-    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+    """cu_seqlens of ``batch`` sequences of ``seqlen`` rows: one tensor per shape, so the kernels' schedule cache
+    hits on every layer of a model; made anew while tracing or capturing a CUDA graph (a tensor made in a capture
+    belongs to the graph's memory pool)."""
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+    return _shared_uniform_cu_seqlens(batch, seqlen, device)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -299,11 +309,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         raise ValueError(f"k has batch size {k.shape[0]} but q has {B}")
     scale, left, right = _check_args(q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
                                      deterministic, B)
-    if torch.compiler.is_compiling():
-        cu_q = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32, device=q.device)
-        cu_k = torch.arange(0, (B + 1) * Sk, Sk, dtype=torch.int32, device=q.device)
-    else:
-        cu_q, cu_k = _uniform_cu_seqlens(B, Sq, q.device), _uniform_cu_seqlens(B, Sk, q.device)
+    cu_q, cu_k = _uniform_cu_seqlens(B, Sq, q.device), _uniform_cu_seqlens(B, Sk, q.device)
     res = _attention(q.reshape(B * Sq, Hq, D), k.reshape(B * Sk, *k.shape[2:]), v.reshape(B * Sk, *v.shape[2:]),
                      cu_q, cu_k, Sk, dropout_p, scale, bool(causal), left, right, softcap, alibi_slopes,
                      return_attn_probs)

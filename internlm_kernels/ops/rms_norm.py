@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._checks import FLOAT_DTYPES, check_tensor
 from ..backend import choose
+from ..checks import FLOAT_DTYPES, check_tensor
 from ..triton._rows import rows_of
 
 

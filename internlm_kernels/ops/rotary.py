@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._checks import FLOAT_DTYPES, check_cu_seqlens, check_tensor, once_per_version
+from .._tensor_cache import PerTensorCache
 from ..backend import choose
+from ..checks import FLOAT_DTYPES, check_cu_seqlens, check_tensor, reads_values
 
 rotary_cos_sin = reference.rotary_cos_sin  # the InternLM2 table builder (theta, linear and dynamic NTK): plain torch
 
@@ -157,6 +158,10 @@ def _backward_qkv(ctx, dq, dk, dv):
 qkv_rotary_fwd.register_autograd(_backward_qkv, setup_context=_setup_qkv)
 
 
+# Values read from cu_seqlens / seqlen_offsets: a model passes the same tensors to every layer.
+_values_read = PerTensorCache("rotary position check", capturable=False)
+
+
 def _check_rotary(x: torch.Tensor, cos, sin, head_dim: int, seqlen_offsets, cu_seqlens,
                   max_seqlen) -> tuple[torch.Tensor | None, int]:
     """Checks shared by apply_rotary_emb and qkv_rotary, for x (batch, seqlen, ...) or packed (total, ...) with
@@ -185,25 +190,29 @@ def _check_rotary(x: torch.Tensor, cos, sin, head_dim: int, seqlen_offsets, cu_s
             raise ValueError(f"seqlen_offsets has {seqlen_offsets.shape[0]} entries for {n_seqs} sequences")
     elif seqlen_offsets < 0:
         raise ValueError(f"seqlen_offsets must be >= 0, got {seqlen_offsets}")
-    if not torch.compiler.is_compiling():
-        # Values are not inspectable while tracing; the eager call checks that every position has a table row.
-        # Values read from tensors are cached per tensor version: one sync per new tensor, not one per layer.
-        if cu_seqlens is None:
-            longest = x.shape[1]
-        elif max_seqlen is not None:
-            longest = max_seqlen
-        else:
-            longest = once_per_version(cu_seqlens, "longest sequence",
-                                       lambda: int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
-        offset = seqlen_offsets
-        if isinstance(seqlen_offsets, torch.Tensor):
-            low, offset = once_per_version(seqlen_offsets, "min, max", lambda: torch.stack(
+    # Every position must have a table row. Known from shapes and hints on the host, else read from the tensors
+    # where checks.reads_values allows it (CPU, or CUDA under the debug switch); the kernels mask positions past
+    # the table, so an unchecked one reads zeros, never outside the table.
+    if cu_seqlens is None:
+        longest = x.shape[1]
+    elif max_seqlen is not None:
+        longest = max_seqlen
+    elif reads_values(cu_seqlens):
+        longest = _values_read.get((cu_seqlens,), "longest sequence",
+                                   lambda: int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+    else:
+        longest = None
+    offset = seqlen_offsets
+    if isinstance(seqlen_offsets, torch.Tensor):
+        offset = None
+        if reads_values(seqlen_offsets):
+            low, offset = _values_read.get((seqlen_offsets,), "min, max", lambda: torch.stack(
                 (seqlen_offsets.min(), seqlen_offsets.max())).tolist()) if n_seqs else (0, 0)
             if low < 0:
                 raise ValueError(f"seqlen_offsets must be >= 0, got a minimum of {low}")
-        if longest + offset > cos.shape[0]:
-            raise ValueError(f"cos/sin have {cos.shape[0]} rows but positions reach {longest + offset - 1} "
-                             f"(longest sequence {longest} + seqlen_offsets {offset})")
+    if longest is not None and offset is not None and longest + offset > cos.shape[0]:
+        raise ValueError(f"cos/sin have {cos.shape[0]} rows but positions reach {longest + offset - 1} "
+                         f"(longest sequence {longest} + seqlen_offsets {offset})")
     if isinstance(seqlen_offsets, torch.Tensor):
         return seqlen_offsets, 0
     return None, seqlen_offsets

@@ -24,13 +24,13 @@ flash_attn_fwd.py and flash_attn_bwd.py.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
-import weakref
 
 import torch
 import triton
 import triton.language as tl
+
+from .._tensor_cache import PerTensorCache
 
 LOG2E = 1.4426950408889634
 
@@ -145,31 +145,19 @@ def build_schedule(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total
     return torch.stack((seq[order], blk[order]), dim=1).to(torch.int32).contiguous()
 
 
-class _ScheduleCache:
-    """Schedules of recent calls. A model calls attention once per layer (and again in the backward) with the same
-    cu_seqlens tensors, so the handful of small torch ops in ``build_schedule`` runs once per batch, not per call.
-    An entry is valid while both cu_seqlens tensors are the same live objects, unmodified (same ``_version``)."""
-
-    def __init__(self, size: int = 32):
-        self.size = size
-        self.entries: collections.OrderedDict = collections.OrderedDict()
-
-    def get(self, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total: int, block: int, over: str,
-            window_left: int, window_right: int) -> torch.Tensor:
-        key = (id(cu_seqlens_q), cu_seqlens_q._version, id(cu_seqlens_k), cu_seqlens_k._version, total, block, over,
-               window_left, window_right)
-        hit = self.entries.get(key)
-        if hit is not None and hit[0]() is cu_seqlens_q and hit[1]() is cu_seqlens_k:
-            self.entries.move_to_end(key)
-            return hit[2]
-        items = build_schedule(cu_seqlens_q, cu_seqlens_k, total, block, over, window_left, window_right)
-        self.entries[key] = (weakref.ref(cu_seqlens_q), weakref.ref(cu_seqlens_k), items)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-        return items
+# A model calls attention once per layer (and again in the backward) with the same cu_seqlens tensors, so the handful
+# of small torch ops in ``build_schedule`` runs once per batch, not per call. Under CUDA graph capture the schedule is
+# built inside the captured work (device ops only), so a replay after ``cu_seqlens.copy_(new)`` schedules the new
+# contents.
+_schedules = PerTensorCache("the attention schedule", capturable=True)
 
 
-schedule = _ScheduleCache().get
+def schedule(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total: int, block: int, over: str,
+             window_left: int, window_right: int) -> torch.Tensor:
+    """``build_schedule``, reused while both cu_seqlens tensors are the same and unmodified."""
+    return _schedules.get((cu_seqlens_q, cu_seqlens_k), (total, block, over, window_left, window_right),
+                          lambda: build_schedule(cu_seqlens_q, cu_seqlens_k, total, block, over, window_left,
+                                                 window_right))
 
 
 # --------------------------------------------------------------------------------------------------
