@@ -5,7 +5,9 @@ The extension does not link torch. Tensors cross as integer addresses, dtypes as
 integers; this module (torch) owns and allocates every buffer, including the work lists. A work list is a
 table with one int64 row per tensor (layouts in csrc/multi_tensor.h) plus a chunk list (tensor index, first
 element) with one row per chunk of ``chunk_size`` elements. Both are cached, keyed on the rows, so a training
-step over the same tensors as the step before reuses them and copies nothing to the device.
+step over the same tensors as the step before reuses them and copies nothing to the device; a new list (new
+gradient addresses, e.g. after ``zero_grad(set_to_none=True)``) is copied from pinned memory without waiting for the
+device, so neither case syncs.
 """
 from __future__ import annotations
 
@@ -91,9 +93,13 @@ def build_work_list(rows: list[tuple[int, ...]], numel_column: int, chunk_size: 
     chunks = torch.stack([tensor_index, starts], dim=1)                         # (n_chunks, 2)
     stream = None
     if device.type == "cuda":
-        table, chunks = table.to(device), chunks.to(device)
+        # From pinned memory without blocking: a pageable copy would wait for the device (a sync every time the
+        # gradients move, e.g. after zero_grad(set_to_none=True)). The host allocator keeps the pinned buffers until
+        # the copies have run.
+        table = table.pin_memory().to(device, non_blocking=True)
+        chunks = chunks.pin_memory().to(device, non_blocking=True)
         stream = cuda_stream(device)
-    return WorkList(table, chunks, chunks.shape[0], chunk_size, int(table[:, numel_column].sum()), stream)
+    return WorkList(table, chunks, chunks.shape[0], chunk_size, sum(row[numel_column] for row in rows), stream)
 
 
 class WorkLists:
@@ -106,11 +112,20 @@ class WorkLists:
     def __init__(self, capacity: int = 8):
         self.capacity = capacity
         self._lists: collections.OrderedDict[tuple, WorkList] = collections.OrderedDict()
+        self._captured: list[WorkList] = []  # read by captured CUDA graphs: never freed
 
     def get(self, rows: list[tuple[int, ...]], numel_column: int, chunk_size: int,
             device: torch.device) -> WorkList:
         key = (device, chunk_size, tuple(rows))
         work = self._lists.get(key)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # A graph replays the launch with this table's address: the table must exist before the capture (its
+            # host→device copy is not replayed) and outlive every replay.
+            if work is None:
+                raise RuntimeError(
+                    "the multi-tensor work list for these tensors was not built before CUDA graph capture: run the "
+                    "same call once eagerly (a warm-up step) on the same tensors, then capture")
+            self._captured.append(work)
         if work is None:
             work = self._lists[key] = build_work_list(rows, numel_column, chunk_size, device)
             while len(self._lists) > self.capacity:

@@ -148,6 +148,11 @@ class FusedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        if any(p.is_cuda for g in self.param_groups for p in g["params"]) and torch.cuda.is_current_stream_capturing():
+            # The step count and the bias corrections are host numbers passed to the kernel by value: a replayed
+            # graph would repeat the captured step's numbers forever.
+            raise RuntimeError("FusedAdamW.step cannot be captured in a CUDA graph: its step count and bias "
+                               "corrections are host scalars fixed at capture; run the optimizer step outside the graph")
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -6,6 +6,8 @@ a test runs, so an output element the kernels forget to write fails the comparis
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import assert_close
@@ -308,9 +310,10 @@ def _compile_for_sm90(kernel, constexprs, cfg):
                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
-def _hopper_resource_usage() -> list[tuple[str, bool, int, str]]:
-    """(kernel, uses wgmma and cp.async, shared bytes, cuobjdump resource line) for the d=128 causal kernels compiled
-    for sm_90 with the chosen blocks. Needs compiled (not interpreted) kernels: run with TRITON_INTERPRET=0."""
+def _hopper_resource_usage(cases) -> list[tuple[str, bool, int, str]]:
+    """(kernel, uses wgmma and cp.async, shared bytes, cuobjdump resource line) of causal kernels compiled for sm_90
+    with the chosen blocks; ``cases`` lists (kernel name, head dim, window, softcap, dropout). Needs compiled (not
+    interpreted) kernels: run with TRITON_INTERPRET=0."""
     import os
     import subprocess
     import tempfile
@@ -319,41 +322,55 @@ def _hopper_resource_usage() -> list[tuple[str, bool, int, str]]:
 
     from internlm_kernels.triton import flash_attn_bwd, flash_attn_fwd
 
-    table = flash_attn._SM90_CONFIGS[128]
-    flags = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False,
-                 HAS_ALIBI=False, HAS_DROPOUT=False, PRECISION=None)
+    kernels = {"fwd": flash_attn_fwd._attn_fwd_kernel, "dkdv": flash_attn_bwd._attn_bwd_dkdv_kernel,
+               "dq": flash_attn_bwd._attn_bwd_dq_kernel}
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     rows = []
-    for kernel, cfg in ((flash_attn_fwd._attn_fwd_kernel, table.fwd),
-                        (flash_attn_bwd._attn_bwd_dkdv_kernel, table.dkdv),
-                        (flash_attn_bwd._attn_bwd_dq_kernel, table.dq)):
-        compiled = _compile_for_sm90(kernel, flags, cfg)
+    for name, d, window, softcap, dropout in cases:
+        table = flash_attn.sm90_configs(d, window=window, softcap=softcap, dropout=dropout)
+        flags = dict(GROUP=4, HEAD_DIM=d, BLOCK_D=d, HAS_LEFT=window, HAS_RIGHT=True, HAS_SOFTCAP=softcap,
+                     HAS_ALIBI=False, HAS_DROPOUT=dropout, PRECISION=None)
+        compiled = _compile_for_sm90(kernels[name], flags, getattr(table, name))
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(compiled.asm["cubin"])
             f.flush()
             usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
                                    text=True).stdout
         ptx = compiled.asm["ptx"]
-        rows.append((kernel.fn.__name__, "wgmma" in ptx and "cp.async" in ptx, compiled.metadata.shared,
+        rows.append((f"{name} d={d} window={window} softcap={softcap} dropout={dropout}",
+                     "wgmma" in ptx and "cp.async" in ptx, compiled.metadata.shared,
                      " ".join(line.strip() for line in usage.splitlines() if "REG:" in line)))
     return rows
+
+
+_FEATURES = [(w, s, d) for w in (False, True) for s in (False, True) for d in (False, True)]
+# CI compiles the three kernels at d=128 plus the dK/dV combinations that spilled with a single entry per head dim;
+# SM90_SWEEP=1 compiles dK/dV for every combination the model zoo uses (window, softcap, dropout × d 64/128/256).
+_HOPPER_CASES = ([("fwd", 128, False, False, False), ("dq", 128, False, False, False)]
+                 + [("dkdv", d, *f) for d, f in ((128, (False, False, False)), (128, (False, False, True)),
+                                                  (128, (True, True, False)), (256, (False, False, False)),
+                                                  (64, (False, False, True)))])
+if os.environ.get("SM90_SWEEP") == "1":
+    _HOPPER_CASES = [("fwd", 128, False, False, False), ("dq", 128, False, False, False)] + [
+        ("dkdv", d, *f) for d in (64, 128, 256) for f in _FEATURES]
 
 
 @pytest.mark.skipif(ON_GPU, reason="the GPU run compiles and times the real thing")
 def test_kernels_compile_for_hopper_without_spills():
     """The interpreter compiles nothing: check in a subprocess (kernels compiled, not interpreted) that they lower to
-    sm_90 with wgmma and pipelined async copies, fit in shared memory and do not spill registers (d=128)."""
+    sm_90 with wgmma and pipelined async copies, fit in shared memory and do not spill registers, dK/dV with each
+    feature combination's own blocks."""
     import json
-    import os
     import pathlib
     import subprocess
     import sys
 
     root = pathlib.Path(__file__).parents[1]
     code = ("import json, sys; sys.path.insert(0, 'tests'); import test_attention as t; "
-            "print(json.dumps(t._hopper_resource_usage()))")
+            f"print(json.dumps(t._hopper_resource_usage({_HOPPER_CASES!r})))")
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(root))
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     for name, fast_path, shared, usage in json.loads(res.stdout.strip().splitlines()[-1]):
         assert fast_path, f"{name}: no wgmma / cp.async in the PTX"

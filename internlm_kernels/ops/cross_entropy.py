@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backend import choose
-from ..checks import FLOAT_DTYPES, check_same_dtype, check_tensor
+from ..checks import FLOAT_DTYPES, check_same_dtype, check_tensor, reads_values
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -64,7 +64,7 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-
     _check_scalar("softcap", softcap, 0.0, math.inf)
     if not isinstance(return_z_loss, bool):
         raise ValueError(f"return_z_loss must be a bool, got {return_z_loss!r}")
-    if not torch.compiler.is_compiling():  # values cannot be read while tracing; the eager call checks them
+    if reads_values(target):  # CPU, or CUDA under the debug switch (reading device values syncs): checks.py
         _check_target_values(target, ignore_index, vocab)
 
     hidden2d = hidden.reshape(-1, width)  # (N, H)

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import launches_on_input_device
+
 # Memory budget of one chunk's logits buffer. At 16384 tokens × vocab 92544 (bf16) this gives 864-row chunks
 # (153 MiB), which with dW and dx (852 MiB, unavoidable) keeps the op's extra peak memory under 1 GiB.
 LOGITS_CHUNK_BYTES = 160 * 2**20
@@ -114,6 +116,7 @@ def _cross_entropy_rows_kernel(
             tl.store(row_ptr + start + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
+@launches_on_input_device
 def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor, z_loss: torch.Tensor,
                        grad_scale: torch.Tensor | None, ignore_index: int, label_smoothing: float,
                        lse_square_scale: float, softcap: float) -> None:
@@ -158,6 +161,7 @@ def _scale_unless_one_kernel(
             tl.store(x_ptr + offs, (x * factor).to(x_ptr.dtype.element_ty), mask=mask)
 
 
+@launches_on_input_device
 def scale_unless_one_(x: torch.Tensor, factor: torch.Tensor) -> None:
     """x *= factor in place, reading the 0-d ``factor`` on the device (no host sync; a factor of 1 costs ~nothing)."""
     assert x.is_contiguous() and factor.numel() == 1
@@ -185,6 +189,7 @@ def chunk_rows(n_tokens: int, vocab: int, element_size: int) -> int:
     return min(rows, n_tokens)
 
 
+@launches_on_input_device
 def linear_cross_entropy_chunked(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                                  bias: torch.Tensor | None, ignore_index: int, label_smoothing: float,
                                  lse_square_scale: float, softcap: float, grad_scale: torch.Tensor | None,

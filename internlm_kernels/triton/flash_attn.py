@@ -57,16 +57,33 @@ class AttnConfigs:
 # Chosen per head dim for Hopper (sm_90) in 16-bit, from compiling every candidate for sm_90 (no card was available
 # to time them): the largest tiles that Triton compiles without register spills (cuobjdump: REG <= 255, STACK 0)
 # and within the 227 KB of shared memory, preferring 8 warps (two warpgroups, each on a 64-row wgmma tile) and, at
-# equal size, the deeper pipeline. Only dK/dV at D = 256 spills (72 bytes/thread: two 64×256 fp32 accumulators).
-# Registers per thread / shared memory of the choices:
+# equal size, the deeper pipeline. Registers per thread / shared memory of the choices (causal, no other feature):
 #   D=64   fwd 109 / 65 KB (two programs fit an SM)   dK/dV 210 / 66 KB    dQ 128 / 82 KB
 #   D=128  fwd 196 / 131 KB                           dK/dV 255 / 132 KB   dQ 220 / 164 KB
-#   D=256  fwd 248 / 131 KB                           dK/dV 255+72 B / 131 KB   dQ 255 / 197 KB
+#   D=256  fwd 248 / 131 KB                           dK/dV 178 / 68 KB    dQ 255 / 197 KB
+# The dK/dV kernel holds two (block_n, D) fp32 accumulators plus a transposed score tile, so each feature's extra
+# live values (window bounds, softcap's tanh term, dropout's Philox state) can tip it into spilling: its blocks come
+# from _SM90_DKDV per feature combination instead.
 # benchmarks/bench_attention.py (ATTN_SWEEP=1) times the alternatives on the card; update this table from it.
 _SM90_CONFIGS = {
     64: AttnConfigs(fwd=BlockConfig(128, 64, 8, 3), dkdv=BlockConfig(64, 128, 8, 2), dq=BlockConfig(128, 64, 8, 3)),
     128: AttnConfigs(fwd=BlockConfig(128, 64, 8, 3), dkdv=BlockConfig(64, 128, 8, 2), dq=BlockConfig(128, 64, 8, 3)),
-    256: AttnConfigs(fwd=BlockConfig(128, 32, 8, 2), dkdv=BlockConfig(32, 64, 8, 2), dq=BlockConfig(128, 32, 8, 2)),
+    256: AttnConfigs(fwd=BlockConfig(128, 32, 8, 2), dkdv=BlockConfig(32, 32, 8, 2), dq=BlockConfig(128, 32, 8, 2)),
+}
+# dK/dV blocks on sm_90 per (head dim, (sliding window, softcap, dropout)): the first spill-free candidate in the
+# order above (largest tile, then 8 warps, then deeper pipeline), measured by compiling every combination for
+# sm_90 (causal, GQA group 4; tests/test_attention.py compiles a subset, and all of them with SM90_SWEEP=1).
+# Spills the previous single entry per head dim had (bytes/thread): D=64 dropout 24; D=128 softcap 48, dropout 160,
+# window+softcap 32, softcap+dropout 512; D=256 none 72, window 160. ALiBi is not in the sweep (no model here
+# uses it with these features): it takes the entry of its other features.
+_B64, _B32 = BlockConfig(64, 128, 8, 2), BlockConfig(32, 128, 8, 2)
+_SM90_DKDV = {
+    64: {(w, s, d): _B32 if d else _B64 for w in (False, True) for s in (False, True) for d in (False, True)},
+    128: {(False, False, False): _B64, (True, False, False): _B64,
+          (False, True, False): _B32, (False, False, True): _B32, (True, True, False): _B32, (True, False, True): _B32,
+          (False, True, True): BlockConfig(32, 64, 8, 2), (True, True, True): BlockConfig(32, 64, 8, 2)},
+    256: {(w, s, d): BlockConfig(16, 32, 4, 2) if (w, s, d) in ((True, False, False), (False, True, False))
+          else BlockConfig(32, 32, 8, 2) for w in (False, True) for s in (False, True) for d in (False, True)},
 }
 # Ampere-class cards (mma.sync, at most 164 KB of shared memory), chosen the same way for sm_80: all spill-free.
 _SM80_CONFIGS = {
@@ -87,14 +104,22 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def choose_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> AttnConfigs:
-    """The block table entry for this head dim on this device (the interpreter's on CPU)."""
+def choose_configs(head_dim: int, dtype: torch.dtype, device: torch.device, *, window: bool = False,
+                   softcap: bool = False, dropout: bool = False) -> AttnConfigs:
+    """The block table entry for this head dim and these features on this device (the interpreter's on CPU)."""
     if device.type != "cuda":
         return _INTERPRETER_CONFIGS
     if dtype == torch.float32:
         return _FP32_CONFIGS
-    table = _SM90_CONFIGS if torch.cuda.get_device_capability(device)[0] >= 9 else _SM80_CONFIGS
-    return table[min(k for k in table if k >= block_d(head_dim))]
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return _SM80_CONFIGS[min(k for k in _SM80_CONFIGS if k >= block_d(head_dim))]
+    return sm90_configs(head_dim, window=window, softcap=softcap, dropout=dropout)
+
+
+def sm90_configs(head_dim: int, *, window: bool, softcap: bool, dropout: bool) -> AttnConfigs:
+    """The 16-bit Hopper entry: _SM90_CONFIGS for the head dim with the dK/dV blocks of these features."""
+    d = min(k for k in _SM90_CONFIGS if k >= block_d(head_dim))
+    return dataclasses.replace(_SM90_CONFIGS[d], dkdv=_SM90_DKDV[d][(window, softcap, dropout)])
 
 
 # --------------------------------------------------------------------------------------------------

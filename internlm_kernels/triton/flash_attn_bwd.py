@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import launches_on_input_device
 from .flash_attn import (
     LOG2E,
     AttnConfigs,
@@ -297,6 +298,7 @@ def _attn_bwd_dq_kernel(
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
+@launches_on_input_device
 def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, dlse: torch.Tensor | None, cu_seqlens_q: torch.Tensor,
                    cu_seqlens_k: torch.Tensor, softmax_scale: float, window_left: int, window_right: int,
@@ -306,7 +308,8 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     (last dim contiguous), dlse like lse or None. Returns dq (like q), dk, dv (like k), contiguous."""
     total_q, n_heads, head_dim = q.shape
     total_k, n_kv_heads, _ = k.shape
-    cfg = configs or choose_configs(head_dim, q.dtype, q.device)
+    cfg = configs or choose_configs(head_dim, q.dtype, q.device, window=window_left >= 0, softcap=softcap > 0.0,
+                                    dropout=dropout_p > 0.0)
     dq = torch.empty((total_q, n_heads, head_dim), dtype=q.dtype, device=q.device)
     dk = torch.empty((total_k, n_kv_heads, head_dim), dtype=k.dtype, device=k.device)
     dv = torch.empty((total_k, n_kv_heads, head_dim), dtype=v.dtype, device=v.device)

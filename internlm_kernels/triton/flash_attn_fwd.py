@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import launches_on_input_device
 from .flash_attn import (
     LOG2E,
     BlockConfig,
@@ -163,6 +164,7 @@ def precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
+@launches_on_input_device
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                    cu_seqlens_k: torch.Tensor, softmax_scale: float, window_left: int, window_right: int,
                    softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float, seed: torch.Tensor | None,
@@ -213,6 +215,7 @@ def _dropout_mask_kernel(
     tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < total_q) & (cols[None, :] < width))
 
 
+@launches_on_input_device
 def dropout_mask(seed: torch.Tensor, n_heads: int, total_q: int, width: int, dropout_p: float) -> torch.Tensor:
     """The dropout pattern the kernels apply: keep[h, t, j] for packed query row t and key j of its sequence (the
     Philox counter depends on nothing else). For tests and flash-attn's return_attn_probs."""

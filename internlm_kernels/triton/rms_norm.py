@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import launches_on_input_device
+
 # A row must fit in registers; 32768 float32 values spread over 16 warps is 64 per thread, the most we allow.
 MAX_FEATURES = 32768
 
@@ -135,6 +137,7 @@ def _backward_programs(device: torch.device) -> int:
     return 4  # the interpreter runs programs one after another: few, large programs are fastest
 
 
+@launches_on_input_device
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, y: torch.Tensor, rstd: torch.Tensor,
                      residual: torch.Tensor | None = None, h: torch.Tensor | None = None) -> None:
     """Write y (M, N), rstd (M,) and, when ``h`` is given, h = x + residual (M, N) for rows x (M, N)."""
@@ -153,6 +156,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, y: torch
     )
 
 
+@launches_on_input_device
 def rms_norm_backward(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                       dx: torch.Tensor, dh_out: torch.Tensor | None = None,
                       dres: torch.Tensor | None = None) -> torch.Tensor:

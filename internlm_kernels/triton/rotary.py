@@ -26,6 +26,17 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import launches_on_input_device
+
+
+@triton.jit
+def _batch_and_tokens(seqlen, BLOCK_T: tl.constexpr):
+    """(sequence, (BLOCK_T,) token indices) of this program: grid axis 0 enumerates (sequence, token block) pairs,
+    so neither the batch nor the sequence length meets the 65,535 limit of grid axes 1 and 2."""
+    n_token_blocks = tl.cdiv(seqlen, BLOCK_T)
+    pid = tl.program_id(0)
+    return pid // n_token_blocks, (pid % n_token_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+
 
 @triton.jit
 def _token_positions(
@@ -142,10 +153,9 @@ def _rotary_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_TAIL: tl.constexpr,
 ):
-    pid_b = tl.program_id(1)
-    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    pid_b, tok = _batch_and_tokens(seqlen, BLOCK_T)
     tok_ok = tok < seqlen
-    heads = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     pos = _token_positions(tok, pid_b, CU_SEQLENS, SEQLEN_OFFSETS, seqlen_offset, n_seqs, n_search_steps,
                            IS_VARLEN, HAS_OFFSET_TENSOR)
     cos, sin = _load_cos_sin(COS, SIN, pos, tok_ok, stride_cos, stride_sin, rotary_half, seqlen_ro, CONJUGATE,
@@ -191,10 +201,9 @@ def _qkv_rotary_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_TAIL: tl.constexpr,
 ):
-    pid_b = tl.program_id(1)
-    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    pid_b, tok = _batch_and_tokens(seqlen, BLOCK_T)
     tok_ok = tok < seqlen
-    packed = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)   # head index in the packed layout
+    packed = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)   # head index in the packed layout
     kv = packed // (group + 2)                                     # its KV group
     slot = packed % (group + 2)                                    # 0..g-1 query, g key, g+1 value
     is_q = slot < group
@@ -224,6 +233,11 @@ def _qkv_rotary_kernel(
                      BLOCK_R, BLOCK_TAIL)
 
 
+def grid(batch: int, seqlen: int, n_heads: int, block_t: int, block_h: int) -> tuple[int, int]:
+    """Axis 0: every (sequence, token block) pair (up to 2^31 - 1); axis 1: head blocks (a handful)."""
+    return batch * triton.cdiv(seqlen, block_t), triton.cdiv(n_heads, block_h)
+
+
 def _blocks(n_heads: int, rotary_half: int, head_dim: int) -> tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_H, BLOCK_R, BLOCK_TAIL): ~2048 feature pairs per program, heads first."""
     block_r = triton.next_power_of_2(rotary_half)
@@ -247,6 +261,7 @@ def _position_kwargs(cu_seqlens: torch.Tensor | None, seqlen_offsets: torch.Tens
     )
 
 
+@launches_on_input_device
 def rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, *,
                    cu_seqlens: torch.Tensor | None = None, seqlen_offsets: torch.Tensor | None = None,
                    seqlen_offset: int = 0, interleaved: bool = False, conjugate: bool = False) -> None:
@@ -265,8 +280,7 @@ def rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: t
         return
     rotary_half = cos.shape[1]
     block_t, block_h, block_r, block_tail = _blocks(n_heads, rotary_half, head_dim)
-    grid = (triton.cdiv(seqlen, block_t), batch, triton.cdiv(n_heads, block_h))
-    _rotary_kernel[grid](
+    _rotary_kernel[grid(batch, seqlen, n_heads, block_t, block_h)](
         x, out, cos, sin,
         stride_xb=x_strides[0], stride_xs=x_strides[1], stride_xh=x_strides[2],
         stride_ob=out_strides[0], stride_os=out_strides[1], stride_oh=out_strides[2],
@@ -278,6 +292,7 @@ def rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: t
     )
 
 
+@launches_on_input_device
 def qkv_rotary(qkv: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, *, backward: bool, cu_seqlens: torch.Tensor | None = None,
                seqlen_offsets: torch.Tensor | None = None, seqlen_offset: int = 0,
@@ -300,8 +315,7 @@ def qkv_rotary(qkv: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     rotary_half = cos.shape[1]
     n_packed = n_kv_heads * (group + 2)
     block_t, block_h, block_r, block_tail = _blocks(n_packed, rotary_half, head_dim)
-    grid = (triton.cdiv(seqlen, block_t), batch, triton.cdiv(n_packed, block_h))
-    _qkv_rotary_kernel[grid](
+    _qkv_rotary_kernel[grid(batch, seqlen, n_packed, block_t, block_h)](
         qkv, q, k, v, cos, sin,
         **token_strides(qkv, "qkv"), **token_strides(q, "q"), **token_strides(k, "k"), **token_strides(v, "v"),
         stride_cos=cos.stride(0), stride_sin=sin.stride(0),

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import launches_on_input_device
+
 
 @triton.jit
 def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -88,6 +90,7 @@ def _tile(M: int, N: int) -> tuple[tuple[int, int], int, int]:
     return (triton.cdiv(M, block_m), triton.cdiv(N, block_n)), block_m, block_n
 
 
+@launches_on_input_device
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> None:
     """out = silu(gate) · up over rows (M, N); each may be a strided row view (e.g. half of a packed tensor)."""
     M, N = gate.shape  # both > 0: the ops layer skips empty tensors
@@ -96,6 +99,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> N
                              BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
 
 
+@launches_on_input_device
 def swiglu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dgate: torch.Tensor,
                     dup: torch.Tensor) -> None:
     """Write dgate and dup (M, N); dgate and dup may be the two halves of one packed gradient."""
