@@ -373,9 +373,21 @@ def test_kernels_compile_for_hopper_without_spills():
                          timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     for name, fast_path, shared, usage in json.loads(res.stdout.strip().splitlines()[-1]):
-        assert fast_path, f"{name}: no wgmma / cp.async in the PTX"
+        # dK/dV at d=256: no wgmma tile (block_n >= 64) compiles without spills, so its table trades wgmma for
+        # spill-free 32-row tiles (flash_attn._SM90_DKDV).
+        assert fast_path or name.startswith("dkdv d=256"), f"{name}: no wgmma / cp.async in the PTX"
         assert shared <= 227 * 1024, (name, shared)
         assert "STACK:0 " in usage + " ", (name, usage)
+
+
+def test_rotary_grid_keeps_batch_off_the_short_axes():
+    """Grid axes 1 and 2 hold at most 65,535 programs on CUDA: the rotary launch puts (sequence, token block)
+    pairs on axis 0, so a batch or a token count past that limit still launches."""
+    from internlm_kernels.triton import rotary
+
+    for batch, seqlen in ((70_000, 1), (1, 70_000 * 64), (3, 5)):
+        g = rotary.grid(batch, seqlen, 40, 1, 8)
+        assert g[0] == batch * seqlen and all(n <= 65_535 for n in g[1:]), g
 
 
 # ------------------------------------------------------------------------------------------------------------------

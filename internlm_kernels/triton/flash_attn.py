@@ -75,7 +75,9 @@ _SM90_CONFIGS = {
 # sm_90 (causal, GQA group 4; tests/test_attention.py compiles a subset, and all of them with SM90_SWEEP=1).
 # Spills the previous single entry per head dim had (bytes/thread): D=64 dropout 24; D=128 softcap 48, dropout 160,
 # window+softcap 32, softcap+dropout 512; D=256 none 72, window 160. ALiBi is not in the sweep (no model here
-# uses it with these features): it takes the entry of its other features.
+# uses it with these features): it takes the entry of its other features. At D = 256 no tile with block_n >= 64
+# (the 64-row wgmma minimum for dK/dV's dsᵀ·q product) compiles spill-free with any feature, so the table takes
+# 32-key tiles on mma.sync: whether that beats a wgmma tile with a small spill is for ATTN_SWEEP=1 on a card.
 _B64, _B32 = BlockConfig(64, 128, 8, 2), BlockConfig(32, 128, 8, 2)
 _SM90_DKDV = {
     64: {(w, s, d): _B32 if d else _B64 for w in (False, True) for s in (False, True) for d in (False, True)},
