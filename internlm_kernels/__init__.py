@@ -3,8 +3,9 @@
 Drop-in for the calls people make today: flash-attn's varlen attention, rms_norm and rotary, Liger's
 fused linear cross-entropy, torch's fused AdamW. See README.md for the kernel table.
 """
-from . import backend, integrations, nn, reference
+from . import backend, checks, integrations, nn, reference
 from .backend import use_backend
+from .checks import debug_checks
 from .ops.attention import flash_attn_func, flash_attn_varlen_func
 from .ops.cross_entropy import fused_linear_cross_entropy
 from .ops.rms_norm import rms_norm
@@ -19,4 +20,5 @@ __all__ = [
     "qkv_rotary", "rotary_cos_sin",
     "fused_linear_cross_entropy", "FusedAdamW", "clip_grad_norm_", "use_backend", "backend", "nn", "reference",
     "integrations",
+    "checks", "debug_checks",
 ]

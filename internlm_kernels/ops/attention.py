@@ -18,6 +18,7 @@ import torch
 from .. import reference
 from ..backend import choose, requested
 from ..checks import FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_tensor
+from . import _eager as eager
 
 # The Triton kernels hold (rows, head dim) tiles in registers; beyond 256 they would not fit.
 MAX_TRITON_HEAD_DIM = 256
@@ -87,7 +88,7 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi, seed = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.internlm_kernels.flash_attn_varlen_bwd(
+    dq, dk, dv = eager.call(flash_attn_varlen_bwd,
         dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, *ctx.params, alibi, ctx.dropout_p, seed)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
@@ -233,11 +234,11 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, dropout_p, sof
         if dropout_p > 0.0:
             # Drawn from torch's generator, so torch.manual_seed makes dropout reproducible.
             seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
-        out, lse = torch.ops.internlm_kernels.flash_attn_varlen_fwd(
+        out, lse = eager.call(flash_attn_varlen_fwd,
             q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left, window_right, float(softcap),
             alibi_slopes, float(dropout_p), seed)
         if return_attn_probs and seed is not None:
-            keep = torch.ops.internlm_kernels.flash_attn_dropout_mask(seed, q.shape[1], q.shape[0], width,
+            keep = eager.call(flash_attn_dropout_mask, seed, q.shape[1], q.shape[0], width,
                                                                       float(dropout_p))
     if return_attn_probs:
         return out, lse, keep

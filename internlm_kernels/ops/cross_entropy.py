@@ -24,6 +24,7 @@ from torch import Tensor
 from .. import reference
 from ..backend import choose
 from ..checks import FLOAT_DTYPES, check_same_dtype, check_tensor, reads_values
+from . import _eager as eager
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -76,7 +77,7 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-
         # fp16 recomputes in the backward instead: its narrow range needs the upstream grad (a GradScaler's scale)
         # applied before dlogits are rounded to fp16, as in eager fp16, or small probabilities flush to zero.
         ahead = reduction != "none" and torch.is_grad_enabled() and hidden.dtype != torch.float16
-        loss, z_loss, _, _, _ = torch.ops.internlm_kernels.linear_cross_entropy_fwd(
+        loss, z_loss, _, _, _ = eager.call(linear_cross_entropy_fwd,
             hidden2d, weight, target1d, bias, ignore_index, reduction, float(label_smoothing),
             float(lse_square_scale), float(softcap), ahead and hidden.requires_grad, ahead and weight.requires_grad,
             ahead and bias is not None and bias.requires_grad)
@@ -228,7 +229,7 @@ def _backward(ctx, grad_loss, _grad_z_loss, _grad_dh, _grad_dw, _grad_db):
         scale = grad_loss
         if reduction == "mean":
             scale = scale / (target != ignore_index).sum().clamp(min=1)
-        dh, dw, db = torch.ops.internlm_kernels.linear_cross_entropy_bwd(
+        dh, dw, db = eager.call(linear_cross_entropy_bwd,
             hidden, weight, target, bias, scale, ignore_index, label_smoothing, lse_square_scale, softcap,
             need_dh, need_dw, need_db and bias is not None)
         dh, dw, db = (dh if need_dh else None, dw if need_dw else None,

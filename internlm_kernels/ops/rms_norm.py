@@ -14,6 +14,7 @@ from .. import reference
 from ..backend import choose
 from ..checks import FLOAT_DTYPES, check_tensor
 from ..triton._rows import rows_of
+from . import _eager as eager
 
 
 def _kernels():
@@ -90,7 +91,7 @@ def _setup_plain(ctx, inputs, output):
 
 def _backward_plain(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dw = torch.ops.internlm_kernels.rms_norm_bwd(dy, x, weight, rstd, None, x.dtype, None)
+    dx, dw = eager.call(rms_norm_bwd, dy, x, weight, rstd, None, x.dtype, None)
     return dx, dw, None
 
 
@@ -114,7 +115,7 @@ def _backward_add(ctx, dy, dh_out, _drstd):
         dy = torch.zeros_like(h, dtype=ctx.x_dtype)
     # dx and dresidual are the same values; a second store is only needed when their dtypes differ.
     dres_dtype = ctx.res_dtype if ctx.res_dtype not in (None, ctx.x_dtype) else None
-    grads = torch.ops.internlm_kernels.rms_norm_bwd(dy, h, weight, rstd, dh_out, ctx.x_dtype, dres_dtype)
+    grads = eager.call(rms_norm_bwd, dy, h, weight, rstd, dh_out, ctx.x_dtype, dres_dtype)
     dx, dw = grads[0], grads[1]
     if ctx.res_dtype is None:
         dres = None
@@ -152,8 +153,8 @@ def rms_norm(x, weight, eps=1e-6, residual=None, prenorm=False, residual_in_fp32
             "use the reference backend")
     carries_fp32 = prenorm and residual_in_fp32 and x.dtype != torch.float32
     if residual is None and not carries_fp32:
-        y, _ = torch.ops.internlm_kernels.rms_norm_fwd(x, weight, eps)
+        y, _ = eager.call(rms_norm_fwd, x, weight, eps)
         return (y, x) if prenorm else y
     h_dtype = residual.dtype if residual is not None else torch.float32
-    y, h, _ = torch.ops.internlm_kernels.add_rms_norm_fwd(x, residual, weight, eps, h_dtype)
+    y, h, _ = eager.call(add_rms_norm_fwd, x, residual, weight, eps, h_dtype)
     return (y, h) if prenorm else y

@@ -17,6 +17,7 @@ from .. import reference
 from .._tensor_cache import PerTensorCache
 from ..backend import choose
 from ..checks import FLOAT_DTYPES, check_cu_seqlens, check_tensor, reads_values
+from . import _eager as eager
 
 rotary_cos_sin = reference.rotary_cos_sin  # the InternLM2 table builder (theta, linear and dynamic NTK): plain torch
 
@@ -58,7 +59,7 @@ def _backward_rotary(ctx, dout):
     # The rotation is orthogonal: its gradient is the rotation by the opposite angle.
     cos, sin, seqlen_offsets, cu_seqlens = ctx.saved_tensors
     seqlen_offset, interleaved, conjugate = ctx.options
-    dx = torch.ops.internlm_kernels.apply_rotary(dout, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens,
+    dx = eager.call(apply_rotary, dout, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens,
                                                  interleaved, not conjugate)
     return dx, None, None, None, None, None, None, None
 
@@ -95,7 +96,7 @@ class _RotaryInPlace(torch.autograd.Function):
     def backward(ctx, dout):
         cos, sin, seqlen_offsets, cu_seqlens = ctx.saved_tensors
         seqlen_offset, interleaved = ctx.options
-        dx = torch.ops.internlm_kernels.apply_rotary(dout, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens,
+        dx = eager.call(apply_rotary, dout, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens,
                                                      interleaved, True)
         return dx, None, None, None, None, None, None
 
@@ -150,7 +151,7 @@ def _setup_qkv(ctx, inputs, output):
 def _backward_qkv(ctx, dq, dk, dv):
     cos, sin, seqlen_offsets, cu_seqlens = ctx.saved_tensors
     seqlen_offset, interleaved = ctx.options
-    dw = torch.ops.internlm_kernels.qkv_rotary_bwd(dq, dk, dv, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens,
+    dw = eager.call(qkv_rotary_bwd, dq, dk, dv, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens,
                                                    interleaved)
     return dw, None, None, None, None, None, None, None, None
 
@@ -243,7 +244,7 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
         if x.stride(-1) != 1:
             raise ValueError("x must have a contiguous last dim for inplace=True")
         return _RotaryInPlace.apply(x, cos, sin, offsets, offset, cu_seqlens, interleaved)
-    return torch.ops.internlm_kernels.apply_rotary(x, cos, sin, offsets, offset, cu_seqlens, interleaved, False)
+    return eager.call(apply_rotary, x, cos, sin, offsets, offset, cu_seqlens, interleaved, False)
 
 
 def qkv_rotary(wqkv_out, cos, sin, n_kv_heads, head_dim, cu_seqlens=None, max_seqlen=None, seqlen_offsets=0,
@@ -268,5 +269,5 @@ def qkv_rotary(wqkv_out, cos, sin, n_kv_heads, head_dim, cu_seqlens=None, max_se
         return reference.qkv_rotary(wqkv_out, cos, sin, n_kv_heads, head_dim, interleaved, seqlen_offsets, cu_seqlens)
     _check_no_table_grad(cos, sin)
     cos, sin = _last_dim_contiguous(cos), _last_dim_contiguous(sin)
-    return torch.ops.internlm_kernels.qkv_rotary(wqkv_out, cos, sin, offsets, offset, cu_seqlens, n_kv_heads,
+    return eager.call(qkv_rotary_fwd, wqkv_out, cos, sin, offsets, offset, cu_seqlens, n_kv_heads,
                                                  head_dim, interleaved)

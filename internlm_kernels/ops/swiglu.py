@@ -15,6 +15,7 @@ from .. import reference
 from ..backend import choose
 from ..checks import FLOAT_DTYPES, check_same_dtype, check_tensor
 from ..triton._rows import rows_of
+from . import _eager as eager
 
 
 def _kernels():
@@ -61,7 +62,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dout):
     gate, up = ctx.saved_tensors
-    return torch.ops.internlm_kernels.swiglu_bwd(dout, gate, up)
+    return eager.call(swiglu_bwd, dout, gate, up)
 
 
 swiglu_fwd.register_autograd(_backward, setup_context=_setup)
@@ -109,7 +110,7 @@ def _setup_packed(ctx, inputs, output):
 
 def _backward_packed(ctx, dout):
     (gate_up,) = ctx.saved_tensors
-    return torch.ops.internlm_kernels.swiglu_packed_bwd(dout, gate_up)
+    return eager.call(swiglu_packed_bwd, dout, gate_up)
 
 
 swiglu_packed_fwd.register_autograd(_backward_packed, setup_context=_setup_packed)
@@ -126,7 +127,7 @@ def swiglu(gate, up):
         raise ValueError("gate must have at least one dim")
     if choose("swiglu", gate.device) == "reference":
         return reference.swiglu(gate, up)
-    return torch.ops.internlm_kernels.swiglu_fwd(gate, up)
+    return eager.call(swiglu_fwd, gate, up)
 
 
 def swiglu_packed(gate_up):
@@ -136,4 +137,4 @@ def swiglu_packed(gate_up):
         raise ValueError(f"gate_up's last dim must be even ([gate | up] halves), got shape {tuple(gate_up.shape)}")
     if choose("swiglu", gate_up.device) == "reference":
         return reference.swiglu_packed(gate_up)
-    return torch.ops.internlm_kernels.swiglu_packed_fwd(gate_up)
+    return eager.call(swiglu_packed_fwd, gate_up)
