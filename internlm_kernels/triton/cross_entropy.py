@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._device import launches_on_input_device
+from ._host_math import cdiv, next_power_of_2
 
 # Memory budget of one chunk's logits buffer. At 16384 tokens × vocab 92544 (bf16) this gives 864-row chunks
 # (153 MiB), which with dW and dx (852 MiB, unavoidable) keeps the op's extra peak memory under 1 GiB.
@@ -134,7 +135,7 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, loss: torch.T
         grad_scale, scale_stride = loss, 0  # never read
     else:
         scale_stride = grad_scale.stride(0) if grad_scale.dim() == 1 else 0
-    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+    block_v = min(MAX_BLOCK_V, next_power_of_2(V))
     _cross_entropy_rows_kernel[(rows,)](
         logits, logits.stride(0), target, loss, z_loss, grad_scale, scale_stride,
         V, ignore_index, float(label_smoothing), float(lse_square_scale), float(softcap) if softcap > 0 else 1.0,
@@ -168,7 +169,7 @@ def scale_unless_one_(x: torch.Tensor, factor: torch.Tensor) -> None:
     n = x.numel()
     if n:
         programs = 8 * _sm_count(x.device) if x.is_cuda else 4
-        grid = (min(triton.cdiv(n, SCALE_BLOCK), programs),)
+        grid = (min(cdiv(n, SCALE_BLOCK), programs),)
         _scale_unless_one_kernel[grid](x, n, factor, BLOCK=SCALE_BLOCK, num_warps=8)
 
 
@@ -182,8 +183,8 @@ def chunk_rows(n_tokens: int, vocab: int, element_size: int) -> int:
     if n_tokens == 0:
         return 1
     most = max(1, LOGITS_CHUNK_BYTES // (vocab * element_size))
-    n_chunks = triton.cdiv(n_tokens, most)
-    rows = triton.cdiv(n_tokens, n_chunks)
+    n_chunks = cdiv(n_tokens, most)
+    rows = cdiv(n_tokens, n_chunks)
     if rows >= 16 and rows + 15 <= most:
         rows = (rows + 15) // 16 * 16  # multiples of 16 keep the matmul tiles whole
     return min(rows, n_tokens)

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .._tensor_cache import PerTensorCache
+from ._host_math import cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634
 
@@ -103,7 +104,7 @@ _INTERPRETER_CONFIGS = AttnConfigs(fwd=BlockConfig(32, 16), dkdv=BlockConfig(16,
 
 def block_d(head_dim: int) -> int:
     """Head dim padded to a power of two >= 16 (tl.dot's smallest K); the tail is masked."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def choose_configs(head_dim: int, dtype: torch.dtype, device: torch.device, *, window: bool = False,
@@ -130,7 +131,7 @@ def sm90_configs(head_dim: int, *, window: bool, softcap: bool, dropout: bool) -
 def num_slots(total: int, batch: int, block: int) -> int:
     """An upper bound on Σ_b ceil(L_b / block) known from shapes alone (no device sync): each sequence adds at most
     one partial block to total / block."""
-    return triton.cdiv(total, block) + batch
+    return cdiv(total, block) + batch
 
 
 def build_schedule(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total: int, block: int, over: str,

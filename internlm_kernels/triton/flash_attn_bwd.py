@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ._device import launches_on_input_device
+from ._host_math import cdiv
 from .flash_attn import (
     LOG2E,
     AttnConfigs,
@@ -319,7 +320,7 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 
     delta = torch.empty_like(lse)
     block_t = 64 if q.device.type == "cuda" else 32
-    _attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), n_heads)](
+    _attn_bwd_preprocess_kernel[(cdiv(total_q, block_t), n_heads)](
         out, dout, dlse if dlse is not None else lse, delta, total_q,
         out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), lse.stride(0),
         HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_T=block_t, HAS_DLSE=dlse is not None)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._device import launches_on_input_device
+from ._host_math import cdiv
 from .flash_attn import (
     LOG2E,
     BlockConfig,
@@ -221,6 +222,6 @@ def dropout_mask(seed: torch.Tensor, n_heads: int, total_q: int, width: int, dro
     Philox counter depends on nothing else). For tests and flash-attn's return_attn_probs."""
     keep = torch.empty((n_heads, total_q, width), dtype=torch.int8, device=seed.device)
     if keep.numel():
-        grid = (triton.cdiv(total_q, 32), triton.cdiv(width, 64), n_heads)
+        grid = (cdiv(total_q, 32), cdiv(width, 64), n_heads)
         _dropout_mask_kernel[grid](seed, keep, total_q, width, dropout_p, BLOCK_T=32, BLOCK_W=64)
     return keep.view(torch.bool)

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ._device import launches_on_input_device
+from ._host_math import cdiv, next_power_of_2
 
 # A row must fit in registers; 32768 float32 values spread over 16 warps is 64 per thread, the most we allow.
 MAX_FEATURES = 32768
@@ -123,7 +124,7 @@ def _rms_norm_bwd_kernel(
 
 def _tile(n_features: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): whole rows, ~4096 elements per program, ~8-16 elements per thread."""
-    block_n = triton.next_power_of_2(n_features)
+    block_n = next_power_of_2(n_features)
     block_m = max(1, min(64, 4096 // block_n))
     num_warps = max(1, min(16, block_m * block_n // 512))
     return block_m, block_n, num_warps
@@ -147,7 +148,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, y: torch
     block_m, block_n, num_warps = _tile(N)
     res = residual if residual is not None else x
     h_out = h if h is not None else y
-    _rms_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+    _rms_norm_fwd_kernel[(cdiv(M, block_m),)](
         x, res, weight, y, h_out, rstd,
         x.stride(0), res.stride(0), y.stride(0), h_out.stride(0),
         M, N, eps,
@@ -165,9 +166,9 @@ def rms_norm_backward(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, r
     if M == 0:
         return torch.zeros_like(weight)
     block_m, block_n, num_warps = _tile(N)
-    programs = max(1, min(_backward_programs(h.device), triton.cdiv(M, block_m)))
-    rows_per_program = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m
-    programs = triton.cdiv(M, rows_per_program)
+    programs = max(1, min(_backward_programs(h.device), cdiv(M, block_m)))
+    rows_per_program = cdiv(cdiv(M, programs), block_m) * block_m
+    programs = cdiv(M, rows_per_program)
     dw_partial = torch.empty(programs, N, device=h.device, dtype=torch.float32)
     dh_in = dh_out if dh_out is not None else dy
     dres_out = dres if dres is not None else dx

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ._device import launches_on_input_device
+from ._host_math import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -235,15 +236,15 @@ def _qkv_rotary_kernel(
 
 def grid(batch: int, seqlen: int, n_heads: int, block_t: int, block_h: int) -> tuple[int, int]:
     """Axis 0: every (sequence, token block) pair (up to 2^31 - 1); axis 1: head blocks (a handful)."""
-    return batch * triton.cdiv(seqlen, block_t), triton.cdiv(n_heads, block_h)
+    return batch * cdiv(seqlen, block_t), cdiv(n_heads, block_h)
 
 
 def _blocks(n_heads: int, rotary_half: int, head_dim: int) -> tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_H, BLOCK_R, BLOCK_TAIL): ~2048 feature pairs per program, heads first."""
-    block_r = triton.next_power_of_2(rotary_half)
-    block_h = min(triton.next_power_of_2(n_heads), max(1, 2048 // block_r))
+    block_r = next_power_of_2(rotary_half)
+    block_h = min(next_power_of_2(n_heads), max(1, 2048 // block_r))
     block_t = max(1, 2048 // (block_h * block_r))
-    block_tail = triton.next_power_of_2(max(1, head_dim - 2 * rotary_half))
+    block_tail = next_power_of_2(max(1, head_dim - 2 * rotary_half))
     return block_t, block_h, block_r, block_tail
 
 

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ._device import launches_on_input_device
+from ._host_math import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -85,9 +86,9 @@ def _swiglu_bwd_kernel(
 
 def _tile(M: int, N: int) -> tuple[tuple[int, int], int, int]:
     """(grid, BLOCK_M, BLOCK_N): ~2048-element tiles, whole short rows packed several to a program."""
-    block_n = min(2048, triton.next_power_of_2(N))
+    block_n = min(2048, next_power_of_2(N))
     block_m = max(1, 2048 // block_n)
-    return (triton.cdiv(M, block_m), triton.cdiv(N, block_n)), block_m, block_n
+    return (cdiv(M, block_m), cdiv(N, block_n)), block_m, block_n
 
 
 @launches_on_input_device
