@@ -6,7 +6,8 @@ Backends:
   cuda       the compiled extension's CUDA kernels (internlm_kernels._C)
   cpu        CPU kernels: the compiled extension's C++/OpenMP kernels (internlm_kernels._C) for adamw and
              grad_norm; for attention, ATen's CPU flash kernel (torch SDPA) run per document
-  auto       CUDA tensors: the fastest measured GPU implementation of the op;
+  auto       CUDA tensors: the compiled CUDA kernel where the op has one, else Triton (a fixed order, not a
+             measurement: nothing has been timed on a GPU yet);
              CPU tensors: the C++ kernel where one exists, else the reference.
 
 Choose with the environment variable INTERNLM_KERNELS_BACKEND, either one name for every op
