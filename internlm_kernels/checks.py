@@ -16,7 +16,6 @@ cu_seqlens that does not describe the packed tensor makes the kernels read and w
 from __future__ import annotations
 
 import os
-import threading
 from typing import Iterable
 
 import torch
@@ -27,33 +26,34 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 DEBUG_ENV_VAR = "INTERNLM_KERNELS_DEBUG"
 
-_debug = threading.local()
+_debug_override: bool | None = None   # set by debug_checks; None: the environment decides
 
 
 def debug_checks_enabled() -> bool:
-    """Whether value checks run on CUDA tensors: ``debug_checks`` if it was called in this thread, else the
-    environment variable INTERNLM_KERNELS_DEBUG (1/true/yes/on)."""
-    enabled = getattr(_debug, "enabled", None)
-    if enabled is None:
+    """Whether value checks run on CUDA tensors: as ``debug_checks`` last set it, else the environment variable
+    INTERNLM_KERNELS_DEBUG (1/true/yes/on)."""
+    if _debug_override is None:
         return os.environ.get(DEBUG_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
-    return enabled
+    return _debug_override
 
 
 class debug_checks:
-    """Turn value checks on CUDA tensors on (or off): ``debug_checks(True)`` for the rest of the thread, or
+    """Turn value checks on CUDA tensors on (or off) for the whole process: ``debug_checks(True)`` from now on, or
     ``with debug_checks(): ...`` for a block (the previous setting comes back when it ends)."""
 
     def __init__(self, enabled: bool = True):
+        global _debug_override
         if not isinstance(enabled, bool):
             raise ValueError(f"enabled must be a bool, got {enabled!r}")
-        self._previous = getattr(_debug, "enabled", None)
-        _debug.enabled = enabled
+        self._previous = _debug_override
+        _debug_override = enabled
 
     def __enter__(self) -> debug_checks:
         return self
 
     def __exit__(self, *exc) -> None:
-        _debug.enabled = self._previous
+        global _debug_override
+        _debug_override = self._previous
 
 
 def reads_values(t: torch.Tensor) -> bool:
