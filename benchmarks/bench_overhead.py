@@ -16,7 +16,9 @@ path, allocations and the launch. Kernel time is kept out:
   of many calls (one synchronize at the end) is the host time per call.
 
 Figure: microseconds per call, best of 5 means over 200 calls (``ms`` in the record, so summarize.py ratios compare
-inverse times). The goal (issue 9) is ours within 1.5x of the peer. CPU figures on a shared machine are noisy.
+inverse times). The goal (issue 9) is ours within 1.5x of the peer. The clock: on CPU the process's CPU time
+(``time.process_time``, one torch thread), which leaves out the time other jobs on a shared machine hold the core;
+on GPU wall time (the host waits for nothing but its own work there).
 On CPU run this file in its own pytest process (it sets TRITON_INTERPRET=1 before the kernels are defined).
 """
 from __future__ import annotations
@@ -45,10 +47,11 @@ N = 256 if ON_GPU else 32        # rms_norm / swiglu width
 
 @pytest.fixture(scope="module", autouse=True)
 def no_op_kernels_on_cpu():
-    """CPU: Triton launches do nothing (see the module docstring); GPU: untouched."""
+    """CPU: Triton launches do nothing (see the module docstring), one torch thread; GPU: untouched."""
     if ON_GPU:
         yield
         return
+    torch.set_num_threads(1)
     from triton.runtime.interpreter import InterpretedFunction
 
     run = InterpretedFunction.run
@@ -60,6 +63,9 @@ def no_op_kernels_on_cpu():
         InterpretedFunction.run = run
 
 
+CLOCK = time.perf_counter if ON_GPU else time.process_time
+
+
 def host_ms(fn, calls: int = 200) -> float:
     """Milliseconds per call of ``fn``: best of 5 means over ``calls`` calls, synchronized once per batch."""
     for _ in range(10):
@@ -68,12 +74,12 @@ def host_ms(fn, calls: int = 200) -> float:
     for _ in range(5):
         if ON_GPU:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         for _ in range(calls):
             fn()
         if ON_GPU:
             torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) / calls * 1e3)
+        best = min(best, (CLOCK() - t0) / calls * 1e3)
     return best
 
 
