@@ -92,14 +92,14 @@ def test_every_triton_launcher_runs_under_its_inputs_device():
 
     from internlm_kernels.triton import cross_entropy, flash_attn_bwd, flash_attn_fwd, rms_norm, rotary, swiglu
 
+    launchers = []
     for module in (cross_entropy, flash_attn_bwd, flash_attn_fwd, rms_norm, rotary, swiglu):
-        source = inspect.getsource(module)
         for name, fn in vars(module).items():
             if inspect.isfunction(fn) and fn.__module__ == module.__name__ and not name.startswith("_"):
-                launches = "](" in inspect.getsource(inspect.unwrap(fn))    # kernel[grid](...)
-                if launches:
+                if "](" in inspect.getsource(inspect.unwrap(fn)):              # launches: kernel[grid](...)
+                    launchers.append(name)
                     assert getattr(fn, "launches_on_input_device", False), f"{module.__name__}.{name}"
-        assert "[grid](" in source or "](" in source
+    assert len(launchers) >= 11, launchers
 
 
 def test_per_tensor_cache_reuse_rules():
