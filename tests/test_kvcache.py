@@ -171,6 +171,25 @@ def test_reference_backend_and_inference_mode():
     assert_close(kc, k_cache)
 
 
+@pytest.mark.parametrize("name", ["decode-paged16", "multi-token-noncausal-mha-page32", "rotary-half-partial",
+                                  "window-right", "batch-idx-leftpad", "bf16", "no-append"])
+def test_cpu_backend_matches_reference(name):
+    """The cpu backend (one indexed append, SDPA over the gathered cache) against the reference; the first sequence
+    has an empty cache (with no append: its queries see no key)."""
+    case = CASES[name]
+    q, k_cache, v_cache, kw = build(dataclasses.replace(case, seqlens=(0,) + case.seqlens[1:]))
+    kc, vc = k_cache.clone(), v_cache.clone()
+    with torch.no_grad(), ik.use_backend(kvcache="cpu"):
+        got = ik.flash_attn_with_kvcache(q, kc, vc, **kw)
+    with torch.no_grad(), ik.use_backend(kvcache="reference"):
+        want = ik.flash_attn_with_kvcache(q, k_cache, v_cache, **kw)
+    assert_close(got, want)
+    assert_close(kc, k_cache)
+    with pytest.raises(NotImplementedError, match="return_softmax_lse"), ik.use_backend(kvcache="cpu"):
+        ik.flash_attn_with_kvcache(q, kc, vc, return_softmax_lse=True, **{**kw, "k": None, "v": None,
+                                                                           "rotary_cos": None, "rotary_sin": None})
+
+
 @pytest.mark.parametrize("page_size", [16, 32])
 def test_paged_varlen_matches_reference(page_size):
     """flash_attn_varlen_func(..., block_table=...): chunked prefill over pages, unequal query and key lengths."""
