@@ -311,3 +311,15 @@ def test_gpu_cuda_graph_capture_replays_decode():
         graph.replay()
     assert_close(out, want)
     assert torch.equal(kc2, kc)
+
+
+@pytest.mark.gpu
+def test_gpu_inputs_on_a_device_that_is_not_current():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    q, k_cache, v_cache, kw = build(Case(rotary="half", num_splits=2))
+    with torch.no_grad():
+        want = ik.flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), **kw)
+        moved = {n: t.to("cuda:1") if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
+        got = ik.flash_attn_with_kvcache(q.to("cuda:1"), k_cache.to("cuda:1"), v_cache.to("cuda:1"), **moved)
+    assert_close(got.cpu(), want.cpu())

@@ -90,11 +90,11 @@ def test_logprobs_match_cross_entropy_and_leading_dims():
     assert_close(logp.reshape(-1), -ce)
 
 
-def test_reference_backend_agrees():
+def test_reference_backend_agrees_and_inference_mode():
     hidden, weight, targets, _ = make_inputs(10, 8, 40, torch.float32, ignored=(1,))
     with ik.use_backend("reference"):
         want = ik.fused_linear_logprobs(hidden, weight, targets, 0.8, return_entropy=True)
-    with ik.use_backend("triton"):
+    with ik.use_backend("triton"), torch.inference_mode():
         got = ik.fused_linear_logprobs(hidden, weight, targets, 0.8, return_entropy=True)
     for g, w in zip(got, want):
         assert_close(g, w)
