@@ -109,6 +109,7 @@ CASES = {
     "decode-paged16": Case(),
     "decode-contiguous": Case(page_size=None),
     "decode-gqa8-page64": Case(hq=8, hkv=1, page_size=64, seqlens=(70, 1, 5)),
+    "page8-smaller-than-key-block": Case(page_size=8, n_q=2, num_splits=2),
     "multi-token-causal": Case(n_q=3, seqlens=(0, 5, 29), hq=6, hkv=2, d=24),
     "multi-token-noncausal-mha-page32": Case(n_q=3, causal=False, hq=2, hkv=2, page_size=32),
     "no-append": Case(n_new=0, seqlens=(1, 16, 40)),

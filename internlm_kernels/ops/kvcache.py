@@ -14,15 +14,13 @@ Kernels: internlm_kernels/triton/flash_decode.py. Backend op name: ``kvcache`` (
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_same_dtype, check_tensor, once_per_version
 from ..backend import choose, requested
-from .attention import _check_args, _check_hint, _last_dim_contiguous
+from .attention import _check_args, _check_hint, _last_dim_contiguous, _uniform_cu_seqlens
 
 INT32 = (torch.int32,)
 
@@ -31,11 +29,6 @@ def _kernels():
     from ..triton import flash_decode, rotary
 
     return flash_decode, rotary
-
-
-@functools.lru_cache(maxsize=16)
-def _uniform_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> Tensor:
-    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
 
 
 # --------------------------------------------------------------------------------------------------
