@@ -271,6 +271,12 @@ def test_opcheck_and_fullgraph_compile():
     with ik.use_backend("triton"):
         torch.library.opcheck(torch.ops.internlm_kernels.flash_attn_with_kvcache.default, args,
                               test_utils=("test_schema", "test_faketensor"))
+        lens_k = (kw["cache_seqlens"] + 1).tolist()
+        cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+        cu_q = torch.arange(0, 7, 2, dtype=torch.int32, device=DEV)
+        torch.library.opcheck(torch.ops.internlm_kernels.flash_attn_varlen_paged.default,
+                              (q.reshape(6, 4, 32), k_cache, v_cache, cu_q, cu_k, kw["block_table"], None, 2,
+                               32 ** -0.5, -1, 0, 0.0, 2), test_utils=("test_schema", "test_faketensor"))
 
         def step(q, k_cache, v_cache, k, v):
             return ik.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, kw["rotary_cos"], kw["rotary_sin"],
