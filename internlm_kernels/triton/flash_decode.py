@@ -40,7 +40,7 @@ import triton.language as tl
 from .flash_attn import LOG2E, _scores, _visible, block_d
 from .rotary import _blocks, _load_cos_sin, _rotate_rows
 
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
 # Keys a split should at least have before another split pays off (its partial result costs one extra row write).
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 64
