@@ -145,7 +145,8 @@ def test_bad_arguments(model):
 
 @pytest.mark.gpu
 def test_gpu_cuda_graph_decode_equals_eager(model):
-    cuda_model = InternLM2ForCausalLM(InternLM2Config.preset("micro")).cuda().to(torch.bfloat16).eval()
+    # float32: greedy tokens of different attention kernels agree only while rounding cannot flip an argmax.
+    cuda_model = InternLM2ForCausalLM(InternLM2Config.preset("micro")).cuda().eval()
     prompts = PROMPTS * 3
     eager = ContinuousBatchingGenerator(cuda_model, max_batch=8, cuda_graphs=False).generate(prompts, 12,
                                                                                               stop_token_ids=())
