@@ -90,10 +90,20 @@ def test_every_triton_launcher_runs_under_its_inputs_device():
     device first (the GPU test on cuda:1 runs them)."""
     import inspect
 
-    from internlm_kernels.triton import cross_entropy, flash_attn_bwd, flash_attn_fwd, rms_norm, rotary, swiglu
+    from internlm_kernels.triton import (
+        cross_entropy,
+        flash_attn_bwd,
+        flash_attn_fwd,
+        flash_decode,
+        linear_logprobs,
+        rms_norm,
+        rotary,
+        swiglu,
+    )
 
     launchers = []
-    for module in (cross_entropy, flash_attn_bwd, flash_attn_fwd, rms_norm, rotary, swiglu):
+    for module in (cross_entropy, flash_attn_bwd, flash_attn_fwd, flash_decode, linear_logprobs, rms_norm, rotary,
+                   swiglu):
         for name, fn in vars(module).items():
             if inspect.isfunction(fn) and fn.__module__ == module.__name__ and not name.startswith("_"):
                 if "](" in inspect.getsource(inspect.unwrap(fn)):              # launches: kernel[grid](...)

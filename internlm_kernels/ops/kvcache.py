@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._checks import FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_tensor, once_per_version
+from .._tensor_cache import PerTensorCache
 from ..backend import choose, requested
+from ..checks import FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_tensor, reads_values
 from .attention import _check_args, _check_hint, _last_dim_contiguous, _uniform_cu_seqlens
 
 INT32 = (torch.int32,)
@@ -101,11 +102,9 @@ def _no_grad_wanted(*tensors) -> None:
                                   "only and has no backward; call it under torch.no_grad() or inference_mode()")
 
 
-def _values_checkable() -> bool:
-    """Value checks read tensors (a device sync): skipped while tracing or capturing a CUDA graph."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+# The value checks read tensors on the host: CPU tensors always, CUDA ones only under the debug switch
+# (checks.reads_values), so a decode step never waits for the GPU. A block table reused across steps is checked once.
+_values_read = PerTensorCache("kvcache value check", capturable=False)
 
 
 def _check_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
@@ -226,7 +225,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be a bool, got {flag!r}")
     _no_grad_wanted(q, k_cache, v_cache, k, v)
-    if _values_checkable():
+    if reads_values(cache_seqlens):
         _check_kvcache_values(k_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, n_new, capacity)
 
     backend = choose("kvcache", q.device)
@@ -302,8 +301,8 @@ def _sdpa_over_cache(q, k_cache, v_cache, k, v, cos, sin, cache_seqlens, cache_b
 
 def _check_kvcache_values(k_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, n_new: int,
                           capacity: int) -> None:
-    key = ("kvcache", n_new, capacity, tuple(k_cache.shape),
-           *((id(t), t._version) if t is not None else None for t in (cache_batch_idx, cache_leftpad, block_table)))
+    optional = (cache_batch_idx, cache_leftpad, block_table)
+    key = ("kvcache", n_new, capacity, tuple(k_cache.shape), tuple(t is not None for t in optional))
 
     def check():
         lengths = cache_seqlens + n_new
@@ -330,7 +329,7 @@ def _check_kvcache_values(k_cache, cache_seqlens, cache_batch_idx, cache_leftpad
                                    "the sequences use",
                 }[name])
 
-    once_per_version(cache_seqlens, key, check)
+    _values_read.get((cache_seqlens, *(t for t in optional if t is not None)), key, check)
 
 
 def flash_attn_varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table,
@@ -354,7 +353,7 @@ def flash_attn_varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max
         right = 0
     _no_grad_wanted(q, k_cache, v_cache)
     capacity = block_table.shape[1] * k_cache.shape[1]
-    if _values_checkable():
+    if reads_values(cu_seqlens_k):
         def check():
             lengths = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
             longest_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()
@@ -372,8 +371,7 @@ def flash_attn_varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max
                 raise ValueError(f"max_seqlen_q={hint} is shorter than the longest query sequence (with a block_table "
                                  "it sizes the launch, as in flash-attn)")
 
-        once_per_version(cu_seqlens_k, ("paged varlen", id(block_table), block_table._version, id(cu_seqlens_q),
-                                        cu_seqlens_q._version, capacity, hint), check)
+        _values_read.get((cu_seqlens_k, block_table, cu_seqlens_q), ("paged varlen", capacity, hint), check)
     backend = choose("kvcache", q.device)
     if backend == "cpu":
         if requested("kvcache") != "auto":

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._checks import FLOAT_DTYPES, check_same_dtype, check_tensor
 from ..backend import choose
+from ..checks import FLOAT_DTYPES, check_same_dtype, check_tensor
 
 
 @torch.library.custom_op("internlm_kernels::linear_logprobs_fwd", mutates_args=())

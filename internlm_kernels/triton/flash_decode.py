@@ -31,13 +31,14 @@ out = 0 and lse = +inf, as flash-attn.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from ._device import launches_on_input_device
+from ._host_math import cdiv, next_power_of_2
 from .flash_attn import LOG2E, _scores, _visible, block_d
 from .rotary import _blocks, _load_cos_sin, _rotate_rows
 
@@ -45,17 +46,6 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Keys a split should at least have before another split pays off (its partial result costs one extra row write).
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 64
-
-
-def launches_on_input_device(fn):
-    """Run ``fn(t, ...)`` with t's GPU as the current device: Triton launches on the current device, and the inputs
-    may live on another one."""
-    @functools.wraps(fn)
-    def on_device(t: torch.Tensor, *args, **kwargs):
-        with torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext():
-            return fn(t, *args, **kwargs)
-
-    return on_device
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,7 +145,7 @@ def append_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     block_t, block_h, block_r, block_tail = _blocks(n_kv_heads, rotary_half, head_dim)
     dummy = cache_seqlens
     paged = block_table is not None
-    grid = (triton.cdiv(n_new, block_t), B, triton.cdiv(n_kv_heads, block_h))
+    grid = (cdiv(n_new, block_t), B, cdiv(n_kv_heads, block_h))
     _append_kv_kernel[grid](
         k, v, k_cache, v_cache, cache_seqlens,
         cache_batch_idx if cache_batch_idx is not None else dummy, block_table if paged else dummy,
@@ -168,7 +158,7 @@ def append_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1, HAS_BATCH_IDX=cache_batch_idx is not None,
         HAS_ROTARY=cos is not None, INTERLEAVED=interleaved, COPY_TAIL=2 * rotary_half < head_dim,
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_TAIL=block_tail,
-        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4)
+        BLOCK_D=next_power_of_2(head_dim), num_warps=4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -376,15 +366,15 @@ def choose_splits(batch: int, n_kv_heads: int, row_tiles: int, key_capacity: int
     if device.type != "cuda":
         return 1
     programs = batch * n_kv_heads * row_tiles
-    want = triton.cdiv(2 * _sm_count(device), max(programs, 1))
-    return max(1, min(want, triton.cdiv(key_capacity, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+    want = cdiv(2 * _sm_count(device), max(programs, 1))
+    return max(1, min(want, cdiv(key_capacity, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
 
 
 def decode_blocks(group: int, max_q: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N): a row tile that holds the query heads of a group for as many query tokens as fit in 64
     rows (16 at least: tl.dot's smallest M), and key blocks of 64 (32 with fp32 or D = 256, for registers; 16 under
     the interpreter so multi-block loops and page crossings occur at test sizes)."""
-    block_m = max(16, min(64, triton.next_power_of_2(group * max(max_q, 1))))
+    block_m = max(16, min(64, next_power_of_2(group * max(max_q, 1))))
     if device.type != "cuda":
         return block_m, 16
     return block_m, 32 if dtype == torch.float32 or head_dim > 128 else 64
@@ -406,7 +396,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q)
     lse = torch.empty((n_heads, total_q), dtype=torch.float32, device=q.device)
     block_m, block_n = decode_blocks(group, max_q, head_dim, q.dtype, q.device)
-    row_tiles = triton.cdiv(group * max(max_q, 1), block_m)
+    row_tiles = cdiv(group * max(max_q, 1), block_m)
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     splits = num_splits or choose_splits(batch, n_kv_heads, row_tiles, capacity, q.device)
@@ -443,6 +433,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if splits > 1:
         _combine_splits_kernel[(total_q * n_heads,)](
             out_part, lse_part, out, lse, out.stride(0), out.stride(1), lse.stride(0), total_q, n_heads,
-            SPLITS=splits, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(splits),
-            BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4)
+            SPLITS=splits, HEAD_DIM=head_dim, BLOCK_S=next_power_of_2(splits),
+            BLOCK_D=next_power_of_2(head_dim), num_warps=4)
     return out, lse

@@ -22,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import launches_on_input_device
+from ._host_math import next_power_of_2
 from .cross_entropy import MAX_BLOCK_V, chunk_rows
-from .flash_decode import launches_on_input_device
 
 
 @triton.jit
@@ -98,7 +99,7 @@ def _rows(logits: torch.Tensor, target: torch.Tensor, logp: torch.Tensor, entrop
     rows, V = logits.shape
     if rows == 0:
         return
-    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+    block_v = min(MAX_BLOCK_V, next_power_of_2(V))
     _logprob_rows_kernel[(rows,)](
         logits, logits.stride(0), target, logp, entropy, stats,
         grad_logp if grad_logp is not None else stats, grad_entropy if grad_entropy is not None else stats,
