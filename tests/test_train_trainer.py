@@ -5,6 +5,7 @@ import os
 import random
 import traceback
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -120,3 +121,29 @@ def test_steady_state_step_reads_nothing_from_the_device_in_model_or_trainer_cod
     ours = [s for s in reads.sites if s.startswith(("train/", "models/"))]
     assert not ours, ours
     print("host reads inside internlm_kernels per two steps:", sorted(set(reads.sites)))
+
+
+@pytest.mark.gpu
+def test_steady_state_steps_never_sync_on_gpu(tmp_path):
+    """Issue 9, item 3, on a GPU: forward, backward, clip and FusedAdamW steps of the Trainer with bf16 weights and
+    fp32 master weights under ``torch.cuda.set_sync_debug_mode("error")``: any device-to-host sync raises. Needs
+    the kernels' value checks off (their default without INTERNLM_KERNELS_DEBUG)."""
+    torch.manual_seed(0)
+    runtime = Runtime(torch.device("cuda"), torch.bfloat16)
+    model = InternLM2ForCausalLM(InternLM2Config(vocab_size=272, hidden_size=128, intermediate_size=256,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    trainer = Trainer(model.to("cuda", torch.bfloat16), runtime, optim=OptimConfig(warmup_steps=1),
+                      checkpoint=CheckpointConfig(), metrics=MetricsConfig(progress=False, log_every=100),
+                      run_dir=str(tmp_path), total_steps=10)
+    stage = sums_stage(ByteTokenizer(), 10)
+    for _ in range(2):                                   # optimizer state, kernel compilation, caches
+        trainer.step(stage)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            trainer.step(stage)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert trainer.state.global_step == 5
