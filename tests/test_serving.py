@@ -74,7 +74,8 @@ def test_logprobs_are_the_models_and_match_fused_linear_logprobs(model):
 
 
 def _packed_ctx(model, seq):
-    from models.internlm2 import PackedContext, PackedInputs
+    from models.context import PackedContext
+    from models.packing import PackedInputs
 
     cu = torch.tensor([0, seq.numel()], dtype=torch.int32)
     return PackedContext(PackedInputs(seq, cu, seq.numel(), None, None, None), model.model.rotary)
