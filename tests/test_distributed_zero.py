@@ -1,0 +1,119 @@
+"""Hybrid ZeRO on real gloo ranks: every variant trains exactly like one process, and the recorded collective
+schedule shows the overlap (reduce-scatter inside the backward, each gather waited at its bucket's first use,
+buckets in forward use order)."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from distributed_harness import (CLIP, LR, STEPS, assert_close_run, global_loss, micro_model, rank_batches,
+                                 reference_run, run_ranks)
+
+from internlm_kernels.distributed import ZeroDataParallel
+
+# Forward use order of the micro model: the loss reads output.weight inside the root's forward, before any child.
+FORWARD_ORDER = ["output.weight", "model.tok_embeddings.weight"] + [
+    f"model.layers.{i}.{n}.weight" for i in range(2)
+    for n in ("attention_norm", "attention.wqkv", "attention.wo", "ffn_norm", "feed_forward.w1", "feed_forward.w3",
+              "feed_forward.w2")] + ["model.norm.weight"]
+
+
+def train_zero(rank: int, world: int, **options):
+    model = micro_model()
+    zero = ZeroDataParallel(model, lr=LR, weight_decay=0.1, record_schedule=True, **options)
+    losses = []
+    for step in range(STEPS):
+        mine, total = rank_batches(step, rank, world)
+        local = 0.0
+        for i, (ids, cu) in enumerate(mine):
+            with zero.no_sync() if i < len(mine) - 1 else contextlib.nullcontext():
+                loss = zero(ids, cu, labels=ids, loss_reduction="sum").loss
+                (loss * world / total).backward()
+            local += float(loss)
+        zero.clip_grad_norm_(CLIP)
+        zero.optimizer.step()
+        losses.append(global_loss(local) / total)
+        if step == STEPS - 2:
+            zero.schedule.events.clear()   # keep the last step (and the forward after the step before it)
+    params = {k: v.clone() for k, v in zero.state_dict().items()}
+    return (losses, params), zero.schedule.events, zero.buckets
+
+
+CASES = {
+    "zero1": dict(stage=1, bucket_numel=4000),
+    "zero1_blocking": dict(stage=1, bucket_numel=4000, overlap=False),
+    "zero2": dict(stage=2, bucket_numel=4000),
+    "zero2_one_bucket": dict(stage=2, bucket_numel=1 << 20),
+}
+
+
+def two_rank_cases(rank: int, world: int):
+    return {name: train_zero(rank, world, **opts) for name, opts in CASES.items()}
+
+
+def hybrid_case(rank: int, world: int):
+    return train_zero(rank, world, stage=2, shard_size=2, bucket_numel=4000)
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_ranks(two_rank_cases, 2)
+
+
+def test_zero_modes_equal_single_process(two_ranks):
+    want = reference_run(2)
+    for name in CASES:
+        for rank in range(2):
+            run, _, buckets = two_ranks[rank][name]
+            assert_close_run(run, want)
+            assert [n for b in buckets for n in b] == FORWARD_ORDER, name
+    on, off = two_ranks[0]["zero1"][0], two_ranks[0]["zero1_blocking"][0]
+    assert on[0] == off[0]   # overlap changes when collectives run, not what they compute
+    assert all(torch.equal(on[1][k], off[1][k]) for k in on[1])
+
+
+def test_hybrid_shard_groups_equal_single_process():
+    """4 ranks, shard groups of 2 (reduce-scatter inside a group, all-reduce of the shards across groups)."""
+    results = run_ranks(hybrid_case, 4)
+    want = reference_run(4)
+    for run, events, _ in results:
+        assert_close_run(run, want)
+        assert events and any(e.kind == "all_reduce" for e in events)
+
+
+def test_schedule_overlaps_and_follows_forward_order(two_ranks):
+    _, events, buckets = two_ranks[0]["zero1"]
+    n = len(buckets)
+    assert n >= 4
+    kinds = [e.kind for e in events]
+    # The last step's final micro-step: its first reduce-scatter is issued while gradients are still arriving.
+    last_end = max(i for i, k in enumerate(kinds) if k == "backward_end")
+    first_rs = kinds.index("reduce_scatter")
+    assert first_rs < last_end
+    assert any(k == "grad" for k in kinds[first_rs:last_end]), "reduce-scatter issued only after the backward"
+    # Buckets reduce in reverse forward order (backward order) and gather in forward order.
+    assert [e.bucket for e in events if e.kind == "reduce_scatter"] == list(range(n - 1, -1, -1))
+    step_at = kinds.index("step")
+    gathers = [e.bucket for e in events[step_at:] if e.kind == "all_gather"]
+    assert gathers == list(range(n))
+    # The forward of the step before (events before the step): each gather waited right before its first use.
+    waits = [i for i in range(step_at) if kinds[i] == "wait_all_gather"]
+    assert [events[i].bucket for i in waits] == list(range(n))
+    for i in waits:
+        b = events[i].bucket
+        assert events[i + 1].kind == "use" and events[i + 1].bucket == b and events[i + 1].where == events[i].where
+        assert not any(e.kind == "use" and e.bucket == b for e in events[:i]), f"bucket {b} used before its wait"
+
+
+def test_blocking_mode_reduces_after_backward(two_ranks):
+    _, events, _ = two_ranks[0]["zero1_blocking"]
+    kinds = [e.kind for e in events]
+    last_end = max(i for i, k in enumerate(kinds) if k == "backward_end")
+    assert kinds.index("reduce_scatter") > last_end
+    assert "wait_all_gather" in kinds[kinds.index("step"):]
+
+
+def test_bad_arguments_name_the_key():
+    with pytest.raises(ValueError, match="torch.distributed"):
+        ZeroDataParallel(micro_model())
