@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..optim import FusedAdamW
+from ._collectives import all_gather_flat, reduce_scatter_flat
 
 DEFAULT_BUCKET_NUMEL = 1 << 24    # 16M elements: 32 MB of bf16 gradients per reduce-scatter
 STAGES = (1, 2)
@@ -385,7 +386,7 @@ class ZeroDataParallel(nn.Module):
             b.grad_flat = torch.zeros(b.numel, dtype=b.grad_dtype, device=b.device)
         b.grad_flat.div_(self.world)
         b.grad_shard = torch.empty(b.shard_numel, dtype=b.grad_dtype, device=b.device)
-        b.reduce_work = dist.reduce_scatter_tensor(b.grad_shard, b.grad_flat, group=self.shard_group, async_op=True)
+        b.reduce_work = reduce_scatter_flat(b.grad_shard, b.grad_flat, group=self.shard_group, async_op=True)
         self.schedule.record("reduce_scatter", b.index)
 
     def _progress(self) -> None:
@@ -448,7 +449,7 @@ class ZeroDataParallel(nn.Module):
             b.grad_shard = None
             send = b.master if b.dtype == torch.float32 else b.master.to(b.dtype)
             b.gather_flat = torch.empty(b.numel, dtype=b.dtype, device=b.device)
-            b.gather_work = dist.all_gather_into_tensor(b.gather_flat, send, group=self.shard_group,
+            b.gather_work = all_gather_flat(b.gather_flat, send, group=self.shard_group,
                                                         async_op=True)
             self.schedule.record("all_gather", b.index)
             if not self.overlap:
