@@ -219,3 +219,6 @@ class DataParallel(Parallel):
     def no_sync(self) -> contextlib.AbstractContextManager:
         return self.model.no_sync() if self.dims.distributed else contextlib.nullcontext()
 
+
+
+from . import parallel_sharded  # noqa: E402,F401  (registers the zero1, zero2 and fsdp modes)

@@ -43,8 +43,12 @@ def _sum_grad_over(group):
 def parallelize_internlm2(model: nn.Module, tp_mesh) -> nn.Module:
     """Apply the plan above in place to an InternLM2ForCausalLM (or ForScore, without its head) on ``tp_mesh``."""
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                   parallelize_module)
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
     tp = tp_mesh.size()
     check_tp(model.config, tp)

@@ -184,12 +184,13 @@ class ZeroDataParallel(nn.Module):
     world). bucket_numel: target elements per bucket. overlap: issue collectives from hooks (True) or blocking
     after backward / inside step (False); the numbers are the same. grad_dtype: dtype of the gradient buffers
     and of the reduction (default the parameters' dtype). The data-parallel group is the whole world.
-    record_schedule: keep a CollectiveSchedule of this rank's collectives in ``.schedule`` (tests).
+    make_optimizer: instead of keyword options, a callable (param groups -> FusedAdamW), e.g. a trainer's
+    factory. record_schedule: keep a CollectiveSchedule of this rank's collectives in ``.schedule`` (tests).
     """
 
     def __init__(self, module: nn.Module, param_groups=None, *, stage: int = 2, shard_size: int | None = None,
                  bucket_numel: int = DEFAULT_BUCKET_NUMEL, overlap: bool = True, grad_dtype: torch.dtype | None = None,
-                 record_schedule: bool = False, **optimizer_options):
+                 record_schedule: bool = False, make_optimizer=None, **optimizer_options):
         super().__init__()
         if not dist.is_initialized():
             raise ValueError("ZeroDataParallel needs torch.distributed to be initialized (init_process_group)")
@@ -221,11 +222,13 @@ class ZeroDataParallel(nn.Module):
         if len(devices) != 1:
             raise ValueError(f"module's parameters must be on one device, got {sorted(map(str, devices))}")
         self._build_groups(shard_size, devices.pop().type)
-        self.optimizer = _ShardedAdamW(self, optimizer_options)
+        if make_optimizer is not None and optimizer_options:
+            raise ValueError("pass FusedAdamW options either as keywords or through make_optimizer, not both")
+        self.optimizer = _ShardedAdamW(self, make_optimizer or (lambda groups: FusedAdamW(groups, **optimizer_options)))
 
         self._owner = {}        # parameter -> the module that registers it
         self._parent = {}       # module -> parent module
-        for name, m in module.named_modules():
+        for m in module.modules():
             for p in m.parameters(recurse=False):
                 self._owner.setdefault(p, m)
             for child in m.children():
@@ -423,6 +426,13 @@ class ZeroDataParallel(nn.Module):
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
+    def scale_gradients_(self, factor: torch.Tensor | float) -> None:
+        """Multiply the reduced gradient shards by ``factor`` (e.g. ranks / global target count, on the device)."""
+        self.finish_gradient_reduction()
+        shards = [b.grad_shard for b in self._buckets]
+        torch._foreach_mul_(shards, factor.to(shards[0].dtype) if isinstance(factor, torch.Tensor) else factor)
+
+    @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the reduced gradients to a global L2 norm ``max_norm``; returns the norm before clipping (float32
         scalar on the device). One all-reduce of the squared local norm over the shard group."""
@@ -464,9 +474,9 @@ class _ShardedAdamW:
     DTensors sharded on dim 0 over the shard mesh), so it saves and loads with DCP across layouts.
     """
 
-    def __init__(self, owner: ZeroDataParallel, options: dict):
+    def __init__(self, owner: ZeroDataParallel, make):
         self.owner = owner
-        self.options = options
+        self.make = make
         self.inner: FusedAdamW | None = None
 
     def _rebuild(self, saved: dict) -> None:
@@ -477,7 +487,7 @@ class _ShardedAdamW:
             if masters:
                 groups.append({"params": masters, **extra})
         lrs = [g["lr"] for g in self.inner.param_groups] if self.inner is not None else None
-        self.inner = FusedAdamW(groups, **self.options)
+        self.inner = self.make(groups)
         if lrs is not None:
             for g, lr in zip(self.inner.param_groups, lrs):
                 g["lr"] = lr
@@ -539,19 +549,13 @@ class _ShardedAdamW:
             bstate = self._bucket_state(b)
             for s in b.slots:
                 p = s.param
-
-                def shard(t: torch.Tensor, dtype=None):
-                    local = s.local_view(t, owner.shard)
-                    local = local if dtype is None else local.to(dtype)
-                    return DTensor.from_local(local, owner.mesh, placements, run_check=False, shape=p.shape,
-                                              stride=p.stride())
-
-                entry = {"step": bstate["step"]}
-                for key, value in bstate.items():
-                    if key != "step":
-                        entry[key] = shard(value)
+                views = {k: v for k, v in bstate.items() if k != "step"}
                 if p.dtype != torch.float32:
-                    entry["master_param"] = shard(b.master)
+                    views["master_param"] = b.master
+                entry = {"step": bstate["step"]}
+                for key, value in views.items():
+                    entry[key] = DTensor.from_local(s.local_view(value, owner.shard), owner.mesh, placements,
+                                                    run_check=False, shape=p.shape, stride=p.stride())
                 state[s.name] = entry
                 groups[group_pos[id(b.master)]]["params"].append(s.name)
         return {"state": state, "param_groups": groups}
