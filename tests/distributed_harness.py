@@ -94,8 +94,9 @@ def rank_batches(step: int, rank: int, world: int):
     return every[rank * MICRO_STEPS:(rank + 1) * MICRO_STEPS], sum(n_targets(b) for b in every)
 
 
-def reference_run(world: int, seed: int = 0):
-    """One process trains on every rank's micro-batches: FusedAdamW, clipping, accumulation. (losses, params)"""
+def reference_run(world: int, seed: int = 0, checkpoint: str | None = None):
+    """One process trains on every rank's micro-batches: FusedAdamW, clipping, accumulation. (losses, params);
+    with ``checkpoint`` also saves model and optimizer there through DCP and returns their state dicts."""
     import internlm_kernels as ik
 
     model = micro_model(seed)
@@ -113,7 +114,15 @@ def reference_run(world: int, seed: int = 0):
         opt.step()
         opt.zero_grad()
         losses.append(loss_sum / total)
-    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if checkpoint is None:
+        return losses, params
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=checkpoint)
+    return (losses, params), osd
 
 
 def global_loss(local_sum: float) -> float:
@@ -130,5 +139,5 @@ def assert_close_run(got, want, rtol: float = 1e-5) -> None:
     # gradient is float noise (another reduction order) can differ by a small fraction of lr: atol = lr / 100.
     for k in want_params:
         torch.testing.assert_close(got_params[k], want_params[k], rtol=1e-4, atol=LR / 100,
-                                   msg=lambda m: f"{k}: {m}")
+                                   msg=lambda m, k=k: f"{k}: {m}")
         assert (got_params[k] - want_params[k]).abs().mean() < 1e-6, k

@@ -11,8 +11,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from distributed_harness import (CLIP, LR, STEPS, assert_close_run, global_loss, micro_model, rank_batches,
-                                 reference_run, run_ranks)
+from distributed_harness import (
+    CLIP,
+    LR,
+    STEPS,
+    assert_close_run,
+    global_loss,
+    micro_model,
+    rank_batches,
+    reference_run,
+    run_ranks,
+)
 from torch.distributed.tensor import DTensor
 
 import internlm_kernels as ik
@@ -128,6 +137,7 @@ def test_zero2_checkpoint_loads_into_fsdp(two_ranks):
         assert all(torch.equal(moments[k], r["zero2_moments"][k]) for k in moments)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 @pytest.mark.parametrize("layout", ["zero2", "tp"])
 def test_two_rank_checkpoint_loads_in_one_process_and_exports(two_ranks, layout, tmp_path):
     """2 -> 1: the sharded DCP state loads into a plain model + FusedAdamW; the HF export loads in transformers'

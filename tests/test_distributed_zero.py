@@ -7,8 +7,17 @@ import contextlib
 
 import pytest
 import torch
-from distributed_harness import (CLIP, LR, STEPS, assert_close_run, global_loss, micro_model, rank_batches,
-                                 reference_run, run_ranks)
+from distributed_harness import (
+    CLIP,
+    LR,
+    STEPS,
+    assert_close_run,
+    global_loss,
+    micro_model,
+    rank_batches,
+    reference_run,
+    run_ranks,
+)
 
 from internlm_kernels.distributed import ZeroDataParallel
 
@@ -52,8 +61,22 @@ def two_rank_cases(rank: int, world: int):
     return {name: train_zero(rank, world, **opts) for name, opts in CASES.items()}
 
 
-def hybrid_case(rank: int, world: int):
-    return train_zero(rank, world, stage=2, shard_size=2, bucket_numel=4000)
+def hybrid_case(rank: int, world: int, checkpoint: str):
+    """Hybrid training, then 1 -> 4: a single-process DCP checkpoint loaded into ZeRO-2 sharded over 4 ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import DTensor
+
+    trained = train_zero(rank, world, stage=2, shard_size=2, bucket_numel=4000)
+    zero = ZeroDataParallel(micro_model(seed=3), lr=LR, weight_decay=0.1, stage=2, bucket_numel=4000)
+    state = {"model": zero.state_dict(), "optimizer": zero.optimizer.state_dict()}
+    dcp.load(state, checkpoint_id=checkpoint)
+    zero.optimizer.load_state_dict(state["optimizer"])
+    moments = {f"{n}.{k}": v.full_tensor() for n, s in zero.optimizer.state_dict()["state"].items()
+               for k, v in s.items() if isinstance(v, DTensor)}
+    masters_match = all(torch.equal(slot.local_view(b.master, zero.shard),
+                                    slot.param.detach()[slice(*slot.local_rows(zero.shard))])
+                        for b in zero._buckets for slot in b.slots)
+    return trained, (zero.state_dict(), moments, masters_match)
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +96,19 @@ def test_zero_modes_equal_single_process(two_ranks):
     assert all(torch.equal(on[1][k], off[1][k]) for k in on[1])
 
 
-def test_hybrid_shard_groups_equal_single_process():
-    """4 ranks, shard groups of 2 (reduce-scatter inside a group, all-reduce of the shards across groups)."""
-    results = run_ranks(hybrid_case, 4)
-    want = reference_run(4)
-    for run, events, _ in results:
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_hybrid_shard_groups_and_one_to_four_resharding(tmp_path):
+    """4 ranks, shard groups of 2 (reduce-scatter inside a group, all-reduce of the shards across groups) train
+    like one process; a checkpoint of one process loads into 4 shards."""
+    want, saved_optimizer = reference_run(4, checkpoint=str(tmp_path / "one"))
+    results = run_ranks(hybrid_case, 4, str(tmp_path / "one"))
+    for (run, events, _), (params, moments, masters_match) in results:
         assert_close_run(run, want)
         assert events and any(e.kind == "all_reduce" for e in events)
+        assert all(torch.equal(v, want[1][k]) for k, v in params.items())
+        assert all(torch.equal(moments[f"{n}.{k}"], s[k]) for n, s in saved_optimizer["state"].items()
+                   for k in ("exp_avg", "exp_avg_sq"))
+        assert masters_match   # the fp32 master shards follow the loaded parameters
 
 
 def test_schedule_overlaps_and_follows_forward_order(two_ranks):
