@@ -31,9 +31,10 @@ buffer once its reduce-scatter is done, so between the reduction and the next ba
 are held. Accumulation (several micro-steps per step) holds full buffers in both stages, as no communication
 happens before the final micro-step.
 
-Forward use order is recorded on the first forward (the order in which modules owning parameters start); a
-parameter whose module never runs (read directly by a parent, as InternLM2's loss reads ``output.weight``) is
-used by the nearest ancestor that runs, and its bucket is waited there. If the recorded order differs from the
+Forward use order is the order in which modules owning parameters start in the forward right before the first
+backward (an evaluation forward before training may take another path, e.g. through the output module instead
+of the fused loss). A parameter whose module never runs (read directly by a parent, as InternLM2's loss reads
+``output.weight``) is used by the nearest ancestor that runs, and its bucket is waited there. If the recorded order differs from the
 order the buckets were built in, they are rebuilt before the first reduction (state moves with its parameter).
 """
 from __future__ import annotations
@@ -337,6 +338,8 @@ class ZeroDataParallel(nn.Module):
 
     def _pre_forward(self, module: nn.Module, args) -> None:
         if not self._order_final:
+            if module is self.module:
+                self._fired.clear()    # the order is the one of the forward right before the first backward
             if module not in self._fired:
                 self._fired.append(module)
             return
