@@ -57,8 +57,23 @@ CASES = {
 }
 
 
+def frozen_stays_put(rank: int, world: int) -> bool:
+    """A frozen parameter gets no bucket: weight decay never touches it, it stays equal on every rank."""
+    model = micro_model()
+    model.model.norm.weight.requires_grad_(False)
+    before = model.model.norm.weight.detach().clone()
+    zero = ZeroDataParallel(model, lr=LR, weight_decay=0.1)
+    ids, cu = rank_batches(0, rank, world)[0][0]
+    zero(ids, cu, labels=ids).loss.backward()
+    zero.optimizer.step()
+    zero.wait_for_parameters()
+    return "model.norm.weight" not in sum(zero.buckets, []) and torch.equal(model.model.norm.weight, before)
+
+
 def two_rank_cases(rank: int, world: int):
-    return {name: train_zero(rank, world, **opts) for name, opts in CASES.items()}
+    results = {name: train_zero(rank, world, **opts) for name, opts in CASES.items()}
+    results["frozen"] = frozen_stays_put(rank, world)
+    return results
 
 
 def hybrid_case(rank: int, world: int, checkpoint: str):
@@ -94,6 +109,10 @@ def test_zero_modes_equal_single_process(two_ranks):
     on, off = two_ranks[0]["zero1"][0], two_ranks[0]["zero1_blocking"][0]
     assert on[0] == off[0]   # overlap changes when collectives run, not what they compute
     assert all(torch.equal(on[1][k], off[1][k]) for k in on[1])
+
+
+def test_frozen_parameter_is_left_alone(two_ranks):
+    assert all(r["frozen"] for r in two_ranks)
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

@@ -218,7 +218,10 @@ class ZeroDataParallel(nn.Module):
                     raise ValueError("param_groups hold a parameter that is not in module")
                 self._group_of[p] = i
             self._group_options.append({k: v for k, v in g.items() if k != "params"})
-        self._params = [p for _, p in named if p in self._group_of]
+        # Frozen parameters stay plain replicated tensors: no bucket, no master, no weight decay.
+        self._params = [p for _, p in named if p in self._group_of and p.requires_grad]
+        if not self._params:
+            raise ValueError("module has no parameter that requires grad")
         devices = {p.device for p in self._params}
         if len(devices) != 1:
             raise ValueError(f"module's parameters must be on one device, got {sorted(map(str, devices))}")
@@ -240,6 +243,7 @@ class ZeroDataParallel(nn.Module):
         self._waits: dict[nn.Module, list[_Bucket]] = {}
         self._sync = True
         self._in_backward = False
+        self._reducing: list[_Bucket] = []   # reduce-scatters whose cross-group all-reduce is not issued yet
         self._hooks = [m.register_forward_pre_hook(self._pre_forward) for m in module.modules()]
         self._hooks += [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._params if p.requires_grad]
         self._layout([p for p in self._params])
@@ -393,17 +397,20 @@ class ZeroDataParallel(nn.Module):
         b.grad_flat.div_(self.world)
         b.grad_shard = torch.empty(b.shard_numel, dtype=b.grad_dtype, device=b.device)
         b.reduce_work = reduce_scatter_flat(b.grad_shard, b.grad_flat, group=self.shard_group, async_op=True)
+        if self.replicate_group is not None:
+            self._reducing.append(b)
         self.schedule.record("reduce_scatter", b.index)
 
     def _progress(self) -> None:
         """Across shard groups: all-reduce each reduced shard as soon as its reduce-scatter is seen done."""
         if self.replicate_group is None:
             return
-        for b in self._buckets:
-            if b.reduce_work is not None and b.all_reduce_work is None and b.reduce_work.is_completed():
-                self._all_reduce(b)
+        while self._reducing and self._reducing[0].reduce_work.is_completed():   # they complete in issue order
+            self._all_reduce(self._reducing.pop(0))
 
     def _all_reduce(self, b: _Bucket) -> None:
+        if b in self._reducing:
+            self._reducing.remove(b)
         b.reduce_work.wait()
         b.all_reduce_work = dist.all_reduce(b.grad_shard, group=self.replicate_group, async_op=True)
         self.schedule.record("all_reduce", b.index)
