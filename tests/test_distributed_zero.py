@@ -70,9 +70,36 @@ def frozen_stays_put(rank: int, world: int) -> bool:
     return "model.norm.weight" not in sum(zero.buckets, []) and torch.equal(model.model.norm.weight, before)
 
 
-def two_rank_cases(rank: int, world: int):
+def bf16_checkpoint_round_trip(rank: int, world: int, out: str) -> bool:
+    """bf16 parameters: the fp32 master shards are saved (master_param) and restored exactly, into another stage,
+    not re-derived from the rounded parameters."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import DTensor
+
+    def masters(zero):
+        return {k: v["master_param"].full_tensor() for k, v in zero.optimizer.state_dict()["state"].items()}
+
+    zero = ZeroDataParallel(micro_model().bfloat16(), lr=LR, weight_decay=0.1, stage=2, bucket_numel=4000)
+    for step in range(2):
+        ids, cu = rank_batches(step, rank, world)[0][0]
+        zero(ids, cu, labels=ids).loss.backward()
+        zero.optimizer.step()
+    dcp.save({"model": zero.state_dict(), "optimizer": zero.optimizer.state_dict()}, checkpoint_id=out)
+    other = ZeroDataParallel(micro_model(seed=5).bfloat16(), lr=LR, weight_decay=0.1, stage=1)
+    state = {"model": other.state_dict(), "optimizer": other.optimizer.state_dict()}
+    assert all(isinstance(v["master_param"], DTensor) for v in state["optimizer"]["state"].values())
+    dcp.load(state, checkpoint_id=out)
+    other.optimizer.load_state_dict(state["optimizer"])
+    want, got = masters(zero), masters(other)
+    rounded = any(not torch.equal(w, w.bfloat16().float()) for w in want.values())   # masters carry more bits
+    return rounded and all(torch.equal(want[k], got[k]) for k in want) and all(
+        torch.equal(a, b) for a, b in zip(zero.state_dict().values(), other.state_dict().values()))
+
+
+def two_rank_cases(rank: int, world: int, out: str):
     results = {name: train_zero(rank, world, **opts) for name, opts in CASES.items()}
     results["frozen"] = frozen_stays_put(rank, world)
+    results["bf16_checkpoint"] = bf16_checkpoint_round_trip(rank, world, out)
     return results
 
 
@@ -95,8 +122,8 @@ def hybrid_case(rank: int, world: int, checkpoint: str):
 
 
 @pytest.fixture(scope="module")
-def two_ranks():
-    return run_ranks(two_rank_cases, 2)
+def two_ranks(tmp_path_factory):
+    return run_ranks(two_rank_cases, 2, str(tmp_path_factory.mktemp("zero_bf16")))
 
 
 def test_zero_modes_equal_single_process(two_ranks):
@@ -113,6 +140,10 @@ def test_zero_modes_equal_single_process(two_ranks):
 
 def test_frozen_parameter_is_left_alone(two_ranks):
     assert all(r["frozen"] for r in two_ranks)
+
+
+def test_bf16_master_shards_survive_a_checkpoint(two_ranks):
+    assert all(r["bf16_checkpoint"] for r in two_ranks)
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

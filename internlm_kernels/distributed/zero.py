@@ -587,7 +587,7 @@ class _ShardedAdamW:
         from torch.distributed.tensor import DTensor
 
         owner = self.owner
-        self.refresh_masters()
+        owner.wait_for_parameters()
         for gi, g in enumerate(state_dict["param_groups"]):
             for key, value in g.items():
                 if key != "params" and gi < len(self.inner.param_groups):
@@ -595,10 +595,10 @@ class _ShardedAdamW:
         for b in owner._buckets:
             bstate = self._bucket_state(b)
             for s in b.slots:
-                entry = state_dict["state"].get(s.name)
+                entry = state_dict["state"].get(s.name, {})
                 start, stop = s.local_rows(owner.shard)
-                if entry is None:
-                    continue
+                if "master_param" not in entry:
+                    s.local_view(b.master, owner.shard).copy_(_rows(s.param, start, stop))
                 for key, value in entry.items():
                     if key == "step":
                         bstate["step"].copy_(value)
