@@ -41,7 +41,7 @@ class ModelConfig:
     preset: str = "tiny"               # InternLM2Config.preset name
     init_from: str = ""                # optional HF-layout directory to start from instead of random init
     gradient_checkpointing: str = "none"   # none | full (recompute each block) | mlp (recompute the SwiGLU output)
-    compile: bool = False              # torch.compile the model (GPU)
+    compile: bool = False              # torch.compile the model's forward (nn.Module.compile; weights unchanged)
     overrides: dict[str, Any] = field(default_factory=dict)  # any InternLM2Config field, e.g. hidden_size
 
 
@@ -297,6 +297,11 @@ def validate(c: TrainConfig) -> None:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     _check(c.data.txt_mode in ("line", "file"), f"data.txt_mode must be line or file, got {c.data.txt_mode!r}")
+    _check(bool(c.data.text_field), "data.text_field must be a non-empty field name")
+    from .tokenizer import MIN_BYTE_VOCAB
+    _check(c.data.byte_vocab_size >= MIN_BYTE_VOCAB,
+           f"data.byte_vocab_size must be >= {MIN_BYTE_VOCAB} (bytes + specials), got {c.data.byte_vocab_size}")
+    _check(c.data.num_people >= 1, f"data.num_people must be >= 1, got {c.data.num_people}")
     if c.data.tokenizer != "byte":
         tok = c.data.tokenizer
         tok_file = os.path.join(tok, "tokenizer.model") if os.path.isdir(tok) else tok
@@ -306,10 +311,13 @@ def validate(c: TrainConfig) -> None:
     names = set()
     for i, s in enumerate(c.stages):
         w = f"stages.{i}"
+        _check(bool(s.name), f"{w}.name must be a non-empty name")
         _check(s.name not in names, f"{w}.name {s.name!r} is used twice")
         names.add(s.name)
         _check(s.steps >= 1, f"{w}.steps must be >= 1, got {s.steps}")
         _check(s.seq_len >= 2, f"{w}.seq_len must be >= 2, got {s.seq_len}")
+        _check(s.global_batch_tokens >= 0, f"{w}.global_batch_tokens must be >= 0, got {s.global_batch_tokens}")
+        _check(s.micro_batch_tokens >= 0, f"{w}.micro_batch_tokens must be >= 0, got {s.micro_batch_tokens}")
         micro = s.micro_batch_tokens or s.seq_len
         _check(micro % s.seq_len == 0, f"{w}.micro_batch_tokens ({micro}) must be a multiple of seq_len ({s.seq_len})")
         if s.global_batch_tokens:
