@@ -94,35 +94,45 @@ def rank_batches(step: int, rank: int, world: int):
     return every[rank * MICRO_STEPS:(rank + 1) * MICRO_STEPS], sum(n_targets(b) for b in every)
 
 
+def _reference_step(model, opt, step: int, world: int) -> float:
+    import internlm_kernels as ik
+
+    every = batches(step, world * MICRO_STEPS)
+    total = sum(n_targets(b) for b in every)
+    loss_sum = 0.0
+    for ids, cu in every:
+        loss = model(ids, cu, labels=ids, loss_reduction="sum").loss
+        (loss / total).backward()
+        loss_sum += float(loss.detach())
+    ik.clip_grad_norm_(model.parameters(), CLIP)
+    opt.step()
+    opt.zero_grad()
+    return loss_sum / total
+
+
+def _params(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def reference_run(world: int, seed: int = 0, checkpoint: str | None = None):
-    """One process trains on every rank's micro-batches: FusedAdamW, clipping, accumulation. (losses, params);
-    with ``checkpoint`` also saves model and optimizer there through DCP and returns their state dicts."""
+    """One process trains on every rank's micro-batches: FusedAdamW, clipping, accumulation. (losses, params).
+    With ``checkpoint`` it also saves model and optimizer there through DCP after STEPS steps, then trains one
+    more step: ((losses, params), saved optimizer state, (loss of step STEPS, params after it))."""
     import internlm_kernels as ik
 
     model = micro_model(seed)
     opt = ik.FusedAdamW(model.parameters(), lr=LR, weight_decay=0.1)
-    losses = []
-    for step in range(STEPS):
-        every = batches(step, world * MICRO_STEPS)
-        total = sum(n_targets(b) for b in every)
-        loss_sum = 0.0
-        for ids, cu in every:
-            loss = model(ids, cu, labels=ids, loss_reduction="sum").loss
-            (loss / total).backward()
-            loss_sum += float(loss.detach())
-        ik.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss_sum / total)
-    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    losses = [_reference_step(model, opt, step, world) for step in range(STEPS)]
     if checkpoint is None:
-        return losses, params
+        return losses, _params(model)
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    params = _params(model)
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=checkpoint)
-    return (losses, params), osd
+    osd = {"state": {k: {n: t.clone() for n, t in v.items()} for k, v in osd["state"].items()}}
+    return (losses, params), osd, (_reference_step(model, opt, STEPS, world), _params(model))
 
 
 def global_loss(local_sum: float) -> float:

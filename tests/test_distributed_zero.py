@@ -28,21 +28,26 @@ FORWARD_ORDER = ["output.weight", "model.tok_embeddings.weight"] + [
               "feed_forward.w2")] + ["model.norm.weight"]
 
 
+def zero_step(zero: ZeroDataParallel, step: int, rank: int, world: int) -> float:
+    """One optimizer step over this rank's micro-batches; the global token-mean loss."""
+    mine, total = rank_batches(step, rank, world)
+    local = 0.0
+    for i, (ids, cu) in enumerate(mine):
+        with zero.no_sync() if i < len(mine) - 1 else contextlib.nullcontext():
+            loss = zero(ids, cu, labels=ids, loss_reduction="sum").loss
+            (loss * world / total).backward()
+        local += float(loss.detach())
+    zero.clip_grad_norm_(CLIP)
+    zero.optimizer.step()
+    return global_loss(local) / total
+
+
 def train_zero(rank: int, world: int, **options):
     model = micro_model()
     zero = ZeroDataParallel(model, lr=LR, weight_decay=0.1, record_schedule=True, **options)
     losses = []
     for step in range(STEPS):
-        mine, total = rank_batches(step, rank, world)
-        local = 0.0
-        for i, (ids, cu) in enumerate(mine):
-            with zero.no_sync() if i < len(mine) - 1 else contextlib.nullcontext():
-                loss = zero(ids, cu, labels=ids, loss_reduction="sum").loss
-                (loss * world / total).backward()
-            local += float(loss)
-        zero.clip_grad_norm_(CLIP)
-        zero.optimizer.step()
-        losses.append(global_loss(local) / total)
+        losses.append(zero_step(zero, step, rank, world))
         if step == STEPS - 2:
             zero.schedule.events.clear()   # keep the last step (and the forward after the step before it)
     params = {k: v.clone() for k, v in zero.state_dict().items()}
@@ -118,7 +123,10 @@ def hybrid_case(rank: int, world: int, checkpoint: str):
     masters_match = all(torch.equal(slot.local_view(b.master, zero.shard),
                                     slot.param.detach()[slice(*slot.local_rows(zero.shard))])
                         for b in zero._buckets for slot in b.slots)
-    return trained, (zero.state_dict(), moments, masters_match)
+    loaded = {k: v.clone() for k, v in zero.state_dict().items()}
+    # Training goes on from the loaded state (the first backward rebuilds the buckets in forward order, moving it).
+    resumed = (zero_step(zero, STEPS, rank, world), {k: v.clone() for k, v in zero.state_dict().items()})
+    return trained, (loaded, moments, masters_match, resumed)
 
 
 @pytest.fixture(scope="module")
@@ -150,15 +158,16 @@ def test_bf16_master_shards_survive_a_checkpoint(two_ranks):
 def test_hybrid_shard_groups_and_one_to_four_resharding(tmp_path):
     """4 ranks, shard groups of 2 (reduce-scatter inside a group, all-reduce of the shards across groups) train
     like one process; a checkpoint of one process loads into 4 shards."""
-    want, saved_optimizer = reference_run(4, checkpoint=str(tmp_path / "one"))
+    want, saved_optimizer, (next_loss, next_params) = reference_run(4, checkpoint=str(tmp_path / "one"))
     results = run_ranks(hybrid_case, 4, str(tmp_path / "one"))
-    for (run, events, _), (params, moments, masters_match) in results:
+    for (run, events, _), (params, moments, masters_match, resumed) in results:
         assert_close_run(run, want)
         assert events and any(e.kind == "all_reduce" for e in events)
         assert all(torch.equal(v, want[1][k]) for k, v in params.items())
         assert all(torch.equal(moments[f"{n}.{k}"], s[k]) for n, s in saved_optimizer["state"].items()
                    for k in ("exp_avg", "exp_avg_sq"))
         assert masters_match   # the fp32 master shards follow the loaded parameters
+        assert_close_run(([resumed[0]], resumed[1]), ([next_loss], next_params))
 
 
 def test_schedule_overlaps_and_follows_forward_order(two_ranks):
