@@ -5,6 +5,9 @@ Parameters stay replicated for forward and backward; the optimizer state (stage 
 shard_size`` groups (InternEvo shards within a node: its 7B run got 3625 tokens/GPU/s sharding over 8 ranks
 against 2271 over all 1024).
 
+Files: zero.py (hooks, collectives, step), zero_layout.py (buckets), zero_optimizer.py (FusedAdamW over the
+shards, state dicts).
+
 Layout. Parameters are packed, in forward use order, into flat buckets of about ``bucket_numel`` elements.
 Each parameter is split along dim 0 into ``shard_size`` chunks of ceil(rows / shard_size) rows (torch.chunk's
 split, the one DTensor's ``Shard(0)`` uses); a bucket is rank-major: shard r is the concatenation of chunk r of
@@ -49,6 +52,8 @@ from torch import nn
 
 from ..optim import FusedAdamW
 from ._collectives import all_gather_flat, reduce_scatter_flat
+from .zero_layout import Bucket, Slot
+from .zero_optimizer import ShardedAdamW
 
 DEFAULT_BUCKET_NUMEL = 1 << 24    # 16M elements: 32 MB of bf16 gradients per reduce-scatter
 STAGES = (1, 2)
@@ -75,97 +80,6 @@ class CollectiveSchedule:
     def index(self, kind: str, bucket: int | None = None) -> list[int]:
         """Positions of the events of ``kind`` (and ``bucket``)."""
         return [i for i, e in enumerate(self.events) if e.kind == kind and (bucket is None or e.bucket == bucket)]
-
-
-@dataclass
-class _Slot:
-    """One parameter inside a bucket: its chunks sit at ``offset`` of every rank's shard."""
-    name: str
-    param: nn.Parameter
-    offset: int          # start inside a shard
-    chunk_rows: int      # ceil(rows / shard_size)
-    row_numel: int       # elements per row (1 for a vector)
-
-    @property
-    def rows(self) -> int:
-        return self.param.shape[0] if self.param.dim() else 1
-
-    @property
-    def chunk_numel(self) -> int:
-        return self.chunk_rows * self.row_numel
-
-    def local_rows(self, shard: int) -> tuple[int, int]:
-        """The rows [start, stop) of this parameter owned by ``shard`` (possibly empty)."""
-        start = min(shard * self.chunk_rows, self.rows)
-        return start, min(start + self.chunk_rows, self.rows)
-
-    def local_view(self, shard_tensor: torch.Tensor, shard: int) -> torch.Tensor:
-        """The valid rows of this parameter's chunk inside a shard-sized flat tensor, shaped like the rows."""
-        start, stop = self.local_rows(shard)
-        n = (stop - start) * self.row_numel
-        return shard_tensor[self.offset:self.offset + n].view(stop - start, *self.param.shape[1:])
-
-    def chunks(self, flat: torch.Tensor, n_shards: int, shard_numel: int) -> tuple:
-        """(full, full_src_rows, tail, tail_rows): views of a rank-major bucket tensor holding this parameter's
-        chunks; ``full`` covers the shards with complete chunks, ``tail`` the one partial chunk (or None)."""
-        grid = flat.view(n_shards, shard_numel)[:, self.offset:self.offset + self.chunk_numel]
-        grid = grid.view(n_shards, self.chunk_rows, self.row_numel)
-        complete = self.rows // self.chunk_rows
-        left = self.rows - complete * self.chunk_rows
-        tail = grid[complete, :left] if left else None
-        return grid[:complete], complete * self.chunk_rows, tail, left
-
-
-class _Bucket:
-    def __init__(self, index: int, slots: list[_Slot], group_index: int, shard_numel: int, n_shards: int,
-                 shard: int, grad_dtype: torch.dtype):
-        self.index = index
-        self.slots = slots
-        self.group_index = group_index
-        self.shard_numel = shard_numel
-        self.n_shards = n_shards
-        self.shard = shard
-        p = slots[0].param
-        self.dtype, self.device, self.grad_dtype = p.dtype, p.device, grad_dtype
-        self.n_grads = sum(s.param.requires_grad for s in slots)
-        self.master = torch.zeros(shard_numel, dtype=torch.float32, device=self.device)   # fp32 master shard
-        with torch.no_grad():
-            for s in slots:
-                s.local_view(self.master, shard).copy_(_rows(s.param, *s.local_rows(shard)))
-        self.grad_flat: torch.Tensor | None = None   # full gradient buffer (n_shards * shard_numel)
-        self.grad_shard: torch.Tensor | None = None  # the reduced local shard
-        self.arrived = 0
-        self.reduce_work = None
-        self.all_reduce_work = None
-        self.gather_flat: torch.Tensor | None = None
-        self.gather_work = None
-
-    @property
-    def numel(self) -> int:
-        return self.n_shards * self.shard_numel
-
-    def add_grad(self, slot: _Slot, grad: torch.Tensor) -> None:
-        if self.grad_flat is None:
-            self.grad_flat = torch.zeros(self.numel, dtype=self.grad_dtype, device=self.device)
-        full, n_full_rows, tail, left = slot.chunks(self.grad_flat, self.n_shards, self.shard_numel)
-        g = grad.reshape(slot.rows, slot.row_numel)
-        full.add_(g[:n_full_rows].view(full.shape))
-        if tail is not None:
-            tail.add_(g[n_full_rows:n_full_rows + left])
-
-    def copy_out(self) -> None:
-        """Gathered flat parameters -> each parameter's rows."""
-        for slot in self.slots:
-            full, n_full_rows, tail, left = slot.chunks(self.gather_flat, self.n_shards, self.shard_numel)
-            p = slot.param.detach().view(slot.rows, slot.row_numel)
-            p[:n_full_rows].view(full.shape).copy_(full)
-            if tail is not None:
-                p[n_full_rows:n_full_rows + left].copy_(tail)
-        self.gather_flat = None
-
-
-def _rows(p: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    return p.detach().reshape(p.shape[0] if p.dim() else 1, -1)[start:stop].reshape(stop - start, *p.shape[1:])
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -228,7 +142,7 @@ class ZeroDataParallel(nn.Module):
         self._build_groups(shard_size, devices.pop().type)
         if make_optimizer is not None and optimizer_options:
             raise ValueError("pass FusedAdamW options either as keywords or through make_optimizer, not both")
-        self.optimizer = _ShardedAdamW(self, make_optimizer or (lambda groups: FusedAdamW(groups, **optimizer_options)))
+        self.optimizer = ShardedAdamW(self, make_optimizer or (lambda groups: FusedAdamW(groups, **optimizer_options)))
 
         self._owner = {}        # parameter -> the module that registers it
         self._parent = {}       # module -> parent module
@@ -240,10 +154,10 @@ class ZeroDataParallel(nn.Module):
         self._module_names = {m: n for n, m in module.named_modules()}
         self._fired: list[nn.Module] = []  # modules in the order they first ran (the first forward)
         self._order_final = False
-        self._waits: dict[nn.Module, list[_Bucket]] = {}
+        self._waits: dict[nn.Module, list[Bucket]] = {}
         self._sync = True
         self._in_backward = False
-        self._reducing: list[_Bucket] = []   # reduce-scatters whose cross-group all-reduce is not issued yet
+        self._reducing: list[Bucket] = []   # reduce-scatters whose cross-group all-reduce is not issued yet
         self._hooks = [m.register_forward_pre_hook(self._pre_forward) for m in module.modules()]
         self._hooks += [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._params if p.requires_grad]
         self._layout([p for p in self._params])
@@ -272,7 +186,7 @@ class ZeroDataParallel(nn.Module):
         def close():
             nonlocal slots, size
             if slots:
-                buckets.append(_Bucket(len(buckets), slots, group, size, S, self.shard,
+                buckets.append(Bucket(len(buckets), slots, group, size, S, self.shard,
                                        self.grad_dtype or slots[0].param.dtype))
             slots, size = [], 0
 
@@ -284,7 +198,7 @@ class ZeroDataParallel(nn.Module):
             rows = p.shape[0] if p.dim() else 1
             row_numel = p.numel() // rows if rows else 0
             chunk_rows = math.ceil(rows / S)
-            slots.append(_Slot(self._names[p], p, size, chunk_rows, row_numel))
+            slots.append(Slot(self._names[p], p, size, chunk_rows, row_numel))
             size += chunk_rows * row_numel
         close()
         self._buckets = buckets
@@ -352,7 +266,7 @@ class ZeroDataParallel(nn.Module):
                 self._wait_gather(b, self._module_names[module])
             self.schedule.record("use", b.index, self._module_names[module])
 
-    def _wait_gather(self, b: _Bucket, where: str) -> None:
+    def _wait_gather(self, b: Bucket, where: str) -> None:
         if b.gather_work is not None:
             b.gather_work.wait()
             b.gather_work = None
@@ -390,7 +304,7 @@ class ZeroDataParallel(nn.Module):
         for b in self._buckets:
             b.arrived = 0
 
-    def _reduce(self, b: _Bucket) -> None:
+    def _reduce(self, b: Bucket) -> None:
         """Start the reduce-scatter of a bucket's gradients (pre-divided by the world: the mean over ranks)."""
         if b.grad_flat is None:   # no gradient reached this bucket on this rank: it still takes part
             b.grad_flat = torch.zeros(b.numel, dtype=b.grad_dtype, device=b.device)
@@ -408,7 +322,7 @@ class ZeroDataParallel(nn.Module):
         while self._reducing and self._reducing[0].reduce_work.is_completed():   # they complete in issue order
             self._all_reduce(self._reducing.pop(0))
 
-    def _all_reduce(self, b: _Bucket) -> None:
+    def _all_reduce(self, b: Bucket) -> None:
         if b in self._reducing:
             self._reducing.remove(b)
         b.reduce_work.wait()
@@ -474,140 +388,3 @@ class ZeroDataParallel(nn.Module):
             self.schedule.record("all_gather", b.index)
             if not self.overlap:
                 self._wait_gather(b, "step")
-
-
-class _ShardedAdamW:
-    """The optimizer face of ZeroDataParallel: FusedAdamW over the fp32 master shards of the buckets.
-
-    ``param_groups`` are FusedAdamW's (a schedule sets ``lr`` there); ``state_dict`` is per parameter name, in
-    the layout of torch.distributed.checkpoint.state_dict.get_optimizer_state_dict (moments and fp32 masters as
-    DTensors sharded on dim 0 over the shard mesh), so it saves and loads with DCP across layouts.
-    """
-
-    def __init__(self, owner: ZeroDataParallel, make):
-        self.owner = owner
-        self.make = make
-        self.inner: FusedAdamW | None = None
-
-    def _rebuild(self, saved: dict) -> None:
-        owner = self.owner
-        groups = []
-        for i, extra in enumerate(owner._group_options):
-            masters = [b.master for b in owner._buckets if b.group_index == i]
-            if masters:
-                groups.append({"params": masters, **extra})
-        lrs = [g["lr"] for g in self.inner.param_groups] if self.inner is not None else None
-        self.inner = self.make(groups)
-        if lrs is not None:
-            for g, lr in zip(self.inner.param_groups, lrs):
-                g["lr"] = lr
-        for b in owner._buckets:
-            state = self._bucket_state(b)
-            for s in b.slots:
-                if s.param in saved:
-                    for key, value in saved[s.param].items():
-                        if key == "step":
-                            state["step"].copy_(value)
-                        else:
-                            s.local_view(state[key] if key != "master" else b.master, owner.shard).copy_(value)
-
-    def _bucket_state(self, b: _Bucket) -> dict:
-        """FusedAdamW's state of a bucket's master shard, created (zeros, step 0) if the optimizer has not run."""
-        state = self.inner.state[b.master]
-        state.setdefault("step", torch.tensor(0.0, dtype=torch.float32))
-        group = next(g for g in self.inner.param_groups if any(m is b.master for m in g["params"]))
-        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq"):
-            state.setdefault(key, torch.zeros_like(b.master))
-        return state
-
-    def _per_param_state(self) -> dict:
-        out = {}
-        for b in self.owner._buckets:
-            state = self._bucket_state(b)
-            for s in b.slots:
-                entry = {k: s.local_view(v, self.owner.shard).clone() for k, v in state.items() if k != "step"}
-                entry["master"] = s.local_view(b.master, self.owner.shard).clone()
-                entry["step"] = state["step"].clone()
-                out[s.param] = entry
-        return out
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.inner.param_groups
-
-    def step(self, closure=None):
-        if closure is not None:
-            raise NotImplementedError("closure: ZeroDataParallel's optimizer takes no closure")
-        self.owner._step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Gradients live in the buckets and are consumed by step(); parameters hold none between steps."""
-        for p in self.owner._params:
-            p.grad = None
-
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict:
-        """{"state": {name: {"step", "exp_avg", "exp_avg_sq"[, "master_param"]}}, "param_groups": [...]}; the
-        tensors are DTensor views of the live shards (loading into them with DCP writes the optimizer state)."""
-        from torch.distributed.tensor import DTensor, Replicate, Shard
-
-        owner = self.owner
-        placements = [Replicate(), Shard(0)]
-        state, groups = {}, [dict(g, params=[]) for g in self.inner.param_groups]
-        group_pos = {id(m): gi for gi, g in enumerate(self.inner.param_groups) for m in g["params"]}
-        for b in owner._buckets:
-            bstate = self._bucket_state(b)
-            for s in b.slots:
-                p = s.param
-                views = {k: v for k, v in bstate.items() if k != "step"}
-                if p.dtype != torch.float32:
-                    views["master_param"] = b.master
-                entry = {"step": bstate["step"]}
-                for key, value in views.items():
-                    entry[key] = DTensor.from_local(s.local_view(value, owner.shard), owner.mesh, placements,
-                                                    run_check=False, shape=p.shape, stride=p.stride())
-                state[s.name] = entry
-                groups[group_pos[id(b.master)]]["params"].append(s.name)
-        return {"state": state, "param_groups": groups}
-
-    @torch.no_grad()
-    def refresh_masters(self) -> None:
-        """fp32 master shards <- the parameters (after the parameters were loaded)."""
-        owner = self.owner
-        owner.wait_for_parameters()
-        for b in owner._buckets:
-            for s in b.slots:
-                s.local_view(b.master, owner.shard).copy_(_rows(s.param, *s.local_rows(owner.shard)))
-
-    @torch.no_grad()
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state in ``state_dict``'s layout (tensors may be DTensors of any sharding or plain full tensors,
-        e.g. from a single process or FSDP2 after DCP has filled them). Without ``master_param`` the fp32
-        masters come from the parameters."""
-        from torch.distributed.tensor import DTensor
-
-        owner = self.owner
-        owner.wait_for_parameters()
-        for gi, g in enumerate(state_dict["param_groups"]):
-            for key, value in g.items():
-                if key != "params" and gi < len(self.inner.param_groups):
-                    self.inner.param_groups[gi][key] = value
-        for b in owner._buckets:
-            bstate = self._bucket_state(b)
-            for s in b.slots:
-                entry = state_dict["state"].get(s.name, {})
-                start, stop = s.local_rows(owner.shard)
-                if "master_param" not in entry:
-                    s.local_view(b.master, owner.shard).copy_(_rows(s.param, start, stop))
-                for key, value in entry.items():
-                    if key == "step":
-                        bstate["step"].copy_(value)
-                        continue
-                    target = b.master if key == "master_param" else bstate.get(key)
-                    if target is None:
-                        continue
-                    local = s.local_view(target, owner.shard)
-                    if isinstance(value, DTensor) and value._local_tensor.data_ptr() == local.data_ptr():
-                        continue      # DCP loaded straight into our view
-                    full = value.full_tensor() if isinstance(value, DTensor) else value
-                    local.copy_(_rows(full, start, stop))
