@@ -159,3 +159,16 @@ def test_two_rank_checkpoint_loads_in_one_process_and_exports(two_ranks, layout,
     model.save_pretrained(str(tmp_path / "hf"))
     again = InternLM2ForCausalLM.from_pretrained(str(tmp_path / "hf"))
     assert all(torch.equal(v, saved_params[k]) for k, v in again.state_dict().items())
+
+
+def test_tp_must_split_whole_kv_groups():
+    from internlm_kernels.distributed.tensor_parallel import check_tp
+    from models import InternLM2Config
+
+    config = InternLM2Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                             num_attention_heads=8, num_key_value_heads=2)
+    check_tp(config, 2)
+    with pytest.raises(ValueError, match=r"parallel\.tp \(4\) must divide num_key_value_heads \(2\)"):
+        check_tp(config, 4, key="parallel.tp")
+    with pytest.raises(ValueError, match="tp must be an int"):
+        check_tp(config, 0)
