@@ -152,15 +152,15 @@ class ZeroDataParallel(nn.Module):
             for child in m.children():
                 self._parent.setdefault(child, m)
         self._module_names = {m: n for n, m in module.named_modules()}
-        self._fired: list[nn.Module] = []  # modules in the order they first ran (the first forward)
+        self._fired: list[nn.Module] = []  # modules in the order they ran in the forward before the 1st backward
         self._order_final = False
         self._waits: dict[nn.Module, list[Bucket]] = {}
         self._sync = True
         self._in_backward = False
         self._reducing: list[Bucket] = []   # reduce-scatters whose cross-group all-reduce is not issued yet
         self._hooks = [m.register_forward_pre_hook(self._pre_forward) for m in module.modules()]
-        self._hooks += [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._params if p.requires_grad]
-        self._layout([p for p in self._params])
+        self._hooks += [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._params]
+        self._layout(list(self._params))
 
     # ------------------------------------------------------------------ groups and layout
     def _build_groups(self, shard_size, device_type: str) -> None:
@@ -206,7 +206,7 @@ class ZeroDataParallel(nn.Module):
         self.optimizer._rebuild(saved)
 
     def _finalize_order(self) -> None:
-        """After the first forward: forward use order, the wait points, and a relayout if the order changed."""
+        """At the first backward: forward use order, the wait points, and a relayout if the order changed."""
         self._order_final = True
         users = {}
         for p in self._params:
