@@ -24,8 +24,8 @@ COMMON = {"run.threads": 1, "metrics.progress": False, "metrics.plots": False, "
 STAGE = {"steps": 4, "seq_len": 64, "global_batch_tokens": 256, "micro_batch_tokens": 64}   # 2 micro-steps/rank
 
 
-def torchrun(tmp_path, name: str, mode: str) -> str:
-    args = [f"--run.output_dir={tmp_path}", f"--run.name={name}", f"--parallel.mode={mode}"]
+def torchrun(tmp_path, name: str, mode: str, *extra: str) -> str:
+    args = [f"--run.output_dir={tmp_path}", f"--run.name={name}", f"--parallel.mode={mode}", *extra]
     args += [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in COMMON.items()]
     args += [f"--model.overrides.{k}={v}" for k, v in OVERRIDES.items()]
     args += [f"--stages.0.{k}={v}" for k, v in STAGE.items()]
@@ -62,11 +62,13 @@ def single(tmp_path_factory):
     return single_process(tmp_path_factory.mktemp("single"), "single")
 
 
-@pytest.mark.parametrize("mode", ["zero2", "fsdp"])
-def test_sharded_mode_matches_single_process_and_exports(tmp_path, single, mode):
+@pytest.mark.parametrize("mode, extra", [("zero2", ()), ("fsdp", ()), ("fsdp", ("--parallel.tp=2",))],
+                         ids=["zero2", "fsdp", "tp2"])
+def test_sharded_mode_matches_single_process_and_exports(tmp_path, single, mode, extra):
+    """tp2: both ranks run every micro-batch (one data-parallel rank), tensor + sequence parallel."""
     from models import InternLM2ForCausalLM
 
-    run_dir = torchrun(tmp_path, mode, mode)
+    run_dir = torchrun(tmp_path, mode, mode, *extra)
     want = losses(single.run_dir)
     assert len(want) == 4
     _close(losses(run_dir), want)
@@ -83,9 +85,13 @@ def test_sharded_mode_matches_single_process_and_exports(tmp_path, single, mode)
 def test_bad_parallel_keys_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="parallel.tp"):
         load_config(None, {"parallel.mode": "zero2", "parallel.tp": 2})
+    with pytest.raises(ConfigError, match="parallel.shard_size"):
+        load_config(None, {"parallel.mode": "fsdp", "parallel.tp": 2, "parallel.shard_size": 2})
     with pytest.raises(ConfigError, match="parallel.overlap"):
         load_config(None, {"parallel.mode": "fsdp", "parallel.overlap": False})
     from train.parallel import MODES, ParallelDims
 
     with pytest.raises(ValueError, match="parallel.shard_size"):
         MODES["zero1"].check_dims(ParallelDims("zero1", world=4, shard_size=3))
+    with pytest.raises(ValueError, match=r"parallel.tp \(2\) must equal the world size \(4\)"):
+        MODES["fsdp"].check_dims(ParallelDims("fsdp", world=4, tp=2))

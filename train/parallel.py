@@ -49,6 +49,11 @@ class ParallelDims:
         return self.world // self.tp
 
     @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel index: the tp ranks of one group (consecutive ranks) share the same data."""
+        return self.rank // self.tp
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 

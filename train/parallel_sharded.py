@@ -19,9 +19,8 @@ class _ShardedMode(Parallel):
     @classmethod
     def check_config(cls, parallel) -> None:
         if parallel.tp != 1:
-            raise ValueError(f"parallel.tp: mode {parallel.mode!r} runs tp = 1 (tensor parallelism is the library's "
-                             f"internlm_kernels.distributed.tensor_parallel; the trainer does not combine it yet), "
-                             f"got {parallel.tp}")
+            raise ValueError(f"parallel.tp: mode {parallel.mode!r} runs tp = 1 (tensor parallelism runs in mode "
+                             f"'fsdp' with tp = world size), got {parallel.tp}")
 
     @classmethod
     def check_dims(cls, dims: ParallelDims) -> None:
@@ -105,23 +104,52 @@ class _FullModel:
 @register_mode("fsdp")
 class FullyShardedDataParallel(_ShardedMode):
     """FSDP2 (ZeRO-3): parameters, gradients and optimizer state sharded; one unit per block, explicit prefetch.
-    FusedAdamW and clip_grad_norm_ run on the DTensor shards."""
+    FusedAdamW and clip_grad_norm_ run on the DTensor shards.
+
+    With ``tp`` > 1 the model is tensor + sequence parallel instead (internlm_kernels.distributed.tensor_parallel:
+    wqkv split by KV group, vocabulary-parallel loss); the trainer runs it with tp = world size (one
+    data-parallel rank): combining both is refused."""
 
     @classmethod
     def check_config(cls, parallel) -> None:
-        super().check_config(parallel)
         if not parallel.overlap:
             raise ValueError("parallel.overlap: mode 'fsdp' always prefetches and overlaps its collectives (true)")
+        if parallel.tp > 1 and parallel.shard_size:
+            raise ValueError(f"parallel.shard_size: with parallel.tp = {parallel.tp} nothing is sharded by FSDP (0), "
+                             f"got {parallel.shard_size}")
+
+    @classmethod
+    def check_dims(cls, dims: ParallelDims) -> None:
+        super().check_dims(dims)
+        if dims.tp > 1 and dims.dp != 1:
+            raise ValueError(f"parallel.tp ({dims.tp}) must equal the world size ({dims.world}): tensor parallelism "
+                             f"is not combined with data parallelism (FSDP over the tp groups) yet")
 
     def __init__(self, model: nn.Module, runtime: Runtime):
         super().__init__(model, runtime)
-        if self.dims.distributed:
+        if self.dims.tp > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            from internlm_kernels.distributed.tensor_parallel import check_tp, parallelize_internlm2
+
+            check_tp(model.config, self.dims.tp, key="parallel.tp")
+            parallelize_internlm2(model, init_device_mesh(runtime.device.type, (self.dims.tp,)))
+        elif self.dims.distributed:
             from internlm_kernels.distributed.fsdp import fsdp_mesh, fully_shard_blocks
 
             fully_shard_blocks(model, fsdp_mesh(self.shard_size, runtime.device.type))
 
+    @property
+    def _fsdp(self) -> bool:
+        return self.dims.distributed and self.dims.tp == 1
+
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.dims.tp > 1:   # one data-parallel rank: every tp rank already holds the same sums
+            return t
+        return super().all_reduce_(t)
+
     def no_sync(self) -> contextlib.AbstractContextManager:
-        if not self.dims.distributed:
+        if not self._fsdp:
             return contextlib.nullcontext()
         from internlm_kernels.distributed.fsdp import no_sync
 

@@ -1,6 +1,7 @@
 """Tensor + sequence parallelism for InternLM2 through torch.distributed.tensor.parallel.
 
-The plan (tp ranks on a 1-D mesh; T tokens per micro-batch, T divisible by tp):
+The plan (tp ranks on a 1-D mesh; T packed tokens per micro-batch, padded to a multiple of tp with one document
+of ignored tokens when needed):
     tok_embeddings      vocabulary-parallel (rows sharded), output reduce-scattered to token shards (T/tp, H)
     attention_norm, ffn_norm, norm      sequence parallel: each rank normalizes its T/tp tokens with the full
                         (replicated) weight; the weight's gradient is summed over the tp ranks
@@ -80,16 +81,39 @@ def parallelize_internlm2(model: nn.Module, tp_mesh) -> nn.Module:
         return DTensor.from_local(out, tp_mesh, [Shard(0)], run_check=False)
 
     model.model.norm.register_forward_hook(tokens_sharded)
-    model.model.register_forward_pre_hook(_check_tokens(tp))
+    model.register_forward_pre_hook(_pad_tokens(model, tp), with_kwargs=True)
     return model
 
 
-def _check_tokens(tp: int):
-    def hook(module, args):
-        input_ids = args[0]
-        if input_ids.shape[0] % tp:
-            raise ValueError(f"tensor parallelism needs the tokens of a micro-batch ({input_ids.shape[0]}) to be "
-                             f"divisible by tp ({tp}): sequence parallelism splits them evenly")
+def _pad_tokens(model: nn.Module, tp: int):
+    """Sequence parallelism splits the tokens evenly: a packed batch whose length is not a multiple of tp gets
+    one more document of pad tokens with label -100 (no loss, no attention to the real documents)."""
+    import inspect
+
+    signature = inspect.signature(model.forward)
+
+    def hook(module, args, kwargs):
+        bound = signature.bind(*args, **kwargs)
+        a = bound.arguments
+        ids = a["input_ids"]
+        if ids.dim() != 1:
+            raise ValueError("input_ids: tensor parallelism takes packed (T,) tokens with cu_seqlens")
+        T = ids.shape[0]
+        pad = -T % tp
+        if pad == 0:
+            return None
+        cu = a.get("cu_seqlens")
+        if cu is None:
+            cu = torch.tensor([0, T], dtype=torch.int32, device=ids.device)
+        a["input_ids"] = torch.cat([ids, ids.new_zeros(pad)])
+        a["cu_seqlens"] = torch.cat([cu, cu.new_full((1,), T + pad)])
+        if a.get("labels") is not None:
+            a["labels"] = torch.cat([a["labels"], a["labels"].new_full((pad,), -100)])
+        if a.get("position_ids") is not None:
+            a["position_ids"] = torch.cat([a["position_ids"], a["position_ids"].new_zeros(pad)])
+        if a.get("max_seqlen") is not None:
+            a["max_seqlen"] = max(a["max_seqlen"], pad)
+        return (), dict(a)
     return hook
 
 
