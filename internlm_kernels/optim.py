@@ -27,6 +27,30 @@ ADAMW_NUMEL_COLUMN = 6  # AdamWTensorRow: param, grad, exp_avg, exp_avg_sq, max_
 GRAD_NUMEL_COLUMN = 1   # GradTensorRow: data, numel, dtype, unused
 
 
+@functools.cache
+def _dtensor_type() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a view of its storage); any other tensor itself."""
+    dtensor = _dtensor_type()
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+def _like_param(grad: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A DTensor gradient laid out like its parameter (an embedding's gradient can come back replicated while
+    its weight is sharded); a local slice unless the gradient is Partial."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(grad, dtensor) or grad.placements == p.placements:
+        return grad
+    return grad.redistribute(p.device_mesh, p.placements)
+
+
 def _kernel_backend(op: str, device: torch.device, supported: bool, what: str) -> str:
     """choose(op, device), except that inputs the native kernels do not take run the reference under auto;
     a forced native backend raises NotImplementedError naming them."""
@@ -70,7 +94,8 @@ class FusedAdamW(torch.optim.Optimizer):
     float32 copy of each float16/bfloat16 parameter (state ``master_param``) and float32 moments; the step
     updates the master copy and writes it, rounded, into the parameter. Gradients may be float32, float16 or
     bfloat16 whatever the parameter dtype. All parameters must live on one device. float64 parameters run the
-    reference implementation (the native kernels take the three dtypes above).
+    reference implementation (the native kernels take the three dtypes above). DTensor parameters (FSDP2,
+    tensor parallel) are updated shard by shard, with DTensor state of the same placements.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
@@ -137,12 +162,12 @@ class FusedAdamW(torch.optim.Optimizer):
                 state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
         elif "master_param" in state:
             del state["master_param"]
-        device_index = p.get_device()
+        device_index = _local(p).get_device()
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq"):
             t = state.get(key)
             if t is None:
                 state[key] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
-            elif t.dtype != moment_dtype or t.get_device() != device_index:
+            elif t.dtype != moment_dtype or _local(t).get_device() != device_index:
                 state[key] = t.to(device=p.device, dtype=moment_dtype)
         return state
 
@@ -192,10 +217,12 @@ class FusedAdamW(torch.optim.Optimizer):
         torch._foreach_add_(steps, 1.0)
 
         # Parameters that share a kernel launch: same backend, dtypes, master weights and step count.
+        # DTensor parameters (FSDP2, tensor parallel) update their local shards: AdamW is elementwise.
         buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, dict]]] = {}
         for p, state, master, step in zip(params, states, masters, steps):
             key = (backends[(p.dtype, p.grad.dtype)], master, p.dtype, p.grad.dtype, float(step))
-            buckets.setdefault(key, []).append((p, p.grad, state))
+            local_state = {k: _local(v) for k, v in state.items()}
+            buckets.setdefault(key, []).append((_local(p), _local(_like_param(p.grad, p)), local_state))
         for (backend, master, _, _, step), items in buckets.items():
             if backend == "reference":
                 _adamw_reference(items, master, step, **hyper)
@@ -358,10 +385,48 @@ def _grads_by_device(grads: list[torch.Tensor], norm_type: float) -> dict[torch.
 
 def _total_norm(groups: dict, norm_type: float) -> torch.Tensor:
     norms = [_device_norm(gs, norm_type, backend) for backend, gs in groups.values()]
+    return _combine_norms(norms, norm_type)
+
+
+def _combine_norms(norms: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     if len(norms) == 1:
         return norms[0]
     first = norms[0].device
     return torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), norm_type)
+
+
+def _norm_over_mesh(local_norm: torch.Tensor, mesh, placements, norm_type: float) -> torch.Tensor:
+    """The norm of a DTensor family from the norm of this rank's local shards: p-th powers summed (max for
+    inf) over the mesh dimensions the tensors are sharded on; replicated dimensions hold the same values."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    if any(p.is_partial() for p in placements):
+        raise NotImplementedError("gradients with a Partial placement (reduce them first)")
+    op = "max" if norm_type == math.inf else "sum"
+    value = local_norm if op == "max" else local_norm.pow(norm_type)
+    reduced = [Partial(op) if p.is_shard() else Replicate() for p in placements]
+    full = DTensor.from_local(value, mesh, reduced, run_check=False).full_tensor()
+    return full if op == "max" else full.pow(1.0 / norm_type)
+
+
+def _norm_and_groups(grads: list[torch.Tensor], norm_type: float) -> tuple[torch.Tensor, list[dict]]:
+    """The global norm of ``grads`` and the per-device groups of (local) tensors to scale. DTensor gradients
+    are grouped by (mesh, placements) and their local norms reduced over the mesh."""
+    dtensor = _dtensor_type()
+    plain, sharded = [], {}
+    for g in grads:
+        if dtensor is not None and isinstance(g, dtensor):
+            sharded.setdefault((g.device_mesh, tuple(g.placements)), []).append(g.to_local())
+        else:
+            plain.append(g)
+    norms, groups = [], []
+    if plain:
+        groups.append(_grads_by_device(plain, norm_type))
+        norms.append(_total_norm(groups[-1], norm_type))
+    for (mesh, placements), local in sharded.items():
+        groups.append(_grads_by_device(local, norm_type))
+        norms.append(_norm_over_mesh(_total_norm(groups[-1], norm_type), mesh, placements, norm_type))
+    return _combine_norms(norms, norm_type), groups
 
 
 def _check_foreach(foreach) -> None:
@@ -379,7 +444,7 @@ def total_grad_norm(parameters: torch.Tensor | Iterable[torch.Tensor], norm_type
     if not grads:
         return torch.tensor(0.0)
     norm_type = float(norm_type)
-    return _total_norm(_grads_by_device(grads, norm_type), norm_type)
+    return _norm_and_groups(grads, norm_type)[0]
 
 
 @torch.no_grad()
@@ -394,6 +459,8 @@ def clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm:
     (no host synchronization unless ``error_if_nonfinite``). ``foreach`` only selects an implementation in
     torch; here every path is multi-tensor, so it is accepted for compatibility and changes nothing.
     Norm orders the kernels do not take (0, negative, -inf) run the reference implementation.
+    DTensor gradients (FSDP2, tensor parallel): the kernels run on the local shards and the norm is reduced over
+    each mesh (every rank of the mesh must call); the returned norm is a plain tensor.
     """
     _check_foreach(foreach)
     grads = _grads_of(parameters)
@@ -401,14 +468,14 @@ def clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm:
         return torch.tensor(0.0)
     norm_type = float(norm_type)
     max_norm = _as_float("max_norm", max_norm)
-    groups = _grads_by_device(grads, norm_type)
-    total = _total_norm(groups, norm_type)
+    total, groups = _norm_and_groups(grads, norm_type)
     if error_if_nonfinite and not bool(torch.isfinite(total)):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
             "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
             "`error_if_nonfinite=False`")
-    for device, (backend, gs) in groups.items():
-        _device_scale(gs, total.to(device), max_norm, backend)
+    for by_device in groups:
+        for device, (backend, gs) in by_device.items():
+            _device_scale(gs, total.to(device), max_norm, backend)
     return total.to(functools.reduce(torch.promote_types, [g.dtype for g in grads]))
 

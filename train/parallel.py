@@ -49,6 +49,11 @@ class ParallelDims:
         return self.world // self.tp
 
     @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel index: the tp ranks of one group (consecutive ranks) share the same data."""
+        return self.rank // self.tp
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
@@ -219,3 +224,6 @@ class DataParallel(Parallel):
     def no_sync(self) -> contextlib.AbstractContextManager:
         return self.model.no_sync() if self.dims.distributed else contextlib.nullcontext()
 
+
+
+from . import parallel_sharded  # noqa: E402,F401  (registers the zero1, zero2 and fsdp modes)

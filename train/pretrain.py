@@ -82,12 +82,13 @@ def causal_lm_loss(model: torch.nn.Module, batch: Batch):
 def stage_batches(cfg: TrainConfig, si: int, rt: Runtime, tokenizer: Tokenizer) -> ShardedBatches:
     stage = cfg.stages[si]
     micro = stage.micro_batch_tokens or stage.seq_len
-    global_tokens = stage.global_batch_tokens or micro * rt.world
-    if global_tokens % (micro * rt.world):
+    dp = rt.dims.dp    # data-parallel ranks: the tp ranks of a group train on the same micro-batches
+    global_tokens = stage.global_batch_tokens or micro * dp
+    if global_tokens % (micro * dp):
         raise ValueError(f"stages.{si}.global_batch_tokens ({global_tokens}) must be a multiple of "
-                         f"micro_batch_tokens x world size ({micro} x {rt.world})")
+                         f"micro_batch_tokens x data-parallel ranks ({micro} x {dp})")
     stream = PackedStream(stage_corpus(cfg, stage), tokenizer, stage.seq_len)
-    return ShardedBatches(stream, global_tokens // stage.seq_len, micro // stage.seq_len, rt.rank, rt.world,
+    return ShardedBatches(stream, global_tokens // stage.seq_len, micro // stage.seq_len, rt.dims.dp_rank, dp,
                           cfg.data.document_boundaries)
 
 
@@ -113,7 +114,7 @@ def pretraining_stages(cfg: TrainConfig, rt: Runtime, tokenizer: Tokenizer, mode
                             evaluator=heldout if cfg.eval.heldout and eval_rows else None, prepare=prepare,
                             flops=lambda micro: batch_flops(model.config, micro),
                             describe=f" (rows of {s.seq_len}, {batches.accumulation_steps} micro-batches x "
-                                     f"{rt.world} ranks), RoPE base {theta or 'of the model'}"))
+                                     f"{rt.dims.dp} data-parallel ranks), RoPE base {theta or 'of the model'}"))
     return stages
 
 

@@ -36,7 +36,15 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-
     hidden (..., H), weight (V, H), target (...) int64/int32 class indices or ``ignore_index``, bias (V,) or None.
     Returns the loss (fp32; a scalar for mean/sum, shaped like ``target`` for none), or (loss, z_loss) with
     ``return_z_loss``; z_loss = λ·lse² reduced the same way, already included in the loss, without gradient.
+    A DTensor ``weight`` sharded on the vocabulary (tensor parallelism) runs the vocabulary-parallel loss of
+    internlm_kernels/distributed/vocab_parallel_ce.py.
     """
+    if _is_dtensor(weight):
+        from ..distributed.vocab_parallel_ce import dtensor_cross_entropy
+
+        return dtensor_cross_entropy(hidden, weight, target, ignore_index, reduction, bias=bias is not None,
+                                     label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+                                     softcap=softcap, return_z_loss=return_z_loss)
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
     if hidden.dim() < 2:
         raise ValueError(f"hidden must be (..., hidden_size) with at least 2 dims, got shape {tuple(hidden.shape)}")
@@ -85,6 +93,14 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-
     if reduction == "none":
         loss, z_loss = loss.reshape(target.shape), z_loss.reshape(target.shape)
     return (loss, z_loss) if return_z_loss else loss
+
+
+def _is_dtensor(t) -> bool:
+    if type(t) is Tensor or not torch.distributed.is_available():   # the common case costs one type check
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def _check_scalar(name: str, value, low: float, high: float) -> None:

@@ -1,0 +1,124 @@
+"""Tensor + sequence parallelism for InternLM2 through torch.distributed.tensor.parallel.
+
+The plan (tp ranks on a 1-D mesh; T packed tokens per micro-batch, padded to a multiple of tp with one document
+of ignored tokens when needed):
+    tok_embeddings      vocabulary-parallel (rows sharded), output reduce-scattered to token shards (T/tp, H)
+    attention_norm, ffn_norm, norm      sequence parallel: each rank normalizes its T/tp tokens with the full
+                        (replicated) weight; the weight's gradient is summed over the tp ranks
+    attention           input all-gathered to all T tokens; wqkv column-parallel: InternLM2 packs wqkv per KV
+                        group ([g query heads, k, v] x n_kv_heads), so a dim-0 shard is n_kv_heads/tp whole GQA
+                        groups and each rank attends with its own heads; wo row-parallel, output reduce-scattered
+    feed_forward        input all-gathered; w1, w3 column-parallel, w2 row-parallel, reduce-scattered
+    output (the head)   vocabulary-parallel fused linear cross-entropy (vocab_parallel_ce.py): the final norm's
+                        output is marked sequence-sharded and ``ik.fused_linear_cross_entropy`` dispatches on the
+                        DTensor weight, so the model code is unchanged and no rank holds full logits
+Every sharded weight is a DTensor whose global tensor is the HF tensor (wqkv stays packed), so state dicts and
+torch.distributed.checkpoint files keep the HF layout.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def check_tp(config, tp: int, key: str = "tp") -> None:
+    """ValueError naming ``key`` when ``tp`` cannot split this InternLM2Config."""
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"{key} must be an int >= 1, got {tp!r}")
+    for name in ("num_key_value_heads", "intermediate_size", "vocab_size"):
+        if getattr(config, name) % tp:
+            raise ValueError(f"{key} ({tp}) must divide {name} ({getattr(config, name)}): each rank owns whole "
+                             f"{'GQA groups' if name == 'num_key_value_heads' else 'slices'}")
+
+
+def _sum_grad_over(group):
+    """A hook on the incoming gradient (before it accumulates into .grad, so accumulation stays local)."""
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+    return hook
+
+
+def parallelize_internlm2(model: nn.Module, tp_mesh) -> nn.Module:
+    """Apply the plan above in place to an InternLM2ForCausalLM (or ForScore, without its head) on ``tp_mesh``."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    tp = tp_mesh.size()
+    check_tp(model.config, tp)
+    tokens_to_all = dict(desired_input_layouts=(Replicate(),), use_local_output=True)
+    plan = {
+        "model.tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0)),
+        "model.layers.*.attention": PrepareModuleInput(input_layouts=(Shard(0), None),
+                                                       desired_input_layouts=(Replicate(), None),
+                                                       use_local_output=True),
+        "model.layers.*.attention.wqkv": ColwiseParallel(),
+        "model.layers.*.attention.wo": RowwiseParallel(output_layouts=Shard(0)),
+        "model.layers.*.feed_forward": PrepareModuleInput(input_layouts=(Shard(0),), **tokens_to_all),
+        "model.layers.*.feed_forward.w1": ColwiseParallel(),
+        "model.layers.*.feed_forward.w3": ColwiseParallel(),
+        "model.layers.*.feed_forward.w2": RowwiseParallel(output_layouts=Shard(0)),
+    }
+    parallelize_module(model, tp_mesh, plan)
+    for layer in model.model.layers:
+        layer.attention.n_heads //= tp
+        layer.attention.n_kv_heads //= tp
+    group = tp_mesh.get_group()
+    norms = [m.weight for name, m in model.named_modules() if name.endswith("norm") and hasattr(m, "weight")]
+    for weight in norms:
+        weight.register_hook(_sum_grad_over(group))
+    if hasattr(model, "output"):
+        model.output.weight = nn.Parameter(distribute_tensor(model.output.weight.detach(), tp_mesh, [Shard(0)]))
+
+    def tokens_sharded(module, args, out):
+        return DTensor.from_local(out, tp_mesh, [Shard(0)], run_check=False)
+
+    model.model.norm.register_forward_hook(tokens_sharded)
+    model.register_forward_pre_hook(_pad_tokens(model, tp), with_kwargs=True)
+    return model
+
+
+def _pad_tokens(model: nn.Module, tp: int):
+    """Sequence parallelism splits the tokens evenly: a packed batch whose length is not a multiple of tp gets
+    one more document of pad tokens with label -100 (no loss, no attention to the real documents)."""
+    import inspect
+
+    signature = inspect.signature(model.forward)
+
+    def hook(module, args, kwargs):
+        bound = signature.bind(*args, **kwargs)
+        a = bound.arguments
+        ids = a["input_ids"]
+        if ids.dim() != 1:
+            raise ValueError("input_ids: tensor parallelism takes packed (T,) tokens with cu_seqlens")
+        T = ids.shape[0]
+        pad = -T % tp
+        if pad == 0:
+            return None
+        cu = a.get("cu_seqlens")
+        if cu is None:
+            cu = torch.tensor([0, T], dtype=torch.int32, device=ids.device)
+        a["input_ids"] = torch.cat([ids, ids.new_zeros(pad)])
+        a["cu_seqlens"] = torch.cat([cu, cu.new_full((1,), T + pad)])
+        if a.get("labels") is not None:
+            a["labels"] = torch.cat([a["labels"], a["labels"].new_full((pad,), -100)])
+        if a.get("position_ids") is not None:
+            a["position_ids"] = torch.cat([a["position_ids"], a["position_ids"].new_zeros(pad)])
+        if a.get("max_seqlen") is not None:
+            a["max_seqlen"] = max(a["max_seqlen"], pad)
+        return (), dict(a)
+    return hook
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer as a full plain tensor (DTensors gathered; collective on their meshes)."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in model.state_dict().items()}

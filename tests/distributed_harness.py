@@ -1,0 +1,153 @@
+"""Shared by tests/test_distributed_*.py: real gloo ranks in spawned processes, the micro model, its batches and
+the single-process reference run every mode is compared with."""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+MICRO = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+STEPS, MICRO_STEPS, TOKENS, LR, CLIP = 5, 2, 33, 1e-2, 0.5   # 33 tokens: TP pads to even
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn, rank: int, world: int, port: int, out: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        result = fn(rank, world, *args)
+        torch.save(result, os.path.join(out, f"{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(out, f"{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> list:
+    """fn(rank, world, *args) on ``world`` gloo ranks; returns each rank's result. A rank that fails raises here
+    with its traceback; a hang past ``timeout`` kills every rank."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as out:
+        procs = [ctx.Process(target=_entry, args=(fn, r, world, port, out, args)) for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+        try:
+            for p in procs:
+                p.join(max(0.0, (deadline - datetime.datetime.now()).total_seconds()))
+        finally:
+            hung = [p for p in procs if p.is_alive()]
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        errors = [open(os.path.join(out, f)).read() for f in sorted(os.listdir(out)) if f.endswith(".err")]
+        if errors:
+            raise AssertionError("a rank failed:\n" + errors[0])
+        if hung:
+            raise TimeoutError(f"{len(hung)} of {world} ranks still running after {timeout} s (killed)")
+        return [torch.load(os.path.join(out, f"{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def micro_model(seed: int = 0):
+    from models import InternLM2Config, InternLM2ForCausalLM
+
+    torch.manual_seed(seed)
+    return InternLM2ForCausalLM(InternLM2Config(**MICRO))
+
+
+def batches(step: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``n`` micro-batches (input_ids (T,), cu_seqlens) of a global step: two documents each, fixed by step."""
+    g = torch.Generator().manual_seed(1000 + step)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, MICRO["vocab_size"], (TOKENS,), generator=g)
+        cut = int(torch.randint(4, TOKENS - 4, (1,), generator=g))
+        out.append((ids, torch.tensor([0, cut, TOKENS], dtype=torch.int32)))
+    return out
+
+
+def n_targets(batch) -> int:
+    return TOKENS - (len(batch[1]) - 1)
+
+
+def rank_batches(step: int, rank: int, world: int):
+    """This rank's micro-batches of a step, and the number of target tokens of the whole global batch."""
+    every = batches(step, world * MICRO_STEPS)
+    return every[rank * MICRO_STEPS:(rank + 1) * MICRO_STEPS], sum(n_targets(b) for b in every)
+
+
+def _reference_step(model, opt, step: int, world: int) -> float:
+    import internlm_kernels as ik
+
+    every = batches(step, world * MICRO_STEPS)
+    total = sum(n_targets(b) for b in every)
+    loss_sum = 0.0
+    for ids, cu in every:
+        loss = model(ids, cu, labels=ids, loss_reduction="sum").loss
+        (loss / total).backward()
+        loss_sum += float(loss.detach())
+    ik.clip_grad_norm_(model.parameters(), CLIP)
+    opt.step()
+    opt.zero_grad()
+    return loss_sum / total
+
+
+def _params(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def reference_run(world: int, seed: int = 0, checkpoint: str | None = None):
+    """One process trains on every rank's micro-batches: FusedAdamW, clipping, accumulation. (losses, params).
+    With ``checkpoint`` it also saves model and optimizer there through DCP after STEPS steps, then trains one
+    more step: ((losses, params), saved optimizer state, (loss of step STEPS, params after it))."""
+    import internlm_kernels as ik
+
+    model = micro_model(seed)
+    opt = ik.FusedAdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    losses = [_reference_step(model, opt, step, world) for step in range(STEPS)]
+    if checkpoint is None:
+        return losses, _params(model)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    params = _params(model)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=checkpoint)
+    osd = {"state": {k: {n: t.clone() for n, t in v.items()} for k, v in osd["state"].items()}}
+    return (losses, params), osd, (_reference_step(model, opt, STEPS, world), _params(model))
+
+
+def global_loss(local_sum: float) -> float:
+    t = torch.tensor([local_sum], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t)
+
+
+def assert_close_run(got, want, rtol: float = 1e-5) -> None:
+    (got_losses, got_params), (want_losses, want_params) = got, want
+    torch.testing.assert_close(torch.tensor(got_losses), torch.tensor(want_losses), rtol=rtol, atol=0)
+    assert got_params.keys() == want_params.keys()
+    # Parameters: Adam's first steps move an element by ~lr whatever the size of its gradient, so an element whose
+    # gradient is float noise (another reduction order) can differ by a small fraction of lr: atol = lr / 100.
+    for k in want_params:
+        torch.testing.assert_close(got_params[k], want_params[k], rtol=1e-4, atol=LR / 100,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+        assert (got_params[k] - want_params[k]).abs().mean() < 1e-6, k

@@ -1,0 +1,97 @@
+"""The trainer's sharded [parallel] modes under torchrun (2 gloo ranks): the same losses as one process, a
+checkpoint of 2 ZeRO-2 ranks resumed by 1 process, the HF export of a sharded run, config errors."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from train.checkpoint import list_checkpoints
+from train.config import ConfigError, load_config
+from train.metrics import read_jsonl
+from train.pretrain import run_pretraining
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2}
+COMMON = {"run.threads": 1, "metrics.progress": False, "metrics.plots": False, "eval.passkey": False,
+          "data.heldout_docs": 4, "optim.warmup_steps": 1, "checkpoint.every": 2, "checkpoint.keep_last": 2}
+STAGE = {"steps": 4, "seq_len": 64, "global_batch_tokens": 256, "micro_batch_tokens": 64}   # 2 micro-steps/rank
+
+
+def torchrun(tmp_path, name: str, mode: str, *extra: str) -> str:
+    args = [f"--run.output_dir={tmp_path}", f"--run.name={name}", f"--parallel.mode={mode}", *extra]
+    args += [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in COMMON.items()]
+    args += [f"--model.overrides.{k}={v}" for k, v in OVERRIDES.items()]
+    args += [f"--stages.0.{k}={v}" for k, v in STAGE.items()]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    # A session of its own, so that a hang kills torchrun and both workers, not torchrun alone.
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "train.pretrain", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    return os.path.join(tmp_path, name)
+
+
+def single_process(tmp_path, name: str, **extra):
+    return run_pretraining(load_config(None, {"run.output_dir": str(tmp_path), "run.name": name, **COMMON,
+                                              "model.overrides": OVERRIDES, "stages": [STAGE], **extra}))
+
+
+def losses(run_dir: str) -> list[float]:
+    return [r["loss"] for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "train"]
+
+
+def _close(got, want) -> None:
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return single_process(tmp_path_factory.mktemp("single"), "single")
+
+
+@pytest.mark.parametrize("mode, extra", [("zero2", ()), ("fsdp", ()), ("fsdp", ("--parallel.tp=2",))],
+                         ids=["zero2", "fsdp", "tp2"])
+def test_sharded_mode_matches_single_process_and_exports(tmp_path, single, mode, extra):
+    """tp2: both ranks run every micro-batch (one data-parallel rank), tensor + sequence parallel."""
+    from models import InternLM2ForCausalLM
+
+    run_dir = torchrun(tmp_path, mode, mode, *extra)
+    want = losses(single.run_dir)
+    assert len(want) == 4
+    _close(losses(run_dir), want)
+    exported = InternLM2ForCausalLM.from_pretrained(os.path.join(list_checkpoints(run_dir)[-1], "model"))
+    for name, value in single.model.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[name], value, rtol=1e-4, atol=1e-4, msg=name)
+    if mode == "zero2":
+        # 2 -> 1: drop the last checkpoint and resume from step 2 in one process (plain FusedAdamW).
+        shutil.rmtree(list_checkpoints(run_dir)[-1])
+        resumed = single_process(tmp_path, mode, **{"checkpoint.resume": True})
+        _close(losses(resumed.run_dir), want)
+
+
+def test_bad_parallel_keys_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="parallel.tp"):
+        load_config(None, {"parallel.mode": "zero2", "parallel.tp": 2})
+    with pytest.raises(ConfigError, match="parallel.shard_size"):
+        load_config(None, {"parallel.mode": "fsdp", "parallel.tp": 2, "parallel.shard_size": 2})
+    with pytest.raises(ConfigError, match="parallel.overlap"):
+        load_config(None, {"parallel.mode": "fsdp", "parallel.overlap": False})
+    from train.parallel import MODES, ParallelDims
+
+    with pytest.raises(ValueError, match="parallel.shard_size"):
+        MODES["zero1"].check_dims(ParallelDims("zero1", world=4, shard_size=3))
+    with pytest.raises(ValueError, match=r"parallel.tp \(2\) must equal the world size \(4\)"):
+        MODES["fsdp"].check_dims(ParallelDims("fsdp", world=4, tp=2))
