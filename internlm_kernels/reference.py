@@ -119,20 +119,25 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # RMSNorm
 # --------------------------------------------------------------------------------------------------
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
-             prenorm: bool = False, residual_in_fp32: bool = False):
+             prenorm: bool = False, residual_in_fp32: bool = False, offset: float = 0.0,
+             casting_mode: str = "gemma"):
     """RMSNorm with an optional fused residual add (flash-attn ``rms_norm_fn`` semantics, no bias).
 
     h = x + residual (in float32; h = x without a residual);
     y = h / sqrt(mean(h², last dim) + eps) · weight, computed in float32 and returned in x.dtype.
     With ``prenorm`` returns (y, h) where h is stored in residual.dtype if a residual was given, else
     float32 if ``residual_in_fp32`` else x.dtype — the carried residual stream of a pre-norm block.
+    The weight is ``weight + offset`` (Gemma: offset 1). casting_mode "gemma": all in float32, rounded once;
+    "llama": the normalized row is rounded to x.dtype before the weight multiplies it (transformers' LlamaRMSNorm).
     """
     dt = _compute_dtype(x)
     h = x.to(dt)
     if residual is not None:
         h = h + residual.to(dt)
-    y = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.to(dt)
-    y = y.to(x.dtype)
+    n = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + eps)
+    if casting_mode == "llama":
+        n = n.to(x.dtype).to(dt)
+    y = (n * (weight.to(dt) + offset)).to(x.dtype)
     if not prenorm:
         return y
     if residual is not None:
