@@ -43,9 +43,12 @@ def _rope_tables(self, seqlen: int, device) -> tuple[torch.Tensor, torch.Tensor]
     rope = getattr(self, "_ik_rope", None)
     if rope is None:
         config = self.config
-        scaling = getattr(config, "rope_scaling", None) or {}
-        rope = RotaryEmbedding(self.head_dim, theta=float(getattr(config, "rope_theta", 10000.0)),
-                               scaling_type=scaling.get("type") or scaling.get("rope_type"),
+        # The remote config's rope_scaling ({"type": "linear" | "dynamic", "factor": f}); transformers 5 folds it
+        # into rope_parameters (rope_type "default" when unscaled, rope_theta inside).
+        scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+        theta = getattr(config, "rope_theta", None) or scaling.get("rope_theta", 10000.0)
+        kind = scaling.get("type") or scaling.get("rope_type")
+        rope = RotaryEmbedding(self.head_dim, theta=float(theta), scaling_type=None if kind == "default" else kind,
                                scaling_factor=float(scaling.get("factor", 1.0)),
                                max_position_embeddings=config.max_position_embeddings)
         self._ik_rope = rope
