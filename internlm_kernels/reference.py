@@ -254,30 +254,57 @@ def qkv_rotary(wqkv_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_k
 # --------------------------------------------------------------------------------------------------
 # Linear + cross-entropy
 # --------------------------------------------------------------------------------------------------
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                         bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
-                         label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
-                         softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``target``; returns (loss, z_loss).
-
-    hidden (N, H), weight (V, H), target (N,) int64. Logits z in float32 (softcapped: c · tanh(z / c)).
-    Per token with lse = log Σ_v exp(z_v):
-      loss_t = (1 - ε)(lse - z_target) + ε (lse - mean_v z_v) + λ lse²,   z_loss_t = λ lse²
-    with ε = label_smoothing and λ = lse_square_scale (z-loss, PaLM). Tokens whose target is
-    ``ignore_index`` contribute 0. reduction ``mean`` divides the sum by the number of non-ignored tokens
-    (0 when every token is ignored), ``sum`` sums, ``none`` returns per-token values (N,).
-    """
+def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  softcap: float = 0.0) -> torch.Tensor:
+    """hidden @ weight.T (+ bias) in the compute dtype, softcapped (c · tanh(z / c)) when softcap > 0."""
     dt = _compute_dtype(hidden)
     z = hidden.to(dt) @ weight.to(dt).t()
     if bias is not None:
         z = z + bias.to(dt)
     if softcap > 0:
         z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+                         softcap: float = 0.0, class_weight: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``target``; returns (loss, z_loss).
+
+    hidden (N, H), weight (V, H), target (N,) int64: ``cross_entropy`` of the (softcapped) logits, computed in
+    float32 (float64 for float64 inputs).
+    """
+    return cross_entropy(linear_logits(hidden, weight, bias), target, class_weight, ignore_index, reduction,
+                         label_smoothing, lse_square_scale, softcap)
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None = None,
+                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                  lse_square_scale: float = 0.0, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of logits (N, V) against target (N,) int64; returns (loss, z_loss), fp32 (fp64 for fp64).
+
+    Logits z in float32, softcapped when softcap > 0: c · tanh(z / c). Per token, with lse = log Σ_v exp(z_v),
+    class weights w (all 1 when ``class_weight`` is None) and W = Σ_v w_v:
+      loss_t = (1 - ε) w_y (lse - z_y) + (ε / V) Σ_v w_v (lse - z_v) + λ lse²,   z_loss_t = λ lse²
+    with ε = label_smoothing and λ = lse_square_scale (z-loss, PaLM): torch's ``cross_entropy`` for λ = 0.
+    Tokens whose target is ``ignore_index`` contribute 0. reduction ``mean`` divides the sum by the number of
+    counted tokens (by Σ_t w_{y_t} with class weights; the loss is 0 when that is 0), ``sum`` sums, ``none``
+    returns per-token values (N,).
+    """
+    dt = _compute_dtype(logits)
+    z = logits.to(dt)
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    V = z.shape[-1]
     valid = target != ignore_index
     safe_target = torch.where(valid, target, torch.zeros_like(target))
+    w = torch.ones(V, dtype=dt, device=z.device) if class_weight is None else class_weight.to(dt)
     lse = torch.logsumexp(z, dim=-1)
     nll = lse - z.gather(-1, safe_target[:, None]).squeeze(-1)
-    loss = (1.0 - label_smoothing) * nll + label_smoothing * (lse - z.mean(dim=-1))
+    smooth = (lse[:, None] - z).mul(w).sum(-1) / V
+    loss = (1.0 - label_smoothing) * w[safe_target] * nll + label_smoothing * smooth
     z_loss = lse_square_scale * lse.pow(2)
     loss = torch.where(valid, loss + z_loss, torch.zeros_like(loss))
     z_loss = torch.where(valid, z_loss, torch.zeros_like(z_loss))
@@ -286,9 +313,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     if reduction == "sum":
         return loss.sum(), z_loss.sum()
     if reduction == "mean":
-        n = valid.sum().clamp(min=1).to(dt)
+        n = (w[safe_target] * valid).sum()
+        n = torch.where(n > 0, n, torch.ones_like(n))
         return loss.sum() / n, z_loss.sum() / n
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def predicted_tokens(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Each token's argmax class (the first maximal one), -1 where the target is ``ignore_index``: (N,) int64."""
+    return torch.where(target != ignore_index, logits.argmax(-1), torch.full_like(target, -1, dtype=torch.int64))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,5 +363,6 @@ def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Ten
 __all__ = [
     "attention_mask", "attention_one", "flash_attn_varlen", "rms_norm", "swiglu", "swiglu_packed",
     "rotary_positions", "apply_rotary_emb", "rotary_cos_sin", "qkv_rotary", "linear_cross_entropy", "adamw_step",
+    "linear_logits", "cross_entropy", "predicted_tokens",
     "total_norm",
 ]
