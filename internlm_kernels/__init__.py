@@ -6,7 +6,7 @@ fused linear cross-entropy, torch's fused AdamW. See README.md for the kernel ta
 from . import backend, integrations, nn, reference
 from .backend import use_backend
 from .ops.attention import flash_attn_func, flash_attn_varlen_func
-from .ops.cross_entropy import fused_linear_cross_entropy
+from .ops.cross_entropy import cross_entropy, fused_linear_cross_entropy
 from .ops.rms_norm import rms_norm
 from .ops.rotary import apply_rotary_emb, qkv_rotary, rotary_cos_sin
 from .ops.swiglu import swiglu, swiglu_packed
@@ -19,4 +19,6 @@ __all__ = [
     "qkv_rotary", "rotary_cos_sin",
     "fused_linear_cross_entropy", "FusedAdamW", "clip_grad_norm_", "use_backend", "backend", "nn", "reference",
     "integrations",
+    # drop-in surfaces of flash-attn and Liger (issue 15)
+    "cross_entropy",
 ]

@@ -68,7 +68,7 @@ def assert_same(got, want):
 
 # The Triton kernels (interpreted on CPU: ~10 s a model) run for the two families whose patch differs most; the
 # others run the patch over the reference ops (the kernels' equality with them is tested op by op).
-@pytest.mark.parametrize("arch,backend", [("llama", "triton"), ("mistral", "auto"), ("qwen2", "auto"),
+@pytest.mark.parametrize("arch,backend", [("llama", "auto"), ("mistral", "auto"), ("qwen2", "auto"),
                                           ("qwen3", "auto"), ("gemma2", "triton"), ("internlm2", "triton")])
 def test_patched_model_loss_and_grads_equal_unpatched(arch, backend):
     ref = make(arch)

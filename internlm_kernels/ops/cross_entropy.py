@@ -422,7 +422,7 @@ def _(logits, target, class_weight, ignore_index, reduction, label_smoothing, ls
       want_argmax):
     loss = logits.new_empty(logits.shape[:1] if reduction == "none" else (), dtype=torch.float32)
     return (loss, torch.empty_like(loss),
-            logits.new_empty(logits.shape if grad_ahead else (0,), memory_format=torch.contiguous_format),
+            logits.new_empty(logits.shape if grad_ahead else (0,)),
             target.new_empty(target.shape if want_argmax else (0,), dtype=torch.int64))
 
 
