@@ -6,6 +6,14 @@ fused linear cross-entropy, torch's fused AdamW. See README.md for the kernel ta
 from . import backend, integrations, nn, reference
 from .backend import use_backend
 from .ops.attention import flash_attn_func, flash_attn_varlen_func
+from .ops.attention_packed import (
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    pad_input,
+    unpad_input,
+)
 from .ops.cross_entropy import cross_entropy, fused_linear_cross_entropy
 from .ops.rms_norm import rms_norm
 from .ops.rotary import apply_rotary_emb, qkv_rotary, rotary_cos_sin
@@ -20,5 +28,6 @@ __all__ = [
     "fused_linear_cross_entropy", "FusedAdamW", "clip_grad_norm_", "use_backend", "backend", "nn", "reference",
     "integrations",
     # drop-in surfaces of flash-attn and Liger (issue 15)
-    "cross_entropy",
+    "cross_entropy", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func", "unpad_input", "pad_input",
 ]
