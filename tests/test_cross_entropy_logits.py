@@ -178,3 +178,26 @@ def test_inference_mode_and_opcheck():
         torch.library.opcheck(fwd, (logits, target, w, -100, reduction, 0.1, 1e-3, 2.0, ahead, True))
     torch.library.opcheck(torch.ops.internlm_kernels.cross_entropy_bwd.default,
                           (logits.detach(), target, weight, torch.rand(9), -100, 0.1, 0.0, 0.0))
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_dweight_accumulator_and_bf16_logits():
+    """On CUDA the fp32 accumulator is cuBLAS's fp32-output addmm (a path the CPU tests cannot take)."""
+    torch.manual_seed(7)
+    hidden = torch.randn(8192, 256, device="cuda", dtype=torch.bfloat16)
+    weight = (torch.randn(32000, 256, device="cuda") / 16).to(torch.bfloat16).requires_grad_()
+    target = torch.randint(0, 32000, (8192,), device="cuda")
+    w64 = weight.detach().double().requires_grad_()
+    want, _ = reference.linear_cross_entropy(hidden.double(), w64, target)
+    (exact,) = torch.autograd.grad(want, w64)
+    errors = {}
+    for accum in (None, torch.float32):
+        loss = ik.fused_linear_cross_entropy(hidden, weight, target, accum_dtype=accum)
+        (dw,) = torch.autograd.grad(loss, weight)
+        errors[accum] = ((dw.double() - exact).norm() / exact.norm()).item()
+    assert errors[torch.float32] < 2 ** -7 and errors[torch.float32] <= errors[None]
+    logits = (hidden @ weight.detach().t()).requires_grad_()
+    loss, acc = ik.cross_entropy(logits, target, return_token_accuracy=True)
+    want = torch.nn.functional.cross_entropy(logits.float(), target)
+    assert_close(loss, want, rtol=1e-4, atol=1e-4)
+    assert_close(acc, (logits.argmax(-1) == target).float().mean())

@@ -180,3 +180,17 @@ def test_unsupported_architecture_names_it_and_the_supported_list():
         ik_hf.patch(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="rope"):
         ik_hf.patch(make("llama"), rope="yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "internlm2"])
+def test_gpu_bf16_patched_model_matches_unpatched(arch):
+    ref = make(arch).to("cuda", torch.bfloat16)
+    ours = copy.deepcopy(ref)
+    ids = torch.randint(0, VOCAB, (2, 64), device="cuda")
+    want = ref(input_ids=ids, labels=ids).loss
+    ik_hf.patch(ours)
+    got = ours(input_ids=ids, labels=ids).loss
+    got.backward()
+    assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert all(torch.isfinite(p.grad).all() for p in ours.parameters())
