@@ -89,26 +89,31 @@ def patch(model_or_class, rms_norm: bool = True, rope: bool = True, swiglu: bool
 
     if rope:
         _set(modeling, "apply_rotary_pos_emb", apply_rotary_pos_emb)
-    targets = []  # (class name, replacement forward)
+    # (class name, make(original forward) -> replacement forward); the original serves the cases a replacement
+    # leaves to the model (a non-SiLU MLP, the remote attention's KV-cache path).
+    targets = []
     if rms_norm:
-        targets.append((family.norm, _norm_forward(family.norm_offset, family.casting_mode)))
+        norm_forward = _norm_forward(family.norm_offset, family.casting_mode)
+        targets.append((family.norm, lambda original: norm_forward))
         if family.llama_decoder:
-            targets.append((family.decoder, _internlm2_decoder_forward if family.remote_code
-                            else _llama_decoder_forward))
+            decoder_forward = _internlm2_decoder_forward if family.remote_code else _llama_decoder_forward
+            targets.append((family.decoder, lambda original: decoder_forward))
     if swiglu:
-        targets.append((family.mlp, _mlp_forward(_unpatched(getattr(modeling, family.mlp).forward))))
+        targets.append((family.mlp, _mlp_forward))
     if attention and family.remote_code:
         from .patch_internlm2 import make_attention_forward
-        original = _unpatched(getattr(modeling, family.attention).forward)
-        targets.append((family.attention, make_attention_forward(original)))
-    for name, forward in targets:
+        targets.append((family.attention, make_attention_forward))
+    for name, make in targets:
         owner = getattr(modeling, name)
         if is_class:
-            _set(owner, "forward", forward)
+            # the class and its subclasses with their own forward (InternLM2's Sdpa / FlashAttention2 variants)
+            for klass in _with_subclasses(owner):
+                if "forward" in vars(klass):
+                    _set(klass, "forward", make(_unpatched(vars(klass)["forward"])))
         else:
             for module in model_or_class.modules():
                 if isinstance(module, owner):
-                    module.forward = types.MethodType(forward, module)
+                    module.forward = types.MethodType(make(_unpatched(type(module).forward)), module)
 
     if fused_linear_cross_entropy and _is_causal_lm(cls):
         if is_class:
@@ -132,6 +137,13 @@ def _family_of(cls: type) -> tuple[Family, type]:
                 return family, klass
     raise ValueError(f"patch() does not support {cls.__name__} (module {cls.__module__}); supported architectures: "
                      f"{', '.join(SUPPORTED)}")
+
+
+def _with_subclasses(cls: type) -> list[type]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found += _with_subclasses(sub)
+    return found
 
 
 def _is_causal_lm(cls: type) -> bool:
@@ -252,9 +264,6 @@ def _rotate(x, cos, sin, head_axis: int):
     return out.transpose(1, 2) if head_axis == 1 else out
 
 
-_LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
-
-
 def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, logits_to_keep=0,
                       skip_logits=None, return_dict=None, **kwargs):
     """The causal-LM forward with the loss from ``ik.fused_linear_cross_entropy``: with ``labels`` (and
@@ -266,8 +275,6 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     ignore_index = kwargs.pop("ignore_index", -100)
     shift_labels = kwargs.pop("shift_labels", None)
-    if getattr(self.config, "model_type", None) == "internlm2":
-        kwargs = {k: v for k, v in kwargs.items() if k not in _LOSS_KWARGS}
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
     hidden = outputs[0]
     if isinstance(logits_to_keep, int):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..nn import RotaryEmbedding
-from ..ops.attention import flash_attn_varlen_func
+from ..ops.attention import flash_attn_func, flash_attn_varlen_func
 from ..ops.rotary import qkv_rotary
 from .transformers import _PerTensorCache, _segments, _varlen_padded
 
@@ -72,19 +72,23 @@ def _attention(self, hidden_states, attention_mask, position_ids):
     """hidden_states (B, S, hidden) -> (wo(attention), None, None)."""
     B, S, _ = hidden_states.shape
     n_kv, D = self.num_key_value_heads, self.head_dim
-    if position_ids is None:
-        position_ids = torch.arange(S, device=hidden_states.device)[None]
-    position_ids = position_ids.expand(B, S)
     cos, sin = _rope_tables(self, max(S, self.config.max_position_embeddings), hidden_states.device)
-    # One table row per token (its position), read by the packed (B·S) sequence at positions 0..B·S-1.
-    pos = position_ids.reshape(-1)
-    q, k, v = qkv_rotary(self.wqkv(hidden_states).reshape(1, B * S, -1), cos[pos], sin[pos], n_kv, D)
+    wqkv_out = self.wqkv(hidden_states)
+    if position_ids is None:
+        q, k, v = qkv_rotary(wqkv_out, cos, sin, n_kv, D)
+    else:
+        # One table row per token (its position), read by the packed (B·S) sequence at positions 0..B·S-1.
+        pos = position_ids.expand(B, S).reshape(-1)
+        q, k, v = qkv_rotary(wqkv_out.reshape(1, B * S, -1), cos[pos], sin[pos], n_kv, D)
+    q, k, v = q.view(B, S, -1, D), k.view(B, S, n_kv, D), v.view(B, S, n_kv, D)
     kw = dict(causal=True, softmax_scale=D ** -0.5)
     keep = _padding_mask(attention_mask, S)
     if keep is not None:
-        out = _varlen_padded(q.view(B, S, -1, D), k.view(B, S, n_kv, D), v.view(B, S, n_kv, D), keep, **kw)
-    else:
+        out = _varlen_padded(q, k, v, keep, **kw)
+    elif position_ids is None:
+        out = flash_attn_func(q, k, v, **kw)
+    else:  # documents = runs of consecutive positions; cached per position_ids tensor (one sync per forward)
         cu = _segments(position_ids, B)
-        out = flash_attn_varlen_func(q.view(B * S, -1, D), k.view(B * S, n_kv, D), v.view(B * S, n_kv, D), cu, cu,
-                                     S, S, **kw)
+        out = flash_attn_varlen_func(q.reshape(B * S, -1, D), k.reshape(B * S, n_kv, D), v.reshape(B * S, n_kv, D),
+                                     cu, cu, S, S, **kw)
     return self.wo(out.reshape(B, S, -1)), None, None
