@@ -154,10 +154,41 @@ class InternLM2Attention(nn.Module):
         return attn_output, attn_weights if output_attentions else None, past_key_value
 
 
+class InternLM2SdpaAttention(InternLM2Attention):
+    """The remote file's sdpa variant: the same projections and RoPE, torch's scaled_dot_product_attention."""
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None,
+                output_attentions=False, use_cache=False, **kwargs):
+        if output_attentions:
+            return super().forward(hidden_states, attention_mask, position_ids, past_key_value, output_attentions,
+                                   use_cache, **kwargs)
+        if past_key_value is not None or use_cache:
+            raise NotImplementedError("this test re-implementation has no KV cache")
+        bsz, q_len, _ = hidden_states.size()
+        qkv_states = self.wqkv(hidden_states).view(bsz, q_len, -1, 2 + self.num_key_value_groups, self.head_dim)
+        query_states = qkv_states[..., : self.num_key_value_groups, :]
+        query_states = query_states.reshape(bsz, q_len, -1, self.head_dim).transpose(1, 2)
+        key_states = qkv_states[..., -2, :].transpose(1, 2)
+        value_states = qkv_states[..., -1, :].transpose(1, 2)
+        cos, sin = self.rotary_emb(value_states, position_ids)
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        key_states = repeat_kv(key_states, self.num_key_value_groups)
+        value_states = repeat_kv(value_states, self.num_key_value_groups)
+        causal_mask = attention_mask[:, :, :, : key_states.shape[-2]] if attention_mask is not None else None
+        attn_output = nn.functional.scaled_dot_product_attention(
+            query_states, key_states, value_states, attn_mask=causal_mask,
+            is_causal=causal_mask is None and q_len > 1)
+        attn_output = attn_output.transpose(1, 2).contiguous().reshape(bsz, q_len, self.hidden_size)
+        return self.wo(attn_output), None, past_key_value
+
+
+INTERNLM2_ATTENTION_CLASSES = {"eager": InternLM2Attention, "sdpa": InternLM2SdpaAttention}
+
+
 class InternLM2DecoderLayer(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.attention = InternLM2Attention(config, layer_idx)
+        self.attention = INTERNLM2_ATTENTION_CLASSES[config.attn_implementation](config, layer_idx)
         self.feed_forward = InternLM2MLP(config)
         self.attention_norm = InternLM2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.ffn_norm = InternLM2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)

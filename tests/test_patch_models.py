@@ -152,6 +152,23 @@ def test_class_patch_before_construction_and_unpatch():
     assert fresh(input_ids=ids, labels=ids).logits is not None
 
 
+def test_class_patch_reaches_internlm2_attention_variants():
+    """The remote file picks its attention class (eager, sdpa, flash_attention_2) from the config; a class patch
+    replaces the forward of each variant that defines its own."""
+    ref = make("internlm2", seed=5)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    want = loss_and_grads(ref, input_ids=ids, labels=ids)
+    ik_hf.patch(InternLM2ForCausalLM)
+    config = copy.deepcopy(ref.config)
+    config.attn_implementation = "sdpa"
+    ours = InternLM2ForCausalLM(config)
+    ours.load_state_dict(ref.state_dict())
+    attention_class = type(ours.model.layers[0].attention)
+    assert attention_class.__name__ == "InternLM2SdpaAttention"
+    assert attention_class.forward._ik_original is not None  # our forward, wrapping the variant's own
+    assert_same(loss_and_grads(ours, input_ids=ids, labels=ids), want)
+
+
 def test_switches_and_outputs():
     """Each switch off leaves its part alone; skip_logits=False returns the loss and the logits; return_dict=False
     a tuple; the Trainer's num_items_in_batch turns the mean into a sum over that count."""
