@@ -279,8 +279,9 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     hidden = outputs[0]
     if isinstance(logits_to_keep, int):
         hidden = hidden[:, -logits_to_keep:, :] if logits_to_keep else hidden
-    else:
-        hidden = hidden[:, logits_to_keep, :]
+    else:  # positions to keep, as transformers' slice_logits_to_keep reads a tensor
+        from transformers.modeling_utils import slice_logits_to_keep
+        hidden = slice_logits_to_keep(hidden, logits_to_keep)
     head = self.get_output_embeddings()
     softcap = getattr(self.config, "final_logit_softcapping", None) or 0.0
     have_labels = labels is not None or shift_labels is not None
@@ -311,7 +312,7 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     else:  # the inner model's cache / hidden states / attentions, under the names this transformers uses
         fields = CausalLMOutputWithPast.__dataclass_fields__
         extra = {k: v for k, v in outputs.items() if k in fields}
-        if "past_key_values" in outputs and "cache" in fields:  # an older remote model under transformers 5
+        if "past_key_values" in outputs.keys() and "cache" in fields:  # an older remote model under transformers 5
             extra["cache"] = outputs["past_key_values"]
     if return_dict is False:
         return tuple(t for t in (loss, logits) if t is not None) + tuple(outputs[1:])
