@@ -66,10 +66,11 @@ def assert_same(got, want):
         assert_close(got[1][name], g, msg=name)
 
 
-# The Triton kernels (interpreted on CPU: ~10 s a model) run for the two families whose patch differs most; the
-# others run the patch over the reference ops (the kernels' equality with them is tested op by op).
+# The Triton kernels (interpreted on CPU: ~10 s a model) run for InternLM2, whose patch uses the most of them (fused
+# qkv rotary, varlen attention, fused residual norm, SwiGLU, fused CE); the others run the patch over the reference
+# ops (each kernel's equality with its reference, offsets and softcaps included, is tested op by op).
 @pytest.mark.parametrize("arch,backend", [("llama", "auto"), ("mistral", "auto"), ("qwen2", "auto"),
-                                          ("qwen3", "auto"), ("gemma2", "triton"), ("internlm2", "triton")])
+                                          ("qwen3", "auto"), ("gemma2", "auto"), ("internlm2", "triton")])
 def test_patched_model_loss_and_grads_equal_unpatched(arch, backend):
     ref = make(arch)
     ours = copy.deepcopy(ref)
