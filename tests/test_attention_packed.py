@@ -49,6 +49,8 @@ def test_batched_packed_functions_match_flash_attn_func():
     want = ik.flash_attn_func(q, k, v, causal=True)
     assert_close(ik.flash_attn_qkvpacked_func(qkv, causal=True), want)
     assert_close(ik.flash_attn_kvpacked_func(q, qkv[:, :, 1:], causal=True), want)
+    with torch.inference_mode(), ik.use_backend("triton"):
+        assert_close(ik.flash_attn_qkvpacked_func(qkv, causal=True), want)
     with pytest.raises(ValueError, match="qkv"):
         ik.flash_attn_qkvpacked_func(qkv[:, :, :2])
 
