@@ -80,6 +80,8 @@ def test_patched_model_loss_and_grads_equal_unpatched(arch, backend):
     want = loss_and_grads(ref, input_ids=ids, labels=labels)
 
     assert ik_hf.patch(ours) is ours
+    layer = ours.model.layers[0]
+    assert "forward" in vars(layer) and "forward" in vars(ours)  # the fused-residual layer and the fused loss
     with ik.use_backend(backend):
         got = loss_and_grads(ours, input_ids=ids, labels=labels)
     assert_same(got, want)

@@ -6,9 +6,9 @@ function below) and on a class before loading (the family's classes are patched:
 afterwards, or already built, runs our kernels). What each switch replaces, per family:
 
   rms_norm      every RMSNorm module's forward -> ``ik.rms_norm`` with the family's numerics (Llama casting: the
-                normalized row is rounded before the weight; Gemma2: ``1 + w``, all in fp32); and, for the
-                Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3, InternLM2), the layer's forward, so that
-                the residual add after attention is fused into the second norm
+                normalized row is rounded before the weight; Gemma2: ``1 + w``, all in fp32); and the decoder
+                layer's forward, so that the residual add after attention is fused into the next norm
+                (post_attention_layernorm; Gemma2: pre_feedforward_layernorm; InternLM2: ffn_norm)
   rope          the modeling module's ``apply_rotary_pos_emb`` -> ``ik.apply_rotary_emb`` over the per-token
                 cos/sin the model computed (so every RoPE scaling type and padding-free position restarts work).
                 This is a module-level function: it changes every model of the family in the process, as Liger's
@@ -44,26 +44,27 @@ class Family:
     """How one model family names its parts (class names in its modeling module)."""
 
     name: str
-    pretrained: str           # the family's PreTrainedModel base class: how a model or class is recognized
+    pretrained: str              # the family's PreTrainedModel base class: how a model or class is recognized
     norm: str
     mlp: str
-    decoder: str
-    norm_offset: float = 0.0  # Gemma: the weight is stored as w - 1
+    decoder: str                 # the decoder layer, whose forward is replaced to fuse a residual add into a norm
+    decoder_forward: str         # which replacement: "llama" (pre-norm), "gemma2" (sandwich norms), "internlm2"
+    norm_offset: float = 0.0     # Gemma: the weight is stored as w - 1
     casting_mode: str = "llama"
-    llama_decoder: bool = True  # pre-norm layer: x + attn(norm1(x)), then + mlp(norm2(.)): the add fuses into norm2
-    remote_code: bool = False   # InternLM2's trust_remote_code model (no transformers attention interface)
-    attention: str = ""         # the remote model's attention class
+    remote_code: bool = False    # InternLM2's trust_remote_code model (no transformers attention interface)
+    attention: str = ""          # the remote model's attention class
 
 
 FAMILIES = {
-    "llama": Family("llama", "LlamaPreTrainedModel", "LlamaRMSNorm", "LlamaMLP", "LlamaDecoderLayer"),
-    "mistral": Family("mistral", "MistralPreTrainedModel", "MistralRMSNorm", "MistralMLP", "MistralDecoderLayer"),
-    "qwen2": Family("qwen2", "Qwen2PreTrainedModel", "Qwen2RMSNorm", "Qwen2MLP", "Qwen2DecoderLayer"),
-    "qwen3": Family("qwen3", "Qwen3PreTrainedModel", "Qwen3RMSNorm", "Qwen3MLP", "Qwen3DecoderLayer"),
-    "gemma2": Family("gemma2", "Gemma2PreTrainedModel", "Gemma2RMSNorm", "Gemma2MLP", "Gemma2DecoderLayer",
-                     norm_offset=1.0, casting_mode="gemma", llama_decoder=False),
+    "llama": Family("llama", "LlamaPreTrainedModel", "LlamaRMSNorm", "LlamaMLP", "LlamaDecoderLayer", "llama"),
+    "mistral": Family("mistral", "MistralPreTrainedModel", "MistralRMSNorm", "MistralMLP", "MistralDecoderLayer",
+                      "llama"),
+    "qwen2": Family("qwen2", "Qwen2PreTrainedModel", "Qwen2RMSNorm", "Qwen2MLP", "Qwen2DecoderLayer", "llama"),
+    "qwen3": Family("qwen3", "Qwen3PreTrainedModel", "Qwen3RMSNorm", "Qwen3MLP", "Qwen3DecoderLayer", "llama"),
+    "gemma2": Family("gemma2", "Gemma2PreTrainedModel", "Gemma2RMSNorm", "Gemma2MLP", "Gemma2DecoderLayer", "gemma2",
+                     norm_offset=1.0, casting_mode="gemma"),
     "internlm2": Family("internlm2", "InternLM2PreTrainedModel", "InternLM2RMSNorm", "InternLM2MLP",
-                        "InternLM2DecoderLayer", remote_code=True, attention="InternLM2Attention"),
+                        "InternLM2DecoderLayer", "internlm2", remote_code=True, attention="InternLM2Attention"),
 }
 SUPPORTED = tuple(FAMILIES)
 
@@ -95,9 +96,8 @@ def patch(model_or_class, rms_norm: bool = True, rope: bool = True, swiglu: bool
     if rms_norm:
         norm_forward = _norm_forward(family.norm_offset, family.casting_mode)
         targets.append((family.norm, lambda original: norm_forward))
-        if family.llama_decoder:
-            decoder_forward = _internlm2_decoder_forward if family.remote_code else _llama_decoder_forward
-            targets.append((family.decoder, lambda original: decoder_forward))
+        decoder_forward = _DECODER_FORWARDS[family.decoder_forward]
+        targets.append((family.decoder, lambda original: decoder_forward))
     if swiglu:
         targets.append((family.mlp, _mlp_forward))
     if attention and family.remote_code:
@@ -224,6 +224,18 @@ def _llama_decoder_forward(self, hidden_states, **kwargs):
     return residual + self.mlp(hidden_states)
 
 
+def _gemma2_decoder_forward(self, hidden_states, **kwargs):
+    """Gemma2's sandwich-norm decoder layer with the residual add after attention fused into
+    pre_feedforward_layernorm (x + post_attn_norm(attn), then normalized, in one pass)."""
+    residual = hidden_states
+    hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+    hidden_states = self.post_attention_layernorm(hidden_states)
+    norm = self.pre_feedforward_layernorm
+    hidden_states, residual = _rms_norm(hidden_states, norm.weight, _norm_eps(norm), residual=residual, prenorm=True,
+                                        offset=1.0, casting_mode="gemma")
+    return residual + self.post_feedforward_layernorm(self.mlp(hidden_states))
+
+
 def _internlm2_decoder_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None,
                                output_attentions=False, use_cache=False, **kwargs):
     """The remote InternLM2DecoderLayer's forward (same tuple out) with the residual add fused into ffn_norm."""
@@ -240,6 +252,10 @@ def _internlm2_decoder_forward(self, hidden_states, attention_mask=None, positio
     if use_cache:
         outputs += (present,)
     return outputs
+
+
+_DECODER_FORWARDS = {"llama": _llama_decoder_forward, "gemma2": _gemma2_decoder_forward,
+                     "internlm2": _internlm2_decoder_forward}
 
 
 def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
