@@ -227,3 +227,17 @@ def test_gpu_bf16_patched_model_matches_unpatched(arch):
     got.backward()
     assert_close(got, want, rtol=2e-2, atol=2e-2)
     assert all(torch.isfinite(p.grad).all() for p in ours.parameters())
+
+
+def test_internlm2_mask_forms():
+    """The remote model hands its attention a 2-D padding mask (flash_attention_2), a 4-D additive or boolean
+    causal mask (eager, sdpa) or None: each reads as the same key padding, and no padding reads as None."""
+    from internlm_kernels.integrations.patch_internlm2 import _padding_mask
+
+    keep = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    visible = torch.ones(5, 5, dtype=torch.bool).tril()[None, None] & keep[:, None, None, :]
+    additive = torch.zeros(2, 1, 5, 5).masked_fill(~visible, torch.finfo(torch.float32).min)
+    for mask in (keep.long(), additive, visible):
+        torch.testing.assert_close(_padding_mask(mask, 5), keep)
+    assert _padding_mask(None, 5) is None
+    assert _padding_mask(torch.ones(2, 5, dtype=torch.long), 5) is None
