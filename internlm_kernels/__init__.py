@@ -7,7 +7,15 @@ from . import backend, checks, integrations, nn, reference
 from .backend import use_backend
 from .checks import debug_checks
 from .ops.attention import flash_attn_func, flash_attn_varlen_func
-from .ops.cross_entropy import fused_linear_cross_entropy
+from .ops.attention_packed import (
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    pad_input,
+    unpad_input,
+)
+from .ops.cross_entropy import cross_entropy, fused_linear_cross_entropy
 from .ops.kvcache import flash_attn_with_kvcache
 from .ops.linear_logprobs import fused_linear_logprobs
 from .ops.rms_norm import rms_norm
@@ -24,4 +32,7 @@ __all__ = [
     "integrations",
     "checks", "debug_checks",
     "flash_attn_with_kvcache", "fused_linear_logprobs",
+    # drop-in surfaces of flash-attn and Liger (issue 15)
+    "cross_entropy", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func", "unpad_input", "pad_input",
 ]

@@ -10,18 +10,27 @@ from .ops.swiglu import swiglu, swiglu_packed
 
 
 class RMSNorm(torch.nn.Module):
-    """RMSNorm over the last dim; ``forward(x, residual=None, prenorm=False)`` fuses the residual add."""
+    """RMSNorm over the last dim; ``forward(x, residual=None, prenorm=False)`` fuses the residual add.
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
+    ``offset`` is added to the weight (Gemma: 1, the weight then starts at 0); ``casting_mode`` "gemma" (all
+    in fp32) or "llama" (normalized row rounded to x's dtype before the weight), as in ``ik.rms_norm``.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None, offset: float = 0.0,
+                 casting_mode: str = "gemma"):
         super().__init__()
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.offset = offset
+        self.casting_mode = casting_mode
+        # weight + offset starts at 1: the identity scale
+        self.weight = torch.nn.Parameter(torch.full((hidden_size,), 1.0 - offset, device=device, dtype=dtype))
 
     def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
-        return rms_norm(x, self.weight, self.eps, residual, prenorm, residual_in_fp32)
+        return rms_norm(x, self.weight, self.eps, residual, prenorm, residual_in_fp32, self.offset, self.casting_mode)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return (f"{self.weight.shape[0]}, eps={self.eps}, offset={self.offset}, "
+                f"casting_mode={self.casting_mode!r}")
 
 
 class SwiGLU(torch.nn.Module):

@@ -213,20 +213,25 @@ def flash_attn_varlen_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 # RMSNorm
 # --------------------------------------------------------------------------------------------------
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
-             prenorm: bool = False, residual_in_fp32: bool = False):
+             prenorm: bool = False, residual_in_fp32: bool = False, offset: float = 0.0,
+             casting_mode: str = "gemma"):
     """RMSNorm with an optional fused residual add (flash-attn ``rms_norm_fn`` semantics, no bias).
 
     h = x + residual (in float32; h = x without a residual);
     y = h / sqrt(mean(h², last dim) + eps) · weight, computed in float32 and returned in x.dtype.
     With ``prenorm`` returns (y, h) where h is stored in residual.dtype if a residual was given, else
     float32 if ``residual_in_fp32`` else x.dtype — the carried residual stream of a pre-norm block.
+    The weight is ``weight + offset`` (Gemma: offset 1). casting_mode "gemma": all in float32, rounded once;
+    "llama": the normalized row is rounded to x.dtype before the weight multiplies it (transformers' LlamaRMSNorm).
     """
     dt = _compute_dtype(x)
     h = x.to(dt)
     if residual is not None:
         h = h + residual.to(dt)
-    y = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.to(dt)
-    y = y.to(x.dtype)
+    n = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + eps)
+    if casting_mode == "llama":
+        n = n.to(x.dtype).to(dt)
+    y = (n * (weight.to(dt) + offset)).to(x.dtype)
     if not prenorm:
         return y
     if residual is not None:
@@ -343,30 +348,57 @@ def qkv_rotary(wqkv_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_k
 # --------------------------------------------------------------------------------------------------
 # Linear + cross-entropy
 # --------------------------------------------------------------------------------------------------
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                         bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
-                         label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
-                         softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``target``; returns (loss, z_loss).
-
-    hidden (N, H), weight (V, H), target (N,) int64. Logits z in float32 (softcapped: c · tanh(z / c)).
-    Per token with lse = log Σ_v exp(z_v):
-      loss_t = (1 - ε)(lse - z_target) + ε (lse - mean_v z_v) + λ lse²,   z_loss_t = λ lse²
-    with ε = label_smoothing and λ = lse_square_scale (z-loss, PaLM). Tokens whose target is
-    ``ignore_index`` contribute 0. reduction ``mean`` divides the sum by the number of non-ignored tokens
-    (0 when every token is ignored), ``sum`` sums, ``none`` returns per-token values (N,).
-    """
+def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  softcap: float = 0.0) -> torch.Tensor:
+    """hidden @ weight.T (+ bias) in the compute dtype, softcapped (c · tanh(z / c)) when softcap > 0."""
     dt = _compute_dtype(hidden)
     z = hidden.to(dt) @ weight.to(dt).t()
     if bias is not None:
         z = z + bias.to(dt)
     if softcap > 0:
         z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+                         softcap: float = 0.0, class_weight: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``target``; returns (loss, z_loss).
+
+    hidden (N, H), weight (V, H), target (N,) int64: ``cross_entropy`` of the (softcapped) logits, computed in
+    float32 (float64 for float64 inputs).
+    """
+    return cross_entropy(linear_logits(hidden, weight, bias), target, class_weight, ignore_index, reduction,
+                         label_smoothing, lse_square_scale, softcap)
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None = None,
+                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                  lse_square_scale: float = 0.0, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of logits (N, V) against target (N,) int64; returns (loss, z_loss), fp32 (fp64 for fp64).
+
+    Logits z in float32, softcapped when softcap > 0: c · tanh(z / c). Per token, with lse = log Σ_v exp(z_v),
+    class weights w (all 1 when ``class_weight`` is None) and W = Σ_v w_v:
+      loss_t = (1 - ε) w_y (lse - z_y) + (ε / V) Σ_v w_v (lse - z_v) + λ lse²,   z_loss_t = λ lse²
+    with ε = label_smoothing and λ = lse_square_scale (z-loss, PaLM): torch's ``cross_entropy`` for λ = 0.
+    Tokens whose target is ``ignore_index`` contribute 0. reduction ``mean`` divides the sum by the number of
+    counted tokens (by Σ_t w_{y_t} with class weights; the loss is 0 when that is 0), ``sum`` sums, ``none``
+    returns per-token values (N,).
+    """
+    dt = _compute_dtype(logits)
+    z = logits.to(dt)
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    V = z.shape[-1]
     valid = target != ignore_index
     safe_target = torch.where(valid, target, torch.zeros_like(target))
+    w = torch.ones(V, dtype=dt, device=z.device) if class_weight is None else class_weight.to(dt)
     lse = torch.logsumexp(z, dim=-1)
     nll = lse - z.gather(-1, safe_target[:, None]).squeeze(-1)
-    loss = (1.0 - label_smoothing) * nll + label_smoothing * (lse - z.mean(dim=-1))
+    smooth = (lse[:, None] - z).mul(w).sum(-1) / V
+    loss = (1.0 - label_smoothing) * w[safe_target] * nll + label_smoothing * smooth
     z_loss = lse_square_scale * lse.pow(2)
     loss = torch.where(valid, loss + z_loss, torch.zeros_like(loss))
     z_loss = torch.where(valid, z_loss, torch.zeros_like(z_loss))
@@ -375,7 +407,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     if reduction == "sum":
         return loss.sum(), z_loss.sum()
     if reduction == "mean":
-        n = valid.sum().clamp(min=1).to(dt)
+        n = (w[safe_target] * valid).sum()
+        n = torch.where(n > 0, n, torch.ones_like(n))
         return loss.sum() / n, z_loss.sum() / n
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
@@ -397,6 +430,11 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     entropy = -(logp.exp() * logp).sum(-1)
     zero = torch.zeros_like(token)
     return torch.where(valid, token, zero), torch.where(valid, entropy, zero)
+
+
+def predicted_tokens(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Each token's argmax class (the first maximal one), -1 where the target is ``ignore_index``: (N,) int64."""
+    return torch.where(target != ignore_index, logits.argmax(-1), torch.full_like(target, -1, dtype=torch.int64))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,6 +476,7 @@ def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Ten
 __all__ = [
     "attention_mask", "attention_one", "flash_attn_varlen", "rms_norm", "swiglu", "swiglu_packed",
     "rotary_positions", "apply_rotary_emb", "rotary_cos_sin", "qkv_rotary", "linear_cross_entropy", "adamw_step",
+    "linear_logits", "cross_entropy", "predicted_tokens",
     "total_norm",
     "paged_positions", "flash_attn_with_kvcache", "flash_attn_varlen_paged", "linear_logprobs",
 ]

@@ -23,6 +23,7 @@ import torch
 
 from .._tensor_cache import PerTensorCache
 from ..ops.attention import flash_attn_func, flash_attn_varlen_func
+from .patch import SUPPORTED, patch, unpatch  # noqa: F401  (model patching: ik.integrations.transformers.patch)
 
 NAME = "internlm_kernels"
 

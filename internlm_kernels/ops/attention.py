@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import torch
 
@@ -123,6 +124,20 @@ def _check_hint(name: str, value) -> int | None:
     return value
 
 
+def _window_pair(window_size) -> tuple[int, int]:
+    """window_size as flash-attn takes it: any pair of integers >= -1 (a tuple or list of ints, NumPy ints or 0-d
+    integer tensors, or a 2-element integer tensor), as two Python ints. Tensor entries are read on the host once."""
+    if isinstance(window_size, torch.Tensor) and window_size.dim() == 1 and not window_size.is_floating_point():
+        window_size = window_size.tolist()
+    try:
+        pair = tuple(operator.index(w) for w in window_size if not isinstance(w, bool))
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or len(window_size) != 2 or min(pair) < -1:
+        raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
+    return pair
+
+
 def _check_args(q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes, deterministic,
                 n_seqs: int) -> tuple[float, int, int]:
     """Checks shared by both entry points; returns (softmax_scale, window_left, window_right before causal)."""
@@ -143,9 +158,7 @@ def _check_args(q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_s
         softmax_scale = q.shape[-1] ** -0.5
     if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
-    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or any(isinstance(w, bool) or not isinstance(w, int) or w < -1 for w in window_size)):
-        raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
+    window_size = _window_pair(window_size)
     if not isinstance(softcap, (int, float)) or not softcap >= 0.0 or not math.isfinite(softcap):
         raise ValueError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
     if alibi_slopes is not None:

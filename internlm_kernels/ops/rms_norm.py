@@ -1,12 +1,16 @@
 """RMSNorm with fused residual add: drop-in for flash_attn.ops.triton.layer_norm.rms_norm_fn (no bias).
 
 Custom ops (torch.ops.internlm_kernels.*), all over any leading shape with features on the last dim:
-  rms_norm_fwd(x, weight, eps) -> (y, rstd)                          no residual: h is x itself
-  add_rms_norm_fwd(x, residual?, weight, eps, h_dtype) -> (y, h, rstd) h = x (+ residual) stored in h_dtype
-  rms_norm_bwd(dy, h, weight, rstd, dh_out?, dx_dtype, dres_dtype?) -> [dx, dweight(, dres)]
+  rms_norm_fwd(x, weight, eps, offset, cast_before_weight) -> (y, rstd)     no residual: h is x itself
+  add_rms_norm_fwd(x, residual?, weight, eps, h_dtype, offset, cast_before_weight) -> (y, h, rstd)
+                                                                      h = x (+ residual) stored in h_dtype
+  rms_norm_bwd(dy, h, weight, rstd, dh_out?, dx_dtype, dres_dtype?, offset) -> [dx, dweight(, dres)]
+``offset`` is added to the weight (Gemma's 1 + w); ``cast_before_weight`` is transformers' Llama casting.
 The forward ops carry registered autograd that calls rms_norm_bwd. Kernels: internlm_kernels/triton/rms_norm.py.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -25,34 +29,38 @@ def _kernels():
 
 
 @torch.library.custom_op("internlm_kernels::rms_norm_fwd", mutates_args=())
-def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
+                 cast_before_weight: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     kernels = _kernels()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    kernels.rms_norm_forward(rows_of(x), weight.contiguous(), eps, y.view(-1, x.shape[-1]), rstd.view(-1))
+    kernels.rms_norm_forward(rows_of(x), weight.contiguous(), eps, y.view(-1, x.shape[-1]), rstd.view(-1),
+                             offset=offset, cast_before_weight=cast_before_weight)
     return y, rstd
 
 
 @rms_norm_fwd.register_fake
-def _(x, weight, eps):
+def _(x, weight, eps, offset=0.0, cast_before_weight=False):
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("internlm_kernels::add_rms_norm_fwd", mutates_args=())
 def add_rms_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                     h_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     h_dtype: torch.dtype, offset: float = 0.0, cast_before_weight: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     kernels = _kernels()
     N = x.shape[-1]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     h = torch.empty(x.shape, dtype=h_dtype, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     kernels.rms_norm_forward(rows_of(x), weight.contiguous(), eps, y.view(-1, N), rstd.view(-1),
-                             residual=rows_of(residual) if residual is not None else None, h=h.view(-1, N))
+                             residual=rows_of(residual) if residual is not None else None, h=h.view(-1, N),
+                             offset=offset, cast_before_weight=cast_before_weight)
     return y, h, rstd
 
 
 @add_rms_norm_fwd.register_fake
-def _(x, residual, weight, eps, h_dtype):
+def _(x, residual, weight, eps, h_dtype, offset=0.0, cast_before_weight=False):
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(x, dtype=h_dtype, memory_format=torch.contiguous_format),
             x.new_empty(x.shape[:-1], dtype=torch.float32))
@@ -61,7 +69,7 @@ def _(x, residual, weight, eps, h_dtype):
 @torch.library.custom_op("internlm_kernels::rms_norm_bwd", mutates_args=())
 def rms_norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                  dh_out: torch.Tensor | None, dx_dtype: torch.dtype,
-                 dres_dtype: torch.dtype | None) -> list[torch.Tensor]:
+                 dres_dtype: torch.dtype | None, offset: float = 0.0) -> list[torch.Tensor]:
     kernels = _kernels()
     N = h.shape[-1]
     dx = torch.empty(h.shape, dtype=dx_dtype, device=h.device)
@@ -69,12 +77,12 @@ def rms_norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: 
     dw = kernels.rms_norm_backward(
         rows_of(dy), rows_of(h), weight.contiguous(), rstd.reshape(-1), dx.view(-1, N),
         dh_out=rows_of(dh_out) if dh_out is not None else None,
-        dres=dres.view(-1, N) if dres is not None else None)
+        dres=dres.view(-1, N) if dres is not None else None, offset=offset)
     return [dx, dw] if dres is None else [dx, dw, dres]
 
 
 @rms_norm_bwd.register_fake
-def _(dy, h, weight, rstd, dh_out, dx_dtype, dres_dtype):
+def _(dy, h, weight, rstd, dh_out, dx_dtype, dres_dtype, offset=0.0):
     dx = torch.empty_like(h, dtype=dx_dtype, memory_format=torch.contiguous_format)
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
     if dres_dtype is None:
@@ -83,24 +91,26 @@ def _(dy, h, weight, rstd, dh_out, dx_dtype, dres_dtype):
 
 
 def _setup_plain(ctx, inputs, output):
-    x, weight, _eps = inputs
+    x, weight, _eps, offset, _cast = inputs
     _y, rstd = output
     ctx.save_for_backward(x, weight, rstd)
     ctx.mark_non_differentiable(rstd)
+    ctx.offset = offset
 
 
 def _backward_plain(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dw = eager.call(rms_norm_bwd, dy, x, weight, rstd, None, x.dtype, None)
-    return dx, dw, None
+    dx, dw = eager.call(rms_norm_bwd, dy, x, weight, rstd, None, x.dtype, None, ctx.offset)
+    return dx, dw, None, None, None
 
 
 rms_norm_fwd.register_autograd(_backward_plain, setup_context=_setup_plain)
 
 
 def _setup_add(ctx, inputs, output):
-    x, residual, weight, _eps, _h_dtype = inputs
+    x, residual, weight, _eps, _h_dtype, offset, _cast = inputs
     _y, h, rstd = output
+    ctx.offset = offset
     ctx.save_for_backward(h, weight, rstd)
     ctx.mark_non_differentiable(rstd)
     ctx.x_dtype = x.dtype
@@ -115,23 +125,30 @@ def _backward_add(ctx, dy, dh_out, _drstd):
         dy = torch.zeros_like(h, dtype=ctx.x_dtype)
     # dx and dresidual are the same values; a second store is only needed when their dtypes differ.
     dres_dtype = ctx.res_dtype if ctx.res_dtype not in (None, ctx.x_dtype) else None
-    grads = eager.call(rms_norm_bwd, dy, h, weight, rstd, dh_out, ctx.x_dtype, dres_dtype)
+    grads = eager.call(rms_norm_bwd, dy, h, weight, rstd, dh_out, ctx.x_dtype, dres_dtype, ctx.offset)
     dx, dw = grads[0], grads[1]
     if ctx.res_dtype is None:
         dres = None
     else:
         dres = grads[2] if dres_dtype is not None else dx
-    return dx, dres, dw, None, None
+    return dx, dres, dw, None, None, None, None
 
 
 add_rms_norm_fwd.register_autograd(_backward_add, setup_context=_setup_add)
 
 
-def rms_norm(x, weight, eps=1e-6, residual=None, prenorm=False, residual_in_fp32=False):
-    """y = (x + residual) / rms · weight over the last dim; with ``prenorm`` returns (y, x + residual).
+CASTING_MODES = ("gemma", "llama")
+
+
+def rms_norm(x, weight, eps=1e-6, residual=None, prenorm=False, residual_in_fp32=False, offset=0.0,
+             casting_mode="gemma"):
+    """y = (x + residual) / rms · (weight + offset) over the last dim; with ``prenorm`` returns (y, x + residual).
 
     The carried sum is stored in residual's dtype when a residual is given, else in float32 with
     ``residual_in_fp32``, else in x's dtype (then it is x itself). Statistics are float32 throughout.
+    ``offset`` = 1 is Gemma's ``(1 + w)``. ``casting_mode`` "gemma" (default): everything in float32, rounded once
+    to x's dtype; "llama": the normalized row is rounded to x's dtype before the weight multiplies it (transformers'
+    LlamaRMSNorm). Liger's "none" (all in the input dtype) raises NotImplementedError.
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=1, device=x.device)
@@ -145,16 +162,23 @@ def rms_norm(x, weight, eps=1e-6, residual=None, prenorm=False, residual_in_fp32
         check_tensor("residual", residual, dtypes=FLOAT_DTYPES, device=x.device)
         if residual.shape != x.shape:
             raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        raise ValueError(f"offset must be a finite number, got {offset!r}")
+    if casting_mode == "none":
+        raise NotImplementedError("casting_mode='none' (statistics in the input dtype): use 'gemma' or 'llama'")
+    if casting_mode not in CASTING_MODES:
+        raise ValueError(f"casting_mode must be one of {CASTING_MODES}, got {casting_mode!r}")
+    offset, cast = float(offset), casting_mode == "llama"
     if choose("rms_norm", x.device) == "reference":
-        return reference.rms_norm(x, weight, eps, residual, prenorm, residual_in_fp32)
+        return reference.rms_norm(x, weight, eps, residual, prenorm, residual_in_fp32, offset, casting_mode)
     if x.shape[-1] > _kernels().MAX_FEATURES:
         raise NotImplementedError(
             f"x's last dim {x.shape[-1]} exceeds the {_kernels().MAX_FEATURES} features a row kernel holds; "
             "use the reference backend")
     carries_fp32 = prenorm and residual_in_fp32 and x.dtype != torch.float32
     if residual is None and not carries_fp32:
-        y, _ = eager.call(rms_norm_fwd, x, weight, eps)
+        y, _ = eager.call(rms_norm_fwd, x, weight, eps, offset, cast)
         return (y, x) if prenorm else y
     h_dtype = residual.dtype if residual is not None else torch.float32
-    y, h, _ = eager.call(add_rms_norm_fwd, x, residual, weight, eps, h_dtype)
+    y, h, _ = eager.call(add_rms_norm_fwd, x, residual, weight, eps, h_dtype, offset, cast)
     return (y, h) if prenorm else y

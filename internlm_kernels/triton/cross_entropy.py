@@ -3,11 +3,13 @@
 For hidden x (N, H), weight W (V, H), optional bias b (V,) and targets y (N,), the logits of token t are
 z_t = W x_t + b (softcapped: z = c·tanh(z_raw / c)), lse_t = log Σ_v exp(z_tv), p_tv = exp(z_tv - lse_t), and
 
-    loss_t = (1 - ε)(lse_t - z_ty) + ε (lse_t - mean_v z_tv) + λ lse_t²          (0 where y_t = ignore_index)
-    dloss_t/dz_tv = p_tv (1 + 2λ lse_t) - ε / V - (1 - ε)·[v = y_t]
+    loss_t = (1 - ε) w_y (lse_t - z_ty) + (ε / V) Σ_v w_v (lse_t - z_tv) + λ lse_t²   (0 where y_t = ignore_index)
+    dloss_t/dz_tv = p_tv ((1 - ε) w_y + ε W / V + 2λ lse_t) - ε w_v / V - (1 - ε) w_y·[v = y_t]
     dloss_t/dz_raw = dloss_t/dz · (1 - tanh²(z_raw / c))                          (softcap only)
 
-with ε = label smoothing and λ = the z-loss scale. The (N, V) logits are never stored whole. Tokens are processed
+with ε = label smoothing, λ = the z-loss scale, w the per-class weights (all 1 without ``weight=``: then the
+smoothing term is ε (lse_t - mean_v z_tv)) and W = Σ_v w_v; torch's weighted cross_entropy for λ = 0. Pass 1 also
+finds the row's argmax (first maximal class, on the softcapped logits) when predicted tokens are asked for. The (N, V) logits are never stored whole. Tokens are processed
 in chunks of rows; per chunk:
 
     1. logits = x_c Wᵀ (+ b)          torch matmul into one reused (rows, V) buffer, in the input dtype
@@ -18,8 +20,10 @@ in chunks of rows; per chunk:
     3. dx_c = dlogits W,  dW += dlogitsᵀ x_c,  db += Σ_rows dlogits
 
 Numerics: the softmax math is fp32 whatever the input dtype; the matmuls accumulate in fp32 (cuBLAS) and round their
-outputs to the input dtype. dW is accumulated in the weight's dtype across chunks: an fp32 accumulator for a
-92544 × 4096 bf16 weight alone would take 1.4 GiB, more than the whole memory budget of this op.
+outputs to the input dtype. By default dW is accumulated in the weight's dtype across chunks: an fp32 accumulator for
+a 92544 × 4096 bf16 weight alone takes 1.4 GiB, more than the rest of this op's memory. ``accum_fp32`` asks for that
+accumulator (each chunk's dlogitsᵀ x added in fp32, rounded to the weight's dtype once at the end); docs/kernels/
+cross_entropy.md gives the measured error of the default.
 """
 from __future__ import annotations
 
@@ -62,9 +66,14 @@ def _cross_entropy_rows_kernel(
     label_smoothing,     # ε in [0, 1]
     lse_square_scale,    # λ >= 0, z-loss scale
     softcap,             # c > 0 when HAS_SOFTCAP, else unused
+    class_weight_ptr,    # (V,) per-class weights w (read only when HAS_WEIGHT)
+    class_weight_sum_ptr,  # 0-d fp32 W = Σ_v w_v (read only when HAS_WEIGHT)
+    argmax_ptr,          # (rows,) int64 out: the row's argmax, -1 for ignored tokens (written only when STORE_ARGMAX)
     BLOCK_V: tl.constexpr,      # vocab columns per loop step (power of two)
     HAS_SOFTCAP: tl.constexpr,  # apply z = c·tanh(z_raw / c)
     WRITE_GRAD: tl.constexpr,   # run pass 2 (training); False computes the loss only
+    HAS_WEIGHT: tl.constexpr,   # per-class weights
+    STORE_ARGMAX: tl.constexpr,  # write the argmax of each row
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * logits_row_stride
@@ -77,7 +86,8 @@ def _cross_entropy_rows_kernel(
     # Pass 1: online log-sum-exp over the row, skipped for ignored tokens (loop bound 0).
     m = tl.full((), -float("inf"), tl.float32)
     s = tl.zeros((), tl.float32)
-    sum_z = tl.zeros((), tl.float32)
+    sum_z = tl.zeros((), tl.float32)   # Σ_v w_v z_v (w = 1 without weights)
+    best = tl.zeros((), tl.int64)      # argmax so far: a later block takes over only when strictly larger
     n_cols = tl.where(valid, V, 0)
     for start in range(0, n_cols, BLOCK_V):
         mask = start + cols < V
@@ -85,23 +95,41 @@ def _cross_entropy_rows_kernel(
         if HAS_SOFTCAP:
             z = softcap * _tanh(z / softcap)
         z = tl.where(mask, z, -float("inf"))
-        m_new = tl.maximum(m, tl.max(z, 0))
+        block_max = tl.max(z, 0)
+        if STORE_ARGMAX:
+            best = tl.where(block_max > m, start + tl.argmax(z, 0).to(tl.int64), best)
+        m_new = tl.maximum(m, block_max)
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
-        sum_z += tl.sum(tl.where(mask, z, 0.0), 0)
+        if HAS_WEIGHT:
+            w = tl.load(class_weight_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+            sum_z += tl.sum(tl.where(mask, w * z, 0.0), 0)
+        else:
+            sum_z += tl.sum(tl.where(mask, z, 0.0), 0)
         m = m_new
     lse = tl.where(valid, m + tl.log(tl.where(valid, s, 1.0)), 0.0)  # ignored rows: s = 0, no log(0)
     z_target = tl.load(row_ptr + safe_target).to(tl.float32)
     if HAS_SOFTCAP:
         z_target = softcap * _tanh(z_target / softcap)
     z_loss = lse_square_scale * lse * lse
-    loss = (1.0 - label_smoothing) * (lse - z_target) + label_smoothing * (lse - sum_z / V) + z_loss
+    if HAS_WEIGHT:
+        w_target = tl.load(class_weight_ptr + safe_target).to(tl.float32)
+        w_sum = tl.load(class_weight_sum_ptr).to(tl.float32)
+        smooth_loss = (lse * w_sum - sum_z) / V
+    else:
+        w_target = 1.0
+        w_sum = V * 1.0
+        smooth_loss = lse - sum_z / V
+    loss = (1.0 - label_smoothing) * w_target * (lse - z_target) + label_smoothing * smooth_loss + z_loss
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
     tl.store(z_loss_ptr + row, tl.where(valid, z_loss, 0.0))
+    if STORE_ARGMAX:
+        tl.store(argmax_ptr + row, tl.where(valid, best, -1))
 
     if WRITE_GRAD:
         # Pass 2: dlogits in place. Ignored tokens get zeros (their logits must not reach dx / dW).
         scale = tl.load(grad_scale_ptr + row * grad_scale_stride).to(tl.float32)
-        p_coef = 1.0 + 2.0 * lse_square_scale * lse
+        hit = (1.0 - label_smoothing) * w_target
+        p_coef = hit + label_smoothing * w_sum / V + 2.0 * lse_square_scale * lse
         smooth = label_smoothing / V
         for start in range(0, V, BLOCK_V):
             mask = start + cols < V
@@ -109,8 +137,12 @@ def _cross_entropy_rows_kernel(
             if HAS_SOFTCAP:
                 t = _tanh(z / softcap)
                 z = softcap * t
-            g = tl.exp(z - lse) * p_coef - smooth
-            g = tl.where(start + cols == safe_target, g - (1.0 - label_smoothing), g)
+            if HAS_WEIGHT:
+                w = tl.load(class_weight_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+                g = tl.exp(z - lse) * p_coef - smooth * w
+            else:
+                g = tl.exp(z - lse) * p_coef - smooth
+            g = tl.where(start + cols == safe_target, g - hit, g)
             if HAS_SOFTCAP:
                 g = g * (1.0 - t * t)
             g = tl.where(valid, g * scale, 0.0)  # a select, not a product: exp() of an ignored row may be inf
@@ -120,11 +152,13 @@ def _cross_entropy_rows_kernel(
 @launches_on_input_device
 def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor, z_loss: torch.Tensor,
                        grad_scale: torch.Tensor | None, ignore_index: int, label_smoothing: float,
-                       lse_square_scale: float, softcap: float) -> None:
+                       lse_square_scale: float, softcap: float, class_weight: torch.Tensor | None = None,
+                       class_weight_sum: torch.Tensor | None = None, argmax: torch.Tensor | None = None) -> None:
     """Per-row loss of ``logits`` (rows, V) into ``loss``/``z_loss`` (rows,) fp32.
 
     With ``grad_scale`` (a 0-d or (rows,) fp32 tensor) the logits are overwritten in place with
-    ``grad_scale · dloss/dlogits``; with None they are left untouched.
+    ``grad_scale · dloss/dlogits``; with None they are left untouched. ``class_weight`` (V,) contiguous with its
+    0-d fp32 sum weights the classes; ``argmax`` (rows,) int64 receives each row's argmax (-1 when ignored).
     """
     rows, V = logits.shape
     if rows == 0:
@@ -139,8 +173,11 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, loss: torch.T
     _cross_entropy_rows_kernel[(rows,)](
         logits, logits.stride(0), target, loss, z_loss, grad_scale, scale_stride,
         V, ignore_index, float(label_smoothing), float(lse_square_scale), float(softcap) if softcap > 0 else 1.0,
-        BLOCK_V=block_v, HAS_SOFTCAP=softcap > 0, WRITE_GRAD=write_grad,
-        num_warps=8 if block_v >= 2048 else 4)
+        class_weight if class_weight is not None else loss,        # never read without HAS_WEIGHT
+        class_weight_sum if class_weight is not None else loss,
+        argmax if argmax is not None else target,                  # never written without STORE_ARGMAX
+        BLOCK_V=block_v, HAS_SOFTCAP=softcap > 0, WRITE_GRAD=write_grad, HAS_WEIGHT=class_weight is not None,
+        STORE_ARGMAX=argmax is not None, num_warps=8 if block_v >= 2048 else 4)
 
 
 @triton.jit
@@ -194,12 +231,16 @@ def chunk_rows(n_tokens: int, vocab: int, element_size: int) -> int:
 def linear_cross_entropy_chunked(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                                  bias: torch.Tensor | None, ignore_index: int, label_smoothing: float,
                                  lse_square_scale: float, softcap: float, grad_scale: torch.Tensor | None,
-                                 need_dhidden: bool, need_dweight: bool, need_dbias: bool):
+                                 need_dhidden: bool, need_dweight: bool, need_dbias: bool,
+                                 class_weight: torch.Tensor | None = None, want_argmax: bool = False,
+                                 accum_fp32: bool = False):
     """Per-token loss and z-loss (N,) fp32 and, when ``grad_scale`` is given, the gradients of
     Σ_t grad_scale_t · loss_t (grad_scale 0-d or (N,) fp32) with respect to the inputs asked for.
 
     hidden (N, H), weight (V, H), target (N,), bias (V,) or None; all on one device, one float dtype.
-    Returns (loss, z_loss, dhidden | None, dweight | None, dbias | None).
+    class_weight (V,) per-class weights or None; ``want_argmax``: also each token's argmax class; ``accum_fp32``:
+    dW accumulated in fp32 across chunks (see the module docstring).
+    Returns (loss, z_loss, dhidden | None, dweight | None, dbias | None, argmax | None).
     """
     N, H = hidden.shape
     V = weight.shape[0]
@@ -208,8 +249,15 @@ def linear_cross_entropy_chunked(hidden: torch.Tensor, weight: torch.Tensor, tar
     z_loss = torch.empty(N, device=dev, dtype=torch.float32)
     write_grad = grad_scale is not None and (need_dhidden or need_dweight or need_dbias)
     dhidden = torch.empty((N, H), device=dev, dtype=dt) if write_grad and need_dhidden else None
-    dweight = torch.empty((V, H), device=dev, dtype=dt) if write_grad and need_dweight else None
+    accum_fp32 = accum_fp32 and dt != torch.float32
+    dweight = (torch.empty((V, H), device=dev, dtype=torch.float32 if accum_fp32 else dt)
+               if write_grad and need_dweight else None)
     dbias = torch.zeros(V, device=dev, dtype=torch.float32) if write_grad and need_dbias else None
+    argmax = torch.empty(N, device=dev, dtype=torch.int64) if want_argmax else None
+    weight_sum = None
+    if class_weight is not None:
+        class_weight = class_weight.contiguous()
+        weight_sum = class_weight.sum(dtype=torch.float32)
     rows = chunk_rows(N, V, hidden.element_size())
     logits_buf = torch.empty((min(rows, N), V), device=dev, dtype=dt)  # (rows, V), reused by every chunk
     weight_t = weight.t()  # (H, V) view
@@ -225,13 +273,16 @@ def linear_cross_entropy_chunked(hidden: torch.Tensor, weight: torch.Tensor, tar
         if write_grad:
             scale = grad_scale[start:end] if grad_scale.dim() == 1 else grad_scale
         cross_entropy_rows(logits, target[start:end], loss[start:end], z_loss[start:end], scale,
-                           ignore_index, label_smoothing, lse_square_scale, softcap)
+                           ignore_index, label_smoothing, lse_square_scale, softcap, class_weight, weight_sum,
+                           argmax[start:end] if argmax is not None else None)
         if not write_grad:
             continue
         if dhidden is not None:
             torch.mm(logits, weight, out=dhidden[start:end])
         if dweight is not None:
-            if start == 0:
+            if accum_fp32:
+                _accumulate_fp32(dweight, logits.t(), x, first=start == 0)
+            elif start == 0:
                 torch.mm(logits.t(), x, out=dweight)
             else:
                 dweight.addmm_(logits.t(), x)
@@ -241,4 +292,17 @@ def linear_cross_entropy_chunked(hidden: torch.Tensor, weight: torch.Tensor, tar
         dweight.zero_()  # no chunk ran: the gradient of an empty sum
     if dbias is not None:
         dbias = dbias.to(dt)
-    return loss, z_loss, dhidden, dweight, dbias
+    if dweight is not None:
+        dweight = dweight.to(dt)  # one rounding of the fp32 accumulator (a no-op otherwise)
+    return loss, z_loss, dhidden, dweight, dbias, argmax
+
+
+def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """acc (fp32) = (0 if first else acc) + a @ b for 16-bit a, b: products accumulated in fp32, never rounded to
+    16 bits (cuBLAS's fp32-output GEMM on CUDA; elsewhere an fp32 matmul of the exactly widened operands)."""
+    if first:
+        acc.zero_()
+    if acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())

@@ -4,10 +4,14 @@ Rows are the last dim (N features) of a tensor viewed as (M, N). Per row, all in
 
     forward    h    = x + residual                     (h = x without a residual)
                rstd = 1 / sqrt(mean(h²) + eps)
-               y    = h · rstd · w                     y in y's dtype; h stored too when asked (prenorm / backward)
-    backward   n    = h · rstd,  g = dy · w            (the normalized row and the gradient reaching it)
+               y    = h · rstd · (w + offset)          y in y's dtype; h stored too when asked (prenorm / backward)
+    backward   n    = h · rstd,  g = dy · (w + offset) (the normalized row and the gradient reaching it)
                dh   = rstd · (g - n · mean(g · n))  (+ dh_out, the gradient of the returned h)
                dw   = Σ_rows dy · n
+
+``offset`` is Gemma's 1 (its weights are stored as w - 1). With CAST_BEFORE_WEIGHT (transformers' Llama casting)
+h · rstd is rounded to y's dtype before the weight multiplies it; else (Gemma casting) the product is float32 and
+rounded once. The backward is the same for both (the rounding has no derivative).
 
 One pass over memory each way: the forward reads x (and residual) once and writes y (and h); the backward reads dy and
 h (and dh_out) once and writes dx (and dresidual when its dtype differs from dx's). A whole row lives in registers
@@ -48,8 +52,10 @@ def _rms_norm_fwd_kernel(
     M,           # number of rows
     N,           # features per row
     eps,         # added to mean(h²) before the square root
+    offset,      # added to every weight (Gemma: 1.0; otherwise 0.0)
     HAS_RESIDUAL: tl.constexpr,
     STORE_H: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr,  # round h · rstd to y's dtype before multiplying by the weight
     BLOCK_M: tl.constexpr,   # rows per program
     BLOCK_N: tl.constexpr,   # power of two >= N
 ):
@@ -67,8 +73,11 @@ def _rms_norm_fwd_kernel(
 
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / N + eps)  # (BLOCK_M,); masked columns are 0 and add nothing
     tl.store(RSTD + rows, rstd, mask=row_ok)
-    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
-    y = h * rstd[:, None] * w[None, :]
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32) + offset
+    n = h * rstd[:, None]
+    if CAST_BEFORE_WEIGHT:
+        n = n.to(Y.dtype.element_ty).to(tl.float32)
+    y = n * w[None, :]
     tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -90,6 +99,7 @@ def _rms_norm_bwd_kernel(
     M,           # number of rows
     N,           # features per row
     rows_per_program,  # a multiple of BLOCK_M; program p owns rows [p · rows_per_program, (p + 1) · rows_per_program)
+    offset,      # added to every weight, as in the forward
     HAS_DH_OUT: tl.constexpr,
     STORE_DRES: tl.constexpr,
     BLOCK_M: tl.constexpr,   # rows per step
@@ -98,7 +108,7 @@ def _rms_norm_bwd_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     first_row = pid * rows_per_program
     for step in range(0, rows_per_program, BLOCK_M):
@@ -140,7 +150,8 @@ def _backward_programs(device: torch.device) -> int:
 
 @launches_on_input_device
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, y: torch.Tensor, rstd: torch.Tensor,
-                     residual: torch.Tensor | None = None, h: torch.Tensor | None = None) -> None:
+                     residual: torch.Tensor | None = None, h: torch.Tensor | None = None, offset: float = 0.0,
+                     cast_before_weight: bool = False) -> None:
     """Write y (M, N), rstd (M,) and, when ``h`` is given, h = x + residual (M, N) for rows x (M, N)."""
     M, N = x.shape
     if M == 0:
@@ -151,8 +162,8 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, y: torch
     _rms_norm_fwd_kernel[(cdiv(M, block_m),)](
         x, res, weight, y, h_out, rstd,
         x.stride(0), res.stride(0), y.stride(0), h_out.stride(0),
-        M, N, eps,
-        HAS_RESIDUAL=residual is not None, STORE_H=h is not None,
+        M, N, eps, float(offset),
+        HAS_RESIDUAL=residual is not None, STORE_H=h is not None, CAST_BEFORE_WEIGHT=cast_before_weight,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
 
@@ -160,7 +171,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, y: torch
 @launches_on_input_device
 def rms_norm_backward(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                       dx: torch.Tensor, dh_out: torch.Tensor | None = None,
-                      dres: torch.Tensor | None = None) -> torch.Tensor:
+                      dres: torch.Tensor | None = None, offset: float = 0.0) -> torch.Tensor:
     """Write dx (M, N) (and dres, the same values in another dtype, when given); return dw (N,) in weight's dtype."""
     M, N = h.shape
     if M == 0:
@@ -175,7 +186,7 @@ def rms_norm_backward(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, r
     _rms_norm_bwd_kernel[(programs,)](
         dy, h, weight, rstd, dh_in, dx, dres_out, dw_partial,
         dy.stride(0), h.stride(0), dh_in.stride(0), dx.stride(0), dres_out.stride(0),
-        M, N, rows_per_program,
+        M, N, rows_per_program, float(offset),
         HAS_DH_OUT=dh_out is not None, STORE_DRES=dres is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
