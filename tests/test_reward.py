@@ -192,3 +192,45 @@ def test_pairs_pack_together_by_token_budget_and_resume():
         ItemBatches(source, 100, 60, max_seqs_per_item=2)
     with pytest.raises(ValueError, match=r"max_seq_len \(60\) is too small"):   # every synthetic pair is longer
         ItemBatches(source, 1024, 60, max_seqs_per_item=2).next_step()
+
+
+def _fit_reward_model(conditions, steps=30, seed=0):
+    """A micro score model trained on the domain-flipped synthetic pairs; held-out accuracy per domain."""
+    import dataclasses
+
+    from models import InternLM2Config, InternLM2ForScore
+    from train.reward import pair_loss_fn
+    from train.reward_eval import pair_accuracy, pair_scores
+
+    tok = ByteTokenizer()
+    rid = reward_token_id(tok)
+    domains = SyntheticPreferences.domains
+    train = SyntheticPreferences(seed=seed)
+    held = SyntheticPreferences(seed=seed, split="heldout")
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(InternLM2Config.preset("micro"), vocab_size=tok.vocab_size, max_position_embeddings=256)
+    model = InternLM2ForScore(cfg)
+    batches = ItemBatches(lambda i: pair_item(train[i], tok, rid, conditions, domains), micro_batch_tokens=1024,
+                          max_seq_len=256, max_seqs_per_item=2)
+    loss_fn = pair_loss_fn()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(steps):
+        (batch,) = batches.next_step()
+        loss, n, _ = loss_fn(model, batch)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    items = [pair_item(held[i], tok, rid, conditions, domains) for i in range(64)]
+    return pair_accuracy(pair_scores(model, items, torch.device("cpu")), domains)
+
+
+def test_conditional_reward_model_fits_flipped_preferences_only_with_conditions():
+    short = {"concise": "concise", "helpful": "helpful"}      # short condition prompts keep the test fast
+    with_conditions = _fit_reward_model(short)
+    without = _fit_reward_model({})
+    # Held-out pairs come in flipped twins (same responses, opposite labels): a model that cannot see the domain
+    # gets at most one of each twin right.
+    assert without["pair_acc"] <= 0.5
+    assert with_conditions["pair_acc"] >= 0.9, with_conditions
+    assert min(with_conditions["pair_acc_concise"], with_conditions["pair_acc_helpful"]) >= 0.8
