@@ -234,3 +234,73 @@ def test_conditional_reward_model_fits_flipped_preferences_only_with_conditions(
     assert without["pair_acc"] <= 0.5
     assert with_conditions["pair_acc"] >= 0.9, with_conditions
     assert min(with_conditions["pair_acc_concise"], with_conditions["pair_acc_helpful"]) >= 0.8
+
+
+# ---- the stage on the Trainer ----------------------------------------------------------------------------------
+def _rm_cfg(tmp_path, name, init_from, *extra):
+    from train.align_config import parse_reward_cli
+
+    return parse_reward_cli(["--config", "configs/reward_tiny.toml", f"--run.name={name}",
+                             f"--run.output_dir={tmp_path}", "--model.preset=micro",
+                             "--model.overrides={max_position_embeddings = 1024}", f"--reward.init_from={init_from}",
+                             "--reward.heldout=8", "--stages.0.steps=4", "--stages.0.seq_len=256",
+                             "--stages.0.micro_batch_tokens=512", "--stages.0.global_batch_tokens=1024",
+                             "--optim.warmup_steps=1", "--metrics.progress=false", *extra])
+
+
+def test_reward_stage_from_sft_checkpoint_resumes_exactly(tmp_path):
+    import dataclasses
+
+    from models import InternLM2Config, InternLM2ForCausalLM
+    from train.metrics import read_jsonl
+    from train.reward import run_reward
+
+    sft = tmp_path / "sft_model"
+    torch.manual_seed(3)
+    lm = InternLM2ForCausalLM(dataclasses.replace(InternLM2Config.preset("micro"), vocab_size=272,
+                                                  max_position_embeddings=1024))
+    lm.save_pretrained(sft, layout="llama")
+
+    def records(path):   # everything but wall-clock times
+        return [{k: v for k, v in r.items() if k not in ("window_time_s", "tokens_per_s")} for r in read_jsonl(path)]
+
+    full = run_reward(_rm_cfg(tmp_path, "full", str(sft), "--checkpoint.every=2"))
+    assert full.finished and full.init_from == str(sft)
+    # the trunk is the SFT model's, the head is fresh (drawn from run.seed: the same in every build)
+    trunk = {k: v for k, v in lm.state_dict().items() if k != "output.weight"}
+    assert set(trunk) | {"score_head.weight"} == set(full.model.state_dict())
+    from train.parallel import Runtime
+    from train.reward import build_score_model
+    rebuilt = build_score_model(_rm_cfg(tmp_path, "x", str(sft)), Runtime(torch.device("cpu"), torch.float32), 272,
+                                str(sft))
+    again = build_score_model(_rm_cfg(tmp_path, "x", str(sft)), Runtime(torch.device("cpu"), torch.float32), 272,
+                              str(sft))
+    for k, v in trunk.items():
+        assert torch.equal(rebuilt.state_dict()[k], v)
+    assert torch.equal(rebuilt.score_head.weight, again.score_head.weight)
+
+    evals = [r for r in read_jsonl(full.metrics_path) if r["kind"] == "eval"]
+    assert [e["stage"] for e in evals] == ["init", "reward"]
+    assert {"pair_acc", "pair_acc_concise", "pair_acc_helpful"} <= set(evals[-1])
+    assert full.histogram.endswith("reward_scores.png") and full.eval["pair_acc"] == evals[-1]["pair_acc"]
+    cut = run_reward(_rm_cfg(tmp_path, "cut", str(sft), "--checkpoint.every=2", "--run.stop_at_step=2"))
+    assert not cut.finished
+    resumed = run_reward(_rm_cfg(tmp_path, "cut", str(sft), "--checkpoint.every=2", "--resume"))
+    assert records(resumed.metrics_path) == records(full.metrics_path)
+    # the export is the score model in InternLM2's layout
+    from models import InternLM2ForScore
+    exported = InternLM2ForScore.from_pretrained(tmp_path / "full" / "checkpoints" / "step_00000004" / "model")
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(exported.state_dict()[k], v)
+
+
+def test_reward_config_errors(tmp_path):
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="reward.loss must be one of focal, bradley_terry"):
+        _rm_cfg(tmp_path, "x", "", "--reward.loss=hinge")
+    with pytest.raises(ConfigError, match="micro_batch_tokens .* must hold 2 x seq_len"):
+        _rm_cfg(tmp_path, "x", "", "--stages.0.micro_batch_tokens=256", "--stages.0.global_batch_tokens=256")
+    with pytest.raises(ValueError, match="no condition prompt for domain 'helpful'"):
+        from train.reward import run_reward
+        run_reward(_rm_cfg(tmp_path, "x", "", "--reward.conditions={concise = \"short\"}"))

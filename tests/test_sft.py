@@ -113,3 +113,90 @@ def test_chat_eval_on_an_untrained_model():
     assert 0.0 <= result["exact_match"] < 0.5
     if any(c.task in ("calculator", "lookup") for c in held):
         assert result["tool_call_valid"] == 0.0 and result["examples"][0]["reference"].startswith("<|action_start|>")
+
+
+# ---- the stage on the Trainer ----------------------------------------------------------------------------------
+def _sft_cfg(tmp_path, name, init_from, *extra):
+    from train.align_config import parse_sft_cli
+
+    return parse_sft_cli(["--config", "configs/sft_tiny.toml", f"--run.name={name}", f"--run.output_dir={tmp_path}",
+                          "--model.preset=micro", "--model.overrides={max_position_embeddings = 1024}",
+                          f"--sft.init_from={init_from}", "--sft.heldout=4", "--sft.eval_max_new_tokens=3",
+                          "--sft.long_context_mix=0.2", "--stages.0.steps=4", "--stages.0.seq_len=512",
+                          "--stages.0.micro_batch_tokens=512", "--stages.0.global_batch_tokens=1024",
+                          "--stages.0.passkey_min_chars=100", "--stages.0.passkey_max_chars=300",
+                          "--optim.warmup_steps=1", "--metrics.progress=false", *extra])
+
+
+def _records(path, kind):
+    from train.metrics import read_jsonl
+
+    return [{k: v for k, v in r.items() if k not in ("window_time_s", "tokens_per_s")}
+            for r in read_jsonl(path) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A pretraining checkpoint on disk (transformers' Llama layout, as the pretraining stage exports)."""
+    path = tmp_path_factory.mktemp("pre") / "model"
+    cfg = dataclasses.replace(InternLM2Config.preset("micro"), vocab_size=272, max_position_embeddings=1024)
+    torch.manual_seed(1)
+    InternLM2ForCausalLM(cfg).save_pretrained(path, layout="llama")
+    return str(path)
+
+
+def test_sft_stage_starts_from_pretraining_exports_and_resumes_exactly(tmp_path, pretrained):
+    from transformers import LlamaForCausalLM
+
+    from train.chat import render
+    from train.sft import conversations, heldout_assistant_loss, run_sft
+
+    full = run_sft(_sft_cfg(tmp_path, "full", pretrained))
+    assert full.finished and full.init_from == pretrained
+    train_recs = _records(full.metrics_path, "train")
+    assert len(train_recs) == 4 and all(r["tokens_per_s"] > 0 for r in _records(full.metrics_path, "train")
+                                        if "tokens_per_s" in r)
+    # the first evaluation is the pretraining checkpoint's own held-out assistant loss
+    cfg = _sft_cfg(tmp_path, "full", pretrained)
+    _, held = conversations(cfg)
+    items = [SFTItems(held, ByteTokenizer())(i) for i in range(len(held))]
+    init = _records(full.metrics_path, "eval")[0]
+    start = InternLM2ForCausalLM.from_pretrained(pretrained)
+    start.set_rope_theta(cfg.stages[0].rope_theta)             # the stage's RoPE base applies to the loaded model
+    expected = heldout_assistant_loss(start, items, torch.device("cpu"), 8192)
+    assert init["stage"] == "init" and init["heldout_loss"] == pytest.approx(expected, rel=1e-5)
+    data = _records(full.metrics_path, "data")[-1]
+    assert data["items"] > 0 and data["dropped"] + data["truncated"] >= 0
+
+    # the export loads in transformers and computes our logits
+    export = tmp_path / "full" / "checkpoints" / "step_00000004" / "model"
+    hf = LlamaForCausalLM.from_pretrained(str(export)).eval()
+    ids = torch.tensor(ByteTokenizer().encode(render(held[0].messages)))
+    with torch.no_grad():
+        ours = full.model.eval()(ids, return_logits=True).logits
+        theirs = hf(ids[None]).logits[0]
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+    # stop after step 2, resume: the same losses, gradient norms, evaluations and data counters
+    cut = run_sft(_sft_cfg(tmp_path, "cut", pretrained, "--run.stop_at_step=2"))
+    assert not cut.finished
+    resumed = run_sft(_sft_cfg(tmp_path, "cut", pretrained, "--resume"))
+    assert resumed.finished
+    assert _records(resumed.metrics_path, "train") == train_recs
+    assert _records(resumed.metrics_path, "eval") == _records(full.metrics_path, "eval")
+    assert _records(resumed.metrics_path, "data")[-1] == data
+
+
+def test_sft_config_errors(tmp_path, pretrained):
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sft.init_from: .* neither a model directory nor a run directory"):
+        from train.align_config import resolve_init
+        resolve_init(str(tmp_path), "sft.init_from")
+    with pytest.raises(ConfigError, match="sft.long_context_mix"):
+        _sft_cfg(tmp_path, "x", pretrained, "--sft.long_context_mix=1.5")
+    with pytest.raises(ConfigError, match="micro_batch_tokens .* must be a multiple of seq_len"):
+        _sft_cfg(tmp_path, "x", pretrained, "--stages.0.seq_len=1024", "--stages.0.micro_batch_tokens=512",
+                 "--stages.0.global_batch_tokens=1024")
+    with pytest.raises(ConfigError, match="sft.conversations"):
+        _sft_cfg(tmp_path, "x", pretrained, "--sft.conversations=/nonexistent.jsonl")

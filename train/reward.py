@@ -174,9 +174,9 @@ def run_reward(cfg: RewardConfig) -> RewardResult:
     trainer.close()
     result = RewardResult(cfg.run_dir, trainer.latest, model, tokenizer, finished, trainer.metrics_path, init_from,
                           domains, batches.state_dict())
-    if rt.is_main:
+    if rt.is_main and finished:
         trainer.log.write({"kind": "data", "step": trainer.state.global_step, "stage": stage_cfg.name, **result.data})
-        if finished and evaluator.scores is not None:
+        if evaluator.scores is not None:
             result.scores = evaluator.scores
             result.eval = pair_accuracy(evaluator.scores, domains)
             result.histogram = plot_score_histogram(evaluator.scores, domains,

@@ -148,7 +148,7 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
     finished = trainer.train(stage)
     trainer.close()
     counters = batches.state_dict()
-    if rt.is_main:
+    if rt.is_main and finished:
         trainer.log.write({"kind": "data", "step": trainer.state.global_step, "stage": stage_cfg.name, **counters})
     barrier(rt.dims)
     return SFTResult(cfg.run_dir, trainer.latest, model, tokenizer, finished, trainer.metrics_path, init_from,
