@@ -287,6 +287,9 @@ def test_reward_stage_from_sft_checkpoint_resumes_exactly(tmp_path):
     assert not cut.finished
     resumed = run_reward(_rm_cfg(tmp_path, "cut", str(sft), "--checkpoint.every=2", "--resume"))
     assert records(resumed.metrics_path) == records(full.metrics_path)
+    from train.align_pipeline import reward_section
+    report = "\n".join(reward_section(resumed, {}, {"concise": "c", "helpful": "h"}))
+    assert "| concise | c |" in report and "| helpful | chosen |" in report
     # the export is the score model in InternLM2's layout
     from models import InternLM2ForScore
     exported = InternLM2ForScore.from_pretrained(tmp_path / "full" / "checkpoints" / "step_00000004" / "model")

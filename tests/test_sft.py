@@ -186,6 +186,11 @@ def test_sft_stage_starts_from_pretraining_exports_and_resumes_exactly(tmp_path,
     assert _records(resumed.metrics_path, "eval") == _records(full.metrics_path, "eval")
     assert _records(resumed.metrics_path, "data")[-1] == data
 
+    from train.align_pipeline import sft_section
+    report = "\n".join(sft_section(resumed, {}))
+    assert "| exact match, all |" in report and "| tool-call format valid |" in report
+    assert "<|action_start|><|plugin|>" in report      # the example conversation with a tool call
+
 
 def test_sft_config_errors(tmp_path, pretrained):
     from train.config import ConfigError
