@@ -97,6 +97,15 @@ def test_bad_configs_raise_clear_errors(args, match):
         parse_cli(args)
 
 
+def test_cli_refuses_a_bad_key_before_any_work(tmp_path, capsys):
+    from train import pipeline, pretrain
+
+    for entry in (pretrain.main, pipeline.main):
+        assert entry(["--model.preset=huge", f"--run.output_dir={tmp_path}"]) == 2
+        assert "model.preset must be one of" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)                                   # no run directory, no metrics, no bar
+
+
 def test_bad_toml_file(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[optim\nlr = 1")

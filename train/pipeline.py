@@ -19,7 +19,7 @@ import time
 import torch
 
 from .align_pipeline import run_alignment
-from .config import TrainConfig, parse_cli
+from .config import ConfigError, TrainConfig, parse_cli
 from .eval import passkey_table
 from .metrics import plot_training, read_jsonl
 from .pretrain import PretrainResult, heldout_texts, run_pretraining
@@ -124,7 +124,11 @@ def write_report(cfg: TrainConfig, result: PretrainResult, plots: dict, check: d
 
 def main(argv: list[str] | None = None) -> int:
     start = time.time()
-    cfg = parse_cli(sys.argv[1:] if argv is None else argv, default_config=DEFAULT_CONFIG)
+    try:
+        cfg = parse_cli(sys.argv[1:] if argv is None else argv, default_config=DEFAULT_CONFIG)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     result = run_pretraining(cfg)
     if torch.distributed.is_initialized():
         rank = torch.distributed.get_rank()

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from .align_config import RewardConfig, parse_reward_cli, resolve_init, stage_geometry
 from .build import model_config
-from .config import CHECKPOINTING, to_dict
+from .config import CHECKPOINTING, ConfigError, to_dict
 from .item_packing import Item, ItemBatch, ItemBatches
 from .parallel import Runtime, barrier, init_runtime
 from .preference import SYNTHETIC_DOMAINS, SyntheticPreferences, pair_item, read_preferences, reward_token_id
@@ -186,7 +186,11 @@ def run_reward(cfg: RewardConfig) -> RewardResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_reward_cli(sys.argv[1:] if argv is None else argv, DEFAULT_CONFIG)
+    try:
+        cfg = parse_reward_cli(sys.argv[1:] if argv is None else argv, DEFAULT_CONFIG)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     result = run_reward(cfg)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -26,7 +26,7 @@ from .align_config import SFTConfig, parse_sft_cli, resolve_init, stage_geometry
 from .build import batch_flops, build_model, model_config
 from .chat import Conversation, SyntheticChats, read_conversations
 from .chat_eval import chat_eval
-from .config import CHECKPOINTING, to_dict
+from .config import CHECKPOINTING, ConfigError, to_dict
 from .corpus import SyntheticCorpus
 from .data import FileCorpus
 from .item_packing import ItemBatches, collate_items
@@ -156,7 +156,11 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_sft_cli(sys.argv[1:] if argv is None else argv, DEFAULT_CONFIG)
+    try:
+        cfg = parse_sft_cli(sys.argv[1:] if argv is None else argv, DEFAULT_CONFIG)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     result = run_sft(cfg)
     if dist.is_initialized():
         dist.destroy_process_group()
