@@ -51,7 +51,7 @@ def pair_loss_fn(kind: str = "focal", gamma: float = 2.0, penalty: float = 0.02,
     def loss_fn(model: torch.nn.Module, batch: ItemBatch):
         if batch.seqs_per_item != 2:
             raise ValueError(f"a reward batch holds pairs (2 sequences per item), got {batch.seqs_per_item}")
-        scores = model(batch.input_ids, batch.cu_seqlens).scores            # (2P,) float32
+        scores = model(batch.input_ids, batch.cu_seqlens, max_seqlen=batch.max_seqlen).scores   # (2P,) float32
         chosen, rejected = scores[0::2], scores[1::2]
         loss = reward_loss(chosen, rejected, kind, gamma, penalty, bound, reduction="sum")
         d = (chosen - rejected).detach()

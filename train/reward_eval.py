@@ -25,7 +25,7 @@ def pair_scores(model, items: Sequence[Item], device: torch.device, batch_tokens
             used += items[end].num_tokens
             end += 1
         batch = collate_items(list(items[start:end])).to(device)
-        scores = model(batch.input_ids, batch.cu_seqlens).scores.float().cpu()
+        scores = model(batch.input_ids, batch.cu_seqlens, max_seqlen=batch.max_seqlen).scores.float().cpu()
         chosen.append(scores[0::2])
         rejected.append(scores[1::2])
         groups += batch.groups
