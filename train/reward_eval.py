@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .item_packing import Item, collate_items
+from .item_packing import Item, budget_groups, collate_items
 
 
 @torch.no_grad()
@@ -18,18 +18,12 @@ def pair_scores(model, items: Sequence[Item], device: torch.device, batch_tokens
     """{"chosen": (P,), "rejected": (P,), "group": (P,)} host tensors for the pairs in ``items``."""
     model = getattr(model, "module", model)
     chosen, rejected, groups = [], [], []
-    start = 0
-    while start < len(items):
-        end, used = start, 0
-        while end < len(items) and (end == start or used + items[end].num_tokens <= batch_tokens):
-            used += items[end].num_tokens
-            end += 1
-        batch = collate_items(list(items[start:end])).to(device)
+    for group in budget_groups(list(items), batch_tokens):
+        batch = collate_items(group).to(device)
         scores = model(batch.input_ids, batch.cu_seqlens, max_seqlen=batch.max_seqlen).scores.float().cpu()
         chosen.append(scores[0::2])
         rejected.append(scores[1::2])
         groups += batch.groups
-        start = end
     return {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected), "group": torch.tensor(groups)}
 
 
