@@ -250,6 +250,7 @@ def _rm_cfg(tmp_path, name, init_from, *extra):
 
 def test_reward_stage_from_sft_checkpoint_resumes_exactly(tmp_path):
     import dataclasses
+    import os
 
     from models import InternLM2Config, InternLM2ForCausalLM
     from train.metrics import read_jsonl
@@ -283,6 +284,8 @@ def test_reward_stage_from_sft_checkpoint_resumes_exactly(tmp_path):
     assert [e["stage"] for e in evals] == ["init", "reward"]
     assert {"pair_acc", "pair_acc_concise", "pair_acc_helpful"} <= set(evals[-1])
     assert full.histogram.endswith("reward_scores.png") and full.eval["pair_acc"] == evals[-1]["pair_acc"]
+    from train.reward_eval import plot_reward_training
+    assert os.path.isfile(plot_reward_training(read_jsonl(full.metrics_path), str(tmp_path / "plots"))["loss"])
     cut = run_reward(_rm_cfg(tmp_path, "cut", str(sft), "--checkpoint.every=2", "--run.stop_at_step=2"))
     assert not cut.finished
     resumed = run_reward(_rm_cfg(tmp_path, "cut", str(sft), "--checkpoint.every=2", "--resume"))

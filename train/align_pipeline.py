@@ -15,7 +15,7 @@ from .chat import render
 from .config import TrainConfig
 from .metrics import plot_training, read_jsonl
 from .reward import RewardResult, run_reward
-from .reward_eval import histogram_table
+from .reward_eval import histogram_table, plot_reward_training
 from .sft import SFTResult, run_sft
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,7 +118,7 @@ def run_alignment(cfg: TrainConfig, pretrain_checkpoint: str, report_path: str, 
     rm = run_reward(rm_cfg)
     if not rm.finished:
         return
-    rm_plots = plot_training(read_jsonl(rm.metrics_path), rm.run_dir) if rm_cfg.metrics.plots else {}
+    rm_plots = plot_reward_training(read_jsonl(rm.metrics_path), rm.run_dir) if rm_cfg.metrics.plots else {}
     lines = sft_section(sft, sft_plots) + reward_section(rm, rm_plots, rm_cfg.reward.conditions)
     lines.append(f"Wall time of the whole pipeline (pretraining, SFT, reward model, evaluations): "
                  f"{(time.time() - start_time) / 60:.1f} min.")
