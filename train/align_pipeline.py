@@ -55,11 +55,12 @@ def sft_section(result: SFTResult, plots: dict) -> list[str]:
     records = read_jsonl(result.metrics_path)
     before, after = _evals(records)
     tasks = sorted(k[3:] for k in after if k.startswith("em_"))
+    data = next((r for r in reversed(records) if r["kind"] == "data"), result.data)   # logged at the stage end
     lines = ["## SFT", f"From the pretraining checkpoint `{result.init_from}`; checkpoint `{result.checkpoint}` (its "
              "`model/` loads with `transformers.LlamaForCausalLM`). " + _loss_rows(records) + ".",
              f"Loss curve: `{plots.get('loss', '-')}`.", "",
-             f"Data: {result.data.get('items', 0)} items (conversations and long-context pretraining documents), "
-             f"{result.data.get('dropped', 0)} over-long dropped, {result.data.get('truncated', 0)} truncated.", "",
+             f"Data: {data.get('items', 0)} items (conversations and long-context pretraining documents), "
+             f"{data.get('dropped', 0)} over-long dropped, {data.get('truncated', 0)} truncated.", "",
              "Held-out, greedy decoding (exact match of the whole final reply; a tool call is valid when it is "
              "well-formed JSON naming a declared tool with its required parameters):", "",
              "| metric | before SFT | after SFT |", "|---|---|---|",

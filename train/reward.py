@@ -170,17 +170,23 @@ def run_reward(cfg: RewardConfig) -> RewardResult:
                       export_layout="internlm2")    # a score model has no transformers Llama class
     if rt.is_main:
         _write_json(os.path.join(cfg.run_dir, "config.json"), to_dict(cfg))
+    start_step = trainer.state.global_step        # > 0 when resumed
     finished = trainer.train(stage)
+    trained = trainer.state.global_step > start_step
     trainer.close()
     result = RewardResult(cfg.run_dir, trainer.latest, model, tokenizer, finished, trainer.metrics_path, init_from,
                           domains, batches.state_dict())
     if rt.is_main and finished:
-        trainer.log.write({"kind": "data", "step": trainer.state.global_step, "stage": stage_cfg.name, **result.data})
-        if evaluator.scores is not None:
-            result.scores = evaluator.scores
-            result.eval = pair_accuracy(evaluator.scores, domains)
-            result.histogram = plot_score_histogram(evaluator.scores, domains,
-                                                    os.path.join(cfg.run_dir, "eval", "reward_scores.png"), r.bound)
+        if trained:                               # once per run (a resumed finished run trains nothing)
+            trainer.log.write({"kind": "data", "step": trainer.state.global_step, "stage": stage_cfg.name,
+                               **result.data})
+        if evaluator.scores is None:              # a resumed finished run: evaluate for the report
+            model.eval()
+            evaluator(model)
+        result.scores = evaluator.scores
+        result.eval = pair_accuracy(evaluator.scores, domains)
+        result.histogram = plot_score_histogram(evaluator.scores, domains,
+                                                os.path.join(cfg.run_dir, "eval", "reward_scores.png"), r.bound)
     barrier(rt.dims)
     return result
 

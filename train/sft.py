@@ -140,12 +140,17 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
                       export_layout="llama")
     if rt.is_main:
         _write_json(os.path.join(cfg.run_dir, "config.json"), to_dict(cfg))
+    start_step = trainer.state.global_step        # > 0 when resumed
     finished = trainer.train(stage)
+    trained = trainer.state.global_step > start_step
     trainer.close()
     counters = batches.state_dict()
-    if rt.is_main and finished:
+    if rt.is_main and finished and trained:      # once per run (a resumed finished run trains nothing)
         trainer.log.write({"kind": "data", "step": trainer.state.global_step, "stage": stage_cfg.name, **counters})
     barrier(rt.dims)
+    if finished and evaluator.last is None:       # a resumed finished run: evaluate for the report
+        model.eval()
+        evaluator(model)
     return SFTResult(cfg.run_dir, trainer.latest, model, tokenizer, finished, trainer.metrics_path, init_from,
                      counters, evaluator.last if finished else None)
 
