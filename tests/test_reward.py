@@ -190,7 +190,7 @@ def test_pairs_pack_together_by_token_budget_and_resume():
         ItemBatches(source, 1024, 200, overlong="truncate", max_seqs_per_item=2)
     with pytest.raises(ValueError, match="micro_batch_tokens"):
         ItemBatches(source, 100, 60, max_seqs_per_item=2)
-    with pytest.raises(ValueError, match=r"max_seq_len \(60\) is too small"):   # every synthetic pair is longer
+    with pytest.raises(ValueError, match=r"max_seq_len \(60; stages.0.seq_len in a stage config\) is too small"):   # every synthetic pair is longer
         ItemBatches(source, 1024, 60, max_seqs_per_item=2).next_step()
 
 

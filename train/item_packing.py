@@ -137,7 +137,8 @@ class ItemBatches:
             self._drop_run += 1
             run = self._drop_run
             if run >= MAX_CONSECUTIVE_DROPS:
-                raise ValueError(f"{self.where}.max_seq_len ({self.max_seq_len}) is too small: the last {run} "
+                raise ValueError(f"{self.where}: max_seq_len ({self.max_seq_len}; stages.0.seq_len in a stage config) "
+                                 f"is too small: the last {run} "
                                  "items were all longer and dropped")
 
     def _take(self) -> Item:
