@@ -38,7 +38,7 @@ from . import checkpoint as ckpt
 from .config import InternLM2Config
 from .context import ForwardContext, PackedContext
 from .generation import generate
-from .packing import IGNORE_INDEX, PackedInputs, pack_inputs, shift_labels
+from .packing import IGNORE_INDEX, PackedInputs, pack_inputs, reads_values, shift_labels
 
 CHECKPOINTING_MODES = (False, True, "mlp")
 
@@ -173,10 +173,11 @@ class InternLM2ForScore(_InternLM2Base):
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> ScoreOutput:
-        packed = self._pack(input_ids, cu_seqlens, attention_mask, position_ids)
+                position_ids: torch.Tensor | None = None, max_seqlen: int | None = None) -> ScoreOutput:
+        """``max_seqlen``: as in the causal LM (host-known, so packed input costs no device read)."""
+        packed = self._pack(input_ids, cu_seqlens, attention_mask, position_ids, max_seqlen)
         lengths = packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]
-        if bool((lengths == 0).any()):
+        if reads_values(lengths) and bool((lengths == 0).any()):
             raise ValueError("every sequence needs at least one token to be scored (found an empty one)")
         hidden = self.model(packed.input_ids, PackedContext(packed, self.model.rotary))   # (T, hidden)
         values = self.score_head(hidden).squeeze(-1).float()                             # (T,)

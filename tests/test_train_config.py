@@ -46,9 +46,14 @@ def test_schedule_rejects_bad_values():
 def test_shipped_configs_load():
     paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*.toml")))
     assert {os.path.basename(p) for p in paths} >= {"tiny_cpu.toml", "internlm2_1_8b.toml", "internlm2_7b.toml"}
+    from train.align_config import RewardConfig, SFTConfig
+
+    stage_configs = {"sft_": SFTConfig, "reward_": RewardConfig}   # alignment configs: TrainConfig + their section
     for path in paths:
-        c = load_config(path)
-        assert isinstance(c, TrainConfig) and c.stages
+        name = os.path.basename(path)
+        cls = next((c for prefix, c in stage_configs.items() if name.startswith(prefix)), TrainConfig)
+        c = load_config(path, cls=cls)
+        assert isinstance(c, cls) and c.stages
     tiny = load_config(os.path.join(ROOT, "configs", "tiny_cpu.toml"))
     assert [s.rope_theta for s in tiny.stages] == [50_000.0, 1_000_000.0]  # InternLM2's long-context base raise
     assert tiny.stages[1].seq_len > tiny.stages[0].seq_len

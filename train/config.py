@@ -240,8 +240,9 @@ def apply_override(data: dict, dotted: str, value) -> None:
         node[last] = value
 
 
-def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults <- the TOML file <- overrides (``{"optim.lr": 1e-3}``), then validated."""
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None, cls: type = TrainConfig):
+    """Defaults <- the TOML file <- overrides (``{"optim.lr": 1e-3}``), then validated. ``cls``: TrainConfig or a
+    stage's subclass of it with extra sections (train.align_config)."""
     data: dict = {}
     where = "config"
     if path:
@@ -260,7 +261,7 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         for key, value in overrides.items():
             apply_override(data, key, value)
     try:
-        config = _build(TrainConfig, data, "")
+        config = _build(cls, data, "")
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     try:
@@ -383,7 +384,7 @@ def check_parallel(p: ParallelConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
-def parse_cli(argv: list[str], default_config: str | None = None) -> TrainConfig:
+def parse_cli(argv: list[str], default_config: str | None = None, cls: type = TrainConfig):
     """``[--config PATH] [--resume] [--section.key=value | --section.key value ...]``"""
     path = default_config
     overrides: dict[str, Any] = {}
@@ -409,4 +410,4 @@ def parse_cli(argv: list[str], default_config: str | None = None) -> TrainConfig
             overrides["checkpoint.resume"] = parse_value(value)
         else:
             overrides[key] = parse_value(value)
-    return load_config(path, overrides)
+    return load_config(path, overrides, cls)

@@ -1,0 +1,411 @@
+"""Reward model: COOL RLHF losses vs plain-torch formulas, preference data and conditions, pair packing."""
+import json
+import math
+
+import pytest
+import torch
+
+from train.chat import render
+from train.item_packing import ItemBatches
+from train.preference import (
+    DEFAULT_CONDITIONS,
+    SyntheticPreferences,
+    conditioned,
+    pair_item,
+    read_preferences,
+    reward_token_id,
+)
+from train.reward_losses import bradley_terry_loss, focal_ranking_loss, log_barrier_penalty, reward_loss
+from train.tokenizer import ByteTokenizer
+
+
+def _pairs(n, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    rc = (torch.randn(n, generator=g, dtype=torch.float64) * scale).requires_grad_()
+    rr = (torch.randn(n, generator=g, dtype=torch.float64) * scale).requires_grad_()
+    return rc, rr
+
+
+def _grads(fn, *xs):
+    xs = [x.detach().clone().requires_grad_() for x in xs]
+    y = fn(*xs)
+    y.backward()
+    return y.detach(), [x.grad for x in xs]
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 3.5])
+def test_focal_ranking_loss_matches_formula(gamma):
+    rc, rr = _pairs(37, seed=int(gamma * 10))
+
+    def plain(c, r):
+        p = torch.sigmoid(c - r)
+        return (-(1 - 2 * torch.clamp(p - 0.5, min=0)) ** gamma * torch.log(p)).mean()
+
+    got, got_g = _grads(lambda c, r: focal_ranking_loss(c, r, gamma), rc, rr)
+    ref, ref_g = _grads(plain, rc, rr)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    if gamma == 0.0:   # gamma 0 is Bradley-Terry
+        torch.testing.assert_close(got, bradley_terry_loss(rc, rr).detach())
+
+
+def test_focal_down_weights_easy_pairs_and_stays_finite():
+    easy = focal_ranking_loss(torch.tensor([4.0]), torch.tensor([-4.0]))
+    assert easy < 0.01 * bradley_terry_loss(torch.tensor([4.0]), torch.tensor([-4.0]))
+    wrong = torch.tensor([-1.0]), torch.tensor([1.0])     # P < 0.5: weight 1, the full -log P
+    torch.testing.assert_close(focal_ranking_loss(*wrong), bradley_terry_loss(*wrong))
+    far = torch.tensor([-200.0], dtype=torch.float32, requires_grad=True)
+    loss = focal_ranking_loss(far, torch.tensor([200.0]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(far.grad).all() and far.grad.item() == pytest.approx(-1.0)
+    torch.testing.assert_close(bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0])),
+                               torch.tensor(math.log(2.0)))
+
+
+def test_log_barrier_matches_formula_inside():
+    s = (torch.rand(41, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 9.8 - 4.9)
+    got, (g,) = _grads(lambda x: log_barrier_penalty(x, 5.0), s)
+    ref, (rg,) = _grads(lambda x: (-(torch.log(5.0 + x) + torch.log(5.0 - x))).mean(), s)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, rg, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: log_barrier_penalty(x, 2.0), (s.detach() / 3).requires_grad_())
+
+
+def test_log_barrier_outside_is_clamped_to_its_tangent():
+    bound = 5.0
+    edge = bound * (1 - 1e-3)
+    s = torch.tensor([-7.0, -5.0, 5.0, 6.0, 100.0], dtype=torch.float64, requires_grad=True)
+    loss = log_barrier_penalty(s, bound, reduction="none")
+    loss.sum().backward()
+    c = s.detach().clamp(-edge, edge)
+    value = -(torch.log(bound + c) + torch.log(bound - c))
+    slope = 1 / (bound - c) - 1 / (bound + c)
+    torch.testing.assert_close(loss.detach(), value + slope * (s.detach() - c))
+    torch.testing.assert_close(s.grad, slope)
+    assert torch.isfinite(loss).all()
+    assert (s.grad[:2] < -100).all() and (s.grad[2:] > 100).all()    # pushed back inside, steeply
+
+
+def test_reward_loss_total_and_reductions():
+    rc, rr = _pairs(16, seed=5, scale=1.5)
+    total = reward_loss(rc, rr)
+    ref = (focal_ranking_loss(rc, rr) + 0.02 * log_barrier_penalty(torch.cat([rc, rr]))).detach()
+    torch.testing.assert_close(total.detach(), ref)
+    torch.testing.assert_close(reward_loss(rc, rr, reduction="sum").detach() / 16, ref)
+    bt = reward_loss(rc, rr, kind="bradley_terry", penalty=0.0)
+    torch.testing.assert_close(bt.detach(), bradley_terry_loss(rc, rr).detach())
+    with pytest.raises(ValueError, match="reward.loss"):
+        reward_loss(rc, rr, kind="hinge")
+    with pytest.raises(ValueError, match="r_rejected shape"):
+        focal_ranking_loss(rc, rr[:3])
+
+
+def test_reward_token_is_unused_by_text():
+    tok = ByteTokenizer()
+    rid = reward_token_id(tok)
+    assert rid == 265 and rid not in tok.encode("".join(chr(i) for i in range(256)) + "<|im_start|><|plugin|>")
+    assert reward_token_id(ByteTokenizer(92544)) == 92537
+
+
+def test_synthetic_preferences_flip_between_domains():
+    prefs = SyntheticPreferences(seed=2)
+    for k in range(10):
+        a, b = prefs[2 * k], prefs[2 * k + 1]
+        assert {a.domain, b.domain} == set(SyntheticPreferences.domains)
+        assert a.prompt == b.prompt and a.chosen == b.rejected and a.rejected == b.chosen
+    tok = ByteTokenizer()
+    rid = reward_token_id(tok)
+    item = pair_item(prefs[0], tok, rid, DEFAULT_CONDITIONS, SyntheticPreferences.domains)
+    (c_ids, _), (r_ids, _) = item.sequences
+    assert c_ids[-1] == rid == r_ids[-1]
+    text = tok.decode(c_ids[:-1])
+    assert text == render(conditioned(prefs[0], prefs[0].chosen, DEFAULT_CONDITIONS))
+    assert text.startswith(f"<s><|im_start|>system\n{DEFAULT_CONDITIONS[prefs[0].domain]}<|im_end|>\n")
+    plain = pair_item(prefs[0], tok, rid, {}, SyntheticPreferences.domains)     # unconditional: no system prompt
+    assert tok.decode(plain.sequences[0][0]).startswith("<s><|im_start|>user\n")
+    with pytest.raises(ValueError, match="no condition prompt for domain 'concise'"):
+        pair_item(prefs[0], tok, rid, {"helpful": "x"}, SyntheticPreferences.domains)
+
+
+def test_read_preferences(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    rec = {"domain": "math", "prompt": "1+1?", "chosen": "2", "rejected": "3"}
+    tool = {"domain": "code", "tools": [{"type": "function", "function": {"name": "calc"}}],
+            "prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "1+1?"}],
+            "chosen": [{"role": "assistant", "content": "",
+                        "tool_calls": [{"function": {"name": "calc", "arguments": "{}"}}]},
+                       {"role": "tool", "content": "2"}, {"role": "assistant", "content": "2"}],
+            "rejected": "3"}
+    path.write_text(json.dumps(rec) + "\n" + json.dumps(tool) + "\n")
+    a, b = read_preferences(str(path))
+    assert a.domain == "math" and [m.role for m in a.prompt] == ["user"] and a.chosen[0].content == "2"
+    assert [m.role for m in b.prompt] == ["system", "system", "user"] and b.prompt[1].name == "plugin"
+    assert [m.role for m in b.chosen] == ["assistant", "environment", "assistant"]
+    for bad, match in [({**rec, "chosen": "3"}, "are the same"), ({"domain": "x", "prompt": "p"}, "missing"),
+                       ({**rec, "rejected": [{"role": "user", "content": "x"}]}, "must end with an assistant"),
+                       ({**rec, "prompt": [{"role": "robot", "content": "x"}]}, "unknown role")]:
+        path.write_text(json.dumps(rec) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=f"{path}:2: .*{match}"):
+            read_preferences(str(path))
+
+
+def test_pairs_pack_together_by_token_budget_and_resume():
+    tok = ByteTokenizer()
+    rid = reward_token_id(tok)
+    prefs = SyntheticPreferences(seed=0)
+
+    def source(i):
+        return pair_item(prefs[i], tok, rid, DEFAULT_CONDITIONS, SyntheticPreferences.domains)
+
+    def make():
+        return ItemBatches(source, micro_batch_tokens=1024, max_seq_len=200, accumulation=2, max_seqs_per_item=2)
+
+    stream = make()
+    first = [stream.next_step() for _ in range(3)]
+    state = stream.state_dict()
+    after = [stream.next_step() for _ in range(2)]
+    i = 0
+    for step in first:
+        assert len(step) == 2
+        for b in step:
+            n = len(b.groups)
+            assert b.cu_seqlens.numel() == 2 * n + 1 and int(b.cu_seqlens[-1]) <= 1024
+            for k in range(n):   # chosen at 2k, rejected at 2k + 1, both of pair i
+                want = source(i)
+                for j in (0, 1):
+                    lo, hi = int(b.cu_seqlens[2 * k + j]), int(b.cu_seqlens[2 * k + j + 1])
+                    assert b.input_ids[lo:hi].tolist() == want.sequences[j][0]
+                assert b.groups[k] == want.group
+                i += 1
+            nxt = source(i).num_tokens   # the budget was full: the next pair did not fit
+            assert int(b.cu_seqlens[-1]) + nxt > 1024
+    resumed = make()
+    resumed.load_state_dict(state)
+    again = [resumed.next_step() for _ in range(2)]
+    for s1, s2 in zip(after, again):
+        for b1, b2 in zip(s1, s2):
+            assert torch.equal(b1.input_ids, b2.input_ids) and torch.equal(b1.cu_seqlens, b2.cu_seqlens)
+    with pytest.raises(ValueError, match="cut the end of a pair"):
+        ItemBatches(source, 1024, 200, overlong="truncate", max_seqs_per_item=2)
+    with pytest.raises(ValueError, match="micro_batch_tokens"):
+        ItemBatches(source, 100, 60, max_seqs_per_item=2)
+    with pytest.raises(ValueError, match=r"max_seq_len \(60; stages.0.seq_len in a stage config\) is too small"):   # every synthetic pair is longer
+        ItemBatches(source, 1024, 60, max_seqs_per_item=2).next_step()
+
+
+def _fit_reward_model(conditions, steps=30, seed=0):
+    """A micro score model trained on the domain-flipped synthetic pairs; held-out accuracy per domain."""
+    import dataclasses
+
+    from models import InternLM2Config, InternLM2ForScore
+    from train.reward import pair_loss_fn
+    from train.reward_eval import pair_accuracy, pair_scores
+
+    tok = ByteTokenizer()
+    rid = reward_token_id(tok)
+    domains = SyntheticPreferences.domains
+    train = SyntheticPreferences(seed=seed)
+    held = SyntheticPreferences(seed=seed, split="heldout")
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(InternLM2Config.preset("micro"), vocab_size=tok.vocab_size, max_position_embeddings=256)
+    model = InternLM2ForScore(cfg)
+    batches = ItemBatches(lambda i: pair_item(train[i], tok, rid, conditions, domains), micro_batch_tokens=1024,
+                          max_seq_len=256, max_seqs_per_item=2)
+    loss_fn = pair_loss_fn()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(steps):
+        (batch,) = batches.next_step()
+        loss, n, _ = loss_fn(model, batch)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    items = [pair_item(held[i], tok, rid, conditions, domains) for i in range(64)]
+    return pair_accuracy(pair_scores(model, items, torch.device("cpu")), domains)
+
+
+def test_conditional_reward_model_fits_flipped_preferences_only_with_conditions():
+    short = {"concise": "concise", "helpful": "helpful"}      # short condition prompts keep the test fast
+    with_conditions = _fit_reward_model(short)
+    without = _fit_reward_model({})
+    # Held-out pairs come in flipped twins (same responses, opposite labels): a model that cannot see the domain
+    # gets at most one of each twin right.
+    assert without["pair_acc"] <= 0.5
+    assert with_conditions["pair_acc"] >= 0.9, with_conditions
+    assert min(with_conditions["pair_acc_concise"], with_conditions["pair_acc_helpful"]) >= 0.8
+
+
+# ---- the stage on the Trainer ----------------------------------------------------------------------------------
+def _rm_cfg(tmp_path, name, init_from, *extra):
+    from train.align_config import parse_reward_cli
+
+    return parse_reward_cli(["--config", "configs/reward_tiny.toml", f"--run.name={name}",
+                             f"--run.output_dir={tmp_path}", "--model.preset=micro",
+                             "--model.overrides={max_position_embeddings = 1024}", f"--reward.init_from={init_from}",
+                             "--reward.heldout=8", "--stages.0.steps=4", "--stages.0.seq_len=256",
+                             "--stages.0.micro_batch_tokens=512", "--stages.0.global_batch_tokens=1024",
+                             "--optim.warmup_steps=1", "--metrics.progress=false", *extra])
+
+
+def test_reward_stage_from_sft_checkpoint_resumes_exactly(tmp_path):
+    import dataclasses
+    import os
+
+    from models import InternLM2Config, InternLM2ForCausalLM
+    from train.metrics import read_jsonl
+    from train.reward import run_reward
+
+    sft = tmp_path / "sft_model"
+    torch.manual_seed(3)
+    lm = InternLM2ForCausalLM(dataclasses.replace(InternLM2Config.preset("micro"), vocab_size=272,
+                                                  max_position_embeddings=1024))
+    lm.save_pretrained(sft, layout="llama")
+
+    def records(path):   # everything but wall-clock times
+        return [{k: v for k, v in r.items() if k not in ("window_time_s", "tokens_per_s")} for r in read_jsonl(path)]
+
+    full = run_reward(_rm_cfg(tmp_path, "full", str(sft), "--checkpoint.every=2"))
+    assert full.finished and full.init_from == str(sft)
+    # the trunk is the SFT model's, the head is fresh (drawn from run.seed: the same in every build)
+    trunk = {k: v for k, v in lm.state_dict().items() if k != "output.weight"}
+    assert set(trunk) | {"score_head.weight"} == set(full.model.state_dict())
+    from train.parallel import Runtime
+    from train.reward import build_score_model
+    rebuilt = build_score_model(_rm_cfg(tmp_path, "x", str(sft)), Runtime(torch.device("cpu"), torch.float32), 272,
+                                str(sft))
+    again = build_score_model(_rm_cfg(tmp_path, "x", str(sft)), Runtime(torch.device("cpu"), torch.float32), 272,
+                              str(sft))
+    for k, v in trunk.items():
+        assert torch.equal(rebuilt.state_dict()[k], v)
+    assert torch.equal(rebuilt.score_head.weight, again.score_head.weight)
+
+    evals = [r for r in read_jsonl(full.metrics_path) if r["kind"] == "eval"]
+    assert [e["stage"] for e in evals] == ["init", "reward"]
+    assert {"pair_acc", "pair_acc_concise", "pair_acc_helpful"} <= set(evals[-1])
+    assert full.histogram.endswith("reward_scores.png") and full.eval["pair_acc"] == evals[-1]["pair_acc"]
+    from train.reward_eval import plot_reward_training
+    assert os.path.isfile(plot_reward_training(read_jsonl(full.metrics_path), str(tmp_path / "plots"))["loss"])
+    cut = run_reward(_rm_cfg(tmp_path, "cut", str(sft), "--checkpoint.every=2", "--run.stop_at_step=2"))
+    assert not cut.finished
+    resumed = run_reward(_rm_cfg(tmp_path, "cut", str(sft), "--checkpoint.every=2", "--resume"))
+    assert records(resumed.metrics_path) == records(full.metrics_path)
+    from train.align_pipeline import reward_section
+    report = "\n".join(reward_section(resumed, {}, {"concise": "c", "helpful": "h"}))
+    assert "| concise | c |" in report and "| helpful | chosen |" in report
+    # the export is the score model in InternLM2's layout
+    from models import InternLM2ForScore
+    exported = InternLM2ForScore.from_pretrained(tmp_path / "full" / "checkpoints" / "step_00000004" / "model")
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(exported.state_dict()[k], v)
+
+
+def test_reward_config_errors(tmp_path):
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="reward.loss must be one of focal, bradley_terry"):
+        _rm_cfg(tmp_path, "x", "", "--reward.loss=hinge")
+    with pytest.raises(ConfigError, match="micro_batch_tokens .* must hold 2 x seq_len"):
+        _rm_cfg(tmp_path, "x", "", "--stages.0.micro_batch_tokens=256", "--stages.0.global_batch_tokens=256")
+    with pytest.raises(ValueError, match="no condition prompt for domain 'helpful'"):
+        from train.reward import run_reward
+        run_reward(_rm_cfg(tmp_path, "x", "", "--reward.conditions={concise = \"short\"}"))
+
+
+def _pair_batch(seed=0):
+    tok = ByteTokenizer()
+    prefs = SyntheticPreferences(seed=seed)
+    stream = ItemBatches(lambda i: pair_item(prefs[i], tok, reward_token_id(tok), DEFAULT_CONDITIONS,
+                                             SyntheticPreferences.domains), 1024, 256, max_seqs_per_item=2)
+    return stream.next_micro_batch()
+
+
+def test_reward_step_reads_nothing_from_the_device(monkeypatch):
+    """The pair loss and the score model's packed forward/backward read no tensor value on the host (on a GPU
+    each read would be a sync); the model's value checks are off as they are for GPU tensors."""
+    import dataclasses
+    import os
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import models.internlm2
+    import models.packing
+    from models import InternLM2Config, InternLM2ForScore
+    from train.reward import pair_loss_fn
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sites = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:   # .item(), int(t), bool(t), ...
+                repo = [f for f in traceback.extract_stack() if f.filename.startswith(root)
+                        and "/.venv/" not in f.filename and "/tests/" not in f.filename]
+                site = os.path.relpath(repo[-1].filename, root) if repo else "?"
+                if site.startswith(("train/", "models/")):   # reads inside internlm_kernels are the kernels' own
+                    self.sites.append(f"{site}:{repo[-1].lineno}")
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(models.packing, "reads_values", lambda t: False)
+    monkeypatch.setattr(models.internlm2, "reads_values", lambda t: False)
+    model = InternLM2ForScore(dataclasses.replace(InternLM2Config.preset("micro"), vocab_size=272))
+    batch = _pair_batch()
+    loss_fn = pair_loss_fn()
+    with HostReads() as reads:
+        loss, n, metrics = loss_fn(model, batch)
+        loss.backward()
+    assert not reads.sites, reads.sites
+    assert isinstance(n, int) and n == len(batch.groups) and set(metrics) == {"pair_acc", "margin", "score_abs"}
+
+
+@pytest.mark.gpu
+def test_reward_steps_never_sync_on_gpu(tmp_path):
+    """Trainer steps of the reward stage (bf16 score model, fp32 master weights) under cuda sync debug mode
+    'error': any device-to-host sync raises."""
+    import dataclasses
+
+    from models import InternLM2Config, InternLM2ForScore
+    from train.config import CheckpointConfig, MetricsConfig, OptimConfig
+    from train.parallel import Runtime
+    from train.reward import pair_loss_fn
+    from train.trainer import Stage, Trainer
+
+    tok = ByteTokenizer()
+    prefs = SyntheticPreferences()
+    torch.manual_seed(0)
+    model = InternLM2ForScore(dataclasses.replace(InternLM2Config.preset("micro"), vocab_size=272))
+    trainer = Trainer(model.to("cuda", torch.bfloat16), Runtime(torch.device("cuda"), torch.bfloat16),
+                      optim=OptimConfig(warmup_steps=1), checkpoint=CheckpointConfig(),
+                      metrics=MetricsConfig(progress=False, log_every=100), run_dir=str(tmp_path), total_steps=10)
+    data = ItemBatches(lambda i: pair_item(prefs[i], tok, reward_token_id(tok), DEFAULT_CONDITIONS,
+                                           SyntheticPreferences.domains), 1024, 256, max_seqs_per_item=2)
+    stage = Stage("reward", 10, data, pair_loss_fn())
+    for _ in range(2):
+        trainer.step(stage)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            trainer.step(stage)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert trainer.state.global_step == 5
+
+
+def test_reward_stage_reads_jsonl_pairs_with_a_heldout_split(tmp_path):
+    from train.reward import preference_sets
+
+    path = tmp_path / "prefs.jsonl"
+    recs = [{"domain": d, "prompt": f"q{i}", "chosen": "a", "rejected": "b"}
+            for i, d in enumerate(["math", "code", "math", "code", "math"])]
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    train, held, domains = preference_sets(_rm_cfg(tmp_path, "j", "", f"--reward.pairs={path}", "--reward.heldout=2"))
+    assert domains == ("math", "code") and [p.prompt[0].content for p in held] == ["q0", "q1"]
+    assert [p.prompt[0].content for p in train] == ["q2", "q3", "q4"]
+    with pytest.raises(ValueError, match="leaves no training pairs"):
+        preference_sets(_rm_cfg(tmp_path, "j", "", f"--reward.pairs={path}", "--reward.heldout=5"))
