@@ -7,6 +7,7 @@ from . import backend, integrations, nn, reference
 from .backend import use_backend
 from .ops.attention import flash_attn_func, flash_attn_varlen_func
 from .ops.cross_entropy import fused_linear_cross_entropy
+from .ops.linear import linear
 from .ops.rms_norm import rms_norm
 from .ops.rotary import apply_rotary_emb, qkv_rotary, rotary_cos_sin
 from .ops.swiglu import swiglu, swiglu_packed
@@ -20,3 +21,4 @@ __all__ = [
     "fused_linear_cross_entropy", "FusedAdamW", "clip_grad_norm_", "use_backend", "backend", "nn", "reference",
     "integrations",
 ]
+__all__ += ["linear"]  # the CPU training path (issue 9)

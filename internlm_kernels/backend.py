@@ -5,7 +5,8 @@ Backends:
   triton     Triton kernels: CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 (the test setup)
   cuda       the compiled extension's CUDA kernels (internlm_kernels._C)
   cpu        CPU kernels: the compiled extension's C++/OpenMP kernels (internlm_kernels._C) for adamw and
-             grad_norm; for attention, ATen's CPU flash kernel (torch SDPA) run per document
+             grad_norm; for attention, ATen's CPU flash kernel (torch SDPA) run per document; for linear,
+             oneDNN's inner product (internlm_kernels/cpu/linear.py)
   auto       CUDA tensors: the fastest measured GPU implementation of the op;
              CPU tensors: the C++ kernel where one exists, else the reference.
 
@@ -32,6 +33,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "swiglu": ("reference", "triton"),
     "rotary": ("reference", "triton"),
     "linear_cross_entropy": ("reference", "triton"),
+    "linear": ("reference", "cpu"),
     "adamw": ("reference", "cpu", "cuda"),
     "grad_norm": ("reference", "cpu", "cuda"),
 }
@@ -105,6 +107,10 @@ def _why_not(op: str, name: str, device: torch.device) -> str | None:
     if name in ("cuda", "cpu"):
         if device.type != name:
             return f"the {name} backend needs {name} tensors (got {device.type})"
+        if op == "linear":
+            from .cpu import linear
+
+            return linear.available()
         if op not in NATIVE_OPS:
             return None
         from . import _ext
