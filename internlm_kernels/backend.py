@@ -29,9 +29,9 @@ BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 # Implementations each op has, and what `auto` picks on each device (first available wins).
 OPS: dict[str, tuple[str, ...]] = {
     "attention": ("reference", "triton", "cpu"),
-    "rms_norm": ("reference", "triton"),
-    "swiglu": ("reference", "triton"),
-    "rotary": ("reference", "triton"),
+    "rms_norm": ("reference", "triton", "cpu"),
+    "swiglu": ("reference", "triton", "cpu"),
+    "rotary": ("reference", "triton", "cpu"),
     "linear_cross_entropy": ("reference", "triton"),
     "linear": ("reference", "cpu"),
     "adamw": ("reference", "cpu", "cuda"),

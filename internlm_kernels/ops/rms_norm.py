@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
+from .. import cpu, reference
 from .._checks import FLOAT_DTYPES, check_tensor
 from ..backend import choose
+from ..cpu import rms_norm as cpu_rms_norm
 from ..triton._rows import rows_of
 
 
@@ -144,7 +145,11 @@ def rms_norm(x, weight, eps=1e-6, residual=None, prenorm=False, residual_in_fp32
         check_tensor("residual", residual, dtypes=FLOAT_DTYPES, device=x.device)
         if residual.shape != x.shape:
             raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
-    if choose("rms_norm", x.device) == "reference":
+    backend = choose("rms_norm", x.device)
+    if backend == "cpu" and cpu.runs_here("rms_norm", x.dtype in cpu_rms_norm.DTYPES and weight.dtype == x.dtype and (
+            residual is None or residual.dtype == x.dtype), f"dtype {x.dtype} (x, weight, residual) on the cpu path"):
+        return cpu_rms_norm.rms_norm(x, weight, eps, residual, prenorm)
+    if backend != "triton":
         return reference.rms_norm(x, weight, eps, residual, prenorm, residual_in_fp32)
     if x.shape[-1] > _kernels().MAX_FEATURES:
         raise NotImplementedError(

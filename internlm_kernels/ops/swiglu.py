@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
+from .. import cpu, reference
 from .._checks import FLOAT_DTYPES, check_same_dtype, check_tensor
 from ..backend import choose
+from ..cpu import swiglu as cpu_swiglu
 from ..triton._rows import rows_of
 
 
@@ -124,7 +125,10 @@ def swiglu(gate, up):
         raise ValueError(f"gate shape {tuple(gate.shape)} differs from up shape {tuple(up.shape)}")
     if gate.dim() == 0:
         raise ValueError("gate must have at least one dim")
-    if choose("swiglu", gate.device) == "reference":
+    backend = choose("swiglu", gate.device)
+    if backend == "cpu" and cpu.runs_here("swiglu", gate.dtype in cpu_swiglu.DTYPES, f"dtype {gate.dtype}"):
+        return cpu_swiglu.swiglu(gate, up)
+    if backend != "triton":
         return reference.swiglu(gate, up)
     return torch.ops.internlm_kernels.swiglu_fwd(gate, up)
 
@@ -134,6 +138,9 @@ def swiglu_packed(gate_up):
     check_tensor("gate_up", gate_up, dtypes=FLOAT_DTYPES)
     if gate_up.dim() == 0 or gate_up.shape[-1] % 2 != 0:
         raise ValueError(f"gate_up's last dim must be even ([gate | up] halves), got shape {tuple(gate_up.shape)}")
-    if choose("swiglu", gate_up.device) == "reference":
+    backend = choose("swiglu", gate_up.device)
+    if backend == "cpu" and cpu.runs_here("swiglu", gate_up.dtype in cpu_swiglu.DTYPES, f"dtype {gate_up.dtype}"):
+        return cpu_swiglu.swiglu_packed(gate_up)
+    if backend != "triton":
         return reference.swiglu_packed(gate_up)
     return torch.ops.internlm_kernels.swiglu_packed_fwd(gate_up)
