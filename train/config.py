@@ -41,7 +41,7 @@ class ModelConfig:
     preset: str = "tiny"               # InternLM2Config.preset name
     init_from: str = ""                # optional HF-layout directory to start from instead of random init
     gradient_checkpointing: str = "none"   # none | full (recompute each block) | mlp (recompute the SwiGLU output)
-    compile: bool = False              # torch.compile the model (GPU)
+    compile: bool = False              # torch.compile the model's forward (nn.Module.compile; weights unchanged)
     overrides: dict[str, Any] = field(default_factory=dict)  # any InternLM2Config field, e.g. hidden_size
 
 
@@ -109,6 +109,14 @@ class MetricsConfig:
 
 
 @dataclass
+class ParallelConfig:
+    mode: str = "ddp"                  # how the model spreads over the ranks: train.parallel.MODES (ddp)
+    shard_size: int = 0                # ranks a sharded state spans (ZeRO/FSDP modes); 0 = all ranks
+    tp: int = 1                        # tensor-parallel degree
+    overlap: bool = True               # overlap gradient communication with the backward pass
+
+
+@dataclass
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -118,6 +126,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
     def run_dir(self) -> str:
@@ -274,6 +283,7 @@ def validate(c: TrainConfig) -> None:
            f"run.dtype must be auto, float32 or bfloat16, got {c.run.dtype!r}")
     _check(c.run.threads >= 0, f"run.threads must be >= 0, got {c.run.threads}")
     _check(c.run.stop_at_step >= 0, f"run.stop_at_step must be >= 0, got {c.run.stop_at_step}")
+    check_model(c.model)
     _check(c.model.gradient_checkpointing in CHECKPOINTING,
            f"model.gradient_checkpointing must be one of {', '.join(CHECKPOINTING)}, got {c.model.gradient_checkpointing!r}")
     if c.model.init_from:
@@ -287,6 +297,11 @@ def validate(c: TrainConfig) -> None:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     _check(c.data.txt_mode in ("line", "file"), f"data.txt_mode must be line or file, got {c.data.txt_mode!r}")
+    _check(bool(c.data.text_field), "data.text_field must be a non-empty field name")
+    from .tokenizer import MIN_BYTE_VOCAB
+    _check(c.data.byte_vocab_size >= MIN_BYTE_VOCAB,
+           f"data.byte_vocab_size must be >= {MIN_BYTE_VOCAB} (bytes + specials), got {c.data.byte_vocab_size}")
+    _check(c.data.num_people >= 1, f"data.num_people must be >= 1, got {c.data.num_people}")
     if c.data.tokenizer != "byte":
         tok = c.data.tokenizer
         tok_file = os.path.join(tok, "tokenizer.model") if os.path.isdir(tok) else tok
@@ -296,10 +311,13 @@ def validate(c: TrainConfig) -> None:
     names = set()
     for i, s in enumerate(c.stages):
         w = f"stages.{i}"
+        _check(bool(s.name), f"{w}.name must be a non-empty name")
         _check(s.name not in names, f"{w}.name {s.name!r} is used twice")
         names.add(s.name)
         _check(s.steps >= 1, f"{w}.steps must be >= 1, got {s.steps}")
         _check(s.seq_len >= 2, f"{w}.seq_len must be >= 2, got {s.seq_len}")
+        _check(s.global_batch_tokens >= 0, f"{w}.global_batch_tokens must be >= 0, got {s.global_batch_tokens}")
+        _check(s.micro_batch_tokens >= 0, f"{w}.micro_batch_tokens must be >= 0, got {s.micro_batch_tokens}")
         micro = s.micro_batch_tokens or s.seq_len
         _check(micro % s.seq_len == 0, f"{w}.micro_batch_tokens ({micro}) must be a multiple of seq_len ({s.seq_len})")
         if s.global_batch_tokens:
@@ -333,6 +351,36 @@ def validate(c: TrainConfig) -> None:
     _check(e.batch_tokens >= 64, f"eval.batch_tokens must be >= 64, got {e.batch_tokens}")
     _check(c.metrics.log_every >= 1, f"metrics.log_every must be >= 1, got {c.metrics.log_every}")
     _check(c.metrics.peak_tflops >= 0, f"metrics.peak_tflops must be >= 0, got {c.metrics.peak_tflops}")
+    check_parallel(c.parallel)
+
+
+def check_model(m: ModelConfig) -> None:
+    """The preset exists, every override is an InternLM2Config field, and the result is a valid config."""
+    import dataclasses as dc
+
+    from models import InternLM2Config
+    from models.config import PRESETS
+
+    _check(m.preset in PRESETS, f"model.preset must be one of {', '.join(PRESETS)}, got {m.preset!r}")
+    fields = {f.name for f in dc.fields(InternLM2Config)}
+    for key in m.overrides:
+        _check(key in fields, f"model.overrides: {key!r} is not an InternLM2Config field ({', '.join(sorted(fields))})")
+    try:
+        dc.replace(InternLM2Config.preset(m.preset), **m.overrides)
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise ConfigError(f"model.overrides: {e}") from None
+
+
+def check_parallel(p: ParallelConfig) -> None:
+    from .parallel import MODES
+
+    _check(p.mode in MODES, f"parallel.mode must be one of {', '.join(MODES)}, got {p.mode!r}")
+    _check(p.tp >= 1, f"parallel.tp must be >= 1, got {p.tp}")
+    _check(p.shard_size >= 0, f"parallel.shard_size must be >= 0, got {p.shard_size}")
+    try:
+        MODES[p.mode].check_config(p)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def parse_cli(argv: list[str], default_config: str | None = None) -> TrainConfig:
