@@ -32,11 +32,14 @@ OPS: dict[str, tuple[str, ...]] = {
     "rms_norm": ("reference", "triton", "cpu"),
     "swiglu": ("reference", "triton", "cpu"),
     "rotary": ("reference", "triton", "cpu"),
-    "linear_cross_entropy": ("reference", "triton"),
+    "linear_cross_entropy": ("reference", "triton", "cpu"),
     "linear": ("reference", "cpu"),
     "adamw": ("reference", "cpu", "cuda"),
     "grad_norm": ("reference", "cpu", "cuda"),
 }
+# The model's dense projections: a default such as use_backend("triton") forces the library's kernels, which
+# linear has none of (its reference is torch's GEMM), so it stays on auto unless named (``linear=...``).
+WILDCARD_OPTIONAL = ("linear",)
 # Ops whose cpu/cuda implementations live in the compiled extension.
 NATIVE_OPS = ("adamw", "grad_norm")
 _AUTO = {
@@ -75,6 +78,12 @@ def _parse(spec: str) -> dict[str, str]:
     return choice
 
 
+def _default_for(op: str, name: str) -> str:
+    """What a default (``*``) entry asks of ``op``: the name itself, except for the ops in WILDCARD_OPTIONAL,
+    which stay on auto under a default they have no implementation of."""
+    return "auto" if op in WILDCARD_OPTIONAL and name not in OPS[op] else name
+
+
 def requested(op: str) -> str:
     """The backend asked for ``op`` by use_backend() or the environment ('auto' when nothing was asked)."""
     if op not in OPS:
@@ -83,9 +92,9 @@ def requested(op: str) -> str:
         if op in choice:
             return choice[op]
         if "*" in choice:
-            return choice["*"]
+            return _default_for(op, choice["*"])
     choice = _parse(os.environ.get(ENV_VAR, ""))
-    return choice.get(op, choice.get("*", "auto"))
+    return choice[op] if op in choice else _default_for(op, choice.get("*", "auto"))
 
 
 def triton_runs_on(device: torch.device) -> bool:

@@ -76,3 +76,12 @@ def test_public_op_respects_forced_backend():
     with use_backend(rms_norm="cuda"):
         with pytest.raises(BackendUnavailable):
             ik.rms_norm(x, w)
+
+
+def test_a_default_linear_lacks_leaves_linear_on_auto_but_a_named_entry_is_forced():
+    with use_backend("triton"):
+        assert choose("linear", "cpu") == "cpu"
+    with use_backend("reference"):
+        assert choose("linear", "cpu") == "reference"
+    with use_backend(linear="triton"), pytest.raises(BackendUnavailable, match="linear has no triton"):
+        choose("linear", "cpu")

@@ -27,8 +27,11 @@ def available() -> str | None:
     return None
 
 
-def _inner_product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a (M, K) @ b (N, K)ᵀ (+ bias (N,)) -> (M, N) by oneDNN."""
+def inner_product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, K) @ b (N, K)ᵀ (+ bias (N,)) -> (M, N) by oneDNN. Traced by torch.compile it is a plain matmul:
+    Inductor lowers mkldnn._linear_pointwise only for frozen (constant) weights, and picks its own CPU GEMM."""
+    if torch.compiler.is_compiling():
+        return torch.nn.functional.linear(a, b, bias)
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
 
 
@@ -36,7 +39,7 @@ class LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])                                          # (M, K)
-        y = _inner_product(x2, weight, bias)                                     # (M, N)
+        y = inner_product(x2, weight, bias)                                     # (M, N)
         ctx.save_for_backward(x2, weight)
         ctx.has_bias = bias is not None
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -48,9 +51,9 @@ class LinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, weight.shape[0])                                    # (M, N)
         dx = dw = db = None
         if need_x:
-            dx = _inner_product(dy2, weight.t()).view(*dy.shape[:-1], weight.shape[1])
+            dx = inner_product(dy2, weight.t()).view(*dy.shape[:-1], weight.shape[1])
         if need_w:
-            dw = _inner_product(dy2.t().contiguous(), x2.t())                     # (N, K)
+            dw = inner_product(dy2.t().contiguous(), x2.t())                     # (N, K)
         if need_b and ctx.has_bias:
             db = dy2.sum(0)
         return dx, dw, db

@@ -21,9 +21,10 @@ import math
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import cpu, reference
 from .._checks import FLOAT_DTYPES, check_same_dtype, check_tensor
 from ..backend import choose
+from ..cpu import cross_entropy as cpu_cross_entropy
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -69,7 +70,12 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-
 
     hidden2d = hidden.reshape(-1, width)  # (N, H)
     target1d = target.reshape(-1)          # (N,)
-    if choose("linear_cross_entropy", hidden.device) == "reference":
+    backend = choose("linear_cross_entropy", hidden.device)
+    if backend == "cpu" and cpu.runs_here("linear_cross_entropy", hidden.dtype in cpu_cross_entropy.DTYPES,
+                                          f"dtype {hidden.dtype}"):
+        loss, z_loss = cpu_cross_entropy.linear_cross_entropy(hidden2d, weight, target1d.long(), bias, ignore_index,
+                                                              reduction, label_smoothing, lse_square_scale, softcap)
+    elif backend != "triton":
         loss, z_loss = reference.linear_cross_entropy(hidden2d, weight, target1d.long(), bias, ignore_index,
                                                       reduction, label_smoothing, lse_square_scale, softcap)
     else:

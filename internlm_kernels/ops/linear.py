@@ -3,7 +3,7 @@
 Backends: ``reference`` is ``torch.nn.functional.linear`` (cuBLAS on CUDA, the BLAS torch was built with on CPU);
 ``cpu`` runs oneDNN's inner product forward and backward (internlm_kernels/cpu/linear.py), which ``auto`` picks for
 float32 CPU tensors. Other dtypes run the reference under ``auto``; a forced ``cpu`` raises NotImplementedError.
-Under torch.compile the traced call is F.linear whatever the backend (Inductor chooses the CPU GEMM itself).
+Traced by torch.compile, the cpu backend's matmuls are plain F.linear calls (Inductor chooses the CPU GEMM itself).
 """
 from __future__ import annotations
 
@@ -30,10 +30,6 @@ def linear(x, weight, bias=None):
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias has {bias.shape[0]} entries but weight has {weight.shape[0]} rows")
     if choose("linear", x.device) == "cpu":
-        if torch.compiler.is_compiling():
-            # Inductor lowers mkldnn._linear_pointwise only for frozen (constant) weights; traced, the matmul is
-            # left to Inductor's own lowering of F.linear.
-            return reference.linear(x, weight, bias)
         if x.dtype in cpu_linear.DTYPES:
             return cpu_linear.linear(x, weight, bias)
         if requested("linear") != "auto":
