@@ -127,3 +127,26 @@ def test_auto_runs_the_reference_for_what_the_cpu_path_lacks_and_forced_cpu_refu
         ik.swiglu(g, g)
     with ik.use_backend(rms_norm="cpu"), pytest.raises(NotImplementedError, match="bfloat16"):
         ik.rms_norm(g, torch.ones(4, dtype=torch.bfloat16))
+
+
+def test_cpu_paths_under_fullgraph_compile_match_eager():
+    """rms_norm, packed swiglu, qkv_rotary, linear and linear cross-entropy on their cpu backends, traced together
+    (the traced branches avoid out= into strided views, which Dynamo refuses)."""
+    x, r = torch.randn(13, 32, requires_grad=True), torch.randn(13, 32, requires_grad=True)
+    w, gu = torch.randn(32, requires_grad=True), torch.randn(13, 64, requires_grad=True)
+    wqkv, W = torch.randn(13, 2 * 4 * 8, requires_grad=True), torch.randn(11, 32, requires_grad=True)
+    cos, sin = _tables(16, 8)
+    cu, target = _cu([5, 8]), torch.randint(0, 11, (13,))
+
+    def step(x, r, w, gu, wqkv, W):
+        y, h = ik.rms_norm(x, w, 1e-5, r, True)
+        q, k, v = ik.qkv_rotary(wqkv, cos, sin, 2, 8, cu_seqlens=cu, max_seqlen=8)
+        loss = ik.fused_linear_cross_entropy(y + h + ik.swiglu_packed(gu)[:, :32], W, target)
+        return loss + q.square().sum() + k.sum() + v.sum() + ik.linear(x, W).square().sum()
+
+    args = (x, r, w, gu, wqkv, W)
+    eager = step(*args)
+    traced = torch.compile(step, fullgraph=True)(*args)
+    assert_close(traced, eager, rtol=1e-5, atol=1e-4)
+    for g, e in zip(torch.autograd.grad(traced, args), torch.autograd.grad(eager, args)):
+        assert_close(g, e, rtol=1e-5, atol=1e-4)

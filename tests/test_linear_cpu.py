@@ -54,8 +54,3 @@ def test_nn_linear_is_a_drop_in_for_torch_linear():
     x = torch.randn(3, 8)
     assert_close(ours(x), theirs(x))
 
-
-def test_cpu_linear_under_compile():
-    x, w = torch.randn(6, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True)
-    torch.compile(lambda x, w: ik.linear(x, w).sum(), fullgraph=True)(x, w).backward()
-    assert_close(x.grad, torch.ones(6, 3) @ w.detach())

@@ -82,7 +82,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         loss, z_loss, grads = _chunks(hidden, weight, bias, target, options, scale,
                                       need if ctx.ahead else (False, False, False))
         if ctx.ahead:
-            ctx.save_for_backward(*(g if g is not None else None for g in grads))
+            ctx.save_for_backward(*grads)
             loss, z_loss = loss.sum(), z_loss.sum()
             if reduction == "mean":
                 loss, z_loss = loss / n_valid, z_loss / n_valid

@@ -41,8 +41,13 @@ def rotate_into(out: torch.Tensor, x: torch.Tensor, c: torch.Tensor, s: torch.Te
     half = c.shape[-1]
     x1, x2 = x[..., :half], x[..., half:2 * half]
     o1, o2 = out[..., :half], out[..., half:2 * half]
-    torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-1.0)
-    torch.mul(x2, c, out=o2).addcmul_(x1, s)
+    if torch.compiler.is_compiling():
+        # Dynamo refuses out= into a strided view; traced, the same math is functional and Inductor fuses it.
+        o1.copy_(x1 * c - x2 * s)
+        o2.copy_(x2 * c + x1 * s)
+    else:
+        torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-1.0)
+        torch.mul(x2, c, out=o2).addcmul_(x1, s)
     if 2 * half < x.shape[-1]:
         out[..., 2 * half:].copy_(x[..., 2 * half:])
 

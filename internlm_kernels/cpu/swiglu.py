@@ -45,6 +45,8 @@ class SwiGLUPackedFunction(torch.autograd.Function):
     def backward(ctx, dout):
         (gate_up,) = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
+        if torch.compiler.is_compiling():  # Dynamo refuses out= into a strided view
+            return torch.cat((torch.ops.aten.silu_backward(dout * up, gate), F.silu(gate) * dout), dim=-1)
         dgate_up = torch.empty_like(gate_up, memory_format=torch.contiguous_format)
         dgate, dup = dgate_up.chunk(2, dim=-1)
         torch.ops.aten.silu_backward.grad_input(dout * up, gate, grad_input=dgate)

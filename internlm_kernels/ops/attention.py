@@ -190,7 +190,10 @@ def _sdpa_per_document(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causa
     lens_k = [b - a for a, b in zip(ck[:-1], ck[1:])]
     if lens_q[0] > 0 and all(n == lens_q[0] for n in lens_q) and lens_k == lens_q:
         L, B = lens_q[0], len(lens_q)
-        heads = lambda t: t.view(B, L, t.shape[1], t.shape[2]).transpose(1, 2)  # noqa: E731  (B, H, L, D) view
+
+        def heads(t):                                                     # (B·L, H, D) -> (B, H, L, D) view
+            return t.view(B, L, t.shape[1], t.shape[2]).transpose(1, 2)
+
         out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=causal, scale=softmax_scale,
                                              enable_gqa=gqa)
         return out.transpose(1, 2).reshape(q.shape)
