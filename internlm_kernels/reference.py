@@ -332,6 +332,6 @@ def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Ten
 
 __all__ = [
     "attention_mask", "attention_one", "flash_attn_varlen", "rms_norm", "swiglu", "swiglu_packed",
-    "rotary_positions", "apply_rotary_emb", "rotary_cos_sin", "qkv_rotary", "linear", "linear_cross_entropy", "adamw_step",
-    "total_norm",
+    "rotary_positions", "apply_rotary_emb", "rotary_cos_sin", "qkv_rotary", "linear", "linear_cross_entropy",
+    "adamw_step", "total_norm",
 ]

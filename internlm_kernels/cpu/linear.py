@@ -2,9 +2,9 @@
 
 torch's ``aten::mm`` on CPU calls the BLAS it was built with (MKL in the PyPI wheels). On AMD CPUs MKL does not use
 its AVX-512 kernels: on the development machine (AMD EPYC, Zen 5) a (2048 × 256)·(256 × 704)ᵀ fp32 product took
-7.8 ms with ``aten::mm`` and 3.5 ms with oneDNN's JIT kernels, one thread (docs/kernels/cpu.md). ATen exposes oneDNN's inner product as
-``torch.ops.mkldnn._linear_pointwise`` (the op Inductor's CPU backend emits for linear layers); it has no autograd,
-so the backward is written here with the same op:
+7.8 ms with ``aten::mm`` and 3.5 ms with oneDNN's JIT kernels, one thread (docs/kernels/cpu.md). ATen exposes oneDNN's
+inner product as ``torch.ops.mkldnn._linear_pointwise`` (the op Inductor's CPU backend emits for linear layers); it
+has no autograd, so the backward is written here with the same op:
     dx = dy @ W        = inner_product(dy, Wᵀ)           Wᵀ a strided view, no copy
     dW = dyᵀ @ x       = inner_product(dyᵀ, xᵀ)          dyᵀ made contiguous (oneDNN's fast path for the
                                                           reduction over tokens), xᵀ a strided view

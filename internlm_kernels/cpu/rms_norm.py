@@ -1,8 +1,8 @@
 """RMSNorm with the fused residual add on CPU: one autograd node with a hand-written backward.
 
 The reference's autograd graph is ~10 nodes per norm (to, add, pow, mean, add, rsqrt, mul, mul, to and their
-backwards, with zero-filled gradient buffers); here the forward is 5 ATen ops and the backward 9 (mostly in place), on float32
-tensors (``DTYPES``). With h = x (+ residual), r = 1 / sqrt(mean(h²) + eps), n = h · r, y = n · w:
+backwards, with zero-filled gradient buffers); here the forward is 5 ATen ops and the backward 9 (mostly in place),
+on float32 tensors (``DTYPES``). With h = x (+ residual), r = 1 / sqrt(mean(h²) + eps), n = h · r, y = n · w:
     dw = Σ_rows dy · n
     dh = r · (dy·w - n · mean(dy·w · n)) (+ dh_out, the gradient reaching the carried sum with prenorm)
     dx = dresidual = dh
