@@ -197,6 +197,9 @@ def _sdpa_per_document(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causa
         out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=causal, scale=softmax_scale,
                                              enable_gqa=gqa)
         return out.transpose(1, 2).reshape(q.shape)
+    # One split per tensor: its backward is one concatenation, where per-document slices would each zero-fill and
+    # accumulate a full-size gradient.
+    qs, ks, vs = q.split(lens_q), k.split(lens_k), v.split(lens_k)
     pieces = []
     for b in range(len(lens_q)):
         Lq, Lk = lens_q[b], lens_k[b]
@@ -205,9 +208,9 @@ def _sdpa_per_document(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causa
         if Lk == 0:
             pieces.append(q.new_zeros(Lq, *q.shape[1:]))                   # no key: out 0, as flash-attn
             continue
-        qd = q[cq[b]:cq[b + 1]].transpose(0, 1).unsqueeze(0)              # (1, Hq, Lq, D)
-        kd = k[ck[b]:ck[b + 1]].transpose(0, 1).unsqueeze(0)              # (1, Hkv, Lk, D)
-        vd = v[ck[b]:ck[b + 1]].transpose(0, 1).unsqueeze(0)
+        qd = qs[b].transpose(0, 1).unsqueeze(0)                           # (1, Hq, Lq, D)
+        kd = ks[b].transpose(0, 1).unsqueeze(0)                           # (1, Hkv, Lk, D)
+        vd = vs[b].transpose(0, 1).unsqueeze(0)
         mask = None
         if causal and Lq != Lk:
             mask = reference.attention_mask(Lq, Lk, True, (-1, 0), device=q.device)
