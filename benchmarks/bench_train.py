@@ -11,7 +11,12 @@ The peer is transformers' LlamaForCausalLM (eager + SDPA, torch fused AdamW on b
 sequence of the same number of tokens, as in ../shared/anchors/e2e_gpu.py (30,426 tokens/s on an H200 at 8192).
 The goal at 8192 tokens: >= 1.35x the peer. The 32k case also records ``drop_vs_4k``: 1 - tokens/s(32k) /
 tokens/s(4k) of ours (InternLM2 reports about 40%). MFU counts each document's own attention (the model's
-``flops_per_token``) against the card's dense bf16 peak. On CPU only the micro preset runs (plumbing check).
+``flops_per_token``) against the card's dense bf16 peak.
+
+CPU mode (what ``make demo`` trains): the ``tiny`` preset in float32, 8 documents × 256 tokens per step (packed with
+cu_seqlens for ours, a (8, 256) batch for the peer: the same attention work), forward + backward + grad-norm clip +
+optimizer step (ours: FusedAdamW; the peer: torch's AdamW with ``fused=True`` and clip_grad_norm_), with 1 and with
+2 torch threads. The goal: ours >= 1.3x the peer's tokens/s at each thread count.
 """
 from __future__ import annotations
 
@@ -21,13 +26,13 @@ import tempfile
 import pytest
 import torch
 
-from benchmarks.common import OURS, device, record
+from benchmarks.common import OURS, device, record, time_ms_interleaved
 from models import InternLM2Config
 from models.checkpoint import llama_config_dict
 from train.build import batch_flops, build_model, model_config
 from train.config import CheckpointConfig, MetricsConfig, ModelConfig, OptimConfig
 from train.corpus import SyntheticCorpus
-from train.data import PackedStream, ShardedBatches
+from train.data import Batch, PackedStream, ShardedBatches
 from train.metrics import peak_tflops
 from train.parallel import Runtime
 from train.pretrain import causal_lm_loss
@@ -40,14 +45,18 @@ MIX = {"facts": 1.0, "arithmetic": 1.0, "copy": 0.4, "reverse": 0.4, "sort": 0.4
 CASES = {
     "1_8b-4k": ("1_8b", 8192, 4096, (256, 4096), False, True),
     "1_8b-32k": ("1_8b", 32768, 32768, (4096, 32768), "mlp", True),
-    "micro-cpu": ("micro", 256, 64, (32, 64), False, False),
+}
+# CPU cases: (preset, documents, tokens per document, torch threads)
+CPU_CASES = {
+    "tiny-cpu-1t": ("tiny", 8, 256, 1),
+    "tiny-cpu-2t": ("tiny", 8, 256, 2),
 }
 _ours_tokens_per_s: dict[str, float] = {}
 
 
 def _vocab(preset: str) -> int:
-    """InternLM2's vocabulary for the real sizes; the byte tokenizer's small one for the CPU case."""
-    return 272 if preset == "micro" else 92544
+    """InternLM2's vocabulary for the real sizes; the byte tokenizer's small one for the CPU cases."""
+    return 272 if preset in ("micro", "tiny") else 92544
 
 
 class _SameBatches:
@@ -83,6 +92,66 @@ def _ours(preset, tokens, seq_len, passkey_chars, checkpointing, dev):
 
     note = f"{tokens // seq_len} row(s) of {seq_len}, {len(micro[0].cu_seqlens) - 1} documents, per-document attention"
     return model, step, batch_flops(config, micro), note, config
+
+
+def _ours_cpu(preset, ids: torch.Tensor):
+    """Trainer.step on the same micro-batch every step: ids (documents, length), one packed sequence per row."""
+    rt = Runtime(torch.device("cpu"), torch.float32)
+    config = model_config(ModelConfig(preset=preset), _vocab(preset))
+    model = build_model(config, rt, seed=0)
+    docs, length = ids.shape
+    batch = Batch(ids.reshape(-1), ids.reshape(-1), torch.arange(0, (docs + 1) * length, length, dtype=torch.int32),
+                  length, docs * (length - 1))
+    trainer = Trainer(model, rt, optim=OptimConfig(warmup_steps=10), checkpoint=CheckpointConfig(),
+                      metrics=MetricsConfig(progress=False), run_dir=tempfile.mkdtemp(prefix="bench_train_"),
+                      total_steps=10**6)
+    stage = Stage("bench", 10**6, _SameBatches([batch], ids.numel()), causal_lm_loss)
+    return model, lambda: trainer.step(stage)
+
+
+def _peer_cpu(config: InternLM2Config, ids: torch.Tensor):
+    """transformers' LlamaForCausalLM (SDPA) on the (documents, length) batch: forward, backward, clip_grad_norm_,
+    torch's fused AdamW."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig.from_dict(llama_config_dict(config), attn_implementation="sdpa"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+_cpu_ms: dict[str, dict[str, float]] = {}
+
+
+@pytest.mark.parametrize("impl", [OURS, PEER])
+@pytest.mark.parametrize("case", list(CPU_CASES))
+def test_trainer_step_cpu(benchmark, case, impl):
+    """Both steps are built and timed in alternating rounds by the first test of a case (the development machine
+    is shared: load from other processes then lands on both); each test records its own figure and runs its own
+    step for pytest-benchmark's report."""
+    preset, docs, length, threads = CPU_CASES[case]
+    if device().type != "cpu":
+        pytest.skip("CPU case (the demo's training step)")
+    torch.manual_seed(0)
+    ids = torch.randint(0, _vocab(preset), (docs, length))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        config = dataclasses.replace(InternLM2Config.preset(preset), vocab_size=_vocab(preset))
+        steps = {OURS: _ours_cpu(preset, ids)[1], PEER: _peer_cpu(config, ids)[1]}
+        if case not in _cpu_ms:
+            _cpu_ms[case] = time_ms_interleaved(steps)
+        record(benchmark, steps[impl], group=f"trainer step {preset} cpu, {threads} thread(s) ({docs} x {length} "
+               "tokens)", impl=impl, metric="tokens/s", work=ids.numel(), unit_scale=1.0, ms=_cpu_ms[case][impl],
+               threads=threads, note=f"{docs} documents of {length} tokens, fp32, timed alternating with the peer")
+    finally:
+        torch.set_num_threads(before)
 
 
 def _peer(config: InternLM2Config, tokens: int, dev):

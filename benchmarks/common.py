@@ -45,14 +45,32 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 20) -> float:
     return statistics.median(samples)
 
 
+def time_ms_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, reps: int = 15) -> dict[str, float]:
+    """Median milliseconds of each CPU callable, measured in alternating rounds (the order flips every round), so
+    that load from other processes on a shared machine falls on every implementation alike."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(reps):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            fns[name]()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 def record(benchmark, fn: Callable[[], object], *, group: str, impl: str, metric: str,
-           work: float, unit_scale: float = 1e-9, **extra) -> float:
+           work: float, unit_scale: float = 1e-9, ms: float | None = None, **extra) -> float:
     """Time ``fn`` (via pytest-benchmark for its own report, and ``time_ms`` for the figure) and record it.
 
     ``work`` is the amount per call in base units (FLOPs for TFLOP/s with unit_scale 1e-12, bytes for GB/s
-    with 1e-9, tokens for tokens/s with 1). Returns the value in ``metric`` units.
+    with 1e-9, tokens for tokens/s with 1). ``ms``: the figure when the caller measured it already (e.g. with
+    ``time_ms_interleaved``, beside the peer). Returns the value in ``metric`` units.
     """
-    ms = time_ms(fn)
+    if ms is None:
+        ms = time_ms(fn)
     benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)
     value = work * unit_scale / (ms * 1e-3)
     benchmark.extra_info.update(group=group, impl=impl, metric=metric, value=value, ms=ms, card=card_name(), **extra)

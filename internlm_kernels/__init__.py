@@ -17,6 +17,7 @@ from .ops.attention_packed import (
 )
 from .ops.cross_entropy import cross_entropy, fused_linear_cross_entropy
 from .ops.kvcache import flash_attn_with_kvcache
+from .ops.linear import linear
 from .ops.linear_logprobs import fused_linear_logprobs
 from .ops.rms_norm import rms_norm
 from .ops.rotary import apply_rotary_emb, qkv_rotary, rotary_cos_sin
@@ -35,4 +36,5 @@ __all__ = [
     # drop-in surfaces of flash-attn and Liger (issue 15)
     "cross_entropy", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
     "flash_attn_varlen_kvpacked_func", "unpad_input", "pad_input",
+    "linear",
 ]

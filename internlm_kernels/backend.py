@@ -5,7 +5,9 @@ Backends:
   triton     Triton kernels: CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 (the test setup)
   cuda       the compiled extension's CUDA kernels (internlm_kernels._C)
   cpu        CPU kernels: the compiled extension's C++/OpenMP kernels (internlm_kernels._C) for adamw and
-             grad_norm; for attention, ATen's CPU flash kernel (torch SDPA) run per document
+             grad_norm; for attention, ATen's CPU flash kernel (torch SDPA) run per document; for linear,
+             oneDNN's inner product (internlm_kernels/cpu/linear.py); torch compositions with hand-written
+             backwards for rms_norm, swiglu, rotary and the linear cross-entropy (internlm_kernels/cpu/)
   auto       CUDA tensors: the compiled CUDA kernel where the op has one, else Triton (a fixed order, not a
              measurement: nothing has been timed on a GPU yet);
              CPU tensors: the C++ kernel where one exists, else the reference.
@@ -29,15 +31,19 @@ BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 # Implementations each op has, and what `auto` picks on each device (first available wins).
 OPS: dict[str, tuple[str, ...]] = {
     "attention": ("reference", "triton", "cpu"),
-    "rms_norm": ("reference", "triton"),
-    "swiglu": ("reference", "triton"),
-    "rotary": ("reference", "triton"),
-    "linear_cross_entropy": ("reference", "triton"),
+    "rms_norm": ("reference", "triton", "cpu"),
+    "swiglu": ("reference", "triton", "cpu"),
+    "rotary": ("reference", "triton", "cpu"),
+    "linear_cross_entropy": ("reference", "triton", "cpu"),
+    "linear": ("reference", "cpu"),
     "kvcache": ("reference", "triton", "cpu"),
     "linear_logprobs": ("reference", "triton"),
     "adamw": ("reference", "cpu", "cuda"),
     "grad_norm": ("reference", "cpu", "cuda"),
 }
+# The model's dense projections: a default such as use_backend("triton") forces the library's kernels, which
+# linear has none of (its reference is torch's GEMM), so it stays on auto unless named (``linear=...``).
+WILDCARD_OPTIONAL = ("linear",)
 # Ops whose cpu/cuda implementations live in the compiled extension.
 NATIVE_OPS = ("adamw", "grad_norm")
 _AUTO = {
@@ -76,6 +82,12 @@ def _parse(spec: str) -> dict[str, str]:
     return choice
 
 
+def _default_for(op: str, name: str) -> str:
+    """What a default (``*``) entry asks of ``op``: the name itself, except for the ops in WILDCARD_OPTIONAL,
+    which stay on auto under a default they have no implementation of."""
+    return "auto" if op in WILDCARD_OPTIONAL and name not in OPS[op] else name
+
+
 def requested(op: str) -> str:
     """The backend asked for ``op`` by use_backend() or the environment ('auto' when nothing was asked)."""
     if op not in OPS:
@@ -84,9 +96,9 @@ def requested(op: str) -> str:
         if op in choice:
             return choice[op]
         if "*" in choice:
-            return choice["*"]
+            return _default_for(op, choice["*"])
     choice = _parse(os.environ.get(ENV_VAR, ""))
-    return choice.get(op, choice.get("*", "auto"))
+    return choice[op] if op in choice else _default_for(op, choice.get("*", "auto"))
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -108,6 +120,10 @@ def _why_not(op: str, name: str, device: torch.device) -> str | None:
     if name in ("cuda", "cpu"):
         if device.type != name:
             return f"the {name} backend needs {name} tensors (got {device.type})"
+        if op == "linear":
+            from .cpu import linear
+
+            return linear.available()
         if op not in NATIVE_OPS:
             return None
         from . import _ext

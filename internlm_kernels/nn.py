@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .ops.cross_entropy import fused_linear_cross_entropy
+from .ops.linear import linear
 from .ops.rms_norm import rms_norm
 from .ops.rotary import rotary_cos_sin
 from .ops.swiglu import swiglu, swiglu_packed
@@ -31,6 +32,13 @@ class RMSNorm(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.weight.shape[0]}, eps={self.eps}, offset={self.offset}, "
                 f"casting_mode={self.casting_mode!r}")
+
+
+class Linear(torch.nn.Linear):
+    """torch.nn.Linear (same parameters, state dict and init) whose forward runs ``internlm_kernels.linear``."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
 
 
 class SwiGLU(torch.nn.Module):

@@ -346,6 +346,14 @@ def qkv_rotary(wqkv_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_k
 
 
 # --------------------------------------------------------------------------------------------------
+# Linear
+# --------------------------------------------------------------------------------------------------
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) in x's dtype: torch.nn.functional.linear."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+# --------------------------------------------------------------------------------------------------
 # Linear + cross-entropy
 # --------------------------------------------------------------------------------------------------
 def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -475,7 +483,7 @@ def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Ten
 
 __all__ = [
     "attention_mask", "attention_one", "flash_attn_varlen", "rms_norm", "swiglu", "swiglu_packed",
-    "rotary_positions", "apply_rotary_emb", "rotary_cos_sin", "qkv_rotary", "linear_cross_entropy", "adamw_step",
+    "rotary_positions", "apply_rotary_emb", "rotary_cos_sin", "qkv_rotary", "linear", "linear_cross_entropy", "adamw_step",
     "linear_logits", "cross_entropy", "predicted_tokens",
     "total_norm",
     "paged_positions", "flash_attn_with_kvcache", "flash_attn_varlen_paged", "linear_logprobs",

@@ -115,7 +115,7 @@ class InternLM2ForCausalLM(_InternLM2Base):
         super().__init__()
         self.config = config
         self.model = InternLM2Model(config)
-        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.output = ik.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.init_weights()
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
@@ -259,8 +259,8 @@ class Attention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.wqkv = nn.Linear(config.hidden_size, config.qkv_size, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.wqkv = ik.nn.Linear(config.hidden_size, config.qkv_size, bias=False)
+        self.wo = ik.nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         N = x.shape[0]                                                   # tokens (packed) or sequences (decode)
@@ -271,9 +271,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: InternLM2Config):
         super().__init__()
-        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)   # gate
-        self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)   # up
-        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)   # down
+        self.w1 = ik.nn.Linear(config.hidden_size, config.intermediate_size, bias=False)   # gate
+        self.w3 = ik.nn.Linear(config.hidden_size, config.intermediate_size, bias=False)   # up
+        self.w2 = ik.nn.Linear(config.intermediate_size, config.hidden_size, bias=False)   # down
         # Recompute silu(gate) * up in backward instead of keeping it for w2's weight gradient: saves
         # tokens x intermediate activations per layer for one elementwise pass.
         self.recompute_activation = False

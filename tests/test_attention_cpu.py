@@ -54,3 +54,21 @@ def test_forced_cpu_backend_refuses_causal_rows_without_keys():
     q, k = torch.randn(6, 2, 16), torch.randn(2, 2, 16)
     with ik.use_backend(attention="cpu"), pytest.raises(NotImplementedError, match="more queries than keys"):
         ik.flash_attn_varlen_func(q, k, k, _cu([6]), _cu([2]), 6, 2, causal=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_backend_equal_length_documents_one_batched_call(causal):
+    """Equal-length documents go through one 4-D SDPA call over views; same values as the reference."""
+    cu = _cu([23, 23, 23])
+    q = torch.randn(69, 6, 16, requires_grad=True)
+    k = torch.randn(69, 3, 16, requires_grad=True)
+    v = torch.randn(69, 3, 16, requires_grad=True)
+    dout = torch.randn(69, 6, 16)
+    with ik.use_backend(attention="cpu"):
+        out = ik.flash_attn_varlen_func(q, k, v, cu, cu, 23, 23, causal=causal)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    expect, _ = reference.flash_attn_varlen(q64, k64, v64, cu, cu, causal=causal)
+    assert_close(out, expect)
+    for g, e in zip(grads, torch.autograd.grad(expect, (q64, k64, v64), dout.double())):
+        assert_close(g, e)

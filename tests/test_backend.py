@@ -7,9 +7,9 @@ from internlm_kernels.backend import BackendUnavailable, choose, use_backend
 
 
 def test_auto_on_cpu_never_picks_triton():
-    # Under auto, CPU tensors run the reference (or a CPU kernel), even with the interpreter enabled.
-    assert choose("rms_norm", "cpu") == "reference"
-    assert choose("attention", "cpu") == "cpu"
+    # Under auto, CPU tensors run a CPU implementation (or the reference), even with the interpreter enabled.
+    for op in ("attention", "rms_norm", "swiglu", "rotary", "linear"):
+        assert choose(op, "cpu") == "cpu"
 
 
 def test_forced_backend_missing_implementation_raises():
@@ -76,3 +76,12 @@ def test_public_op_respects_forced_backend():
     with use_backend(rms_norm="cuda"):
         with pytest.raises(BackendUnavailable):
             ik.rms_norm(x, w)
+
+
+def test_a_default_linear_lacks_leaves_linear_on_auto_but_a_named_entry_is_forced():
+    with use_backend("triton"):
+        assert choose("linear", "cpu") == "cpu"
+    with use_backend("reference"):
+        assert choose("linear", "cpu") == "reference"
+    with use_backend(linear="triton"), pytest.raises(BackendUnavailable, match="linear has no triton"):
+        choose("linear", "cpu")

@@ -15,6 +15,7 @@ import math
 import operator
 
 import torch
+import torch.nn.functional as F
 
 from .. import reference
 from ..backend import choose, requested
@@ -190,25 +191,47 @@ def _sdpa_unsupported(cu_seqlens_q, cu_seqlens_k, dropout_p, window_left, window
 
 
 def _sdpa_per_document(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal):
-    """The cpu backend: ATen's fused CPU attention (torch SDPA) run on each document, GQA without repeating K/V.
-    Causal documents with fewer queries than keys get the bottom-right aligned mask explicitly."""
-    out = torch.zeros_like(q)                                             # (total_q, Hq, D); empty documents stay 0
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for b in range(len(cq) - 1):
-        Lq, Lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
-        if Lq == 0 or Lk == 0:
+    """The cpu backend: ATen's fused CPU flash attention (torch SDPA) per document, GQA without repeating K/V.
+
+    SDPA takes ATen's flash kernel (``_scaled_dot_product_flash_attention_for_cpu``, forward and backward) only for
+    4-D (batch, heads, L, D) input; 3-D input falls back to the math path, which materializes the scores. A batch of
+    equal-length documents is one call over views of q, k, v; otherwise each document is its own batch of one.
+    Causal documents with fewer queries than keys get the bottom-right aligned mask explicitly. Outputs are
+    concatenated (no zero-filled buffer written by slices, whose backward would be a chain of copies)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()               # CPU tensors: no device sync
+    gqa = q.shape[1] != k.shape[1]
+    lens_q = [b - a for a, b in zip(cq[:-1], cq[1:])]
+    lens_k = [b - a for a, b in zip(ck[:-1], ck[1:])]
+    if lens_q[0] > 0 and all(n == lens_q[0] for n in lens_q) and lens_k == lens_q:
+        L, B = lens_q[0], len(lens_q)
+
+        def heads(t):                                                     # (B·L, H, D) -> (B, H, L, D) view
+            return t.view(B, L, t.shape[1], t.shape[2]).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=causal, scale=softmax_scale,
+                                             enable_gqa=gqa)
+        return out.transpose(1, 2).reshape(q.shape)
+    # One split per tensor: its backward is one concatenation, where per-document slices would each zero-fill and
+    # accumulate a full-size gradient.
+    qs, ks, vs = q.split(lens_q), k.split(lens_k), v.split(lens_k)
+    pieces = []
+    for b in range(len(lens_q)):
+        Lq, Lk = lens_q[b], lens_k[b]
+        if Lq == 0:
             continue
-        qd = q[cq[b]:cq[b + 1]].transpose(0, 1)                           # (Hq, Lq, D)
-        kd = k[ck[b]:ck[b + 1]].transpose(0, 1)                           # (Hkv, Lk, D)
-        vd = v[ck[b]:ck[b + 1]].transpose(0, 1)
+        if Lk == 0:
+            pieces.append(q.new_zeros(Lq, *q.shape[1:]))                   # no key: out 0, as flash-attn
+            continue
+        qd = qs[b].transpose(0, 1).unsqueeze(0)                           # (1, Hq, Lq, D)
+        kd = ks[b].transpose(0, 1).unsqueeze(0)                           # (1, Hkv, Lk, D)
+        vd = vs[b].transpose(0, 1).unsqueeze(0)
         mask = None
         if causal and Lq != Lk:
             mask = reference.attention_mask(Lq, Lk, True, (-1, 0), device=q.device)
-        od = torch.nn.functional.scaled_dot_product_attention(
-            qd, kd, vd, attn_mask=mask, is_causal=causal and mask is None, scale=softmax_scale,
-            enable_gqa=q.shape[1] != k.shape[1])
-        out[cq[b]:cq[b + 1]] = od.transpose(0, 1)
-    return out
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, is_causal=causal and mask is None,
+                                            scale=softmax_scale, enable_gqa=gqa)
+        pieces.append(od[0].transpose(0, 1))                              # (Lq, Hq, D)
+    return torch.cat(pieces) if pieces else torch.zeros_like(q)
 
 
 def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, dropout_p, softmax_scale, causal, window_left,

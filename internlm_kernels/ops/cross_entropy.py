@@ -26,9 +26,10 @@ import math
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import cpu, reference
 from ..backend import choose
 from ..checks import FLOAT_DTYPES, check_same_dtype, check_tensor, reads_values
+from ..cpu import cross_entropy as cpu_cross_entropy
 from . import _eager as eager
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -98,7 +99,14 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-
     hidden2d = hidden.reshape(-1, width)  # (N, H)
     target1d = target.reshape(-1)          # (N,)
     want_argmax = return_token_accuracy or return_predicted_tokens
-    if choose("linear_cross_entropy", hidden.device) == "reference":
+    backend = choose("linear_cross_entropy", hidden.device)
+    predicted = None
+    if backend == "cpu" and cpu.runs_here(
+            "linear_cross_entropy", hidden.dtype in cpu_cross_entropy.DTYPES and ce_weight is None and not want_argmax,
+            f"dtype {hidden.dtype}, ce_weight, return_token_accuracy or return_predicted_tokens"):
+        loss, z_loss = cpu_cross_entropy.linear_cross_entropy(hidden2d, weight, target1d.long(), bias, ignore_index,
+                                                              reduction, label_smoothing, lse_square_scale, softcap)
+    elif backend != "triton":
         loss, z_loss = reference.linear_cross_entropy(hidden2d, weight, target1d.long(), bias, ignore_index,
                                                       reduction, label_smoothing, lse_square_scale, softcap,
                                                       class_weight=ce_weight)

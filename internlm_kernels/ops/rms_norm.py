@@ -14,9 +14,10 @@ import math
 
 import torch
 
-from .. import reference
+from .. import cpu, reference
 from ..backend import choose
 from ..checks import FLOAT_DTYPES, check_tensor
+from ..cpu import rms_norm as cpu_rms_norm
 from ..triton._rows import rows_of
 from . import _eager as eager
 
@@ -169,7 +170,13 @@ def rms_norm(x, weight, eps=1e-6, residual=None, prenorm=False, residual_in_fp32
     if casting_mode not in CASTING_MODES:
         raise ValueError(f"casting_mode must be one of {CASTING_MODES}, got {casting_mode!r}")
     offset, cast = float(offset), casting_mode == "llama"
-    if choose("rms_norm", x.device) == "reference":
+    backend = choose("rms_norm", x.device)
+    # fp32 throughout: residual_in_fp32 and the casting modes change nothing, the weight offset is not on this path.
+    if backend == "cpu" and cpu.runs_here("rms_norm", x.dtype in cpu_rms_norm.DTYPES and weight.dtype == x.dtype and (
+            residual is None or residual.dtype == x.dtype) and offset == 0.0,
+            f"dtype {x.dtype} (x, weight, residual) or offset {offset} on the cpu path"):
+        return cpu_rms_norm.rms_norm(x, weight, eps, residual, prenorm)
+    if backend != "triton":
         return reference.rms_norm(x, weight, eps, residual, prenorm, residual_in_fp32, offset, casting_mode)
     if x.shape[-1] > _kernels().MAX_FEATURES:
         raise NotImplementedError(

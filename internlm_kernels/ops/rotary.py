@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
+from .. import cpu, reference
 from .._tensor_cache import PerTensorCache
 from ..backend import choose
 from ..checks import FLOAT_DTYPES, check_cu_seqlens, check_tensor, reads_values
+from ..cpu import rotary as cpu_rotary
 from . import _eager as eager
 
 rotary_cos_sin = reference.rotary_cos_sin  # the InternLM2 table builder (theta, linear and dynamic NTK): plain torch
@@ -222,7 +223,7 @@ def _check_rotary(x: torch.Tensor, cos, sin, head_dim: int, seqlen_offsets, cu_s
 def _check_no_table_grad(cos, sin):
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         raise NotImplementedError("cos/sin require grad: gradients with respect to the rotary tables are not "
-                                  "computed by the Triton kernels; use the reference backend")
+                                  "computed by the Triton and cpu kernels; use the reference backend")
 
 
 def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None,
@@ -233,7 +234,12 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
     the positions checked against the tables without a device sync. ``inplace`` writes the result into x."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=3 if cu_seqlens is not None else 4)
     offsets, offset = _check_rotary(x, cos, sin, x.shape[-1], seqlen_offsets, cu_seqlens, max_seqlen)
-    if choose("rotary", x.device) == "reference":
+    backend = choose("rotary", x.device)
+    if backend == "cpu" and cpu.runs_here("rotary", x.dtype in cpu_rotary.DTYPES and not interleaved,
+                                          "interleaved=True" if interleaved else f"dtype {x.dtype}"):
+        _check_no_table_grad(cos, sin)
+        return cpu_rotary.apply_rotary_emb(x, cos, sin, seqlen_offsets, cu_seqlens, inplace)
+    if backend != "triton":
         out = reference.apply_rotary_emb(x, cos, sin, interleaved, seqlen_offsets, cu_seqlens)
         if inplace:
             return x.copy_(out)
@@ -265,7 +271,12 @@ def qkv_rotary(wqkv_out, cos, sin, n_kv_heads, head_dim, cu_seqlens=None, max_se
         raise ValueError(f"wqkv_out's last dim {F} is not n_kv_heads ({n_kv_heads}) × (query heads per group + 2) × "
                          f"head_dim ({head_dim}) with at least one query head per group")
     offsets, offset = _check_rotary(wqkv_out, cos, sin, head_dim, seqlen_offsets, cu_seqlens, max_seqlen)
-    if choose("rotary", wqkv_out.device) == "reference":
+    backend = choose("rotary", wqkv_out.device)
+    if backend == "cpu" and cpu.runs_here("rotary", wqkv_out.dtype in cpu_rotary.DTYPES and not interleaved,
+                                          "interleaved=True" if interleaved else f"dtype {wqkv_out.dtype}"):
+        _check_no_table_grad(cos, sin)
+        return cpu_rotary.qkv_rotary(wqkv_out, cos, sin, n_kv_heads, head_dim, seqlen_offsets, cu_seqlens)
+    if backend != "triton":
         return reference.qkv_rotary(wqkv_out, cos, sin, n_kv_heads, head_dim, interleaved, seqlen_offsets, cu_seqlens)
     _check_no_table_grad(cos, sin)
     cos, sin = _last_dim_contiguous(cos), _last_dim_contiguous(sin)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
+from .. import cpu, reference
 from ..backend import choose
 from ..checks import FLOAT_DTYPES, check_same_dtype, check_tensor
+from ..cpu import swiglu as cpu_swiglu
 from ..triton._rows import rows_of
 from . import _eager as eager
 
@@ -125,7 +126,10 @@ def swiglu(gate, up):
         raise ValueError(f"gate shape {tuple(gate.shape)} differs from up shape {tuple(up.shape)}")
     if gate.dim() == 0:
         raise ValueError("gate must have at least one dim")
-    if choose("swiglu", gate.device) == "reference":
+    backend = choose("swiglu", gate.device)
+    if backend == "cpu" and cpu.runs_here("swiglu", gate.dtype in cpu_swiglu.DTYPES, f"dtype {gate.dtype}"):
+        return cpu_swiglu.swiglu(gate, up)
+    if backend != "triton":
         return reference.swiglu(gate, up)
     return eager.call(swiglu_fwd, gate, up)
 
@@ -135,6 +139,9 @@ def swiglu_packed(gate_up):
     check_tensor("gate_up", gate_up, dtypes=FLOAT_DTYPES)
     if gate_up.dim() == 0 or gate_up.shape[-1] % 2 != 0:
         raise ValueError(f"gate_up's last dim must be even ([gate | up] halves), got shape {tuple(gate_up.shape)}")
-    if choose("swiglu", gate_up.device) == "reference":
+    backend = choose("swiglu", gate_up.device)
+    if backend == "cpu" and cpu.runs_here("swiglu", gate_up.dtype in cpu_swiglu.DTYPES, f"dtype {gate_up.dtype}"):
+        return cpu_swiglu.swiglu_packed(gate_up)
+    if backend != "triton":
         return reference.swiglu_packed(gate_up)
     return eager.call(swiglu_packed_fwd, gate_up)
