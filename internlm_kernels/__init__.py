@@ -7,6 +7,8 @@ from . import backend, integrations, nn, reference
 from .backend import use_backend
 from .ops.attention import flash_attn_func, flash_attn_varlen_func
 from .ops.cross_entropy import fused_linear_cross_entropy
+from .ops.kvcache import flash_attn_with_kvcache
+from .ops.linear_logprobs import fused_linear_logprobs
 from .ops.rms_norm import rms_norm
 from .ops.rotary import apply_rotary_emb, qkv_rotary, rotary_cos_sin
 from .ops.swiglu import swiglu, swiglu_packed
@@ -19,4 +21,5 @@ __all__ = [
     "qkv_rotary", "rotary_cos_sin",
     "fused_linear_cross_entropy", "FusedAdamW", "clip_grad_norm_", "use_backend", "backend", "nn", "reference",
     "integrations",
+    "flash_attn_with_kvcache", "fused_linear_logprobs",
 ]

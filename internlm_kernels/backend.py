@@ -32,6 +32,8 @@ OPS: dict[str, tuple[str, ...]] = {
     "swiglu": ("reference", "triton"),
     "rotary": ("reference", "triton"),
     "linear_cross_entropy": ("reference", "triton"),
+    "kvcache": ("reference", "triton"),
+    "linear_logprobs": ("reference", "triton"),
     "adamw": ("reference", "cpu", "cuda"),
     "grad_norm": ("reference", "cpu", "cuda"),
 }

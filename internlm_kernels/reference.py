@@ -115,6 +115,100 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, lse
 
 
+def paged_positions(block_table: torch.Tensor | None, page_size: int, batch_row: int, positions: torch.Tensor):
+    """Where cache positions of one sequence live: (page or batch row index, row inside it) per position. Without a
+    block table the cache is contiguous and position p of cache row ``batch_row`` is ``cache[batch_row, p]``;
+    with one, position p is ``cache[block_table[batch_row, p // page_size], p % page_size]``."""
+    if block_table is None:
+        return torch.full_like(positions, batch_row), positions
+    return block_table[batch_row].long()[positions // page_size], positions % page_size
+
+
+def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            k: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                            rotary_cos: torch.Tensor | None = None, rotary_sin: torch.Tensor | None = None,
+                            cache_seqlens: torch.Tensor | None = None, cache_batch_idx: torch.Tensor | None = None,
+                            cache_leftpad: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
+                            softmax_scale: float | None = None, causal: bool = False,
+                            window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                            rotary_interleaved: bool = True,
+                            alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of new queries over a KV cache, appending new keys/values first (flash-attn semantics).
+
+    q (B, Sq, Hq, D). Contiguous cache: k_cache/v_cache (B_cache, S_cache, Hkv, D), sequence b in cache row
+    ``cache_batch_idx[b]`` (default b). Paged cache: (num_pages, page_size, Hkv, D) with ``block_table`` (B, pages)
+    int32: position p of sequence b is row p % page_size of page block_table[b, p // page_size].
+    ``cache_seqlens`` (B,) int32 (or an int for all): keys already in the cache. New k/v (B, Snew, Hkv, D) are
+    written at positions cache_seqlens[b] .. + Snew - 1 (in place), rotated first when rotary_cos/sin
+    (seqlen_ro, rotary_dim / 2) are given; q is then rotated at positions cache_seqlens[b] + i when causal or
+    windowed, else every query token at position cache_seqlens[b]. Each query then attends to the cache's keys
+    ``cache_leftpad[b] <= j < L_b = cache_seqlens[b] + Snew`` with query i at key position i + L_b - Sq
+    (bottom-right), masked by causal / window_size, softcapped and ALiBi-biased as ``attention_one``.
+    Returns out (B, Sq, Hq, D) and lse (B, Hq, Sq) float32 (+inf for a query that sees no key).
+    """
+    B, Sq, Hq, D = q.shape
+    if softmax_scale is None:
+        softmax_scale = D ** -0.5
+    if cache_seqlens is None:
+        cache_seqlens = 0
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+    n_new = 0 if k is None else k.shape[1]
+    page_size = k_cache.shape[1]
+    local = causal or window_size[0] >= 0 or window_size[1] >= 0
+    outs, lses = [], []
+    for b in range(B):
+        row = b if cache_batch_idx is None else int(cache_batch_idx[b])
+        start = int(cache_seqlens[b])
+        length = start + n_new
+        if k is not None:
+            new_pos = torch.arange(start, length, device=q.device)
+            k_b, v_b = k[b:b + 1], v[b:b + 1]
+            if rotary_cos is not None:
+                k_b = apply_rotary_emb(k_b, rotary_cos, rotary_sin, rotary_interleaved, seqlen_offsets=start)
+            where = paged_positions(block_table, page_size, row, new_pos)
+            k_cache[where] = k_b[0]
+            v_cache[where] = v_b[0]
+        q_b = q[b:b + 1]
+        if rotary_cos is not None and k is not None:
+            if local:
+                q_b = apply_rotary_emb(q_b, rotary_cos, rotary_sin, rotary_interleaved, seqlen_offsets=start)
+            else:  # every query token at the position of the first new key
+                q_b = apply_rotary_emb(q_b.reshape(1, 1, Sq * Hq, D), rotary_cos, rotary_sin, rotary_interleaved,
+                                       seqlen_offsets=start).reshape(1, Sq, Hq, D)
+        first = 0 if cache_leftpad is None else int(cache_leftpad[b])
+        where = paged_positions(block_table, page_size, row, torch.arange(first, length, device=q.device))
+        slopes = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes
+        # Keys before the left padding are dropped; bottom-right alignment then counts the remaining L_b - first.
+        o, lse = attention_one(q_b[0], k_cache[where], v_cache[where], softmax_scale, causal, window_size, softcap,
+                               slopes)
+        outs.append(o)
+        lses.append(lse)
+    out = torch.stack(outs) if outs else q.new_empty(q.shape)
+    lse = torch.stack(lses) if lses else q.new_empty((0, Hq, Sq), dtype=torch.float32)
+    return out, lse
+
+
+def flash_attn_varlen_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, block_table: torch.Tensor,
+                            softmax_scale: float | None = None, causal: bool = False,
+                            window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                            alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``flash_attn_varlen`` whose keys/values live in a paged cache (flash-attn >= 2.5's ``block_table``): the
+    keys of sequence b are its first cu_seqlens_k[b+1] - cu_seqlens_k[b] cache positions (see
+    ``paged_positions``). Returns out (total_q, Hq, D), lse (Hq, total_q) float32."""
+    ck = cu_seqlens_k.tolist()
+    page_size = k_cache.shape[1]
+    rows = [paged_positions(block_table, page_size, b, torch.arange(ck[b + 1] - ck[b], device=q.device))
+            for b in range(len(ck) - 1)]
+    pages = torch.cat([r[0] for r in rows]) if rows else torch.zeros(0, dtype=torch.long, device=q.device)
+    offsets = torch.cat([r[1] for r in rows]) if rows else pages
+    return flash_attn_varlen(q, k_cache[pages, offsets], v_cache[pages, offsets], cu_seqlens_q, cu_seqlens_k,
+                             softmax_scale, causal, window_size, softcap, alibi_slopes)
+
+
 # --------------------------------------------------------------------------------------------------
 # RMSNorm
 # --------------------------------------------------------------------------------------------------
@@ -286,6 +380,25 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                    ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probability of ``targets`` and entropy under softmax(hidden @ weight.T / temperature).
+
+    hidden (N, H), weight (V, H), targets (N,). With z = (W x_t) / T, lse = log Σ_v exp(z_v), p = exp(z - lse):
+      logprob_t = z_target - lse,     entropy_t = lse - Σ_v p_v z_v
+    both float32 (float64 for float64 inputs), 0 where the target is ``ignore_index``.
+    """
+    dt = _compute_dtype(hidden)
+    z = (hidden.to(dt) @ weight.to(dt).t()) / temperature
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    logp = torch.log_softmax(z, dim=-1)
+    token = logp.gather(-1, safe[:, None]).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    zero = torch.zeros_like(token)
+    return torch.where(valid, token, zero), torch.where(valid, entropy, zero)
+
+
 # --------------------------------------------------------------------------------------------------
 # Optimizer
 # --------------------------------------------------------------------------------------------------
@@ -326,4 +439,5 @@ __all__ = [
     "attention_mask", "attention_one", "flash_attn_varlen", "rms_norm", "swiglu", "swiglu_packed",
     "rotary_positions", "apply_rotary_emb", "rotary_cos_sin", "qkv_rotary", "linear_cross_entropy", "adamw_step",
     "total_norm",
+    "paged_positions", "flash_attn_with_kvcache", "flash_attn_varlen_paged", "linear_logprobs",
 ]

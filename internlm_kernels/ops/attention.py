@@ -246,7 +246,7 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, dropout_p, sof
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False):
+                           deterministic=False, return_attn_probs=False, block_table=None):
     """Attention over packed sequences, with flash_attn.flash_attn_varlen_func's signature and semantics.
 
     q (total_q, Hq, D), k/v (total_k, Hkv, D) with Hq % Hkv == 0 (GQA/MQA read K/V head h // (Hq / Hkv));
@@ -262,7 +262,18 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     ``max_seqlen_q``/``max_seqlen_k`` (ints or one-element tensors) are hints: the work list is built from
     cu_seqlens on the device, so any value is correct (max_seqlen_k sizes only the returned dropout pattern). ``deterministic`` is accepted for
     compatibility: the backward never uses atomics, so gradients are bitwise repeatable either way.
+
+    ``block_table`` (batch, pages) int32 (flash-attn >= 2.5): k and v are paged caches (num_pages, page_size, Hkv, D)
+    and sequence b's keys are the first cu_seqlens_k[b+1] - cu_seqlens_k[b] positions of its pages (inference only,
+    no dropout; max_seqlen_q must bound the query lengths); see ops/kvcache.py.
     """
+    if block_table is not None:
+        from .kvcache import flash_attn_varlen_paged
+
+        if dropout_p != 0.0:
+            raise NotImplementedError("dropout_p > 0 with block_table (the paged path is inference only)")
+        return flash_attn_varlen_paged(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table, softmax_scale,
+                                       causal, window_size, softcap, alibi_slopes, return_attn_probs)
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
     check_tensor("k", k, ndim=3)
     check_tensor("v", v, ndim=3)
