@@ -6,8 +6,8 @@ positions t = 0..S-2: action t is token t+1, chosen after seeing tokens 0..t. ``
 t+1 of row b is a response token the policy sampled. The actor's log-prob of action t and the critic's value of
 action t are both read at position t (the hidden state that has seen tokens 0..t).
 
-Per-token log-probs come from the final hidden states and the output head through ``token_logprobs`` — recomputed
-in the trainer for the actor and the reference with the same kernels, never the sampler's (which are top-p
+Per-token log-probs come from the final hidden states and the output head through ``ik.fused_linear_logprobs``
+(never materializing tokens x vocab logits) — recomputed in the trainer for the actor and the reference with the same kernels, never the sampler's (which are top-p
 renormalized and come from the decode path; ``train.rlhf.diagnostics`` measures the gap).
 
 The iteration (``ppo_iteration``):
@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 import internlm_kernels as ik
-from models.internlm2 import IGNORE_INDEX, PackedContext, pack_inputs, shift_labels
+from models.internlm2 import PackedContext, pack_inputs, shift_labels
 
 from .advantages import gae, whiten
 from .losses import masked_mean, policy_loss, value_loss
@@ -81,25 +80,13 @@ class Experience:
     returns: torch.Tensor              # (B, S-1)
 
 
-def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                   temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(hidden @ weight.T / temperature)[targets], (T,) float32; IGNORE_INDEX targets give 0."""
-    logits = F.linear(hidden, weight).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    valid = targets != IGNORE_INDEX
-    picked = torch.where(valid, targets, 0)
-    logp = logits.gather(1, picked[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-    return torch.where(valid, logp, 0.0)
-
-
 def action_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     temperature: float = 1.0) -> torch.Tensor:
     """(B, S-1) float32: log-prob of token t+1 at position t (0 where token t+1 is padding)."""
     packed = pack_inputs(input_ids, attention_mask=attention_mask, vocab_size=model.config.vocab_size)
     hidden = model.model(packed.input_ids, PackedContext(packed, model.model.rotary))          # (T, hidden)
     targets = shift_labels(packed.input_ids, packed.cu_seqlens)                               # (T,)
-    logp = token_logprobs(hidden, model.output.weight, targets, temperature)                  # (T,)
+    logp = ik.fused_linear_logprobs(hidden, model.output.weight, targets, temperature)       # (T,), no logits
     return packed.unpack(logp)[:, :-1]
 
 
