@@ -1,0 +1,194 @@
+"""Reward model: COOL RLHF losses vs plain-torch formulas, preference data and conditions, pair packing."""
+import json
+import math
+
+import pytest
+import torch
+
+from train.chat import render
+from train.item_packing import ItemBatches
+from train.preference import (
+    DEFAULT_CONDITIONS,
+    SyntheticPreferences,
+    conditioned,
+    pair_item,
+    read_preferences,
+    reward_token_id,
+)
+from train.reward_losses import bradley_terry_loss, focal_ranking_loss, log_barrier_penalty, reward_loss
+from train.tokenizer import ByteTokenizer
+
+
+def _pairs(n, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    rc = (torch.randn(n, generator=g, dtype=torch.float64) * scale).requires_grad_()
+    rr = (torch.randn(n, generator=g, dtype=torch.float64) * scale).requires_grad_()
+    return rc, rr
+
+
+def _grads(fn, *xs):
+    xs = [x.detach().clone().requires_grad_() for x in xs]
+    y = fn(*xs)
+    y.backward()
+    return y.detach(), [x.grad for x in xs]
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 3.5])
+def test_focal_ranking_loss_matches_formula(gamma):
+    rc, rr = _pairs(37, seed=int(gamma * 10))
+
+    def plain(c, r):
+        p = torch.sigmoid(c - r)
+        return (-(1 - 2 * torch.clamp(p - 0.5, min=0)) ** gamma * torch.log(p)).mean()
+
+    got, got_g = _grads(lambda c, r: focal_ranking_loss(c, r, gamma), rc, rr)
+    ref, ref_g = _grads(plain, rc, rr)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    if gamma == 0.0:   # gamma 0 is Bradley-Terry
+        torch.testing.assert_close(got, bradley_terry_loss(rc, rr).detach())
+
+
+def test_focal_down_weights_easy_pairs_and_stays_finite():
+    easy = focal_ranking_loss(torch.tensor([4.0]), torch.tensor([-4.0]))
+    assert easy < 0.01 * bradley_terry_loss(torch.tensor([4.0]), torch.tensor([-4.0]))
+    wrong = torch.tensor([-1.0]), torch.tensor([1.0])     # P < 0.5: weight 1, the full -log P
+    torch.testing.assert_close(focal_ranking_loss(*wrong), bradley_terry_loss(*wrong))
+    far = torch.tensor([-200.0], dtype=torch.float32, requires_grad=True)
+    loss = focal_ranking_loss(far, torch.tensor([200.0]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(far.grad).all() and far.grad.item() == pytest.approx(-1.0)
+    torch.testing.assert_close(bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0])),
+                               torch.tensor(math.log(2.0)))
+
+
+def test_log_barrier_matches_formula_inside():
+    s = (torch.rand(41, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 9.8 - 4.9)
+    got, (g,) = _grads(lambda x: log_barrier_penalty(x, 5.0), s)
+    ref, (rg,) = _grads(lambda x: (-(torch.log(5.0 + x) + torch.log(5.0 - x))).mean(), s)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, rg, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: log_barrier_penalty(x, 2.0), (s.detach() / 3).requires_grad_())
+
+
+def test_log_barrier_outside_is_clamped_to_its_tangent():
+    bound = 5.0
+    edge = bound * (1 - 1e-3)
+    s = torch.tensor([-7.0, -5.0, 5.0, 6.0, 100.0], dtype=torch.float64, requires_grad=True)
+    loss = log_barrier_penalty(s, bound, reduction="none")
+    loss.sum().backward()
+    c = s.detach().clamp(-edge, edge)
+    value = -(torch.log(bound + c) + torch.log(bound - c))
+    slope = 1 / (bound - c) - 1 / (bound + c)
+    torch.testing.assert_close(loss.detach(), value + slope * (s.detach() - c))
+    torch.testing.assert_close(s.grad, slope)
+    assert torch.isfinite(loss).all()
+    assert (s.grad[:2] < -100).all() and (s.grad[2:] > 100).all()    # pushed back inside, steeply
+
+
+def test_reward_loss_total_and_reductions():
+    rc, rr = _pairs(16, seed=5, scale=1.5)
+    total = reward_loss(rc, rr)
+    ref = (focal_ranking_loss(rc, rr) + 0.02 * log_barrier_penalty(torch.cat([rc, rr]))).detach()
+    torch.testing.assert_close(total.detach(), ref)
+    torch.testing.assert_close(reward_loss(rc, rr, reduction="sum").detach() / 16, ref)
+    bt = reward_loss(rc, rr, kind="bradley_terry", penalty=0.0)
+    torch.testing.assert_close(bt.detach(), bradley_terry_loss(rc, rr).detach())
+    with pytest.raises(ValueError, match="reward.loss"):
+        reward_loss(rc, rr, kind="hinge")
+    with pytest.raises(ValueError, match="r_rejected shape"):
+        focal_ranking_loss(rc, rr[:3])
+
+
+def test_reward_token_is_unused_by_text():
+    tok = ByteTokenizer()
+    rid = reward_token_id(tok)
+    assert rid == 265 and rid not in tok.encode("".join(chr(i) for i in range(256)) + "<|im_start|><|plugin|>")
+    assert reward_token_id(ByteTokenizer(92544)) == 92537
+
+
+def test_synthetic_preferences_flip_between_domains():
+    prefs = SyntheticPreferences(seed=2)
+    for k in range(10):
+        a, b = prefs[2 * k], prefs[2 * k + 1]
+        assert {a.domain, b.domain} == set(SyntheticPreferences.domains)
+        assert a.prompt == b.prompt and a.chosen == b.rejected and a.rejected == b.chosen
+    tok = ByteTokenizer()
+    rid = reward_token_id(tok)
+    item = pair_item(prefs[0], tok, rid, DEFAULT_CONDITIONS, SyntheticPreferences.domains)
+    (c_ids, _), (r_ids, _) = item.sequences
+    assert c_ids[-1] == rid == r_ids[-1]
+    text = tok.decode(c_ids[:-1])
+    assert text == render(conditioned(prefs[0], prefs[0].chosen, DEFAULT_CONDITIONS))
+    assert text.startswith(f"<s><|im_start|>system\n{DEFAULT_CONDITIONS[prefs[0].domain]}<|im_end|>\n")
+    plain = pair_item(prefs[0], tok, rid, {}, SyntheticPreferences.domains)     # unconditional: no system prompt
+    assert tok.decode(plain.sequences[0][0]).startswith("<s><|im_start|>user\n")
+    with pytest.raises(ValueError, match="no condition prompt for domain 'concise'"):
+        pair_item(prefs[0], tok, rid, {"helpful": "x"}, SyntheticPreferences.domains)
+
+
+def test_read_preferences(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    rec = {"domain": "math", "prompt": "1+1?", "chosen": "2", "rejected": "3"}
+    tool = {"domain": "code", "tools": [{"type": "function", "function": {"name": "calc"}}],
+            "prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "1+1?"}],
+            "chosen": [{"role": "assistant", "content": "",
+                        "tool_calls": [{"function": {"name": "calc", "arguments": "{}"}}]},
+                       {"role": "tool", "content": "2"}, {"role": "assistant", "content": "2"}],
+            "rejected": "3"}
+    path.write_text(json.dumps(rec) + "\n" + json.dumps(tool) + "\n")
+    a, b = read_preferences(str(path))
+    assert a.domain == "math" and [m.role for m in a.prompt] == ["user"] and a.chosen[0].content == "2"
+    assert [m.role for m in b.prompt] == ["system", "system", "user"] and b.prompt[1].name == "plugin"
+    assert [m.role for m in b.chosen] == ["assistant", "environment", "assistant"]
+    for bad, match in [({**rec, "chosen": "3"}, "are the same"), ({"domain": "x", "prompt": "p"}, "missing"),
+                       ({**rec, "rejected": [{"role": "user", "content": "x"}]}, "must end with an assistant"),
+                       ({**rec, "prompt": [{"role": "robot", "content": "x"}]}, "unknown role")]:
+        path.write_text(json.dumps(rec) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=f"{path}:2: .*{match}"):
+            read_preferences(str(path))
+
+
+def test_pairs_pack_together_by_token_budget_and_resume():
+    tok = ByteTokenizer()
+    rid = reward_token_id(tok)
+    prefs = SyntheticPreferences(seed=0)
+
+    def source(i):
+        return pair_item(prefs[i], tok, rid, DEFAULT_CONDITIONS, SyntheticPreferences.domains)
+
+    def make():
+        return ItemBatches(source, micro_batch_tokens=1024, max_seq_len=200, accumulation=2, max_seqs_per_item=2)
+
+    stream = make()
+    first = [stream.next_step() for _ in range(3)]
+    state = stream.state_dict()
+    after = [stream.next_step() for _ in range(2)]
+    i = 0
+    for step in first:
+        assert len(step) == 2
+        for b in step:
+            n = len(b.groups)
+            assert b.cu_seqlens.numel() == 2 * n + 1 and int(b.cu_seqlens[-1]) <= 1024
+            for k in range(n):   # chosen at 2k, rejected at 2k + 1, both of pair i
+                want = source(i)
+                for j in (0, 1):
+                    lo, hi = int(b.cu_seqlens[2 * k + j]), int(b.cu_seqlens[2 * k + j + 1])
+                    assert b.input_ids[lo:hi].tolist() == want.sequences[j][0]
+                assert b.groups[k] == want.group
+                i += 1
+            nxt = source(i).num_tokens   # the budget was full: the next pair did not fit
+            assert int(b.cu_seqlens[-1]) + nxt > 1024
+    resumed = make()
+    resumed.load_state_dict(state)
+    again = [resumed.next_step() for _ in range(2)]
+    for s1, s2 in zip(after, again):
+        for b1, b2 in zip(s1, s2):
+            assert torch.equal(b1.input_ids, b2.input_ids) and torch.equal(b1.cu_seqlens, b2.cu_seqlens)
+    with pytest.raises(ValueError, match="cut the end of a pair"):
+        ItemBatches(source, 1024, 200, overlong="truncate", max_seqs_per_item=2)
+    with pytest.raises(ValueError, match="micro_batch_tokens"):
+        ItemBatches(source, 100, 60, max_seqs_per_item=2)
+    with pytest.raises(ValueError, match=r"max_seq_len \(60\) is too small"):   # every synthetic pair is longer
+        ItemBatches(source, 1024, 60, max_seqs_per_item=2).next_step()
