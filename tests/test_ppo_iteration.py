@@ -91,9 +91,9 @@ def plain_ptx_loss(actor, batch):
 
 def plain_iteration(actor, ref, critic, ro, cfg, gen, ptx, train_actor=True):
     old, old_values, adv, returns = plain_experience(actor, ref, critic, ro, cfg)
-    a_opt = torch.optim.AdamW(actor.parameters(), lr=cfg.actor_lr, betas=cfg.betas, eps=1e-8,
+    a_opt = torch.optim.AdamW(actor.parameters(), lr=cfg.actor_lr, betas=tuple(cfg.betas), eps=1e-8,
                               weight_decay=cfg.weight_decay)
-    c_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, betas=cfg.betas, eps=1e-8,
+    c_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, betas=tuple(cfg.betas), eps=1e-8,
                               weight_decay=cfg.weight_decay)
     B = ro.input_ids.shape[0]
     for _ in range(cfg.ppo_epochs):
@@ -120,8 +120,8 @@ def plain_iteration(actor, ref, critic, ro, cfg, gen, ptx, train_actor=True):
 
 # ------------------------------------------------------------------------------------------------ tests
 def optimizers(actor, critic, cfg):
-    return (ik.FusedAdamW(actor.parameters(), lr=cfg.actor_lr, betas=cfg.betas, weight_decay=cfg.weight_decay),
-            ik.FusedAdamW(critic.parameters(), lr=cfg.critic_lr, betas=cfg.betas, weight_decay=cfg.weight_decay))
+    return (ik.FusedAdamW(actor.parameters(), lr=cfg.actor_lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay),
+            ik.FusedAdamW(critic.parameters(), lr=cfg.critic_lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay))
 
 
 def test_action_logprobs_match_full_logits():

@@ -24,7 +24,7 @@ Statistics are accumulated on the device and read once at the end.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -52,7 +52,7 @@ class PPOConfig:
     actor_lr: float = 1e-6
     critic_lr: float = 5e-6
     weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0             # per model; 0 = no clipping
     temperature: float = 1.0           # sampling temperature; log-probs are of logits / temperature
 
