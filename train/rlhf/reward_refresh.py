@@ -71,7 +71,7 @@ def refresh_reward_model(model, pairs: list[dict], tokenizer, conditions: Mappin
         ik.clip_grad_norm_(list(model.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses
 
@@ -79,13 +79,14 @@ def refresh_reward_model(model, pairs: list[dict], tokenizer, conditions: Mappin
 @torch.no_grad()
 def pair_accuracy(model, pairs: list[dict], tokenizer, conditions: Mapping[str, str], reward_id: int,
                   device: torch.device, chunk: int = 32) -> dict[str, float]:
-    """Share of pairs whose chosen reply scores higher, per domain (and "all")."""
+    """Share of pairs whose chosen reply scores higher, per domain (or per the pair's "set" when it names one), and
+    over all pairs ("all")."""
     right: dict[str, list[bool]] = {}
     for i in range(0, len(pairs), chunk):
         batch = pairs[i:i + chunk]
         r_c, r_r = _pair_scores(model, batch, tokenizer, conditions, reward_id, device)
         for p, ok in zip(batch, (r_c > r_r).tolist()):
-            right.setdefault(p["domain"], []).append(ok)
+            right.setdefault(p.get("set", p["domain"]), []).append(ok)
     out = {d: sum(v) / len(v) for d, v in sorted(right.items())}
     every = [x for v in right.values() for x in v]
     out["all"] = sum(every) / len(every) if every else 0.0

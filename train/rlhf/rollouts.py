@@ -38,16 +38,20 @@ class Prompt:
         return [{k: v for k, v in asdict(m).items() if v is not None} for m in self.messages]
 
 
-def synthetic_prompts(seed: int, split: str, count: int, tasks: Sequence[str], domain: str,
-                      num_people: int = 24) -> list[Prompt]:
-    """``count`` prompts of ``train.chat.SyntheticChats(seed, split, tasks)``: each conversation minus its final
+class SyntheticPrompts:
+    """Random-access prompts of ``train.chat.SyntheticChats(seed, split, tasks)``: conversation i without its final
     assistant reply, whose text is the answer."""
-    chats = SyntheticChats(seed, split, tasks, num_people)
-    out = []
-    for i in range(count):
-        conv = chats[i]
-        out.append(Prompt(f"{split}:{i}", conv.task, domain, tuple(conv.messages[:-1]), conv.answer))
-    return out
+
+    def __init__(self, seed: int, split: str, tasks: Sequence[str], domain: str, num_people: int = 24):
+        self.chats = SyntheticChats(seed, split, tasks, num_people)
+        self.split, self.domain = split, domain
+
+    def __getitem__(self, i: int) -> Prompt:
+        conv = self.chats[i]
+        return Prompt(f"{self.split}:{i}", conv.task, self.domain, tuple(conv.messages[:-1]), conv.answer)
+
+    def take(self, start: int, count: int) -> list[Prompt]:
+        return [self[i] for i in range(start, start + count)]
 
 
 def response_text(tokenizer, tokens: Sequence[int], stop_ids: Sequence[int]) -> str:
@@ -108,7 +112,8 @@ def build_rollout(prompt_ids: list[list[int]], responses: list[list[int]], score
         ids[b, :n] = torch.tensor(p + r)
         attn[b, :n] = 1
         action[b, len(p) - 1:n - 1] = 1
-    return Rollout(ids.to(device), attn.to(device), action.to(device), scores.to(device).float())
+    # clone: scores may be an inference-mode tensor, which the losses must not save for backward
+    return Rollout(ids.to(device), attn.to(device), action.to(device), scores.to(device).float().clone())
 
 
 @dataclass

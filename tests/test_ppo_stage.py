@@ -1,0 +1,105 @@
+"""The PPO stage end to end on micro models: online rounds with the fast/slow paths and reward-model refreshes,
+round checkpoints, and exact resumption at a round boundary."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from models import InternLM2Config, InternLM2ForCausalLM
+from models.internlm2 import InternLM2ForScore
+from train.config import ConfigError
+from train.ppo import latest_round, run_ppo
+from train.ppo_config import load_ppo_config
+from train.preference import DEFAULT_CONDITIONS
+
+MICRO = dataclasses.replace(InternLM2Config.preset("micro"), vocab_size=272, max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    InternLM2ForCausalLM(MICRO).save_pretrained(root / "sft")
+    rm = InternLM2ForScore(MICRO)
+    rm.score_head.weight.data.normal_(0, 0.3)
+    rm.save_pretrained(root / "rm")
+    return str(root / "sft"), str(root / "rm")
+
+
+def micro_ppo_config(tmp_path, model_dirs, name="ppo", **overrides):
+    data = {"run.output_dir": str(tmp_path), "run.name": name, "run.threads": 1, "run.device": "cpu",
+            "models.actor": model_dirs[0], "models.reward": model_dirs[1],
+            "rollout.prompts_per_iteration": 4, "rollout.max_new_tokens": 6, "rollout.tasks": ["arithmetic", "system"],
+            "rollout.domain": "concise", "rollout.heldout_prompts": 3, "rollout.comparison_prompts": 3,
+            "ppo.mini_batches": 2, "ppo.actor_lr": 1e-3, "ppo.critic_lr": 1e-3, "ptx.seq_len": 32,
+            "online.rounds": 2, "online.iterations_per_round": 2, "online.critic_warmup_iterations": 1,
+            "online.hackable_rm_pairs": 4, "online.rm_heldout_pairs": 2,
+            "hacking.length_ratio": 1.01, "hacking.min_pairs": 2,
+            "reward_refresh.steps": 2, "reward_refresh.pairs_per_step": 4, "reward_refresh.lr": 1e-3,
+            "conditions": dict(DEFAULT_CONDITIONS), "metrics.progress": False, "metrics.plots": False}
+    data.update(overrides)
+    return load_ppo_config(None, data)
+
+
+def records(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def params(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def comparisons_file(tmp_path):
+    """Slow-path comparisons as a labelling team would hand them over (random micro models answer nothing right,
+    so the checkers alone would label no pair)."""
+    path = tmp_path / "comparisons.jsonl"
+    rows = [{"domain": "concise", "prompt": [{"role": "user", "content": f"What is {a} + 1?"}], "chosen": str(a + 1),
+             "rejected": f"{a + 1} and so on"} for a in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_rounds_then_resume_exactly(tmp_path, model_dirs):
+    slow = {"online.comparisons_file": comparisons_file(tmp_path)}
+    full = run_ppo(micro_ppo_config(tmp_path, model_dirs, "full", **slow))
+    assert full.finished and full.state.rounds_done == 2 and full.state.iterations_done == 4
+    recs = records(full.run_dir)
+    kinds = [r["kind"] for r in recs]
+    assert kinds.count("ppo") == 4 and kinds.count("critic_warmup") == 1 and kinds.count("eval") == 3
+    assert kinds.count("rm_refresh") == 2                 # the hackable first RM, then one refresh between rounds
+    assert [e["name"] for e in full.state.evals] == ["sft", "round 1", "round 2"]
+    assert set(full.state.evals[0]["rm_accuracy"]) >= {"correct>wrong", "short>padded", "concise", "helpful", "all"}
+    assert os.path.isdir(os.path.join(full.run_dir, "rounds", "round_01", "reward"))
+    assert latest_round(full.run_dir).endswith("round_02")
+
+    assert full.state.episodes[0]["slow_pairs"] == 3 and len(full.state.online_pairs) == 3
+    assert "rm_accuracy_after_refresh" in full.state.evals[1]
+
+    cut = micro_ppo_config(tmp_path, model_dirs, "cut", **slow, **{"run.stop_after_round": 1})
+    first = run_ppo(cut)
+    assert not first.finished and first.state.rounds_done == 1
+    resumed = run_ppo(dataclasses.replace(cut, resume=True, run=dataclasses.replace(cut.run, stop_after_round=0)))
+    assert resumed.finished and resumed.state.rounds_done == 2
+    for a, b in ((full.actor, resumed.actor), (full.critic, resumed.critic), (full.reward_model, resumed.reward_model)):
+        pa, pb = params(a), params(b)
+        for k in pa:
+            assert torch.equal(pa[k], pb[k]), k
+    strip = [{k: v for k, v in r.items() if k != "time_s"} for r in records(full.run_dir)]
+    assert strip == [{k: v for k, v in r.items() if k != "time_s"} for r in records(resumed.run_dir)]
+    assert dataclasses.asdict(full.state) == dataclasses.asdict(resumed.state)
+
+
+def test_config_errors_name_the_key(tmp_path, model_dirs):
+    with pytest.raises(ConfigError, match="ppo.mini_batches"):
+        micro_ppo_config(tmp_path, model_dirs, **{"ppo.mini_batches": 9})
+    with pytest.raises(ConfigError, match="models.actor"):
+        micro_ppo_config(tmp_path, model_dirs, **{"models.actor": str(tmp_path / "nope")})
+    with pytest.raises(ConfigError, match="rollout.domain"):
+        micro_ppo_config(tmp_path, model_dirs, **{"rollout.domain": "math"})
+    with pytest.raises(ConfigError, match="unknown key 'kl'"):
+        micro_ppo_config(tmp_path, model_dirs, **{"ppo.kl": 0.1})
