@@ -1,6 +1,7 @@
 """The trainer's optimizer step on the ``1_8b`` config, fed by the real data path, beside transformers eager.
 
-What runs for ours is ``train.loop.train_step``: bf16 parameters with fp32 master weights in FusedAdamW,
+What runs for ours is ``train.trainer.Trainer.step`` with the pretraining stage's loss: bf16 parameters with fp32
+master weights in FusedAdamW,
 global-batch token normalization, grad-norm clipping and the LR schedule, over packed rows from the embedded corpus
 (per-document attention via cu_seqlens). Cases, as InternLM2's two pretraining stages:
     4k:   8192 tokens per step = 2 rows of 4096 (first stage; documents up to 4k tokens)
@@ -15,6 +16,7 @@ tokens/s(4k) of ours (InternLM2 reports about 40%). MFU counts each document's o
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 
 import pytest
 import torch
@@ -22,13 +24,15 @@ import torch
 from benchmarks.common import OURS, device, record
 from models import InternLM2Config
 from models.checkpoint import llama_config_dict
-from train.config import ModelConfig, OptimConfig
+from train.build import batch_flops, build_model, model_config
+from train.config import CheckpointConfig, MetricsConfig, ModelConfig, OptimConfig
 from train.corpus import SyntheticCorpus
 from train.data import PackedStream, ShardedBatches
-from train.loop import Runtime, batch_flops, build_model, build_optimizer, model_config, train_step
 from train.metrics import peak_tflops
-from train.schedule import WarmupCosine
+from train.parallel import Runtime
+from train.pretrain import causal_lm_loss
 from train.tokenizer import ByteTokenizer
+from train.trainer import Stage, Trainer
 
 PEER = "transformers-llama-sdpa"
 MIX = {"facts": 1.0, "arithmetic": 1.0, "copy": 0.4, "reverse": 0.4, "sort": 0.4, "passkey": 1.6}
@@ -46,19 +50,36 @@ def _vocab(preset: str) -> int:
     return 272 if preset == "micro" else 92544
 
 
+class _SameBatches:
+    """The same micro-batches every step (a data source that costs nothing)."""
+
+    def __init__(self, micro, tokens):
+        self.micro, self.tokens_per_step = micro, tokens
+
+    def next_step(self):
+        return self.micro
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
 def _ours(preset, tokens, seq_len, passkey_chars, checkpointing, dev):
     rt = Runtime(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     tok = ByteTokenizer(_vocab(preset))
     config = model_config(ModelConfig(preset=preset), tok.vocab_size)
     model = build_model(config, rt, seed=0, checkpointing=checkpointing)
-    optimizer = build_optimizer(model, OptimConfig(), rt)
-    schedule = WarmupCosine(optimizer, 3e-4, 10, 10**6)
     stream = PackedStream(SyntheticCorpus(mix=MIX, passkey_chars=passkey_chars), tok, seq_len)
-    batches = ShardedBatches(stream, tokens // seq_len, tokens // seq_len)
-    micro = batches.next_step()
+    micro = ShardedBatches(stream, tokens // seq_len, tokens // seq_len).next_step()
+    trainer = Trainer(model, rt, optim=OptimConfig(warmup_steps=10), checkpoint=CheckpointConfig(),
+                      metrics=MetricsConfig(progress=False), run_dir=tempfile.mkdtemp(prefix="bench_train_"),
+                      total_steps=10**6)
+    stage = Stage("bench", 10**6, _SameBatches(micro, tokens), causal_lm_loss)
 
     def step():
-        train_step(model, optimizer, schedule, micro, 1.0, rt)
+        trainer.step(stage)
 
     note = f"{tokens // seq_len} row(s) of {seq_len}, {len(micro[0].cu_seqlens) - 1} documents, per-document attention"
     return model, step, batch_flops(config, micro), note, config

@@ -20,6 +20,7 @@ Which implementation runs each op (reference / triton / ...) is chosen by intern
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,7 @@ class PackedInputs:
 
 
 def pack_inputs(input_ids, cu_seqlens=None, attention_mask=None, position_ids=None,
-                vocab_size: int | None = None) -> PackedInputs:
+                vocab_size: int | None = None, max_seqlen: int | None = None) -> PackedInputs:
     """Validate the forward's inputs and pack them (see the module docstring)."""
     check_tensor("input_ids", input_ids, dtypes=(torch.int64, torch.int32), ndim=(1, 2))
     device = input_ids.device
@@ -118,7 +119,8 @@ def pack_inputs(input_ids, cu_seqlens=None, attention_mask=None, position_ids=No
         cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     if vocab_size is not None and ids.numel() and bool(((ids < 0) | (ids >= vocab_size)).any()):
         raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size})")
-    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     positions = None
     if position_ids is not None:
         check_tensor("position_ids", position_ids, dtypes=(torch.int64, torch.int32), device=device)
@@ -245,11 +247,19 @@ class InternLM2Model(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = ik.nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        scaling = config.rope_scaling or {}
-        # cos/sin tables (theta, linear or dynamic NTK), cached per length; no state in checkpoints.
-        self.rotary = ik.nn.RotaryEmbedding(config.head_dim, config.rope_theta, scaling.get("type"),
-                                            scaling.get("factor", 1.0), config.max_position_embeddings)
+        self.rotary = self._rotary(config)
         self._checkpointing: bool | str = False
+
+    @staticmethod
+    def _rotary(config: InternLM2Config) -> ik.nn.RotaryEmbedding:
+        """cos/sin tables (theta, linear or dynamic NTK), cached per length; no state in checkpoints."""
+        scaling = config.rope_scaling or {}
+        return ik.nn.RotaryEmbedding(config.head_dim, config.rope_theta, scaling.get("type"),
+                                     scaling.get("factor", 1.0), config.max_position_embeddings)
+
+    def set_rope_theta(self, theta: float) -> None:
+        self.config = dataclasses.replace(self.config, rope_theta=float(theta))
+        self.rotary = self._rotary(self.config)
 
     @property
     def gradient_checkpointing(self) -> bool | str:
@@ -310,8 +320,14 @@ class _InternLM2Base(nn.Module):
                     gen = generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
             p.normal_(0.0, self.config.initializer_range, generator=gen)
 
-    def _pack(self, input_ids, cu_seqlens, attention_mask, position_ids) -> PackedInputs:
-        return pack_inputs(input_ids, cu_seqlens, attention_mask, position_ids, self.config.vocab_size)
+    def set_rope_theta(self, theta: float) -> None:
+        """A new RoPE base on the same weights (InternLM2's long-context stage raises it): only the cos/sin tables
+        and the config change, so optimizer state, DDP wrappers and checkpoints stay valid."""
+        self.model.set_rope_theta(theta)
+        self.config = self.model.config
+
+    def _pack(self, input_ids, cu_seqlens, attention_mask, position_ids, max_seqlen=None) -> PackedInputs:
+        return pack_inputs(input_ids, cu_seqlens, attention_mask, position_ids, self.config.vocab_size, max_seqlen)
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None, layout: str = "internlm2",
                         max_shard_bytes: int = ckpt.DEFAULT_MAX_SHARD_BYTES) -> None:
@@ -338,17 +354,18 @@ class InternLM2ForCausalLM(_InternLM2Base):
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, loss_reduction: str = "mean",
-                return_logits: bool = False) -> CausalLMOutput:
+                return_logits: bool = False, max_seqlen: int | None = None) -> CausalLMOutput:
         """Packed input_ids (T,) with cu_seqlens (B+1,) int32, or padded (B, S) with attention_mask (B, S).
 
         labels: same shape as input_ids, HF convention (-100 ignored); the shift by one happens inside each
         sequence. With labels the loss comes from fused linear cross-entropy and logits are None unless
         ``return_logits``. ``loss_reduction``: "mean" over non-ignored targets, "sum", or "none" (per token, in
-        the layout of input_ids).
+        the layout of input_ids). ``max_seqlen``: the longest sequence of packed input when the caller knows it
+        on the host (the trainer's packer does); None reads it from cu_seqlens, a device-to-host sync.
         """
         if loss_reduction not in ("mean", "sum", "none"):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
-        packed = self._pack(input_ids, cu_seqlens, attention_mask, position_ids)
+        packed = self._pack(input_ids, cu_seqlens, attention_mask, position_ids, max_seqlen)
         hidden = self.model(packed.input_ids, PackedContext(packed, self.model.rotary))   # (T, hidden)
         out = CausalLMOutput()
         if labels is not None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from train.corpus import TASKS, SyntheticCorpus, passkey_parts
-from train.data import FileCorpus, PackedStream, ShardedBatches, collate, expand_paths, pack_documents
+from train.data import Document, FileCorpus, PackedStream, ShardedBatches, collate, expand_paths, pack_documents
 from train.tokenizer import ByteTokenizer
 
 
@@ -84,6 +84,28 @@ def test_collate_cu_seqlens_and_targets():
     assert b.max_seqlen == int((b.cu_seqlens[1:] - b.cu_seqlens[:-1]).max())
     flat = collate(rows, document_boundaries=False)
     assert flat.cu_seqlens.tolist() == [0, 50, 100, 150] and flat.num_targets == 147
+
+
+def test_loss_masks_survive_cuts_and_become_labels():
+    """Per-token masks (SFT: train on assistant turns only) follow their tokens across row cuts and resumes;
+    collate turns them into -100 labels and counts only the kept targets."""
+    docs = [Document(list(range(1, 12)), [False] * 6 + [True] * 5), Document([50, 51, 52]),
+            Document([60, 61, 62, 63], [True, False, True, False])]
+    stream = PackedStream(ListSource(docs), ByteTokenizer(), 8)
+    rows = [stream.next_row() for _ in range(2)]
+    state = stream.state_dict()
+    assert rows[0].loss_mask == [False] * 6 + [True] * 2
+    assert rows[1].loss_mask == [True] * 3 + [True] * 3 + [True, False]   # remainder of doc 0, doc 1, doc 2
+    assert stream.pending == [62, 63] and stream.pending_mask == [True, False]
+    b = collate(rows)
+    assert b.labels.tolist() == [-100] * 6 + [7, 8, 9, 10, 11, 50, 51, 52, 60, -100]
+    # targets: masked-in labels that are not the first token of a sequence ([0,8], [8,11], [11,14], [14,16])
+    assert b.num_targets == 2 + 2 + 2 + 0 and b.max_seqlen == 8
+    again = PackedStream(ListSource(docs), ByteTokenizer(), 8)
+    again.load_state_dict(state)
+    assert again.next_row() == stream.next_row()
+    with pytest.raises(ValueError, match="loss_mask"):
+        Document([1, 2], [True])
 
 
 def test_pack_documents_finite():

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from train.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint
+from train.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state, read_saved_state, save_checkpoint
 from train.config import load_config
 from train.metrics import read_jsonl
 from train.pretrain import run_pretraining
@@ -97,7 +97,7 @@ def test_resume_bf16_with_fp32_master_weights(tmp_path):
     stages = ((4, 64, 128, 128, 1e6),)
     full = run_pretraining(micro_config(tmp_path, "full", stages, **{"run.dtype": "bfloat16"}))
     run_pretraining(micro_config(tmp_path, "cut", stages, **{"run.dtype": "bfloat16", "run.stop_at_step": 2}))
-    saved = torch.load(os.path.join(latest_checkpoint(os.path.join(tmp_path, "cut")), "optimizer.pt"))
+    saved = read_saved_state(latest_checkpoint(os.path.join(tmp_path, "cut")))["optimizer"]
     masters = [s["master_param"] for s in saved["state"].values()]
     assert masters and all(m.dtype == torch.float32 for m in masters)
     resumed = run_pretraining(micro_config(tmp_path, "cut", stages, **{"run.dtype": "bfloat16",

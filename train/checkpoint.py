@@ -1,33 +1,40 @@
-"""Checkpoints: written atomically, keep-last-N, everything needed to continue bit-for-bit.
+"""Checkpoints: torch.distributed.checkpoint state, written atomically, keep-last-N, resume bit-for-bit.
 
 Layout of ``<run_dir>/checkpoints/step_00000120/``:
-    model/               HF safetensors + config.json in transformers' Llama layout (``save_pretrained(layout="llama")``):
-                         ``transformers.LlamaForCausalLM.from_pretrained`` loads it as is, and so does our
-                         ``InternLM2ForCausalLM.from_pretrained`` (wqkv is split/merged exactly, no rounding)
-    optimizer.pt         the optimizer's state_dict (fp32 master weights and moments)
-    trainer_state.pt     step counters, stage, scheduler, data-stream position, RNG states, tokens seen
+    state/               torch.distributed.checkpoint (DCP) of {"model", "optimizer"} keyed by parameter name,
+                         optimizer incl. FusedAdamW's fp32 master weights and moments. Every rank writes its own
+                         part (its shard under a sharded mode, a deduplicated share of replicated tensors under
+                         DDP), and any number of ranks can read it back: saved on 2 ranks, resumed on 1, or back.
+    trainer_state.pt     step counters, stage, scheduler, data-stream position, RNG states, tokens seen (rank 0)
+    model/               at stage ends: HF safetensors + config.json in transformers' Llama layout
+                         (``transformers.LlamaForCausalLM.from_pretrained`` loads it as is, and so does our
+                         ``InternLM2ForCausalLM.from_pretrained``): the export format, never read to resume
     tokenizer.json       which tokenizer the ids belong to (written by the trainer through ``extra_writer``)
     meta.json            a human-readable summary of the above
 
-Atomicity: everything is written into ``step_XXXXXXXX.tmp-<pid>``, every file and directory is fsync'ed, then the
-directory is renamed to its final name (an atomic rename on POSIX) and the parent is fsync'ed. A crash at any
-point leaves either the complete new checkpoint or no new checkpoint; ``latest_checkpoint`` never returns a
+Atomicity: everything is written into ``step_XXXXXXXX.tmp-<pid of rank 0>``, every file and directory is fsync'ed,
+then rank 0 renames the directory to its final name (an atomic rename on POSIX) and fsyncs the parent. A crash at
+any point leaves either the complete new checkpoint or no new checkpoint; ``latest_checkpoint`` never returns a
 temporary directory, and the next save removes stale ones. Old checkpoints are deleted only after the new one is
 in place.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import tempfile
+import warnings
 from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from models.checkpoint import fsync_path
+from .parallel import Parallel, Runtime
 
 _NAME = re.compile(r"^step_(\d{8})$")
 _TMP = re.compile(r"^step_\d{8}\.tmp-\d+$")
@@ -35,6 +42,23 @@ _TMP = re.compile(r"^step_\d{8}\.tmp-\d+$")
 
 def checkpoint_root(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
+
+
+def fsync_path(path) -> None:
+    """Flush a file's or a directory's entry to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _quiet_dcp():
+    """DCP warns that it runs without a process group, which is the one-process case, not a mistake."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _fsync_tree(path: str) -> None:
@@ -74,39 +98,87 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _single_process(model) -> Parallel:
+    param = next(model.parameters())
+    return Parallel(model, Runtime(param.device, param.dtype))
+
+
 def save_checkpoint(run_dir: str, step: int, model, optimizer: torch.optim.Optimizer, trainer_state: dict,
-                    keep_last: int = 2, extra_writer: Callable[[str], None] | None = None) -> str:
+                    keep_last: int = 2, extra_writer: Callable[[str], None] | None = None,
+                    export: str | None = "llama", parallel: Parallel | None = None) -> str:
     """Write checkpoint ``step`` atomically and prune to the newest ``keep_last``; returns its directory.
 
-    ``model`` needs ``save_pretrained(dir, layout=...)``; ``trainer_state`` is saved with torch.save (plain containers,
-    numbers, strings, tensors). ``extra_writer(tmp_dir)``, if given, adds files before the commit.
+    Called by every rank of ``parallel`` (one process without it). ``export`` (a ``save_pretrained`` layout:
+    "llama", "internlm2") adds the HF ``model/`` directory; None leaves it out. ``trainer_state`` is saved with torch.save (plain containers,
+    numbers, strings, tensors) by rank 0, as is whatever ``extra_writer(tmp_dir)`` adds before the commit.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    import torch.distributed.checkpoint as dcp
+
+    parallel = parallel or _single_process(model)
+    main = parallel.dims.is_main
     root = checkpoint_root(run_dir)
-    os.makedirs(root, exist_ok=True)
-    for name in os.listdir(root):  # leftovers of a crashed save: never complete, safe to drop
-        if _TMP.match(name):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     final = os.path.join(root, f"step_{step:08d}")
-    tmp = f"{final}.tmp-{os.getpid()}"
-    os.makedirs(tmp)
-    model.save_pretrained(os.path.join(tmp, "model"), layout="llama")
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
-    if extra_writer is not None:
-        extra_writer(tmp)
-    meta = {k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str, bool))}
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    _fsync_tree(tmp)
-    if os.path.exists(final):  # re-saving the same step (e.g. a resumed run that ends where it resumed)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fsync_path(root)
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old)
+    tmp = [f"{final}.tmp-{os.getpid()}"]
+    if main:
+        os.makedirs(root, exist_ok=True)
+        for name in os.listdir(root):  # leftovers of a crashed save: never complete, safe to drop
+            if _TMP.match(name):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        os.makedirs(tmp[0])
+    if parallel.dims.distributed:
+        dist.broadcast_object_list(tmp, src=0)
+    tmp = tmp[0]
+    if export:
+        parallel.export(os.path.join(tmp, "model"), export)
+    with _quiet_dcp():
+        dcp.save(parallel.state_dict(optimizer), checkpoint_id=os.path.join(tmp, "state"))
+    if main:
+        torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+        if extra_writer is not None:
+            extra_writer(tmp)
+        meta = {k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str, bool))}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        _fsync_tree(tmp)
+        if os.path.exists(final):  # re-saving the same step (e.g. a resumed run that ends where it resumed)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fsync_path(root)
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    if parallel.dims.distributed:
+        dist.barrier()
     return final
+
+
+def load_checkpoint(path: str, parallel: Parallel, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore model and optimizer of checkpoint ``path`` into ``parallel``'s model and ``optimizer`` (built over
+    the same parameters, on any number of ranks); returns the trainer state. FusedAdamW keeps fp32 master weights
+    and moments fp32 when loaded onto bf16 parameters."""
+    import torch.distributed.checkpoint as dcp
+
+    state_dir = os.path.join(path, "state")
+    if not os.path.isdir(state_dir):
+        raise ValueError(f"checkpoint {path!r} has no state/ directory (not a checkpoint of this trainer?)")
+    trainer_state = load_trainer_state(path)
+    state = parallel.state_dict(optimizer)
+    with _quiet_dcp():
+        dcp.load(state, checkpoint_id=state_dir)
+    parallel.load_state_dict(optimizer, state)
+    return trainer_state
+
+
+def read_saved_state(path: str) -> dict:
+    """The whole {"model", "optimizer"} state of checkpoint ``path`` as plain tensors in one process (inspection,
+    tests), whatever the number of ranks that wrote it."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet_dcp():
+        file = os.path.join(tmp, "state.pt")
+        dcp_to_torch_save(os.path.join(path, "state"), file)
+        return torch.load(file, map_location="cpu", weights_only=False)
 
 
 def load_trainer_state(path: str) -> dict:
@@ -115,12 +187,3 @@ def load_trainer_state(path: str) -> dict:
         raise ValueError(f"checkpoint {path!r} has no trainer_state.pt (not a checkpoint directory?)")
     # Our own file: it holds numpy RNG state and python tuples, so it is not loaded weights-only.
     return torch.load(file, map_location="cpu", weights_only=False)
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str) -> None:
-    """Restore the optimizer of checkpoint ``path`` onto ``optimizer`` (built over the same parameters).
-    FusedAdamW keeps fp32 master weights and moments fp32 when loaded onto bf16 parameters."""
-    file = os.path.join(path, "optimizer.pt")
-    if not os.path.isfile(file):
-        raise ValueError(f"checkpoint {path!r} has no optimizer.pt")
-    optimizer.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))

@@ -109,6 +109,14 @@ class MetricsConfig:
 
 
 @dataclass
+class ParallelConfig:
+    mode: str = "ddp"                  # how the model spreads over the ranks: train.parallel.MODES (ddp)
+    shard_size: int = 0                # ranks a sharded state spans (ZeRO/FSDP modes); 0 = all ranks
+    tp: int = 1                        # tensor-parallel degree
+    overlap: bool = True               # overlap gradient communication with the backward pass
+
+
+@dataclass
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -118,6 +126,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
     def run_dir(self) -> str:
@@ -274,6 +283,7 @@ def validate(c: TrainConfig) -> None:
            f"run.dtype must be auto, float32 or bfloat16, got {c.run.dtype!r}")
     _check(c.run.threads >= 0, f"run.threads must be >= 0, got {c.run.threads}")
     _check(c.run.stop_at_step >= 0, f"run.stop_at_step must be >= 0, got {c.run.stop_at_step}")
+    check_model(c.model)
     _check(c.model.gradient_checkpointing in CHECKPOINTING,
            f"model.gradient_checkpointing must be one of {', '.join(CHECKPOINTING)}, got {c.model.gradient_checkpointing!r}")
     if c.model.init_from:
@@ -333,6 +343,36 @@ def validate(c: TrainConfig) -> None:
     _check(e.batch_tokens >= 64, f"eval.batch_tokens must be >= 64, got {e.batch_tokens}")
     _check(c.metrics.log_every >= 1, f"metrics.log_every must be >= 1, got {c.metrics.log_every}")
     _check(c.metrics.peak_tflops >= 0, f"metrics.peak_tflops must be >= 0, got {c.metrics.peak_tflops}")
+    check_parallel(c.parallel)
+
+
+def check_model(m: ModelConfig) -> None:
+    """The preset exists, every override is an InternLM2Config field, and the result is a valid config."""
+    import dataclasses as dc
+
+    from models import InternLM2Config
+    from models.config import PRESETS
+
+    _check(m.preset in PRESETS, f"model.preset must be one of {', '.join(PRESETS)}, got {m.preset!r}")
+    fields = {f.name for f in dc.fields(InternLM2Config)}
+    for key in m.overrides:
+        _check(key in fields, f"model.overrides: {key!r} is not an InternLM2Config field ({', '.join(sorted(fields))})")
+    try:
+        dc.replace(InternLM2Config.preset(m.preset), **m.overrides)
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise ConfigError(f"model.overrides: {e}") from None
+
+
+def check_parallel(p: ParallelConfig) -> None:
+    from .parallel import MODES
+
+    _check(p.mode in MODES, f"parallel.mode must be one of {', '.join(MODES)}, got {p.mode!r}")
+    _check(p.tp >= 1, f"parallel.tp must be >= 1, got {p.tp}")
+    _check(p.shard_size >= 0, f"parallel.shard_size must be >= 0, got {p.shard_size}")
+    try:
+        MODES[p.mode].check_config(p)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def parse_cli(argv: list[str], default_config: str | None = None) -> TrainConfig:

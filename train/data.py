@@ -1,7 +1,9 @@
 """Documents in, packed fixed-size token rows out: readers, packing with cu_seqlens, a resumable sharded iterator.
 
 Pipeline: a document source (``SyntheticCorpus`` or ``FileCorpus``; both random-access by document index through
-``iter_from(i)``) -> tokenize each document as ``<s> text </s>`` -> ``PackedStream`` cuts the token stream into
+``iter_from(i)``) -> tokenize each text document as ``<s> text </s>`` (a source may instead yield ``Document``s:
+token ids with a per-token loss mask, e.g. SFT conversations that train only on assistant turns)
+-> ``PackedStream`` cuts the token stream into
 rows of exactly ``seq_len`` tokens. A document that does not fit in the space left in a row is cut at the row's
 end and its remainder starts the next row (InternLM2's "longer documents truncated, remainders reused"), so no
 token is ever dropped, duplicated or padded. Each row records its document boundaries; ``cu_seqlens`` is built
@@ -30,8 +32,20 @@ TEXT_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
 IGNORE_INDEX = -100
 
 
+@dataclass
+class Document:
+    """A tokenized document; ``loss_mask[i]`` False means no loss is taken on predicting token i (its label
+    becomes -100). None: every token is a target."""
+    tokens: list[int]
+    loss_mask: list[bool] | None = None
+
+    def __post_init__(self):
+        if self.loss_mask is not None and len(self.loss_mask) != len(self.tokens):
+            raise ValueError(f"loss_mask has {len(self.loss_mask)} entries for {len(self.tokens)} tokens")
+
+
 class DocumentSource(Protocol):
-    def iter_from(self, start: int) -> Iterator[str]: ...
+    def iter_from(self, start: int) -> Iterator[str | Document]: ...
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,8 +184,9 @@ class FileCorpus:
 
 @dataclass
 class PackedRow:
-    tokens: list[int]          # (seq_len,)
-    doc_bounds: list[int]      # [0, b1, ..., seq_len]: piece boundaries inside the row
+    tokens: list[int]               # (seq_len,)
+    doc_bounds: list[int]           # [0, b1, ..., seq_len]: piece boundaries inside the row
+    loss_mask: list[bool] | None = None   # (seq_len,) False: no loss on predicting this token; None: all True
 
 
 class PackedStream:
@@ -185,49 +200,62 @@ class PackedStream:
         self.add_bos, self.add_eos = add_bos, add_eos
         self.next_doc = start_doc
         self.pending: list[int] = []
+        self.pending_mask: list[bool] | None = None   # the loss mask of ``pending`` (None: all targets)
         self.rows = 0
-        self._docs: Iterator[str] | None = None
+        self._docs: Iterator[str | Document] | None = None
 
-    def _next_document(self) -> list[int]:
+    def _next_document(self) -> Document:
         if self._docs is None:
             self._docs = self.source.iter_from(self.next_doc)
         while True:
-            text = next(self._docs)
+            item = next(self._docs)
             self.next_doc += 1
-            ids = self.tokenizer.encode(text, add_bos=self.add_bos, add_eos=self.add_eos)
-            if ids:
-                return ids
+            if not isinstance(item, Document):
+                item = Document(self.tokenizer.encode(item, add_bos=self.add_bos, add_eos=self.add_eos))
+            if item.tokens:
+                return item
 
     def next_row(self) -> PackedRow:
         tokens: list[int] = []
+        mask: list[bool] = []
+        masked = False
         bounds = [0]
         while len(tokens) < self.seq_len:
-            piece = self.pending if self.pending else self._next_document()
+            if self.pending:
+                piece, piece_mask = self.pending, self.pending_mask
+            else:
+                doc = self._next_document()
+                piece, piece_mask = doc.tokens, doc.loss_mask
             space = self.seq_len - len(tokens)
             tokens.extend(piece[:space])
+            mask.extend(piece_mask[:space] if piece_mask is not None else [True] * min(space, len(piece)))
+            masked = masked or piece_mask is not None
             self.pending = piece[space:]
+            self.pending_mask = piece_mask[space:] if piece_mask is not None and self.pending else None
             bounds.append(len(tokens))
         self.rows += 1
-        return PackedRow(tokens, bounds)
+        return PackedRow(tokens, bounds, mask if masked else None)
 
     def __iter__(self) -> Iterator[PackedRow]:
         while True:
             yield self.next_row()
 
     def state_dict(self) -> dict:
-        return {"next_doc": self.next_doc, "pending": list(self.pending), "rows": self.rows, "seq_len": self.seq_len}
+        return {"next_doc": self.next_doc, "pending": list(self.pending), "rows": self.rows, "seq_len": self.seq_len,
+                "pending_mask": None if self.pending_mask is None else list(self.pending_mask)}
 
     def continue_after(self, state: dict) -> None:
         """Start where another stream (e.g. the previous stage's, of another seq_len) stopped: same next document,
         its pending remainder first."""
         self.next_doc, self.pending = int(state["next_doc"]), list(state["pending"])
+        self.pending_mask = None if state.get("pending_mask") is None else list(state["pending_mask"])
         self._docs = None
 
     def load_state_dict(self, state: dict) -> None:
         if state["seq_len"] != self.seq_len:
             raise ValueError(f"data state was saved with seq_len {state['seq_len']}, this stream packs {self.seq_len}")
-        self.next_doc, self.pending, self.rows = int(state["next_doc"]), list(state["pending"]), int(state["rows"])
-        self._docs = None
+        self.continue_after(state)
+        self.rows = int(state["rows"])
 
 
 def pack_documents(docs: Sequence[Sequence[int]], seq_len: int) -> list[PackedRow]:
@@ -256,9 +284,9 @@ def pack_documents(docs: Sequence[Sequence[int]], seq_len: int) -> list[PackedRo
 @dataclass
 class Batch:
     input_ids: torch.Tensor    # (T,) int64, rows concatenated
-    labels: torch.Tensor       # (T,) int64, HF convention: the model shifts inside each sequence
+    labels: torch.Tensor       # (T,) int64, HF convention (the model shifts inside each sequence); -100 = no loss
     cu_seqlens: torch.Tensor   # (B+1,) int32
-    max_seqlen: int
+    max_seqlen: int            # longest sequence, known on the host (the forward needs no device read)
     num_targets: int           # tokens that carry a loss: non-first positions of each sequence, label != -100
 
     def to(self, device: torch.device) -> "Batch":
@@ -267,20 +295,27 @@ class Batch:
 
 
 def collate(rows: Sequence[PackedRow], document_boundaries: bool = True) -> Batch:
-    """Concatenate rows into one packed batch; sequences never cross rows."""
+    """Concatenate rows into one packed batch; sequences never cross rows. Labels are the tokens, -100 where a
+    row's loss mask is False. Everything is built on the host (CPU tensors), so the counts cost no device read."""
     if not rows:
         raise ValueError("rows: need at least one row")
     tokens: list[int] = []
+    labels: list[int] = []
     cu = [0]
+    targets = 0
     for row in rows:
         base = len(tokens)
         tokens.extend(row.tokens)
+        mask = row.loss_mask
+        labels.extend(row.tokens if mask is None else [t if m else IGNORE_INDEX for t, m in zip(row.tokens, mask)])
         bounds = row.doc_bounds if document_boundaries else [0, len(row.tokens)]
         cu.extend(base + b for b in bounds[1:])
+        for start, end in zip(bounds[:-1], bounds[1:]):   # the first token of a sequence is never a target
+            targets += (end - start - 1 if mask is None else sum(mask[start + 1:end])) if end > start else 0
     ids = torch.tensor(tokens, dtype=torch.int64)
-    cu_t = torch.tensor(cu, dtype=torch.int32)
-    lengths = cu_t[1:] - cu_t[:-1]
-    return Batch(ids, ids.clone(), cu_t, int(lengths.max()), int((lengths - 1).clamp(min=0).sum()))
+    max_seqlen = max(b - a for a, b in zip(cu[:-1], cu[1:]))
+    return Batch(ids, torch.tensor(labels, dtype=torch.int64), torch.tensor(cu, dtype=torch.int32), max_seqlen,
+                 targets)
 
 
 class ShardedBatches:
@@ -300,6 +335,11 @@ class ShardedBatches:
     def accumulation_steps(self) -> int:
         return self.rows_per_step // (self.rows_per_micro * self.world)
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one global batch (all ranks)."""
+        return self.rows_per_step * self.stream.seq_len
+
     def next_step(self) -> list[Batch]:
         """The micro-batches of this rank for the next step (all ranks advance the stream identically)."""
         rows = [self.stream.next_row() for _ in range(self.rows_per_step)]
@@ -312,3 +352,7 @@ class ShardedBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state)
+
+    def continue_after(self, state: dict) -> None:
+        """Go on from the previous stage's stream (see ``PackedStream.continue_after``)."""
+        self.stream.continue_after(state)

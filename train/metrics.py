@@ -1,5 +1,8 @@
 """Observability: JSONL metrics, a console progress bar, PNG plots, and MFU.
 
+Inside a step every number stays on the device (no host read, so the accelerator queue never drains); the
+trainer sums them per ``metrics.log_every`` window and reads the window once, when it writes a line.
+
 ``metrics.jsonl`` has one JSON object per line with a ``kind``: ``train`` (step, stage, loss, lr, grad_norm,
 tokens, tokens_per_s, mfu) or ``eval`` (step, stage, what was measured). A resumed run first drops the lines
 written after its checkpoint, so the file reads as one uninterrupted run.
@@ -62,11 +65,14 @@ class Progress:
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
                              file=sys.stderr, smoothing=0.1)
 
-    def update(self, loss: float, lr: float, tokens_per_s: float, stage: str) -> None:
-        if self._bar is None:
-            return
-        self._bar.set_postfix_str(f"{stage} loss {loss:.3f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s", refresh=False)
-        self._bar.update(1)
+    def step(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def show(self, loss: float, lr: float, tokens_per_s: float, stage: str) -> None:
+        """The numbers of the last metrics read (every metrics.log_every steps)."""
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"{stage} loss {loss:.3f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s")
 
     def write(self, message: str) -> None:
         if self._bar is not None:
