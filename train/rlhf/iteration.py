@@ -147,7 +147,8 @@ def ppo_iteration(actor, reference, critic, actor_optimizer, critic_optimizer, r
                     add(k, v)
                 if ptx_batches is not None and cfg.ptx_coef > 0:
                     batch = ptx_batches().to(device)
-                    ptx = actor(batch.input_ids, batch.cu_seqlens, labels=batch.labels).loss
+                    ptx = actor(batch.input_ids, batch.cu_seqlens, labels=batch.labels,
+                                max_seqlen=batch.max_seqlen).loss
                     add("ptx_loss", ptx)
                     loss = loss + cfg.ptx_coef * ptx
                 add("actor_grad_norm", _step(actor, actor_optimizer, loss, cfg.grad_clip))
