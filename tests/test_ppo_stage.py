@@ -14,6 +14,7 @@ from models.internlm2 import InternLM2ForScore
 from train.config import ConfigError
 from train.ppo import latest_round, run_ppo
 from train.ppo_config import load_ppo_config
+from train.ppo_report import write_ppo_report
 from train.preference import DEFAULT_CONDITIONS
 
 MICRO = dataclasses.replace(InternLM2Config.preset("micro"), vocab_size=272, max_position_embeddings=4096)
@@ -89,9 +90,16 @@ def test_rounds_then_resume_exactly(tmp_path, model_dirs):
         pa, pb = params(a), params(b)
         for k in pa:
             assert torch.equal(pa[k], pb[k]), k
-    strip = [{k: v for k, v in r.items() if k != "time_s"} for r in records(full.run_dir)]
-    assert strip == [{k: v for k, v in r.items() if k != "time_s"} for r in records(resumed.run_dir)]
+    def untimed(run_dir):
+        return [{k: v for k, v in r.items() if not k.startswith("time")} for r in records(run_dir)]
+    assert untimed(full.run_dir) == untimed(resumed.run_dir)
     assert dataclasses.asdict(full.state) == dataclasses.asdict(resumed.state)
+
+    report = open(write_ppo_report(resumed, plots_enabled=True)).read()
+    for heading in ("| sft |", "| round 2 |", "v0 (PPO round 1)", "v1 (after round 1)", "Reward hacking",
+                    "Time per PPO iteration"):
+        assert heading in report
+    assert os.path.isfile(os.path.join(resumed.run_dir, "ppo_kl.png"))
 
 
 def test_config_errors_name_the_key(tmp_path, model_dirs):

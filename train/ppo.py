@@ -336,13 +336,16 @@ def _iteration(stage: Stage, cfg: PPOStageConfig, actor, reference, critic, rewa
     what, index = key
     n = cfg.rollout.prompts_per_iteration
     start = index * n if what == "ppo" else 10**7 + index * n      # warmup prompts come from their own range
+    t0 = time.perf_counter()
     gen = stage.generate(actor, reward_model, stage.train_prompts.take(start, n), False, seed_of(cfg, what, index))
+    t_generation = time.perf_counter() - t0
     ro = build_rollout(gen.prompt_ids, gen.responses, gen.scores, stage.tokenizer.pad_id, stage.device)
     perm = torch.Generator().manual_seed(seed_of(cfg, f"{what}_minibatches", index))
     ptx = stage.next_ptx if cfg.ptx.rows and cfg.ppo.ptx_coef > 0 else None
     stats = ppo_iteration(actor, reference, critic, actor_opt, critic_opt, ro, cfg.ppo, perm, ptx,
                           train_actor=train_actor)
     stats["accuracy"] = gen.accuracy()
+    stats["time_generation_s"] = t_generation       # sampling and the reward model's scoring
     return stats
 
 
@@ -351,6 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     result = run_ppo(cfg)
     if not result.finished:
         print(f"[ppo] stopped after round {result.state.rounds_done}; continue with --resume")
+        return 0
+    from .ppo_report import write_ppo_report
+
+    path = write_ppo_report(result, cfg.metrics.plots)
+    with open(path) as f:
+        print(f.read())
+    print(f"[ppo] report: {path}")
     return 0
 
 

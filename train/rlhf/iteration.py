@@ -24,6 +24,7 @@ Statistics are accumulated on the device and read once at the end.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -123,6 +124,7 @@ def ppo_iteration(actor, reference, critic, actor_optimizer, critic_optimizer, r
     """See the module docstring. ``ptx_batches()`` returns the next packed pretraining batch (``train.data.Batch``)
     for the actor's language-modelling term; None (or ``ptx_coef`` 0) leaves it out. ``train_actor=False`` is the
     critic warmup: the actor is neither stepped nor given gradients."""
+    t0 = time.perf_counter()
     exp = make_experience(actor, reference, critic, rollout, cfg)
     B = rollout.input_ids.shape[0]
     if cfg.mini_batches > B:
@@ -134,6 +136,9 @@ def ppo_iteration(actor, reference, critic, actor_optimizer, critic_optimizer, r
         sums[name] = sums.get(name, torch.zeros((), device=device)) + value.detach().float()
 
     updates = 0
+    if device.type == "cuda":       # time split for the metrics: the experience pass ends here
+        torch.cuda.synchronize(device)
+    t1 = time.perf_counter()
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(B, generator=generator).to(device)
         for index in order.tensor_split(cfg.mini_batches):
@@ -160,9 +165,11 @@ def ppo_iteration(actor, reference, critic, actor_optimizer, critic_optimizer, r
             updates += 1
     mask = rollout.action_mask
     kl_per_seq = exp.kl.sum(1)
-    out = {k: float(v) / updates for k, v in sums.items()}
+    out = {k: float(v) / updates for k, v in sums.items()}     # the one device read of the iteration
+    t2 = time.perf_counter()
     out.update(score=float(rollout.scores.mean()), kl=float(kl_per_seq.mean()),
                reward=float(exp.rewards.sum(1).mean()), response_length=float(mask.float().sum(1).mean()),
                advantage_mean=float(masked_mean(exp.advantages, mask)),
-               return_mean=float(masked_mean(exp.returns, mask)))
+               return_mean=float(masked_mean(exp.returns, mask)),
+               time_logprobs_s=t1 - t0, time_train_s=t2 - t1)
     return out
