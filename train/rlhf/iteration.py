@@ -118,14 +118,12 @@ def _step(model, optimizer, loss: torch.Tensor, grad_clip: float) -> torch.Tenso
     return norm
 
 
-def ppo_iteration(actor, reference, critic, actor_optimizer, critic_optimizer, rollout: Rollout, cfg: PPOConfig,
-                  generator: torch.Generator, ptx_batches: Callable[[], object] | None = None,
-                  train_actor: bool = True) -> dict[str, float]:
-    """See the module docstring. ``ptx_batches()`` returns the next packed pretraining batch (``train.data.Batch``)
-    for the actor's language-modelling term; None (or ``ptx_coef`` 0) leaves it out. ``train_actor=False`` is the
-    critic warmup: the actor is neither stepped nor given gradients."""
-    t0 = time.perf_counter()
-    exp = make_experience(actor, reference, critic, rollout, cfg)
+def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience, cfg: PPOConfig,
+               generator: torch.Generator, ptx_batches: Callable[[], object] | None = None,
+               train_actor: bool = True) -> dict[str, torch.Tensor]:
+    """The PPO epochs over ``exp``'s mini-batches (module docstring). Returns the per-update means of the losses
+    and statistics as device tensors."""
+    rollout = exp.rollout
     B = rollout.input_ids.shape[0]
     if cfg.mini_batches > B:
         raise ValueError(f"ppo.mini_batches ({cfg.mini_batches}) exceeds the rollout batch ({B})")
@@ -136,9 +134,6 @@ def ppo_iteration(actor, reference, critic, actor_optimizer, critic_optimizer, r
         sums[name] = sums.get(name, torch.zeros((), device=device)) + value.detach().float()
 
     updates = 0
-    if device.type == "cuda":       # time split for the metrics: the experience pass ends here
-        torch.cuda.synchronize(device)
-    t1 = time.perf_counter()
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(B, generator=generator).to(device)
         for index in order.tensor_split(cfg.mini_batches):
@@ -163,11 +158,26 @@ def ppo_iteration(actor, reference, critic, actor_optimizer, critic_optimizer, r
             add("value_loss", vloss)
             add("critic_grad_norm", _step(critic, critic_optimizer, vloss, cfg.grad_clip))
             updates += 1
-    mask = rollout.action_mask
-    kl_per_seq = exp.kl.sum(1)
-    out = {k: float(v) / updates for k, v in sums.items()}     # the one device read of the iteration
+    return {k: v / updates for k, v in sums.items()}
+
+
+def ppo_iteration(actor, reference, critic, actor_optimizer, critic_optimizer, rollout: Rollout, cfg: PPOConfig,
+                  generator: torch.Generator, ptx_batches: Callable[[], object] | None = None,
+                  train_actor: bool = True) -> dict[str, float]:
+    """``make_experience`` then ``ppo_update`` (module docstring), with the statistics read to the host once.
+    ``ptx_batches()`` returns the next packed pretraining batch (``train.data.Batch``) for the actor's
+    language-modelling term; None (or ``ptx_coef`` 0) leaves it out. ``train_actor=False`` is the critic warmup: the
+    actor is neither stepped nor given gradients."""
+    t0 = time.perf_counter()
+    exp = make_experience(actor, reference, critic, rollout, cfg)
+    if rollout.input_ids.device.type == "cuda":     # only for the time split of the metrics
+        torch.cuda.synchronize(rollout.input_ids.device)
+    t1 = time.perf_counter()
+    means = ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp, cfg, generator, ptx_batches, train_actor)
+    out = {k: float(v) for k, v in means.items()}      # the iteration's device read
     t2 = time.perf_counter()
-    out.update(score=float(rollout.scores.mean()), kl=float(kl_per_seq.mean()),
+    mask = rollout.action_mask
+    out.update(score=float(rollout.scores.mean()), kl=float(exp.kl.sum(1).mean()),
                reward=float(exp.rewards.sum(1).mean()), response_length=float(mask.float().sum(1).mean()),
                advantage_mean=float(masked_mean(exp.advantages, mask)),
                return_mean=float(masked_mean(exp.returns, mask)),
