@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 import internlm_kernels as ik
 
-from .internlm2 import PackedContext, PackedInputs
+from .context import PackedContext
+from .packing import PackedInputs
 
 
 class KVCache:

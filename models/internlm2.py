@@ -15,6 +15,10 @@ One block (pre-norm; the residual add is fused into the norms):
     h = w2(swiglu(w1(x), w3(x)))
 after the last block: rms_norm(h, residual=r) -> output head (or fused linear cross-entropy for the loss).
 
+The file reads top-down: the causal LM and the score model, then the trunk, its block and the block's parts.
+Packing of padded or packed inputs is in ``models.packing``, the per-forward contexts (packed, decode) in
+``models.context`` and ``models.generation``.
+
 Which implementation runs each op (reference / triton / ...) is chosen by internlm_kernels' backend switch
 (``ik.use_backend`` or INTERNLM_KERNELS_BACKEND), so the switch changes the whole model.
 """
@@ -24,17 +28,18 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import internlm_kernels as ik
-from internlm_kernels._checks import check_cu_seqlens, check_tensor
+from internlm_kernels._checks import check_tensor
 
 from . import checkpoint as ckpt
 from .config import InternLM2Config
+from .context import ForwardContext, PackedContext
+from .generation import generate
+from .packing import IGNORE_INDEX, PackedInputs, pack_inputs, reads_values, shift_labels
 
-IGNORE_INDEX = -100
 CHECKPOINTING_MODES = (False, True, "mlp")
 
 
@@ -48,244 +53,6 @@ class CausalLMOutput:
 class ScoreOutput:
     values: torch.Tensor                  # (T,) packed or (B, S) padded, float32: the head at every token
     scores: torch.Tensor                  # (B,) float32: the value at the last token of each sequence
-
-
-# --------------------------------------------------------------------------------------------------
-# Inputs: padded or packed -> packed
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class PackedInputs:
-    """The batch as packed tokens, and how to put per-token results back into the caller's layout."""
-    input_ids: torch.Tensor               # (T,) int64
-    cu_seqlens: torch.Tensor              # (B+1,) int32
-    max_seqlen: int
-    positions: torch.Tensor | None        # (T,) explicit rotary positions; None: restart at 0 per sequence
-    padded_shape: tuple[int, int] | None  # (B, S) when the caller passed a padded batch
-    valid_index: torch.Tensor | None      # (T,) flat indices of the valid tokens in B*S; None: all valid
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, S, ...) in the caller's padded layout -> (T, ...) packed; packed input passes through."""
-        if self.padded_shape is None:
-            return t
-        flat = t.reshape(-1, *t.shape[2:])
-        return flat if self.valid_index is None else flat[self.valid_index]
-
-    def unpack(self, t: torch.Tensor) -> torch.Tensor:
-        """(T, ...) packed -> the caller's layout; padding positions are zero."""
-        if self.padded_shape is None:
-            return t
-        B, S = self.padded_shape
-        if self.valid_index is None:
-            return t.reshape(B, S, *t.shape[1:])
-        out = t.new_zeros(B * S, *t.shape[1:])
-        out[self.valid_index] = t
-        return out.reshape(B, S, *t.shape[1:])
-
-
-def pack_inputs(input_ids, cu_seqlens=None, attention_mask=None, position_ids=None,
-                vocab_size: int | None = None, max_seqlen: int | None = None) -> PackedInputs:
-    """Validate the forward's inputs and pack them (see the module docstring)."""
-    check_tensor("input_ids", input_ids, dtypes=(torch.int64, torch.int32), ndim=(1, 2))
-    device = input_ids.device
-    if input_ids.dim() == 1:
-        if attention_mask is not None:
-            raise ValueError("attention_mask is for padded (B, S) input_ids; packed (T,) input takes cu_seqlens")
-        T = input_ids.shape[0]
-        if cu_seqlens is None:
-            cu_seqlens = torch.tensor([0, T], dtype=torch.int32, device=device)
-        check_cu_seqlens("cu_seqlens", cu_seqlens, T, device)
-        padded_shape, valid_index = None, None
-        ids = input_ids
-    else:
-        if cu_seqlens is not None:
-            raise ValueError("cu_seqlens is for packed (T,) input_ids; padded (B, S) input takes attention_mask")
-        B, S = input_ids.shape
-        padded_shape = (B, S)
-        if attention_mask is None:
-            lengths = torch.full((B,), S, dtype=torch.int32, device=device)
-            valid_index = None
-            ids = input_ids.reshape(-1)
-        else:
-            check_tensor("attention_mask", attention_mask, ndim=2, device=device)
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape "
-                                 f"{tuple(input_ids.shape)}")
-            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-                raise ValueError("attention_mask must hold only 0 and 1")
-            mask = attention_mask.bool()
-            lengths = mask.sum(dim=1, dtype=torch.int32)
-            valid_index = mask.reshape(-1).nonzero().squeeze(1)
-            ids = input_ids.reshape(-1)[valid_index]
-        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    if vocab_size is not None and ids.numel() and bool(((ids < 0) | (ids >= vocab_size)).any()):
-        raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size})")
-    if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    positions = None
-    if position_ids is not None:
-        check_tensor("position_ids", position_ids, dtypes=(torch.int64, torch.int32), device=device)
-        if position_ids.shape != input_ids.shape:
-            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} differs from input_ids shape "
-                             f"{tuple(input_ids.shape)}")
-        flat = position_ids.reshape(-1)
-        positions = (flat if valid_index is None else flat[valid_index]).long()
-        if positions.numel() and bool((positions < 0).any()):
-            raise ValueError("position_ids must be >= 0")
-    return PackedInputs(ids.long(), cu_seqlens, max_seqlen, positions, padded_shape, valid_index)
-
-
-def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """HF-convention labels (T,) -> next-token targets (T,): token i predicts labels[i + 1] of the same sequence;
-    the last token of each sequence predicts nothing (IGNORE_INDEX), so no document predicts the next one."""
-    targets = torch.full_like(labels, IGNORE_INDEX)
-    targets[:-1] = labels[1:]
-    # An empty sequence's end index repeats the previous end (or is -1 = the last token, also an end).
-    targets[cu_seqlens[1:].long() - 1] = IGNORE_INDEX
-    return targets
-
-
-# --------------------------------------------------------------------------------------------------
-# Per-forward context: rotary and attention for packed tokens (training, scoring, prefill)
-# --------------------------------------------------------------------------------------------------
-class PackedContext:
-    """What every layer needs for a packed forward. ``cache`` (prefill) receives each layer's rotated k and v."""
-
-    def __init__(self, packed: PackedInputs, rotary: ik.nn.RotaryEmbedding, cache=None):
-        self.cu_seqlens = packed.cu_seqlens
-        self.max_seqlen = packed.max_seqlen
-        self.cache = cache
-        device = packed.input_ids.device
-        if packed.positions is None:
-            # Dynamic NTK: the base follows the longest sequence of the batch (HF: the sequence length).
-            self.cos, self.sin = rotary(max(self.max_seqlen, 1), device)
-            self.per_token = False
-        else:
-            seq_len = int(packed.positions.max()) + 1 if packed.positions.numel() else 1
-            cos, sin = rotary(seq_len, device)
-            self.cos, self.sin = cos[packed.positions], sin[packed.positions]   # (T, D/2): row i is token i
-            self.per_token = True
-
-    def qkv(self, wqkv_out: torch.Tensor, n_kv_heads: int, head_dim: int):
-        """wqkv output (T, (Hq + 2 Hkv) · D) -> rotated q (T, Hq, D), rotated k and v (T, Hkv, D), one pass."""
-        if self.per_token:
-            # One "sequence" of T tokens at positions 0..T-1 reading the per-token tables = explicit positions.
-            q, k, v = ik.qkv_rotary(wqkv_out.unsqueeze(0), self.cos, self.sin, n_kv_heads, head_dim)
-            return q[0], k[0], v[0]
-        return ik.qkv_rotary(wqkv_out, self.cos, self.sin, n_kv_heads, head_dim, cu_seqlens=self.cu_seqlens,
-                             max_seqlen=self.max_seqlen)
-
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D), causal within each sequence."""
-        if self.cache is not None:
-            self.cache.write_prefill(layer_idx, k, v)
-        return ik.flash_attn_varlen_func(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_seqlen,
-                                         self.max_seqlen, causal=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# Modules
-# --------------------------------------------------------------------------------------------------
-class Attention(nn.Module):
-    def __init__(self, config: InternLM2Config, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.n_heads = config.num_attention_heads
-        self.n_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.wqkv = nn.Linear(config.hidden_size, config.qkv_size, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
-        N = x.shape[0]                                                   # tokens (packed) or sequences (decode)
-        q, k, v = ctx.qkv(self.wqkv(x), self.n_kv_heads, self.head_dim)  # (N, Hq, D), (N, Hkv, D) x2, rotated
-        out = ctx.attend(self.layer_idx, q, k, v)                        # (N, Hq, D)
-        return self.wo(out.reshape(N, self.n_heads * self.head_dim))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, config: InternLM2Config):
-        super().__init__()
-        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)   # gate
-        self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)   # up
-        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)   # down
-        # Recompute silu(gate) * up in backward instead of keeping it for w2's weight gradient: saves
-        # tokens x intermediate activations per layer for one elementwise pass.
-        self.recompute_activation = False
-
-    def _down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        return self.w2(ik.swiglu(gate, up))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w1(x), self.w3(x)                                # (N, intermediate) each
-        if self.recompute_activation and torch.is_grad_enabled():
-            return checkpoint(self._down, gate, up, use_reentrant=False)
-        return self._down(gate, up)
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, config: InternLM2Config, layer_idx: int):
-        super().__init__()
-        self.attention_norm = ik.nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.attention = Attention(config, layer_idx)
-        self.ffn_norm = ik.nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.feed_forward = FeedForward(config)
-
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, ctx):
-        """h: the previous block's output, residual: the stream before it (None at the first block)."""
-        x, residual = self.attention_norm(h, residual=residual, prenorm=True)
-        h = self.attention(x, ctx)
-        x, residual = self.ffn_norm(h, residual=residual, prenorm=True)
-        return self.feed_forward(x), residual
-
-
-class InternLM2Model(nn.Module):
-    """Embeddings, blocks and the final norm; ``forward`` returns the normalized hidden states."""
-
-    def __init__(self, config: InternLM2Config):
-        super().__init__()
-        self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = ik.nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary = self._rotary(config)
-        self._checkpointing: bool | str = False
-
-    @staticmethod
-    def _rotary(config: InternLM2Config) -> ik.nn.RotaryEmbedding:
-        """cos/sin tables (theta, linear or dynamic NTK), cached per length; no state in checkpoints."""
-        scaling = config.rope_scaling or {}
-        return ik.nn.RotaryEmbedding(config.head_dim, config.rope_theta, scaling.get("type"),
-                                     scaling.get("factor", 1.0), config.max_position_embeddings)
-
-    def set_rope_theta(self, theta: float) -> None:
-        self.config = dataclasses.replace(self.config, rope_theta=float(theta))
-        self.rotary = self._rotary(self.config)
-
-    @property
-    def gradient_checkpointing(self) -> bool | str:
-        """False; True: recompute each block in backward (only block inputs stay alive); "mlp": recompute only
-        the SwiGLU activation (the largest saved tensor, cheap to recompute)."""
-        return self._checkpointing
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, mode: bool | str) -> None:
-        if not (isinstance(mode, bool) or mode == "mlp"):
-            raise ValueError(f"gradient_checkpointing must be one of {CHECKPOINTING_MODES}, got {mode!r}")
-        self._checkpointing = mode if isinstance(mode, bool) else "mlp"
-        for layer in self.layers:
-            layer.feed_forward.recompute_activation = mode == "mlp"
-
-    def forward(self, input_ids: torch.Tensor, ctx) -> torch.Tensor:
-        """input_ids (N,) -> hidden (N, hidden_size); ``ctx`` supplies rotary and attention (PackedContext, or
-        the decode context of models.generation)."""
-        h = self.tok_embeddings(input_ids)                               # (N, hidden)
-        residual = None
-        for layer in self.layers:
-            if self._checkpointing is True and torch.is_grad_enabled():
-                h, residual = checkpoint(layer, h, residual, ctx, use_reentrant=False)
-            else:
-                h, residual = layer(h, residual, ctx)
-        return self.norm(h, residual=residual)
 
 
 class _InternLM2Base(nn.Module):
@@ -385,8 +152,6 @@ class InternLM2ForCausalLM(_InternLM2Base):
                  stop_token_ids=(2, 92542), generator: torch.Generator | None = None) -> list[list[int]]:
         """KV-cache generation for a batch of prompts of unequal length; returns the new tokens of each prompt
         (ending with the stop token when one was produced). temperature 0 is greedy; else top-p sampling."""
-        from .generation import generate
-
         return generate(self, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
                         stop_token_ids=stop_token_ids, generator=generator)
 
@@ -408,12 +173,116 @@ class InternLM2ForScore(_InternLM2Base):
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> ScoreOutput:
-        packed = self._pack(input_ids, cu_seqlens, attention_mask, position_ids)
+                position_ids: torch.Tensor | None = None, max_seqlen: int | None = None) -> ScoreOutput:
+        """``max_seqlen``: as in the causal LM (host-known, so packed input costs no device read)."""
+        packed = self._pack(input_ids, cu_seqlens, attention_mask, position_ids, max_seqlen)
         lengths = packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]
-        if bool((lengths == 0).any()):
+        if reads_values(lengths) and bool((lengths == 0).any()):
             raise ValueError("every sequence needs at least one token to be scored (found an empty one)")
         hidden = self.model(packed.input_ids, PackedContext(packed, self.model.rotary))   # (T, hidden)
         values = self.score_head(hidden).squeeze(-1).float()                             # (T,)
         scores = values[packed.cu_seqlens[1:].long() - 1]                                # (B,)
         return ScoreOutput(values=packed.unpack(values), scores=scores)
+
+
+# --------------------------------------------------------------------------------------------------
+# The trunk and its parts
+# --------------------------------------------------------------------------------------------------
+class InternLM2Model(nn.Module):
+    """Embeddings, blocks and the final norm; ``forward`` returns the normalized hidden states."""
+
+    def __init__(self, config: InternLM2Config):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = ik.nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary = self._rotary(config)
+        self._checkpointing: bool | str = False
+
+    @staticmethod
+    def _rotary(config: InternLM2Config) -> ik.nn.RotaryEmbedding:
+        """cos/sin tables (theta, linear or dynamic NTK), cached per length; no state in checkpoints."""
+        scaling = config.rope_scaling or {}
+        return ik.nn.RotaryEmbedding(config.head_dim, config.rope_theta, scaling.get("type"),
+                                     scaling.get("factor", 1.0), config.max_position_embeddings)
+
+    def set_rope_theta(self, theta: float) -> None:
+        self.config = dataclasses.replace(self.config, rope_theta=float(theta))
+        self.rotary = self._rotary(self.config)
+
+    @property
+    def gradient_checkpointing(self) -> bool | str:
+        """False; True: recompute each block in backward (only block inputs stay alive); "mlp": recompute only
+        the SwiGLU activation (the largest saved tensor, cheap to recompute)."""
+        return self._checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, mode: bool | str) -> None:
+        if not (isinstance(mode, bool) or mode == "mlp"):
+            raise ValueError(f"gradient_checkpointing must be one of {CHECKPOINTING_MODES}, got {mode!r}")
+        self._checkpointing = mode if isinstance(mode, bool) else "mlp"
+        for layer in self.layers:
+            layer.feed_forward.recompute_activation = mode == "mlp"
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """input_ids (N,) -> hidden (N, hidden_size); ``ctx`` supplies rotary and attention (PackedContext, or
+        the decode context of models.generation)."""
+        h = self.tok_embeddings(input_ids)                               # (N, hidden)
+        residual = None
+        for layer in self.layers:
+            if self._checkpointing is True and torch.is_grad_enabled():
+                h, residual = checkpoint(layer, h, residual, ctx, use_reentrant=False)
+            else:
+                h, residual = layer(h, residual, ctx)
+        return self.norm(h, residual=residual)
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: InternLM2Config, layer_idx: int):
+        super().__init__()
+        self.attention_norm = ik.nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attention = Attention(config, layer_idx)
+        self.ffn_norm = ik.nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext):
+        """h: the previous block's output, residual: the stream before it (None at the first block)."""
+        x, residual = self.attention_norm(h, residual=residual, prenorm=True)
+        h = self.attention(x, ctx)
+        x, residual = self.ffn_norm(h, residual=residual, prenorm=True)
+        return self.feed_forward(x), residual
+
+class Attention(nn.Module):
+    def __init__(self, config: InternLM2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.wqkv = nn.Linear(config.hidden_size, config.qkv_size, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        N = x.shape[0]                                                   # tokens (packed) or sequences (decode)
+        q, k, v = ctx.qkv(self.wqkv(x), self.n_kv_heads, self.head_dim)  # (N, Hq, D), (N, Hkv, D) x2, rotated
+        out = ctx.attend(self.layer_idx, q, k, v)                        # (N, Hq, D)
+        return self.wo(out.reshape(N, self.n_heads * self.head_dim))
+
+class FeedForward(nn.Module):
+    def __init__(self, config: InternLM2Config):
+        super().__init__()
+        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)   # gate
+        self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)   # up
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)   # down
+        # Recompute silu(gate) * up in backward instead of keeping it for w2's weight gradient: saves
+        # tokens x intermediate activations per layer for one elementwise pass.
+        self.recompute_activation = False
+
+    def _down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.w2(ik.swiglu(gate, up))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w1(x), self.w3(x)                                # (N, intermediate) each
+        if self.recompute_activation and torch.is_grad_enabled():
+            return checkpoint(self._down, gate, up, use_reentrant=False)
+        return self._down(gate, up)

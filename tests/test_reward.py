@@ -192,3 +192,118 @@ def test_pairs_pack_together_by_token_budget_and_resume():
         ItemBatches(source, 100, 60, max_seqs_per_item=2)
     with pytest.raises(ValueError, match=r"max_seq_len \(60\) is too small"):   # every synthetic pair is longer
         ItemBatches(source, 1024, 60, max_seqs_per_item=2).next_step()
+
+
+def _fit_reward_model(conditions, steps=30, seed=0):
+    """A micro score model trained on the domain-flipped synthetic pairs; held-out accuracy per domain."""
+    import dataclasses
+
+    from models import InternLM2Config, InternLM2ForScore
+    from train.reward import pair_loss_fn
+    from train.reward_eval import pair_accuracy, pair_scores
+
+    tok = ByteTokenizer()
+    rid = reward_token_id(tok)
+    domains = SyntheticPreferences.domains
+    train = SyntheticPreferences(seed=seed)
+    held = SyntheticPreferences(seed=seed, split="heldout")
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(InternLM2Config.preset("micro"), vocab_size=tok.vocab_size, max_position_embeddings=256)
+    model = InternLM2ForScore(cfg)
+    batches = ItemBatches(lambda i: pair_item(train[i], tok, rid, conditions, domains), micro_batch_tokens=1024,
+                          max_seq_len=256, max_seqs_per_item=2)
+    loss_fn = pair_loss_fn()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(steps):
+        (batch,) = batches.next_step()
+        loss, n, _ = loss_fn(model, batch)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    items = [pair_item(held[i], tok, rid, conditions, domains) for i in range(64)]
+    return pair_accuracy(pair_scores(model, items, torch.device("cpu")), domains)
+
+
+def test_conditional_reward_model_fits_flipped_preferences_only_with_conditions():
+    short = {"concise": "concise", "helpful": "helpful"}      # short condition prompts keep the test fast
+    with_conditions = _fit_reward_model(short)
+    without = _fit_reward_model({})
+    # Held-out pairs come in flipped twins (same responses, opposite labels): a model that cannot see the domain
+    # gets at most one of each twin right.
+    assert without["pair_acc"] <= 0.5
+    assert with_conditions["pair_acc"] >= 0.9, with_conditions
+    assert min(with_conditions["pair_acc_concise"], with_conditions["pair_acc_helpful"]) >= 0.8
+
+
+# ---- the stage on the Trainer ----------------------------------------------------------------------------------
+def _rm_cfg(tmp_path, name, init_from, *extra):
+    from train.align_config import parse_reward_cli
+
+    return parse_reward_cli(["--config", "configs/reward_tiny.toml", f"--run.name={name}",
+                             f"--run.output_dir={tmp_path}", "--model.preset=micro",
+                             "--model.overrides={max_position_embeddings = 1024}", f"--reward.init_from={init_from}",
+                             "--reward.heldout=8", "--stages.0.steps=4", "--stages.0.seq_len=256",
+                             "--stages.0.micro_batch_tokens=512", "--stages.0.global_batch_tokens=1024",
+                             "--optim.warmup_steps=1", "--metrics.progress=false", *extra])
+
+
+def test_reward_stage_from_sft_checkpoint_resumes_exactly(tmp_path):
+    import dataclasses
+
+    from models import InternLM2Config, InternLM2ForCausalLM
+    from train.metrics import read_jsonl
+    from train.reward import run_reward
+
+    sft = tmp_path / "sft_model"
+    torch.manual_seed(3)
+    lm = InternLM2ForCausalLM(dataclasses.replace(InternLM2Config.preset("micro"), vocab_size=272,
+                                                  max_position_embeddings=1024))
+    lm.save_pretrained(sft, layout="llama")
+
+    def records(path):   # everything but wall-clock times
+        return [{k: v for k, v in r.items() if k not in ("window_time_s", "tokens_per_s")} for r in read_jsonl(path)]
+
+    full = run_reward(_rm_cfg(tmp_path, "full", str(sft), "--checkpoint.every=2"))
+    assert full.finished and full.init_from == str(sft)
+    # the trunk is the SFT model's, the head is fresh (drawn from run.seed: the same in every build)
+    trunk = {k: v for k, v in lm.state_dict().items() if k != "output.weight"}
+    assert set(trunk) | {"score_head.weight"} == set(full.model.state_dict())
+    from train.parallel import Runtime
+    from train.reward import build_score_model
+    rebuilt = build_score_model(_rm_cfg(tmp_path, "x", str(sft)), Runtime(torch.device("cpu"), torch.float32), 272,
+                                str(sft))
+    again = build_score_model(_rm_cfg(tmp_path, "x", str(sft)), Runtime(torch.device("cpu"), torch.float32), 272,
+                              str(sft))
+    for k, v in trunk.items():
+        assert torch.equal(rebuilt.state_dict()[k], v)
+    assert torch.equal(rebuilt.score_head.weight, again.score_head.weight)
+
+    evals = [r for r in read_jsonl(full.metrics_path) if r["kind"] == "eval"]
+    assert [e["stage"] for e in evals] == ["init", "reward"]
+    assert {"pair_acc", "pair_acc_concise", "pair_acc_helpful"} <= set(evals[-1])
+    assert full.histogram.endswith("reward_scores.png") and full.eval["pair_acc"] == evals[-1]["pair_acc"]
+    cut = run_reward(_rm_cfg(tmp_path, "cut", str(sft), "--checkpoint.every=2", "--run.stop_at_step=2"))
+    assert not cut.finished
+    resumed = run_reward(_rm_cfg(tmp_path, "cut", str(sft), "--checkpoint.every=2", "--resume"))
+    assert records(resumed.metrics_path) == records(full.metrics_path)
+    from train.align_pipeline import reward_section
+    report = "\n".join(reward_section(resumed, {}, {"concise": "c", "helpful": "h"}))
+    assert "| concise | c |" in report and "| helpful | chosen |" in report
+    # the export is the score model in InternLM2's layout
+    from models import InternLM2ForScore
+    exported = InternLM2ForScore.from_pretrained(tmp_path / "full" / "checkpoints" / "step_00000004" / "model")
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(exported.state_dict()[k], v)
+
+
+def test_reward_config_errors(tmp_path):
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="reward.loss must be one of focal, bradley_terry"):
+        _rm_cfg(tmp_path, "x", "", "--reward.loss=hinge")
+    with pytest.raises(ConfigError, match="micro_batch_tokens .* must hold 2 x seq_len"):
+        _rm_cfg(tmp_path, "x", "", "--stages.0.micro_batch_tokens=256", "--stages.0.global_batch_tokens=256")
+    with pytest.raises(ValueError, match="no condition prompt for domain 'helpful'"):
+        from train.reward import run_reward
+        run_reward(_rm_cfg(tmp_path, "x", "", "--reward.conditions={concise = \"short\"}"))

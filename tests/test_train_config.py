@@ -82,10 +82,28 @@ def test_cli_overrides(tmp_path):
     (["--config", "/no/such.toml"], "does not exist"),
     (["stray"], "unexpected argument"),
     (["--optim.warmup_steps=1000"], "warmup_steps"),
+    (["--model.preset=huge"], "model.preset must be one of"),
+    (["--model.overrides.hidden=3"], "model.overrides: 'hidden' is not an InternLM2Config field"),
+    (["--model.overrides.num_key_value_heads=3"], "model.overrides: num_attention_heads"),
+    (["--parallel.mode=zero9"], "parallel.mode must be one of"),
+    (["--parallel.tp=2"], "parallel.tp"),
+    (["--parallel.shard_size=-1"], "parallel.shard_size"),
+    (["--parallel.nodes=2"], "unknown key 'nodes'"),
+    (["--data.byte_vocab_size=100"], "data.byte_vocab_size"),
+    (["--stages.0.name="], "stages.0.name"),
 ])
 def test_bad_configs_raise_clear_errors(args, match):
     with pytest.raises(ConfigError, match=match):
         parse_cli(args)
+
+
+def test_cli_refuses_a_bad_key_before_any_work(tmp_path, capsys):
+    from train import pipeline, pretrain
+
+    for entry in (pretrain.main, pipeline.main):
+        assert entry(["--model.preset=huge", f"--run.output_dir={tmp_path}"]) == 2
+        assert "model.preset must be one of" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)                                   # no run directory, no metrics, no bar
 
 
 def test_bad_toml_file(tmp_path):

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import os
 import random
+import traceback
 
+import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import InternLM2Config, InternLM2ForCausalLM
 from train.checkpoint import latest_checkpoint, list_checkpoints
@@ -14,6 +17,8 @@ from train.metrics import read_jsonl
 from train.parallel import Runtime
 from train.tokenizer import ByteTokenizer
 from train.trainer import Stage, Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---- the stage: "a+b=" -> "c", loss only on the answer tokens, exact-match accuracy of the answer tokens ----
@@ -80,3 +85,65 @@ def test_custom_stage_trains_checkpoints_and_resumes_exactly(tmp_path):
     assert _records(tmp_path / "cut") == expected                       # loss, accuracy, grad norm: bit-exact
     assert all(torch.equal(a, b) for a, b in zip(full.model.parameters(), resumed.model.parameters()))
     assert os.path.isdir(os.path.join(latest_checkpoint(tmp_path / "cut"), "model"))   # HF export at stage end
+
+
+class HostReads(TorchDispatchMode):
+    """Records where tensor values are read on the host (``.item()``, ``int(t)``, ``float(t)``, ``bool(t)`` all
+    dispatch ``aten._local_scalar_dense``): the innermost frame in this repository's code."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            frames = [f for f in traceback.extract_stack() if f.filename.startswith(ROOT) and "/.venv/" not in f.filename
+                      and not f.filename.startswith(os.path.join(ROOT, "tests"))]
+            self.sites.append(f"{os.path.relpath(frames[-1].filename, ROOT)}:{frames[-1].lineno}" if frames else "?")
+        return func(*args, **(kwargs or {}))
+
+
+def test_steady_state_step_reads_nothing_from_the_device_in_model_or_trainer_code(tmp_path, monkeypatch):
+    """Issue 9, item 3, on CPU: no host read of a tensor value comes from train/ or models/ during a step (the
+    loss, target counts and grad norm stay tensors until the metrics read every log_every steps). The model's
+    input value checks read CPU tensors only (free there); they are switched off here as they are for GPU
+    tensors. Reads inside internlm_kernels are the kernels' own checks and work lists."""
+    import models.packing
+
+    monkeypatch.setattr(models.packing, "reads_values", lambda t: False)
+    trainer = _trainer(tmp_path / "sync", 4)
+    trainer.metrics_cfg.log_every = 100
+    stage = sums_stage(ByteTokenizer(), 4)
+    trainer.step(stage)                                  # first step: optimizer state, caches
+    with HostReads() as reads:
+        trainer.step(stage)
+        trainer.step(stage)
+    ours = [s for s in reads.sites if s.startswith(("train/", "models/"))]
+    assert not ours, ours
+    print("host reads inside internlm_kernels per two steps:", sorted(set(reads.sites)))
+
+
+@pytest.mark.gpu
+def test_steady_state_steps_never_sync_on_gpu(tmp_path):
+    """Issue 9, item 3, on a GPU: forward, backward, clip and FusedAdamW steps of the Trainer with bf16 weights and
+    fp32 master weights under ``torch.cuda.set_sync_debug_mode("error")``: any device-to-host sync raises. Needs
+    the kernels' value checks off (their default without INTERNLM_KERNELS_DEBUG)."""
+    torch.manual_seed(0)
+    runtime = Runtime(torch.device("cuda"), torch.bfloat16)
+    model = InternLM2ForCausalLM(InternLM2Config(vocab_size=272, hidden_size=128, intermediate_size=256,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    trainer = Trainer(model.to("cuda", torch.bfloat16), runtime, optim=OptimConfig(warmup_steps=1),
+                      checkpoint=CheckpointConfig(), metrics=MetricsConfig(progress=False, log_every=100),
+                      run_dir=str(tmp_path), total_steps=10)
+    stage = sums_stage(ByteTokenizer(), 10)
+    for _ in range(2):                                   # optimizer state, kernel compilation, caches
+        trainer.step(stage)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            trainer.step(stage)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert trainer.state.global_step == 5

@@ -26,8 +26,9 @@ def model_config(model_cfg: ModelConfig, vocab_size: int | None = None, rope_the
     return dataclasses.replace(InternLM2Config.preset(model_cfg.preset), **changes)
 
 
-def build_model(config, runtime: Runtime, seed: int, init_from: str = "", checkpointing=False):
-    """A fresh model (initialized from ``seed``), or one loaded from an HF directory (with ``config``'s RoPE base)."""
+def build_model(config, runtime: Runtime, seed: int, init_from: str = "", checkpointing=False, compile: bool = False):
+    """A fresh model (initialized from ``seed``), or one loaded from an HF directory (with ``config``'s RoPE base).
+    ``compile``: torch.compile the forward in place (parameter names, hence checkpoints, do not change)."""
     from models import InternLM2ForCausalLM
 
     if init_from:
@@ -44,7 +45,10 @@ def build_model(config, runtime: Runtime, seed: int, init_from: str = "", checkp
             torch.manual_seed(seed)
             model = InternLM2ForCausalLM(config)
     model.gradient_checkpointing = checkpointing
-    return model.to(runtime.device, runtime.dtype)
+    model = model.to(runtime.device, runtime.dtype)
+    if compile:
+        model.compile()
+    return model
 
 
 def optimizer_factory(optim: OptimConfig, runtime: Runtime):

@@ -41,7 +41,7 @@ class ModelConfig:
     preset: str = "tiny"               # InternLM2Config.preset name
     init_from: str = ""                # optional HF-layout directory to start from instead of random init
     gradient_checkpointing: str = "none"   # none | full (recompute each block) | mlp (recompute the SwiGLU output)
-    compile: bool = False              # torch.compile the model (GPU)
+    compile: bool = False              # torch.compile the model's forward (nn.Module.compile; weights unchanged)
     overrides: dict[str, Any] = field(default_factory=dict)  # any InternLM2Config field, e.g. hidden_size
 
 
@@ -240,8 +240,9 @@ def apply_override(data: dict, dotted: str, value) -> None:
         node[last] = value
 
 
-def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults <- the TOML file <- overrides (``{"optim.lr": 1e-3}``), then validated."""
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None, cls: type = TrainConfig):
+    """Defaults <- the TOML file <- overrides (``{"optim.lr": 1e-3}``), then validated. ``cls``: TrainConfig or a
+    stage's subclass of it with extra sections (train.align_config)."""
     data: dict = {}
     where = "config"
     if path:
@@ -260,7 +261,7 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         for key, value in overrides.items():
             apply_override(data, key, value)
     try:
-        config = _build(TrainConfig, data, "")
+        config = _build(cls, data, "")
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     try:
@@ -297,6 +298,11 @@ def validate(c: TrainConfig) -> None:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     _check(c.data.txt_mode in ("line", "file"), f"data.txt_mode must be line or file, got {c.data.txt_mode!r}")
+    _check(bool(c.data.text_field), "data.text_field must be a non-empty field name")
+    from .tokenizer import MIN_BYTE_VOCAB
+    _check(c.data.byte_vocab_size >= MIN_BYTE_VOCAB,
+           f"data.byte_vocab_size must be >= {MIN_BYTE_VOCAB} (bytes + specials), got {c.data.byte_vocab_size}")
+    _check(c.data.num_people >= 1, f"data.num_people must be >= 1, got {c.data.num_people}")
     if c.data.tokenizer != "byte":
         tok = c.data.tokenizer
         tok_file = os.path.join(tok, "tokenizer.model") if os.path.isdir(tok) else tok
@@ -306,10 +312,13 @@ def validate(c: TrainConfig) -> None:
     names = set()
     for i, s in enumerate(c.stages):
         w = f"stages.{i}"
+        _check(bool(s.name), f"{w}.name must be a non-empty name")
         _check(s.name not in names, f"{w}.name {s.name!r} is used twice")
         names.add(s.name)
         _check(s.steps >= 1, f"{w}.steps must be >= 1, got {s.steps}")
         _check(s.seq_len >= 2, f"{w}.seq_len must be >= 2, got {s.seq_len}")
+        _check(s.global_batch_tokens >= 0, f"{w}.global_batch_tokens must be >= 0, got {s.global_batch_tokens}")
+        _check(s.micro_batch_tokens >= 0, f"{w}.micro_batch_tokens must be >= 0, got {s.micro_batch_tokens}")
         micro = s.micro_batch_tokens or s.seq_len
         _check(micro % s.seq_len == 0, f"{w}.micro_batch_tokens ({micro}) must be a multiple of seq_len ({s.seq_len})")
         if s.global_batch_tokens:
@@ -375,7 +384,7 @@ def check_parallel(p: ParallelConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
-def parse_cli(argv: list[str], default_config: str | None = None) -> TrainConfig:
+def parse_cli(argv: list[str], default_config: str | None = None, cls: type = TrainConfig):
     """``[--config PATH] [--resume] [--section.key=value | --section.key value ...]``"""
     path = default_config
     overrides: dict[str, Any] = {}
@@ -401,4 +410,4 @@ def parse_cli(argv: list[str], default_config: str | None = None) -> TrainConfig
             overrides["checkpoint.resume"] = parse_value(value)
         else:
             overrides[key] = parse_value(value)
-    return load_config(path, overrides)
+    return load_config(path, overrides, cls)

@@ -41,7 +41,8 @@ def heldout_loss(model: torch.nn.Module, rows: Sequence[PackedRow], device: torc
     def flush():
         nonlocal total, targets
         batch = collate(group).to(device)
-        out = model(batch.input_ids, batch.cu_seqlens, labels=batch.labels, loss_reduction="sum")
+        out = model(batch.input_ids, batch.cu_seqlens, max_seqlen=batch.max_seqlen, labels=batch.labels,
+                    loss_reduction="sum")
         total += float(out.loss)
         targets += batch.num_targets
 

@@ -95,6 +95,7 @@ class ItemBatches:
             raise ValueError(f"accumulation must be >= 1 and rank in [0, world), got {accumulation}, {rank}/{world}")
         self.source, self.budget, self.max_seq_len, self.where = source, micro_batch_tokens, max_seq_len, where
         self._drop_run = 0
+        self._step_tokens = 0
         self.accumulation, self.overlong, self.rank, self.world = accumulation, overlong, rank, world
         self.next_item = 0
         self.items = self.dropped = self.truncated = 0
@@ -140,9 +141,16 @@ class ItemBatches:
             items.append(self._take())
         return collate_items(items)
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Global tokens of the step just produced (whole items fill a budget, so steps differ a little); before
+        the first step, the budget. Read by the Trainer for throughput."""
+        return self._step_tokens or self.budget * self.accumulation * self.world
+
     def next_step(self) -> list[ItemBatch]:
         """This rank's micro-batches of the next step (every rank advances the stream identically)."""
         micro = [self.next_micro_batch() for _ in range(self.accumulation * self.world)]
+        self._step_tokens = sum(int(m.cu_seqlens[-1]) for m in micro)     # host tensors: no device read
         return micro[self.rank::self.world]
 
     def state_dict(self) -> dict:

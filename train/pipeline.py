@@ -6,7 +6,9 @@
 Stages run by ``train.pretrain`` (4k-style stage, then the long-context stage with the RoPE base raised); then
 plots of loss and throughput, a check that the checkpoint loads in transformers and computes the same logits,
 and ``runs/<name>/report.md`` (also printed): loss curve, held-out perplexity before/after, passkey accuracy by
-length, tokens/s, the checkpoint, and how to load it. SFT and RLHF stages are appended here by later work.
+length, tokens/s, the checkpoint, and how to load it. Then SFT from that checkpoint and the conditional reward
+model from the SFT checkpoint (``train.align_pipeline``: configs/sft_tiny.toml, configs/reward_tiny.toml) add
+their sections to the report.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import time
 
 import torch
 
-from .config import TrainConfig, parse_cli
+from .align_pipeline import run_alignment
+from .config import ConfigError, TrainConfig, parse_cli
 from .eval import passkey_table
 from .metrics import plot_training, read_jsonl
 from .pretrain import PretrainResult, heldout_texts, run_pretraining
@@ -121,7 +124,11 @@ def write_report(cfg: TrainConfig, result: PretrainResult, plots: dict, check: d
 
 def main(argv: list[str] | None = None) -> int:
     start = time.time()
-    cfg = parse_cli(sys.argv[1:] if argv is None else argv, default_config=DEFAULT_CONFIG)
+    try:
+        cfg = parse_cli(sys.argv[1:] if argv is None else argv, default_config=DEFAULT_CONFIG)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     result = run_pretraining(cfg)
     if torch.distributed.is_initialized():
         rank = torch.distributed.get_rank()
@@ -140,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.startswith("cuda"):
         device = torch.cuda.get_device_name()
     report = write_report(cfg, result, plots, check, samples, time.time() - start, device)
+    run_alignment(cfg, result.checkpoint, report, start)
     print()
     with open(report) as f:
         print(f.read())

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .build import batch_flops, build_model, model_config
-from .config import CHECKPOINTING, TrainConfig, parse_cli, to_dict
+from .config import CHECKPOINTING, ConfigError, TrainConfig, parse_cli, to_dict
 from .corpus import SyntheticCorpus
 from .data import Batch, FileCorpus, PackedStream, ShardedBatches
 from .eval import check_passkey_lengths, heldout_loss, heldout_rows, passkey_probe, write_passkey
@@ -124,7 +124,7 @@ def run_pretraining(cfg: TrainConfig) -> PretrainResult:
         check_passkey_lengths(tokenizer, cfg.eval.passkey_lengths)  # fail before training, not after
     config = model_config(cfg.model, tokenizer.vocab_size, cfg.stages[0].rope_theta or None)
     model = build_model(config, rt, cfg.run.seed, init_from=cfg.model.init_from,
-                        checkpointing=CHECKPOINTING[cfg.model.gradient_checkpointing])
+                        checkpointing=CHECKPOINTING[cfg.model.gradient_checkpointing], compile=cfg.model.compile)
     stages = pretraining_stages(cfg, rt, tokenizer, model)
     trainer = Trainer(model, rt, optim=cfg.optim, checkpoint=cfg.checkpoint, metrics=cfg.metrics,
                       run_dir=cfg.run_dir, total_steps=cfg.total_steps,
@@ -152,7 +152,11 @@ def run_pretraining(cfg: TrainConfig) -> PretrainResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_cli(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = parse_cli(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     result = run_pretraining(cfg)
     if result.checkpoint and int(os.environ.get("RANK", "0")) == 0:
         print(f"[train] checkpoint: {result.checkpoint}")

@@ -1,0 +1,205 @@
+"""The conditional reward model of COOL RLHF (InternLM2 report, section 4.2).
+
+One reward model for every preference domain: a condition system prompt names the domain (``train.preference``),
+the score is read at the reward token appended to the end, and the loss is the focal ranking loss plus the log
+barrier (``train.reward_losses``; plain Bradley-Terry selectable).
+
+    python -m train.reward --config configs/reward_tiny.toml [--resume] [--section.key=value ...]
+    torchrun --nproc_per_node 8 -m train.reward --config configs/reward_7b.toml
+
+``InternLM2ForScore`` starts from the SFT checkpoint (``reward.init_from``) with a fresh head drawn from
+``run.seed``. Data: preference pairs (``train.preference``: jsonl or the embedded domain-flipped set), each
+sequence = condition prompt + conversation + reward token; chosen and rejected of a pair sit next to each other in
+one micro-batch, micro-batches filled with whole pairs up to ``stages.0.micro_batch_tokens`` (InternLM2: 16,384
+tokens, max length 8192; a longer pair is dropped and counted). Evaluation before and after: held-out pair accuracy
+per domain and score statistics; at the end a score histogram (``<run>/eval/reward_scores.png``). The stage ends
+with an export of the score model in InternLM2's layout (``InternLM2ForScore.from_pretrained``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .align_config import RewardConfig, parse_reward_cli, resolve_init, stage_geometry
+from .build import model_config
+from .config import CHECKPOINTING, ConfigError, to_dict
+from .item_packing import Item, ItemBatch, ItemBatches
+from .parallel import Runtime, barrier, init_runtime
+from .preference import SYNTHETIC_DOMAINS, SyntheticPreferences, pair_item, read_preferences, reward_token_id
+from .reward_eval import histogram_table, pair_accuracy, pair_scores, plot_score_histogram
+from .reward_losses import (  # noqa: F401  (the losses are part of this module's API)
+    bradley_terry_loss,
+    focal_ranking_loss,
+    log_barrier_penalty,
+    reward_loss,
+)
+from .tokenizer import Tokenizer, describe, load_tokenizer
+from .trainer import Stage, Trainer
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "reward_tiny.toml")
+
+
+def pair_loss_fn(kind: str = "focal", gamma: float = 2.0, penalty: float = 0.02, bound: float = 5.0):
+    """The Trainer's loss for packed pairs (chosen at even, rejected at odd sequences): (summed pair losses, the
+    number of pairs, summed metrics: correct pairs, chosen-minus-rejected margin, |score|)."""
+    def loss_fn(model: torch.nn.Module, batch: ItemBatch):
+        if batch.seqs_per_item != 2:
+            raise ValueError(f"a reward batch holds pairs (2 sequences per item), got {batch.seqs_per_item}")
+        scores = model(batch.input_ids, batch.cu_seqlens, max_seqlen=batch.max_seqlen).scores   # (2P,) float32
+        chosen, rejected = scores[0::2], scores[1::2]
+        loss = reward_loss(chosen, rejected, kind, gamma, penalty, bound, reduction="sum")
+        d = (chosen - rejected).detach()
+        metrics = {"pair_acc": (d > 0).sum(), "margin": d.sum(),
+                   "score_abs": (chosen.detach().abs() + rejected.detach().abs()).sum() / 2}
+        return loss, len(batch.groups), metrics
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage: python -m train.reward --config configs/reward_tiny.toml [--resume] [--section.key=value ...]
+
+
+def preference_sets(cfg: RewardConfig):
+    """(training pairs: random-access stream or list, held-out pairs, the evaluated domains)."""
+    r = cfg.reward
+    if r.pairs == "synthetic":
+        held = SyntheticPreferences(cfg.run.seed, "heldout")
+        return SyntheticPreferences(cfg.run.seed, "train"), [held[i] for i in range(r.heldout)], SYNTHETIC_DOMAINS
+    pairs = read_preferences(r.pairs)
+    if len(pairs) <= r.heldout:
+        raise ValueError(f"reward.heldout ({r.heldout}) leaves no training pairs of {len(pairs)} in {r.pairs}")
+    domains = tuple(dict.fromkeys(p.domain for p in pairs))
+    return pairs[r.heldout:], pairs[:r.heldout], domains
+
+
+def build_score_model(cfg: RewardConfig, rt: Runtime, vocab_size: int, init_from: str):
+    """InternLM2ForScore: the SFT trunk with a fresh scalar head drawn from run.seed, or a seeded random init."""
+    from models import InternLM2ForScore
+
+    config = model_config(cfg.model, vocab_size, cfg.stages[0].rope_theta or None)
+    if init_from:
+        model = InternLM2ForScore.from_pretrained(init_from)
+        if model.config.vocab_size < vocab_size:
+            raise ValueError(f"reward.init_from: its vocabulary ({model.config.vocab_size}) is smaller than the "
+                             f"tokenizer's ({vocab_size})")
+        model.model.set_rope_theta(config.rope_theta)
+        gen = torch.Generator().manual_seed(cfg.run.seed)
+        with torch.no_grad():
+            head = model.score_head.weight
+            head.copy_(torch.randn(head.shape, generator=gen, dtype=torch.float32) * model.config.initializer_range)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.run.seed)
+            model = InternLM2ForScore(config)
+    model.gradient_checkpointing = CHECKPOINTING[cfg.model.gradient_checkpointing]
+    return model.to(rt.device, rt.dtype)
+
+
+def reward_evaluator(items: list[Item], domains, device, batch_tokens: int):
+    def evaluate(model) -> dict:
+        scores = pair_scores(model, items, device, batch_tokens)
+        evaluate.scores = scores
+        return pair_accuracy(scores, domains)
+    evaluate.scores = None
+    return evaluate
+
+
+@dataclass
+class RewardResult:
+    run_dir: str
+    checkpoint: str | None
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    finished: bool
+    metrics_path: str
+    init_from: str
+    domains: tuple[str, ...] = ()
+    data: dict = field(default_factory=dict)
+    eval: dict | None = None                  # pair_accuracy() after training
+    scores: dict | None = None                # held-out scores (chosen, rejected, group)
+    histogram: str = ""                       # PNG of the held-out score histogram
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def run_reward(cfg: RewardConfig) -> RewardResult:
+    rt = init_runtime(cfg.run, cfg.parallel)
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.byte_vocab_size)
+    rid = reward_token_id(tokenizer)
+    init_from = resolve_init(cfg.reward.init_from, "reward.init_from")
+    model = build_score_model(cfg, rt, tokenizer.vocab_size, init_from)
+    train_pairs, held, domains = preference_sets(cfg)
+    conditions = cfg.reward.conditions
+    r = cfg.reward
+    for d in domains:   # every domain needs its condition before any step runs
+        if conditions and d not in conditions:
+            raise ValueError(f"reward.conditions: no condition prompt for domain {d!r} (known: "
+                             f"{', '.join(sorted(conditions))})")
+    if isinstance(train_pairs, list):
+        def source(i):
+            return pair_item(train_pairs[i % len(train_pairs)], tokenizer, rid, conditions, domains)
+    else:
+        def source(i):
+            return pair_item(train_pairs[i], tokenizer, rid, conditions, domains)
+    seq_len, micro, accumulation = stage_geometry(cfg, rt.world, seqs_per_item=2)
+    batches = ItemBatches(source, micro, seq_len, accumulation, "drop", rt.rank, rt.world, max_seqs_per_item=2,
+                          where="reward")
+    held_items = [pair_item(p, tokenizer, rid, conditions, domains) for p in held]
+    held_items = [it for it in held_items if max(len(ids) for ids, _ in it.sequences) <= seq_len]
+    evaluator = reward_evaluator(held_items, domains, rt.device, cfg.eval.batch_tokens)
+    stage_cfg = cfg.stages[0]
+    stage = Stage(stage_cfg.name, stage_cfg.steps, batches, pair_loss_fn(r.loss, r.gamma, r.penalty, r.bound),
+                  evaluator=evaluator,
+                  describe=f" (pairs packed up to {micro} tokens per micro-batch, {accumulation} micro-batches x "
+                           f"{rt.world} ranks, {r.loss} loss, conditions on {', '.join(conditions) or 'none'}, from "
+                           f"{init_from or 'random init'})")
+    trainer = Trainer(model, rt, optim=cfg.optim, checkpoint=cfg.checkpoint, metrics=cfg.metrics,
+                      run_dir=cfg.run_dir, total_steps=stage_cfg.steps,
+                      signature=["reward", stage_cfg.name, stage_cfg.steps, seq_len],
+                      stop_at_step=cfg.run.stop_at_step,
+                      extra_writer=lambda d: _write_json(os.path.join(d, "tokenizer.json"), describe(tokenizer)),
+                      export_layout="internlm2")    # a score model has no transformers Llama class
+    if rt.is_main:
+        _write_json(os.path.join(cfg.run_dir, "config.json"), to_dict(cfg))
+    finished = trainer.train(stage)
+    trainer.close()
+    result = RewardResult(cfg.run_dir, trainer.latest, model, tokenizer, finished, trainer.metrics_path, init_from,
+                          domains, batches.state_dict())
+    if rt.is_main and finished:
+        trainer.log.write({"kind": "data", "step": trainer.state.global_step, "stage": stage_cfg.name, **result.data})
+        if evaluator.scores is not None:
+            result.scores = evaluator.scores
+            result.eval = pair_accuracy(evaluator.scores, domains)
+            result.histogram = plot_score_histogram(evaluator.scores, domains,
+                                                    os.path.join(cfg.run_dir, "eval", "reward_scores.png"), r.bound)
+    barrier(rt.dims)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_reward_cli(sys.argv[1:] if argv is None else argv, DEFAULT_CONFIG)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = run_reward(cfg)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if result.finished and result.scores is not None:
+        print(histogram_table(result.scores, result.domains))
+    state = "finished" if result.finished else f"stopped at step {cfg.run.stop_at_step} (continue with --resume)"
+    print(f"[reward] {state}; checkpoint {result.checkpoint}; held-out {result.eval}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
