@@ -111,3 +111,36 @@ def test_config_errors_name_the_key(tmp_path, model_dirs):
         micro_ppo_config(tmp_path, model_dirs, **{"rollout.domain": "math"})
     with pytest.raises(ConfigError, match="unknown key 'kl'"):
         micro_ppo_config(tmp_path, model_dirs, **{"ppo.kl": 0.1})
+
+
+def test_pipeline_appends_the_ppo_section(tmp_path, model_dirs):
+    """train.ppo_pipeline.run_rlhf with the real configs/ppo_tiny.toml shrunk to micro sizes: the reward stage's
+    condition prompts (read from its run's config.json) reach the reward side, the section lands in the report."""
+    from train.align_config import parse_reward_cli
+    from train.config import load_config, to_dict
+    from train.ppo_pipeline import PPO_CONFIG, run_rlhf
+
+    reward_cfg = parse_reward_cli(["--config", os.path.join(os.path.dirname(PPO_CONFIG), "reward_tiny.toml")])
+    reward_run = tmp_path / "reward_run"
+    reward_run.mkdir()
+    conditions = dict(reward_cfg.reward.conditions)
+    conditions["concise"] += " (as trained)"
+    (reward_run / "config.json").write_text(json.dumps({**to_dict(reward_cfg), "reward": {
+        **to_dict(reward_cfg)["reward"], "conditions": conditions}}))
+    pipeline_cfg = load_config(None, {"run.output_dir": str(tmp_path), "run.threads": 1, "run.device": "cpu"})
+    report = tmp_path / "report.md"
+    report.write_text("# earlier sections\n")
+    overrides = {"rollout.prompts_per_iteration": 4, "rollout.max_new_tokens": 4, "rollout.heldout_prompts": 2,
+                 "rollout.comparison_prompts": 2, "online.rounds": 1, "online.iterations_per_round": 1,
+                 "online.critic_warmup_iterations": 0, "online.hackable_rm_pairs": 2, "online.rm_heldout_pairs": 2,
+                 "ptx.seq_len": 32, "reward_refresh.steps": 1, "reward_refresh.pairs_per_step": 2,
+                 "metrics.plots": False, "metrics.progress": False, "run.name": "ppo_from_pipeline"}
+    result = run_rlhf(pipeline_cfg, model_dirs[0], model_dirs[1], str(reward_run), str(report), 0.0,
+                      overrides=overrides)
+    assert result is not None and result.state.rounds_done == 1
+    saved = json.load(open(os.path.join(result.run_dir, "ppo_config.json")))
+    assert saved["conditions"] == conditions and saved["models"]["actor"] == model_dirs[0]
+    assert saved["rollout"]["domain"] == "concise" and saved["online"]["rounds"] == 1
+    text = report.read_text()
+    assert text.startswith("# earlier sections") and "## PPO in rounds (COOL RLHF)" in text
+    assert "PPO, evaluations)" in text

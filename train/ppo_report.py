@@ -3,14 +3,13 @@ accuracy, mean reward and KL of SFT vs each round, the reward model's per-set ac
 reward-hacking episodes the fast path caught, and the time split of an iteration."""
 from __future__ import annotations
 
+import json
 import os
 
 from .ppo import PPOResult
 
 
-def _read(run_dir: str) -> list[dict]:
-    import json
-
+def read_records(run_dir: str) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
@@ -53,7 +52,7 @@ def plot_ppo(records: list[dict], out_dir: str) -> dict[str, str]:
 
 def report_lines(result: PPOResult, plots: dict[str, str]) -> list[str]:
     st = result.state
-    records = _read(result.run_dir)
+    records = read_records(result.run_dir)
     lines = ["## PPO in rounds (COOL RLHF)", "",
              "Held-out prompts (the synthetic chat tasks, exact-match checkers). Accuracy and reward from greedy "
              "replies, reward under the reward model the policy was trained against in that round; KL to the "
@@ -103,7 +102,7 @@ def report_lines(result: PPOResult, plots: dict[str, str]) -> list[str]:
 
 
 def write_ppo_report(result: PPOResult, plots_enabled: bool = True) -> str:
-    plots = plot_ppo(_read(result.run_dir), result.run_dir) if plots_enabled else {}
+    plots = plot_ppo(read_records(result.run_dir), result.run_dir) if plots_enabled else {}
     path = os.path.join(result.run_dir, "ppo_report.md")
     with open(path, "w") as f:
         f.write("\n".join(report_lines(result, plots)))
