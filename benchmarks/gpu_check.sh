@@ -37,10 +37,11 @@ tests_rc=${PIPESTATUS[0]}
 echo "== benchmarks"
 # Each file runs in its own pytest with its own time limit and JSON, so one slow file cannot take the others' results.
 declare -A limit=([bench_fused.py]=70 [bench_cross_entropy.py]=40 [bench_adamw.py]=30 [bench_attention.py]=90
-                  [bench_model.py]=60 [bench_train.py]=50 [bench_ppo.py]=120)
+                  [bench_model.py]=60 [bench_train.py]=50 [bench_decode.py]=60 [bench_logprobs.py]=40
+                  [bench_generation.py]=150 [bench_ppo.py]=120)
 jsons=()
 bench_rc=0
-for f in ${BENCH:-bench_fused.py bench_cross_entropy.py bench_adamw.py bench_attention.py bench_model.py bench_train.py bench_ppo.py}; do
+for f in ${BENCH:-bench_fused.py bench_cross_entropy.py bench_adamw.py bench_attention.py bench_model.py bench_train.py bench_decode.py bench_logprobs.py bench_generation.py bench_ppo.py}; do
   [ -f "benchmarks/$f" ] || { echo "no benchmarks/$f"; continue; }
   json="$OUT/bench-${f%.py}.json"
   echo "-- $f (limit ${limit[$f]:-60} s)"

@@ -32,7 +32,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "swiglu": ("reference", "triton"),
     "rotary": ("reference", "triton"),
     "linear_cross_entropy": ("reference", "triton"),
-    "kvcache": ("reference", "triton"),
+    "kvcache": ("reference", "triton", "cpu"),
     "linear_logprobs": ("reference", "triton"),
     "adamw": ("reference", "cpu", "cuda"),
     "grad_norm": ("reference", "cpu", "cuda"),

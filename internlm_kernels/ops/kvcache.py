@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_same_dtype, check_tensor, once_per_version
-from ..backend import choose
+from ..backend import choose, requested
 from .attention import _check_args, _check_hint, _last_dim_contiguous
 
 INT32 = (torch.int32,)
@@ -236,7 +236,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if _values_checkable():
         _check_kvcache_values(k_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, n_new, capacity)
 
-    if choose("kvcache", q.device) == "reference":
+    backend = choose("kvcache", q.device)
+    if backend == "cpu":
+        lacking = ("return_softmax_lse" if return_softmax_lse else "softcap" if softcap > 0
+                   else "alibi_slopes" if alibi_slopes is not None else None)
+        if lacking is None:
+            return _sdpa_over_cache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                                    cache_batch_idx, cache_leftpad, block_table, scale, left, right,
+                                    rotary_interleaved)
+        if requested("kvcache") != "auto":
+            raise NotImplementedError(f"the cpu kvcache backend (torch SDPA over the gathered cache) does not support "
+                                      f"{lacking}; use the reference or triton backend")
+        backend = "reference"
+    if backend == "reference":
         out, lse = reference.flash_attn_with_kvcache(
             q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
             block_table, scale, causal, (left, right), softcap, rotary_interleaved, alibi_slopes)
@@ -245,6 +257,54 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
             block_table, alibi_slopes, scale, left, right, float(softcap), rotary_interleaved, num_splits)
     return (out, lse) if return_softmax_lse else out
+
+
+def _sdpa_over_cache(q, k_cache, v_cache, k, v, cos, sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+                     block_table, scale: float, left: int, right: int, interleaved: bool) -> Tensor:
+    """The cpu backend: the append as one indexed write, then torch SDPA (ATen's fused CPU kernel) over every
+    sequence's cache gathered to its full capacity, with a mask of the visible keys. Same semantics as the
+    reference, without its per-sequence loop."""
+    B, Sq, Hq, D = q.shape
+    lengths = cache_seqlens.long()
+    rows = torch.arange(B, device=q.device) if cache_batch_idx is None else cache_batch_idx.long()
+    page_size = k_cache.shape[1]
+    if k is not None:
+        positions = lengths[:, None] + torch.arange(k.shape[1], device=q.device)           # (B, Snew)
+        if cos is not None:
+            k = reference.apply_rotary_emb(k, cos, sin, interleaved, seqlen_offsets=lengths)
+            if left >= 0 or right >= 0:
+                q = reference.apply_rotary_emb(q, cos, sin, interleaved, seqlen_offsets=lengths)
+            else:
+                q = reference.apply_rotary_emb(q.reshape(B, 1, Sq * Hq, D), cos, sin, interleaved,
+                                               seqlen_offsets=lengths).reshape(B, Sq, Hq, D)
+        if block_table is not None:
+            where = (block_table.long().gather(1, positions // page_size), positions % page_size)
+        else:
+            where = (rows[:, None].expand_as(positions), positions)
+        k_cache[where] = k
+        v_cache[where] = v
+        lengths = lengths + k.shape[1]
+    if block_table is not None:
+        pages = block_table.long().clamp(0, k_cache.shape[0] - 1)                             # unused entries
+        keys = k_cache[pages].flatten(1, 2)                                                    # (B, capacity, ...)
+        values = v_cache[pages].flatten(1, 2)
+    else:
+        keys, values = k_cache[rows], v_cache[rows]
+    j = torch.arange(keys.shape[1], device=q.device)
+    pos = torch.arange(Sq, device=q.device)[None, :, None] + (lengths[:, None, None] - Sq)      # (B, Sq, 1)
+    visible = j < lengths[:, None, None]
+    if cache_leftpad is not None:
+        visible = visible & (j >= cache_leftpad.long()[:, None, None])
+    if right >= 0:
+        visible = visible & (j <= pos + right)
+    if left >= 0:
+        visible = visible & (j >= pos - left)
+    seen = visible.any(dim=-1, keepdim=True)                                                   # (B, Sq, 1)
+    # A row that sees no key gets out 0 (flash-attn); SDPA would give NaN, so it attends to everything and is zeroed.
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=(visible | ~seen)[:, None],
+        scale=scale, enable_gqa=Hq != k_cache.shape[2]).transpose(1, 2)                       # (B, Sq, Hq, D)
+    return out * seen[..., None].to(out.dtype)
 
 
 def _check_kvcache_values(k_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, n_new: int,
@@ -323,7 +383,13 @@ def flash_attn_varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max
 
         once_per_version(cu_seqlens_k, ("paged varlen", id(block_table), block_table._version, id(cu_seqlens_q),
                                         cu_seqlens_q._version, capacity, hint), check)
-    if choose("kvcache", q.device) == "reference":
+    backend = choose("kvcache", q.device)
+    if backend == "cpu":
+        if requested("kvcache") != "auto":
+            raise NotImplementedError("the cpu kvcache backend covers flash_attn_with_kvcache, not the paged varlen "
+                                      "path; use the reference or triton backend")
+        backend = "reference"
+    if backend == "reference":
         out, lse = reference.flash_attn_varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_table,
                                                      scale, False, (left, right), softcap, alibi_slopes)
     else:

@@ -17,7 +17,6 @@ from torch import Tensor
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_same_dtype, check_tensor
 from ..backend import choose
-from .cross_entropy import _check_target_values
 
 
 @torch.library.custom_op("internlm_kernels::linear_logprobs_fwd", mutates_args=())
@@ -104,8 +103,11 @@ def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, return_entro
         raise ValueError(f"return_entropy must be a bool, got {return_entropy!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not torch.compiler.is_compiling():
-        _check_target_values(targets, ignore_index, vocab)
+    if not torch.compiler.is_compiling():  # values cannot be read while tracing; the eager call checks them
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        if bool(bad.any()):
+            raise ValueError(f"targets holds class {int(targets[bad][0])}, outside [0, {vocab}) and not "
+                             f"ignore_index={ignore_index}")
     hidden2d, targets1d = hidden.reshape(-1, width), targets.reshape(-1)
     if choose("linear_logprobs", hidden.device) == "reference":
         logp, entropy = reference.linear_logprobs(hidden2d, weight, targets1d, float(temperature), ignore_index)

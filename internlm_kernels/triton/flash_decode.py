@@ -30,6 +30,7 @@ out = 0 and lse = +inf, as flash-attn.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -43,6 +44,17 @@ LN2 = 0.6931471805599453
 # Keys a split should at least have before another split pays off (its partial result costs one extra row write).
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 64
+
+
+def launches_on_input_device(fn):
+    """Run ``fn(t, ...)`` with t's GPU as the current device: Triton launches on the current device, and the inputs
+    may live on another one."""
+    @functools.wraps(fn)
+    def on_device(t: torch.Tensor, *args, **kwargs):
+        with torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext():
+            return fn(t, *args, **kwargs)
+
+    return on_device
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,6 +141,7 @@ def _append_kv_kernel(
     tl.store(v_dst + d, tl.load(v_src + d, mask=d_ok), mask=d_ok)
 
 
+@launches_on_input_device
 def append_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               cache_seqlens: torch.Tensor, cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None,
               cos: torch.Tensor | None, sin: torch.Tensor | None, interleaved: bool) -> None:
@@ -335,6 +348,7 @@ def decode_blocks(group: int, max_q: int, head_dim: int, dtype: torch.dtype, dev
     return block_m, 32 if dtype == torch.float32 or head_dim > 128 else 64
 
 
+@launches_on_input_device
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      seqlens_k: torch.Tensor, max_q: int, cache_batch_idx: torch.Tensor | None,
                      cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None, softmax_scale: float,

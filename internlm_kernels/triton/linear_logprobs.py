@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .cross_entropy import MAX_BLOCK_V, chunk_rows
+from .flash_decode import launches_on_input_device
 
 
 @triton.jit
@@ -106,6 +107,7 @@ def _rows(logits: torch.Tensor, target: torch.Tensor, logp: torch.Tensor, entrop
         num_warps=8 if block_v >= 2048 else 4)
 
 
+@launches_on_input_device
 def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, temperature: float,
                         ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logprob (N,), entropy (N,), stats (N, 2) = (lse, Σ p z)) in fp32, chunk by chunk."""
@@ -126,6 +128,7 @@ def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, target: torc
     return logp, entropy, stats
 
 
+@launches_on_input_device
 def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
                         grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, temperature: float,
                         ignore_index: int, need_dhidden: bool, need_dweight: bool

@@ -1,0 +1,154 @@
+"""Continuous-batching generation (models.serving): greedy output equals models.generation.generate, the uncached
+forward and transformers' generate token for token; slots are refilled; log-probs are the model's; sampling is seeded."""
+import dataclasses
+
+import pytest
+import torch
+from test_generation import PROMPTS, uncached_greedy
+
+import internlm_kernels as ik
+from models import InternLM2Config, InternLM2ForCausalLM
+from models.serving import ContinuousBatchingGenerator, sample
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(InternLM2Config.preset("micro"), rope_scaling={"type": "linear", "factor": 2.0})
+    return InternLM2ForCausalLM(cfg).eval()
+
+
+def tokens(completions):
+    return [c.tokens for c in completions]
+
+
+def test_greedy_equals_generate_and_the_uncached_forward(model):
+    # 2 slots for 4 prompts: two refills; prompt + 12 new tokens crosses 16-token pages.
+    gen = ContinuousBatchingGenerator(model, max_batch=2, page_size=16)
+    free = len(gen.pool.free)
+    got = gen.generate(PROMPTS, 12, stop_token_ids=())
+    assert tokens(got) == model.generate(PROMPTS, max_new_tokens=12, stop_token_ids=())
+    assert tokens(got) == [uncached_greedy(model, p, 12, ()) for p in PROMPTS]
+    assert all(c.finish_reason == "length" for c in got)
+    assert len(gen.pool.free) == free, "every page returns to the pool"
+
+
+def test_triton_kernels_match_the_reference_backend(model):
+    gen = ContinuousBatchingGenerator(model, max_batch=4, page_size=32)
+    with ik.use_backend("reference"):
+        want = gen.generate(PROMPTS[:3], 5, stop_token_ids=())
+    with ik.use_backend("triton"):
+        got = gen.generate(PROMPTS[:3], 5, stop_token_ids=())
+    assert tokens(got) == tokens(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_equals_transformers_generate(model, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    plain = InternLM2ForCausalLM(InternLM2Config.preset("micro")).eval()   # transformers' Llama: no rope scaling
+    plain.save_pretrained(tmp_path / "llama", layout="llama")
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    got = ContinuousBatchingGenerator(plain, max_batch=3, page_size=16).generate(PROMPTS, 10, stop_token_ids=())
+    for prompt, completion in zip(PROMPTS, got):
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert completion.tokens == out[0, len(prompt):].tolist()
+
+
+def test_logprobs_are_the_models_and_match_fused_linear_logprobs(model):
+    """Each returned log-prob equals log softmax(logits / T) of the full forward over prompt + sampled tokens, which
+    is what ik.fused_linear_logprobs computes for the PPO update."""
+    g = torch.Generator().manual_seed(1)
+    got = ContinuousBatchingGenerator(model, max_batch=4).generate(PROMPTS[:3], 6, temperature=0.7, top_k=20,
+                                                                   stop_token_ids=(), generator=g)
+    for prompt, c in zip(PROMPTS, got):
+        seq = torch.tensor(prompt + c.tokens)
+        with torch.no_grad():
+            hidden = model.model(seq, _packed_ctx(model, seq))
+            want = ik.fused_linear_logprobs(hidden[len(prompt) - 1:-1], model.output.weight, seq[len(prompt):],
+                                            temperature=0.7)
+        torch.testing.assert_close(torch.tensor(c.logprobs), want, rtol=1e-4, atol=1e-4)
+
+
+def _packed_ctx(model, seq):
+    from models.internlm2 import PackedContext, PackedInputs
+
+    cu = torch.tensor([0, seq.numel()], dtype=torch.int32)
+    return PackedContext(PackedInputs(seq, cu, seq.numel(), None, None, None), model.model.rotary)
+
+
+def test_stop_tokens_budgets_and_a_small_pool(model):
+    free = ContinuousBatchingGenerator(model, max_batch=4).generate(PROMPTS, 10, stop_token_ids=())
+    stop = free[1].tokens[2]
+    # Per-prompt budgets; a pool of 3 pages (+ scratch) for 4 prompts: admission waits for pages to return.
+    gen = ContinuousBatchingGenerator(model, max_batch=4, page_size=16, num_pages=4)
+    got = gen.generate(PROMPTS, [10, 10, 4, 0], stop_token_ids=(stop,))
+    for c, f, budget in zip(got, free, [10, 10, 4, 0]):
+        cut = f.tokens[:budget]
+        if stop in cut:
+            cut = cut[:cut.index(stop) + 1]
+        assert c.tokens == cut
+        assert c.finish_reason == ("stop" if cut and cut[-1] == stop else "length")
+        assert len(c.logprobs) == len(c.tokens)
+    assert got[1].finish_reason == "stop" and got[3].tokens == []
+    assert len(gen.pool.free) == 3
+
+
+def test_sampling_is_seeded_and_degenerate_samplers_are_greedy(model):
+    gen = ContinuousBatchingGenerator(model, max_batch=4)
+
+    def run(seed, **kw):
+        return tokens(gen.generate(PROMPTS, 8, stop_token_ids=(), generator=torch.Generator().manual_seed(seed),
+                                   **kw))
+
+    assert run(3, temperature=1.0, top_p=0.9) == run(3, temperature=1.0, top_p=0.9)
+    assert run(3, temperature=1.0) != run(4, temperature=1.0)
+    greedy = tokens(gen.generate(PROMPTS, 8, stop_token_ids=()))
+    assert run(5, temperature=1.0, top_k=1) == greedy
+    assert run(5, temperature=1.0, top_p=1e-6) == greedy
+
+
+def test_top_k_and_top_p_distribution():
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]])).expand(4000, 4)
+    g = torch.Generator().manual_seed(0)
+    draws, logp = sample(logits, 1.0, 1.0, 2, g)
+    counts = torch.bincount(draws, minlength=4).float() / draws.numel()
+    assert counts[2] == 0 and counts[3] == 0 and abs(counts[0] - 4 / 7) < 0.03
+    torch.testing.assert_close(logp, torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))[draws])
+    draws, _ = sample(logits, 1.0, 0.65, 3, g)       # top-3 renormalized: 4/9, 3/9, 2/9 -> nucleus 0.65 = {0, 1}
+    assert set(draws.tolist()) == {0, 1}
+
+
+def test_bad_arguments(model):
+    gen = ContinuousBatchingGenerator(model, max_batch=2)
+    with pytest.raises(ValueError, match="prompts"):
+        gen.generate([], 4)
+    with pytest.raises(ValueError, match=r"prompts\[0\]"):
+        gen.generate([[1, 101]], 4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        gen.generate([[1], [2]], [4])
+    with pytest.raises(ValueError, match="max_seq_len"):
+        gen.generate([[1] * 60], 10)
+    with pytest.raises(ValueError, match="top_k"):
+        gen.generate([[1]], 4, temperature=1.0, top_k=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        gen.generate([[1]], 4, top_p=0.9)
+    with pytest.raises(ValueError, match="num_pages"):
+        ContinuousBatchingGenerator(model, max_batch=2, page_size=16, num_pages=2).generate([[1] * 20], 4)
+    dynamic = InternLM2ForCausalLM(dataclasses.replace(model.config, rope_scaling={"type": "dynamic", "factor": 2.0}))
+    with pytest.raises(NotImplementedError, match="dynamic"):
+        ContinuousBatchingGenerator(dynamic, max_seq_len=128)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_decode_equals_eager(model):
+    cuda_model = InternLM2ForCausalLM(InternLM2Config.preset("micro")).cuda().to(torch.bfloat16).eval()
+    prompts = PROMPTS * 3
+    eager = ContinuousBatchingGenerator(cuda_model, max_batch=8, cuda_graphs=False).generate(prompts, 12,
+                                                                                              stop_token_ids=())
+    graphs = ContinuousBatchingGenerator(cuda_model, max_batch=8, cuda_graphs=True).generate(prompts, 12,
+                                                                                              stop_token_ids=())
+    assert tokens(graphs) == tokens(eager)
+    assert tokens(eager) == cuda_model.generate(prompts, max_new_tokens=12, stop_token_ids=())
