@@ -72,6 +72,11 @@ def test_rounds_then_resume_exactly(tmp_path, model_dirs):
     recs = records(full.run_dir)
     kinds = [r["kind"] for r in recs]
     assert kinds.count("ppo") == 4 and kinds.count("critic_warmup") == 1 and kinds.count("eval") == 3
+    ppo = [r for r in recs if r["kind"] == "ppo"]
+    # The generator's log-probs (decode path) against the trainer's recomputation (packed forward, fused log-probs):
+    # the same fp32 model, so they agree to rounding.
+    assert all(0 <= r["sampler_mismatch_mean_abs"] < 1e-4 for r in ppo), [r["sampler_mismatch_mean_abs"] for r in ppo]
+    assert all(abs(r["sampler_mismatch_ratio_mean"] - 1) < 1e-4 for r in ppo)
     assert kinds.count("rm_refresh") == 2                 # the hackable first RM, then one refresh between rounds
     assert [e["name"] for e in full.state.evals] == ["sft", "round 1", "round 2"]
     assert set(full.state.evals[0]["rm_accuracy"]) >= {"correct>wrong", "short>padded", "concise", "helpful", "all"}

@@ -47,7 +47,7 @@ from .rlhf.hacking import Sample, detect_hacking, label_comparisons, load_compar
 from .rlhf.iteration import action_logprobs, ppo_iteration
 from .rlhf.probe_pairs import length_biased_pairs, preference_pairs, probe_pairs
 from .rlhf.reward_refresh import pair_accuracy, refresh_reward_model
-from .rlhf.rollouts import Generated, SyntheticPrompts, build_rollout, generate_and_score
+from .rlhf.rollouts import Generated, Sampler, SyntheticPrompts, generate_and_score
 from .tokenizer import load_tokenizer
 
 __all__ = ["gae", "run_ppo", "PPOResult"]
@@ -106,6 +106,7 @@ class Stage:
         self.rm_probe = probe_pairs(self.heldout[:n], cfg.run.seed)
         domains = {d for d in ("concise", "helpful") if d in self.conditions}
         self.rm_probe += [p for p in preference_pairs(cfg.run.seed, 2 * n) if p["domain"] in domains]
+        self.sampler: Sampler | None = None
         self.ptx_stream = PackedStream(SyntheticCorpus(seed=cfg.run.seed, split="train"), self.tokenizer,
                                        cfg.ptx.seq_len)
 
@@ -135,7 +136,11 @@ class Stage:
         # no_grad, not inference_mode: internlm_kernels' cached input checks read tensor versions, which inference
         # tensors lack (RuntimeError "Inference tensors do not track version counter").
         with torch.no_grad():
-            return generate_and_score(actor, reward_model, self.tokenizer, prompts,
+            if self.sampler is None or self.sampler.actor is not actor:
+                r = self.cfg.rollout
+                self.sampler = Sampler(actor, min(64, max(r.prompts_per_iteration, r.heldout_prompts,
+                                                          r.comparison_prompts)))
+            return generate_and_score(self.sampler, reward_model, self.tokenizer, prompts,
                                       max_new_tokens=self.cfg.rollout.max_new_tokens,
                                       temperature=0.0 if greedy else self.cfg.ppo.temperature,
                                       top_p=self.cfg.rollout.top_p, stop_ids=self.stop_ids,
@@ -146,7 +151,7 @@ class Stage:
         """Held-out prompts: greedy accuracy, mean reward and length; KL to the reference on sampled replies."""
         greedy = self.generate(actor, reward_model, self.heldout, True, 0)
         sampled = self.generate(actor, reward_model, self.heldout, False, seed)
-        ro = build_rollout(sampled.prompt_ids, sampled.responses, sampled.scores, self.tokenizer.pad_id, self.device)
+        ro = sampled.rollout(self.tokenizer.pad_id, self.device)
         with torch.no_grad():
             kl = ((action_logprobs(actor, ro.input_ids, ro.attention_mask, self.cfg.ppo.temperature)
                    - action_logprobs(reference, ro.input_ids, ro.attention_mask, self.cfg.ppo.temperature))
@@ -339,7 +344,7 @@ def _iteration(stage: Stage, cfg: PPOStageConfig, actor, reference, critic, rewa
     t0 = time.perf_counter()
     gen = stage.generate(actor, reward_model, stage.train_prompts.take(start, n), False, seed_of(cfg, what, index))
     t_generation = time.perf_counter() - t0
-    ro = build_rollout(gen.prompt_ids, gen.responses, gen.scores, stage.tokenizer.pad_id, stage.device)
+    ro = gen.rollout(stage.tokenizer.pad_id, stage.device)
     perm = torch.Generator().manual_seed(seed_of(cfg, f"{what}_minibatches", index))
     ptx = stage.next_ptx if cfg.ptx.rows and cfg.ppo.ptx_coef > 0 else None
     stats = ppo_iteration(actor, reference, critic, actor_opt, critic_opt, ro, cfg.ppo, perm, ptx,

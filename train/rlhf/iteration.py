@@ -20,7 +20,9 @@ The iteration (``ppo_iteration``):
             actor:  policy_loss(actor logp, old_logp, A) + ptx_coef * LM loss on the next pretraining batch
                     -> clip_grad_norm_ -> FusedAdamW step                 (skipped while the actor is frozen)
             critic: value_loss(critic values, old_values, returns)  -> clip_grad_norm_ -> FusedAdamW step
-Statistics are accumulated on the device and read once at the end.
+Statistics are accumulated on the device and read once at the end. When the rollout carries the generator's own
+log-probs, their gap to the trainer's (``train.rlhf.diagnostics.logprob_mismatch``) is reported as
+``sampler_mismatch_*`` — a metric only, never used in the loss.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import internlm_kernels as ik
 from models.internlm2 import PackedContext, pack_inputs, shift_labels
 
 from .advantages import gae, whiten
+from .diagnostics import logprob_mismatch
 from .losses import masked_mean, policy_loss, value_loss
 from .rewards import shape_rewards
 
@@ -64,9 +67,12 @@ class Rollout:
     attention_mask: torch.Tensor       # (B, S) 0/1
     action_mask: torch.Tensor          # (B, S-1) 0/1: token t+1 is a sampled response token
     scores: torch.Tensor               # (B,) float32, the reward model's score of each response
+    sampler_logprobs: torch.Tensor | None = None   # (B, S-1) the generator's log-probs of the actions (metric only)
 
     def rows(self, index: torch.Tensor) -> "Rollout":
-        return Rollout(self.input_ids[index], self.attention_mask[index], self.action_mask[index], self.scores[index])
+        sampler = None if self.sampler_logprobs is None else self.sampler_logprobs[index]
+        return Rollout(self.input_ids[index], self.attention_mask[index], self.action_mask[index], self.scores[index],
+                       sampler)
 
 
 @dataclass
@@ -182,4 +188,7 @@ def ppo_iteration(actor, reference, critic, actor_optimizer, critic_optimizer, r
                advantage_mean=float(masked_mean(exp.advantages, mask)),
                return_mean=float(masked_mean(exp.returns, mask)),
                time_logprobs_s=t1 - t0, time_train_s=t2 - t1)
+    if rollout.sampler_logprobs is not None:
+        gap = logprob_mismatch(rollout.sampler_logprobs, exp.old_logprobs, mask)
+        out.update({f"sampler_mismatch_{k}": float(v) for k, v in gap.items()})
     return out

@@ -18,6 +18,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from models.serving import Completion, ContinuousBatchingGenerator
+
 from ..chat import IM_END, Message, SyntheticChats, encode_prompt, render
 from .hacking import Sample
 from .iteration import Rollout
@@ -91,29 +93,48 @@ def score(reward_model, sequences: list[list[int]], device: torch.device, batch_
     return torch.cat(out)
 
 
-def generate(actor, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-             stop_ids: Sequence[int], generator: torch.Generator | None) -> list[list[int]]:
-    """New tokens per prompt (ending with a stop token when one was sampled). temperature 0 = greedy."""
-    return actor.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_p=top_p if temperature > 0 else 1.0, stop_token_ids=tuple(stop_ids),
-                          generator=generator)
+class Sampler:
+    """The rollout engine: ``models.serving.ContinuousBatchingGenerator`` on the actor, kept across calls (its KV
+    pool and, on CUDA, its captured decode graphs, which read the actor's weights in place), rebuilt only when a
+    call needs longer sequences than its pool holds."""
+
+    def __init__(self, actor, max_batch: int = 64):
+        self.actor, self.max_batch = actor, max_batch
+        self.engine = None
+
+    def __call__(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+                 stop_ids: Sequence[int], generator: torch.Generator | None) -> list[Completion]:
+        """Completions (new tokens ending with a stop token when one was sampled, and each token's log-prob under
+        softmax(logits / temperature)). temperature 0 = greedy."""
+        need = max(len(p) for p in prompt_ids) + max_new_tokens
+        if self.engine is None or self.engine.max_seq_len < need:
+            length = min(-(-need // 256) * 256, max(need, self.actor.config.max_position_embeddings))
+            self.engine = ContinuousBatchingGenerator(self.actor, max_batch=self.max_batch, max_seq_len=length)
+        return self.engine.generate(prompt_ids, max_new_tokens, temperature=temperature,
+                                    top_p=top_p if temperature > 0 else 1.0, stop_token_ids=tuple(stop_ids),
+                                    generator=generator)
 
 
 def build_rollout(prompt_ids: list[list[int]], responses: list[list[int]], scores: torch.Tensor, pad_id: int,
-                  device: torch.device) -> Rollout:
-    """Right-padded (B, S) prompt + response; action t (token t+1) is in the mask when it is a response token."""
+                  device: torch.device, sampler_logprobs: list[list[float]] | None = None) -> Rollout:
+    """Right-padded (B, S) prompt + response; action t (token t+1) is in the mask when it is a response token.
+    ``sampler_logprobs`` (one per response token) land on the same action positions."""
     B = len(prompt_ids)
     S = max(len(p) + len(r) for p, r in zip(prompt_ids, responses))
     ids = torch.full((B, S), pad_id, dtype=torch.long)
     attn = torch.zeros((B, S), dtype=torch.long)
     action = torch.zeros((B, S - 1), dtype=torch.long)
+    sampler = None if sampler_logprobs is None else torch.zeros((B, S - 1), dtype=torch.float32)
     for b, (p, r) in enumerate(zip(prompt_ids, responses)):
         n = len(p) + len(r)
         ids[b, :n] = torch.tensor(p + r)
         attn[b, :n] = 1
         action[b, len(p) - 1:n - 1] = 1
+        if sampler is not None and r:
+            sampler[b, len(p) - 1:n - 1] = torch.tensor(sampler_logprobs[b])
     # clone: scores may be an inference-mode tensor, which the losses must not save for backward
-    return Rollout(ids.to(device), attn.to(device), action.to(device), scores.to(device).float().clone())
+    return Rollout(ids.to(device), attn.to(device), action.to(device), scores.to(device).float().clone(),
+                   None if sampler is None else sampler.to(device))
 
 
 @dataclass
@@ -122,6 +143,7 @@ class Generated:
     prompts: list[Prompt]
     prompt_ids: list[list[int]]
     responses: list[list[int]]
+    sampler_logprobs: list[list[float]]   # the generator's log-prob of each response token
     texts: list[str]
     correct: list[bool | None]
     scores: torch.Tensor               # (B,) float32 on the device
@@ -136,12 +158,18 @@ class Generated:
         return sum(checked) / len(checked) if checked else 0.0
 
 
-def generate_and_score(actor, reward_model, tokenizer, prompts: list[Prompt], *, max_new_tokens: int,
+    def rollout(self, pad_id: int, device: torch.device) -> Rollout:
+        return build_rollout(self.prompt_ids, self.responses, self.scores, pad_id, device, self.sampler_logprobs)
+
+
+def generate_and_score(sampler: Sampler, reward_model, tokenizer, prompts: list[Prompt], *, max_new_tokens: int,
                        temperature: float, top_p: float, stop_ids: Sequence[int], conditions: Mapping[str, str],
                        reward_id: int, generator: torch.Generator | None, device: torch.device) -> Generated:
     prompt_ids = [encode_prompt(list(p.messages), tokenizer) for p in prompts]
-    responses = generate(actor, prompt_ids, max_new_tokens, temperature, top_p, stop_ids, generator)
+    completions = sampler(prompt_ids, max_new_tokens, temperature, top_p, stop_ids, generator)
+    responses = [c.tokens for c in completions]
     texts = [response_text(tokenizer, r, stop_ids) for r in responses]
     scores = score(reward_model, [reward_ids(tokenizer, p, t, conditions, reward_id) for p, t in zip(prompts, texts)],
                    device)
-    return Generated(prompts, prompt_ids, responses, texts, [p.check(t) for p, t in zip(prompts, texts)], scores)
+    return Generated(prompts, prompt_ids, responses, [c.logprobs for c in completions], texts,
+                     [p.check(t) for p, t in zip(prompts, texts)], scores)
