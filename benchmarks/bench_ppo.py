@@ -1,7 +1,8 @@
 """One PPO iteration split into its three phases — generation, log-probs (experience), training — ours beside the
 same iteration done the common way: transformers' ``generate`` and log-probs from full (unfused) logits.
 
-Ours: ``InternLM2ForCausalLM.generate`` (top-p 0.9, seeded), ``train.rlhf.iteration.make_experience`` (actor and
+Ours: the PPO stage's sampler (``models.serving.ContinuousBatchingGenerator``: paged KV pool, one batched
+decode call per layer, CUDA-graph decode on GPU; top-p 0.9, seeded), ``train.rlhf.iteration.make_experience`` (actor and
 reference log-probs through ``ik.fused_linear_logprobs``, critic values), ``ppo_update`` (one epoch, one mini-batch:
 clipped policy loss on fused log-probs, value loss, FusedAdamW on both). Peer: a transformers ``LlamaForCausalLM``
 holding the same weights (our checkpoint in Llama layout) for the actor and the reference: ``generate(do_sample,
@@ -26,6 +27,7 @@ from models import InternLM2Config, InternLM2ForCausalLM
 from models.internlm2 import InternLM2ForScore
 from train.rlhf.iteration import PPOConfig, Rollout, make_experience, ppo_update
 from train.rlhf.losses import policy_loss, value_loss
+from train.rlhf.rollouts import Sampler
 
 PEER = "transformers-generate-unfused"
 # case: (preset, vocab, prompts, prompt tokens, new tokens, GPU only)
@@ -66,11 +68,11 @@ def _build(case: str, impl: str) -> dict:
         actor_opt = ik.FusedAdamW(actor.parameters(), lr=cfg.actor_lr, master_weights=dtype != torch.float32)
         critic_opt = ik.FusedAdamW(critic.parameters(), lr=cfg.critic_lr, master_weights=dtype != torch.float32)
         prompts = prompt.tolist()
+        sampler = Sampler(actor, max_batch=B)
 
         def generate():
-            out = actor.generate(prompts, max_new_tokens=N, temperature=1.0, top_p=0.9, stop_token_ids=(),
-                                 generator=gen)
-            return torch.tensor(out, device=dev)
+            out = sampler(prompts, N, temperature=1.0, top_p=0.9, stop_ids=(), generator=gen)
+            return torch.tensor([c.tokens for c in out], device=dev)
 
         rollout = _rollout(prompt, generate())
         exp = make_experience(actor, reference, critic, rollout, cfg)
