@@ -101,7 +101,7 @@ def test_rounds_then_resume_exactly(tmp_path, model_dirs):
     assert dataclasses.asdict(full.state) == dataclasses.asdict(resumed.state)
 
     report = open(write_ppo_report(resumed, plots_enabled=True)).read()
-    for heading in ("| sft |", "| round 2 |", "v0 (PPO round 1)", "v1 (after round 1)", "Reward hacking",
+    for heading in ("| sft |", "| round 2 |", "v0 (the first RM)", "v1 (refreshed after round 1)", "Reward hacking",
                     "Time per PPO iteration"):
         assert heading in report
     assert os.path.isfile(os.path.join(resumed.run_dir, "ppo_kl.png"))

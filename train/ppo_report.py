@@ -68,12 +68,12 @@ def report_lines(result: PPOResult, plots: dict[str, str]) -> list[str]:
               "first reward model falls for); other sets: the conditional RM's domains.", "",
               "| version | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
     version = 0
-    lines.append("| v0 (PPO round 1) | " + " | ".join(f"{st.evals[0]['rm_accuracy'][s]:.0%}" for s in sets) + " |")
+    lines.append("| v0 (the first RM) | " + " | ".join(f"{st.evals[0]['rm_accuracy'][s]:.0%}" for s in sets) + " |")
     for e in st.evals[1:]:
         if "rm_accuracy_after_refresh" in e:
             version += 1
             acc = e["rm_accuracy_after_refresh"]
-            lines.append(f"| v{version} (after {e['name']}) | " + " | ".join(f"{acc[s]:.0%}" for s in sets) + " |")
+            lines.append(f"| v{version} (refreshed after {e['name']}) | " + " | ".join(f"{acc[s]:.0%}" for s in sets) + " |")
     lines += ["", "### Reward hacking: fast path (rules) and slow path (labelled comparisons)", ""]
     for ep in st.episodes:
         if ep["findings"]:
