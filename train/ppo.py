@@ -14,7 +14,8 @@ The run:
     for each round:
         online.iterations_per_round PPO iterations (rollouts -> train.rlhf.iteration.ppo_iteration)
         evaluate on held-out prompts: greedy task accuracy, mean reward, KL to the reference
-        fast path: hacking rules on the round's late replies vs the SFT replies -> targeted pairs
+        fast path: hacking rules on the round's late replies (comparison prompts + late rollouts) vs the SFT
+                   replies -> targeted pairs
         slow path: labelled comparisons (a jsonl file; the checkers on SFT / early / late replies)
         refresh the reward model on all online pairs so far (not after the last round); its held-out accuracy
         checkpoint the round (actor, critic, reward model, optimizers, the online state) atomically
@@ -273,20 +274,22 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         state.history.append([ev["reward"], ev["accuracy"]])
         log.write({"kind": "eval", "round": 0, **ev})
         for w in range(cfg.online.critic_warmup_iterations):
-            stats = _iteration(stage, cfg, actor, reference, critic, reward_model, actor_opt, critic_opt,
-                               ("warmup", w), train_actor=False)
+            stats, _ = _iteration(stage, cfg, actor, reference, critic, reward_model, actor_opt, critic_opt,
+                                  ("warmup", w), train_actor=False)
             log.write({"kind": "critic_warmup", "round": 0, "iteration": w, **stats})
 
     sft_samples = [Sample(**s) for s in state.sft_samples]
-    references = {p.prompt_id: p.answer for p in stage.comparison}
     finished = True
     for r in range(state.rounds_done, cfg.online.rounds):
         round_no = r + 1
         early = None
+        late_rollouts: list[Generated] = []       # the second half of the round's rollouts: more hacked replies
         for it in range(cfg.online.iterations_per_round):
             t0 = time.perf_counter()
-            stats = _iteration(stage, cfg, actor, reference, critic, reward_model, actor_opt, critic_opt,
-                               ("ppo", state.iterations_done))
+            stats, gen = _iteration(stage, cfg, actor, reference, critic, reward_model, actor_opt, critic_opt,
+                                    ("ppo", state.iterations_done))
+            if 2 * it >= cfg.online.iterations_per_round - 1:
+                late_rollouts.append(gen)
             state.iterations_done += 1
             log.write({"kind": "ppo", "round": round_no, "iteration": state.iterations_done,
                        "time_s": time.perf_counter() - t0, **stats})
@@ -301,9 +304,13 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         ev["rm_accuracy"] = stage.rm_accuracy(reward_model)
         state.history.append([ev["reward"], ev["accuracy"]])
         late_samples = late.samples()
-        findings = detect_hacking(late_samples, sft_samples, [tuple(h) for h in state.history], cfg.hacking) \
+        # The rules compare the round's late replies (the comparison prompts and the late rollouts) with SFT's;
+        # each offending reply becomes a rejected response, the prompt's shortest correct reply the chosen one.
+        pool = late_samples + [s for g in late_rollouts for s in g.samples()]
+        references = {p.prompt_id: p.answer for g in [late, *late_rollouts] for p in g.prompts}
+        findings = detect_hacking(pool, sft_samples, [tuple(h) for h in state.history], cfg.hacking) \
             if cfg.online.fast_path else []
-        fast = targeted_pairs(findings, late_samples, sft_samples, references, cfg.hacking)
+        fast = targeted_pairs(findings, pool, sft_samples, references, cfg.hacking)
         slow = []
         if cfg.online.slow_path:
             if cfg.online.label_with_checkers:
@@ -312,7 +319,7 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
                 slow += load_comparisons(cfg.online.comparisons_file)
         state.episodes.append({"round": round_no, "findings": [dataclasses.asdict(f) for f in findings],
                                "fast_pairs": len(fast), "slow_pairs": len(slow),
-                               "examples": [late_samples[i].response for f in findings for i in f.sample_indices[:2]]})
+                               "examples": [pool[i].response for f in findings for i in f.sample_indices[:2]]})
         write_pairs(fast + slow, os.path.join(run_dir, f"online_pairs_round_{round_no}.jsonl"))
         if round_no < cfg.online.rounds and (fast or slow or state.online_pairs):
             state.online_pairs += fast + slow
@@ -336,8 +343,9 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
 
 
 def _iteration(stage: Stage, cfg: PPOStageConfig, actor, reference, critic, reward_model, actor_opt, critic_opt,
-               key: tuple[str, int], train_actor: bool = True) -> dict:
-    """One rollout batch and one PPO iteration on it (``key`` names the batch: its prompts and seeds)."""
+               key: tuple[str, int], train_actor: bool = True) -> tuple[dict, Generated]:
+    """One rollout batch and one PPO iteration on it (``key`` names the batch: its prompts and seeds); returns the
+    iteration's statistics and the batch."""
     what, index = key
     n = cfg.rollout.prompts_per_iteration
     start = index * n if what == "ppo" else 10**7 + index * n      # warmup prompts come from their own range
@@ -351,7 +359,7 @@ def _iteration(stage: Stage, cfg: PPOStageConfig, actor, reference, critic, rewa
                           train_actor=train_actor)
     stats["accuracy"] = gen.accuracy()
     stats["time_generation_s"] = t_generation       # sampling and the reward model's scoring
-    return stats
+    return stats, gen
 
 
 def main(argv: list[str] | None = None) -> int:
