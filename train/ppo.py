@@ -39,6 +39,7 @@ import internlm_kernels as ik
 from models import InternLM2ForCausalLM
 from models.internlm2 import InternLM2ForScore
 
+from .checkpoint import fsync_path
 from .corpus import SyntheticCorpus
 from .data import PackedStream, collate
 from .ppo_config import PPOStageConfig, parse_ppo_cli
@@ -202,8 +203,13 @@ def save_round(run_dir: str, state: OnlineState, actor, critic, reward_model, ac
     torch.save({"actor": actor_opt.state_dict(), "critic": critic_opt.state_dict()}, os.path.join(tmp, "optimizers.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(dataclasses.asdict(state), f)
+    for dirpath, _, files in os.walk(tmp):          # on disk before the rename publishes it
+        for name in files:
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    fsync_path(os.path.dirname(final))
     return final
 
 
