@@ -89,6 +89,11 @@ def test_rounds_then_resume_exactly(tmp_path, model_dirs):
     cut = micro_ppo_config(tmp_path, model_dirs, "cut", **slow, **{"run.stop_after_round": 1})
     first = run_ppo(cut)
     assert not first.finished and first.state.rounds_done == 1
+    # A save killed before its rename leaves a .tmp directory: ignored, the previous round is resumed.
+    half = os.path.join(first.run_dir, "rounds", "round_02.tmp")
+    os.makedirs(os.path.join(half, "actor"))
+    open(os.path.join(half, "state.json"), "w").write("{truncated")
+    assert latest_round(first.run_dir).endswith("round_01")
     resumed = run_ppo(dataclasses.replace(cut, resume=True, run=dataclasses.replace(cut.run, stop_after_round=0)))
     assert resumed.finished and resumed.state.rounds_done == 2
     for a, b in ((full.actor, resumed.actor), (full.critic, resumed.critic), (full.reward_model, resumed.reward_model)):
