@@ -17,7 +17,8 @@ The run:
         fast path: hacking rules on the round's late replies (comparison prompts + late rollouts) vs the SFT
                    replies -> targeted pairs
         slow path: labelled comparisons (a jsonl file; the checkers on SFT / early / late replies)
-        refresh the reward model on all online pairs so far (not after the last round); its held-out accuracy
+        refresh the reward model on all online pairs so far + a replay of its own training pairs (not after the
+        last round); its held-out accuracy
         checkpoint the round (actor, critic, reward model, optimizers, the online state) atomically
 Every random draw is seeded from (run.seed, what, iteration), so a run resumed at a round boundary repeats exactly
 what the uninterrupted run does.
@@ -108,6 +109,10 @@ class Stage:
         self.rm_probe = probe_pairs(self.heldout[:n], cfg.run.seed)
         domains = {d for d in ("concise", "helpful") if d in self.conditions}
         self.rm_probe += [p for p in preference_pairs(cfg.run.seed, 2 * n) if p["domain"] in domains]
+        # A refresh retrains on the new pairs plus a replay of the conditional RM's own (train split) pairs, so the
+        # domains it was trained on are not forgotten.
+        self.rm_replay = [p for p in preference_pairs(cfg.run.seed, cfg.reward_refresh.replay_pairs, "train")
+                          if p["domain"] in domains]
         self.sampler: Sampler | None = None
         self.ptx_stream = PackedStream(SyntheticCorpus(seed=cfg.run.seed, split="train"), self.tokenizer,
                                        cfg.ptx.seq_len)
@@ -329,7 +334,8 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         write_pairs(fast + slow, os.path.join(run_dir, f"online_pairs_round_{round_no}.jsonl"))
         if round_no < cfg.online.rounds and (fast or slow or state.online_pairs):
             state.online_pairs += fast + slow
-            losses = stage.refresh(reward_model, state.online_pairs, seed_of(cfg, "refresh", round_no))
+            losses = stage.refresh(reward_model, state.online_pairs + stage.rm_replay,
+                                   seed_of(cfg, "refresh", round_no))
             ev["rm_accuracy_after_refresh"] = stage.rm_accuracy(reward_model)
             log.write({"kind": "rm_refresh", "round": round_no, "pairs": len(state.online_pairs),
                        "fast_pairs": len(fast), "slow_pairs": len(slow), "loss_first": losses[0],

@@ -9,7 +9,7 @@ measuring the reward model on held-out prompts.
 - ``probe_pairs``: held-out pairs in two sets, ``correct>wrong`` and ``short>padded`` (the fix the fast path should
   teach), labelled with the key ``set`` so ``pair_accuracy`` reports each.
 - ``preference_pairs``: records of ``train.preference.SyntheticPreferences`` (the conditional RM's own synthetic
-  domains), for its per-domain accuracy.
+  domains): the held-out split for its per-domain accuracy, the train split replayed at each refresh.
 """
 from __future__ import annotations
 
@@ -67,8 +67,8 @@ def probe_pairs(prompts: list[Prompt], seed: int) -> list[dict]:
     return out
 
 
-def preference_pairs(seed: int, count: int) -> list[dict]:
-    prefs = SyntheticPreferences(seed, "heldout")
+def preference_pairs(seed: int, count: int, split: str = "heldout") -> list[dict]:
+    prefs = SyntheticPreferences(seed, split)
     out = []
     for i in range(count):
         pair = prefs[i]

@@ -31,6 +31,7 @@ class RewardRefreshConfig:
     gamma: float = 2.0
     penalty: float = 0.02              # lambda of the log barrier
     grad_clip: float = 1.0
+    replay_pairs: int = 64             # pairs of the RM's own training data mixed into every refresh (no forgetting)
 
 
 def _prompt_of(pair: dict) -> Prompt:
