@@ -113,6 +113,11 @@ def test_resume_at_stage_boundary(tmp_path):
     assert (state["stage_index"], state["stage_step"], state["global_step"]) == (0, 5, 5)
     resumed = run_pretraining(micro_config(tmp_path, "cut", TWO_STAGES, **{"checkpoint.resume": True}))
     assert train_losses(resumed.run_dir) == train_losses(full.run_dir)
+    # Resuming a finished run trains nothing and leaves the model as the last stage configured it.
+    again = run_pretraining(micro_config(tmp_path, "cut", TWO_STAGES, **{"checkpoint.resume": True}))
+    assert again.finished and again.model.config.rope_theta == 1e6
+    assert train_losses(again.run_dir) == train_losses(full.run_dir)
+    assert all(torch.equal(a, b) for a, b in zip(again.model.parameters(), full.model.parameters()))
 
 
 def test_resume_rejects_other_stages(tmp_path):

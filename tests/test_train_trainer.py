@@ -75,6 +75,9 @@ def test_custom_stage_trains_checkpoints_and_resumes_exactly(tmp_path):
     expected = _records(tmp_path / "full")
     assert len(expected) == 6 and all(0.0 <= acc <= 1.0 for _, acc, _ in expected)
     assert expected[-1][0] < expected[0][0]
+    # The schedule drives the optimizer (the logged lr is the one the last step used).
+    assert full.optimizer.param_groups[0]["lr"] == full.schedule.lr_at(5) == read_jsonl(
+        os.path.join(tmp_path, "full", "metrics.jsonl"))[-1]["lr"] < 1e-2
 
     cut = _trainer(tmp_path / "cut", 6, every=2, stop_at_step=3)
     assert not cut.train(sums_stage(tok, 6))                            # stopped at step 3, checkpoint written

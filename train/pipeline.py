@@ -1,6 +1,6 @@
 """The main job (``make demo``): pretrain the tiny preset on the embedded corpus, evaluate, and report.
 
-    python -m train.pipeline                                   # configs/tiny_cpu.toml: ~10 minutes on 2 CPU cores
+    python -m train.pipeline                                   # configs/tiny_cpu.toml: about 5 minutes on 2 quiet CPU cores
     python -m train.pipeline --config configs/x.toml --resume  # any config; overrides as --section.key=value
 
 Stages run by ``train.pretrain`` (4k-style stage, then the long-context stage with the RoPE base raised); then
