@@ -250,6 +250,7 @@ def _rm_cfg(tmp_path, name, init_from, *extra):
 
 def test_reward_stage_from_sft_checkpoint_resumes_exactly(tmp_path):
     import dataclasses
+    import os
 
     from models import InternLM2Config, InternLM2ForCausalLM
     from train.metrics import read_jsonl
@@ -283,6 +284,8 @@ def test_reward_stage_from_sft_checkpoint_resumes_exactly(tmp_path):
     assert [e["stage"] for e in evals] == ["init", "reward"]
     assert {"pair_acc", "pair_acc_concise", "pair_acc_helpful"} <= set(evals[-1])
     assert full.histogram.endswith("reward_scores.png") and full.eval["pair_acc"] == evals[-1]["pair_acc"]
+    from train.reward_eval import plot_reward_training
+    assert os.path.isfile(plot_reward_training(read_jsonl(full.metrics_path), str(tmp_path / "plots"))["loss"])
     cut = run_reward(_rm_cfg(tmp_path, "cut", str(sft), "--checkpoint.every=2", "--run.stop_at_step=2"))
     assert not cut.finished
     resumed = run_reward(_rm_cfg(tmp_path, "cut", str(sft), "--checkpoint.every=2", "--resume"))
@@ -307,3 +310,102 @@ def test_reward_config_errors(tmp_path):
     with pytest.raises(ValueError, match="no condition prompt for domain 'helpful'"):
         from train.reward import run_reward
         run_reward(_rm_cfg(tmp_path, "x", "", "--reward.conditions={concise = \"short\"}"))
+
+
+def _pair_batch(seed=0):
+    tok = ByteTokenizer()
+    prefs = SyntheticPreferences(seed=seed)
+    stream = ItemBatches(lambda i: pair_item(prefs[i], tok, reward_token_id(tok), DEFAULT_CONDITIONS,
+                                             SyntheticPreferences.domains), 1024, 256, max_seqs_per_item=2)
+    return stream.next_micro_batch()
+
+
+def test_reward_step_reads_nothing_from_the_device(monkeypatch):
+    """The pair loss and the score model's packed forward/backward read no tensor value on the host (on a GPU
+    each read would be a sync); the model's value checks are off as they are for GPU tensors."""
+    import dataclasses
+    import os
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import models.internlm2
+    import models.packing
+    from models import InternLM2Config, InternLM2ForScore
+    from train.reward import pair_loss_fn
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sites = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:   # .item(), int(t), bool(t), ...
+                repo = [f for f in traceback.extract_stack() if f.filename.startswith(root)
+                        and "/.venv/" not in f.filename and "/tests/" not in f.filename]
+                site = os.path.relpath(repo[-1].filename, root) if repo else "?"
+                if site.startswith(("train/", "models/")):   # reads inside internlm_kernels are the kernels' own
+                    self.sites.append(f"{site}:{repo[-1].lineno}")
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(models.packing, "reads_values", lambda t: False)
+    monkeypatch.setattr(models.internlm2, "reads_values", lambda t: False)
+    model = InternLM2ForScore(dataclasses.replace(InternLM2Config.preset("micro"), vocab_size=272))
+    batch = _pair_batch()
+    loss_fn = pair_loss_fn()
+    with HostReads() as reads:
+        loss, n, metrics = loss_fn(model, batch)
+        loss.backward()
+    assert not reads.sites, reads.sites
+    assert isinstance(n, int) and n == len(batch.groups) and set(metrics) == {"pair_acc", "margin", "score_abs"}
+
+
+@pytest.mark.gpu
+def test_reward_steps_never_sync_on_gpu(tmp_path):
+    """Trainer steps of the reward stage (bf16 score model, fp32 master weights) under cuda sync debug mode
+    'error': any device-to-host sync raises."""
+    import dataclasses
+
+    from models import InternLM2Config, InternLM2ForScore
+    from train.config import CheckpointConfig, MetricsConfig, OptimConfig
+    from train.parallel import Runtime
+    from train.reward import pair_loss_fn
+    from train.trainer import Stage, Trainer
+
+    tok = ByteTokenizer()
+    prefs = SyntheticPreferences()
+    torch.manual_seed(0)
+    model = InternLM2ForScore(dataclasses.replace(InternLM2Config.preset("micro"), vocab_size=272))
+    trainer = Trainer(model.to("cuda", torch.bfloat16), Runtime(torch.device("cuda"), torch.bfloat16),
+                      optim=OptimConfig(warmup_steps=1), checkpoint=CheckpointConfig(),
+                      metrics=MetricsConfig(progress=False, log_every=100), run_dir=str(tmp_path), total_steps=10)
+    data = ItemBatches(lambda i: pair_item(prefs[i], tok, reward_token_id(tok), DEFAULT_CONDITIONS,
+                                           SyntheticPreferences.domains), 1024, 256, max_seqs_per_item=2)
+    stage = Stage("reward", 10, data, pair_loss_fn())
+    for _ in range(2):
+        trainer.step(stage)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            trainer.step(stage)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert trainer.state.global_step == 5
+
+
+def test_reward_stage_reads_jsonl_pairs_with_a_heldout_split(tmp_path):
+    from train.reward import preference_sets
+
+    path = tmp_path / "prefs.jsonl"
+    recs = [{"domain": d, "prompt": f"q{i}", "chosen": "a", "rejected": "b"}
+            for i, d in enumerate(["math", "code", "math", "code", "math"])]
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    train, held, domains = preference_sets(_rm_cfg(tmp_path, "j", "", f"--reward.pairs={path}", "--reward.heldout=2"))
+    assert domains == ("math", "code") and [p.prompt[0].content for p in held] == ["q0", "q1"]
+    assert [p.prompt[0].content for p in train] == ["q2", "q3", "q4"]
+    with pytest.raises(ValueError, match="leaves no training pairs"):
+        preference_sets(_rm_cfg(tmp_path, "j", "", f"--reward.pairs={path}", "--reward.heldout=5"))

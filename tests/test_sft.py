@@ -205,3 +205,15 @@ def test_sft_config_errors(tmp_path, pretrained):
                  "--stages.0.global_batch_tokens=1024")
     with pytest.raises(ConfigError, match="sft.conversations"):
         _sft_cfg(tmp_path, "x", pretrained, "--sft.conversations=/nonexistent.jsonl")
+
+
+def test_sft_reads_openai_jsonl_with_a_heldout_split(tmp_path, pretrained):
+    from train.sft import conversations
+
+    path = tmp_path / "chat.jsonl"
+    recs = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(5)]
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    train, held = conversations(_sft_cfg(tmp_path, "j", pretrained, f"--sft.conversations={path}", "--sft.heldout=2"))
+    assert [c.messages[-1].content for c in held] == ["a0", "a1"]
+    assert [c.messages[-1].content for c in train] == ["a2", "a3", "a4"]

@@ -15,7 +15,7 @@ from .chat import render
 from .config import TrainConfig
 from .metrics import plot_training, read_jsonl
 from .reward import RewardResult, run_reward
-from .reward_eval import histogram_table
+from .reward_eval import histogram_table, plot_reward_training
 from .sft import SFTResult, run_sft
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,6 +69,11 @@ def sft_section(result: SFTResult, plots: dict) -> list[str]:
     if "tool_call_valid" in after:
         lines += [f"| tool-call format valid | {before['tool_call_valid']:.1%} | {after['tool_call_valid']:.1%} |",
                   f"| tool call exact | {before['tool_call_exact']:.1%} | {after['tool_call_exact']:.1%} |"]
+    if after["exact_match"] == 0.0:
+        lines += ["", "No final answer matched exactly: the answers need the base model's own skills (adding two "
+                  "numbers, copying a name or a tool result from the context), which the tiny pretraining run does "
+                  "not have (see its sample completions above); SFT taught the format (turns closed with "
+                  "`<|im_end|>`, tool calls of the declared shape) but cannot add the skills."]
     examples = (result.eval or {}).get("examples") or []
     if examples:
         ex = examples[0]
@@ -83,7 +88,9 @@ def reward_section(result: RewardResult, plots: dict, conditions: dict) -> list[
     before, after = _evals(records)
     lines = ["## Conditional reward model (COOL RLHF)",
              f"`InternLM2ForScore` from the SFT checkpoint `{result.init_from}` with a fresh head; checkpoint "
-             f"`{result.checkpoint}`. " + _loss_rows(records) + f". Loss curve: `{plots.get('loss', '-')}`.", "",
+             f"`{result.checkpoint}`. " + _loss_rows(records) + f". Loss curve: `{plots.get('loss', '-')}`. "
+             "(The loss can go below 0: the log-barrier term is negative inside the bound, at least "
+             "-lambda * 2 log(bound) = -0.064 with the defaults.)", "",
              "The preference set flips between two domains (the same two replies, opposite preference), so only the "
              "condition system prompt can separate them; a model that ignores it gets at most 50%.", "",
              "| domain | condition prompt | held-out pair accuracy before | after |", "|---|---|---|---|"]
@@ -113,7 +120,7 @@ def run_alignment(cfg: TrainConfig, pretrain_checkpoint: str, report_path: str,
     rm = run_reward(rm_cfg)
     if not rm.finished:
         return None
-    rm_plots = plot_training(read_jsonl(rm.metrics_path), rm.run_dir) if rm_cfg.metrics.plots else {}
+    rm_plots = plot_reward_training(read_jsonl(rm.metrics_path), rm.run_dir) if rm_cfg.metrics.plots else {}
     lines = sft_section(sft, sft_plots) + reward_section(rm, rm_plots, rm_cfg.reward.conditions)
     lines.append(f"Wall time of the whole pipeline (pretraining, SFT, reward model, evaluations): "
                  f"{(time.time() - start_time) / 60:.1f} min.")

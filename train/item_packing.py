@@ -21,7 +21,7 @@ the counters) restores the stream exactly, since sources are random-access and d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -74,6 +74,21 @@ def collate_items(items: list[Item]) -> ItemBatch:
     return ItemBatch(torch.tensor(ids, dtype=torch.int64), torch.tensor(labels, dtype=torch.int64),
                      torch.tensor(cu, dtype=torch.int32), max(lengths), targets, per_item.pop(),
                      [it.group for it in items])
+
+
+def budget_groups(items: list[Item], batch_tokens: int) -> Iterator[list[Item]]:
+    """A finite list of items (an evaluation set) in consecutive groups of at most ``batch_tokens`` tokens (an
+    item larger than the budget forms a group alone)."""
+    group: list[Item] = []
+    used = 0
+    for item in items:
+        if group and used + item.num_tokens > batch_tokens:
+            yield group
+            group, used = [], 0
+        group.append(item)
+        used += item.num_tokens
+    if group:
+        yield group
 
 
 class ItemBatches:

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .item_packing import Item, collate_items
+from .item_packing import Item, budget_groups, collate_items
 
 
 @torch.no_grad()
@@ -18,18 +18,12 @@ def pair_scores(model, items: Sequence[Item], device: torch.device, batch_tokens
     """{"chosen": (P,), "rejected": (P,), "group": (P,)} host tensors for the pairs in ``items``."""
     model = getattr(model, "module", model)
     chosen, rejected, groups = [], [], []
-    start = 0
-    while start < len(items):
-        end, used = start, 0
-        while end < len(items) and (end == start or used + items[end].num_tokens <= batch_tokens):
-            used += items[end].num_tokens
-            end += 1
-        batch = collate_items(list(items[start:end])).to(device)
+    for group in budget_groups(list(items), batch_tokens):
+        batch = collate_items(group).to(device)
         scores = model(batch.input_ids, batch.cu_seqlens, max_seqlen=batch.max_seqlen).scores.float().cpu()
         chosen.append(scores[0::2])
         rejected.append(scores[1::2])
         groups += batch.groups
-        start = end
     return {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected), "group": torch.tensor(groups)}
 
 
@@ -85,3 +79,33 @@ def histogram_table(scores: dict, domains: Sequence[str], edges: Sequence[float]
             counts = [int(((s >= a) & (s < b)).sum()) for a, b in zip(edges, edges[1:])]
             rows.append(f"| {name} | {side} | " + " | ".join(map(str, counts)) + " |")
     return "\n".join(head + rows)
+
+
+def plot_reward_training(records: list[dict], out_dir: str) -> dict[str, str]:
+    """loss.png of a reward run: the total loss on a linear axis (the barrier term makes it negative near the
+    end, which a log axis cannot show) and the training pair accuracy per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("kind") == "train"]
+    if not train:
+        return {}
+    os.makedirs(out_dir, exist_ok=True)
+    steps = [r["step"] for r in train]
+    fig, (ax, acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax.plot(steps, [r["loss"] for r in train], lw=1.0)
+    ax.axhline(0.0, color="gray", lw=0.6, ls=":")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("ranking loss + penalty x log barrier")
+    ax.set_title("reward model: training loss")
+    acc.plot(steps, [r.get("pair_acc", float("nan")) for r in train], lw=1.0)
+    acc.set_ylim(0, 1.02)
+    acc.set_xlabel("optimizer step")
+    acc.set_title("training pair accuracy")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "loss.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"loss": path}

@@ -29,7 +29,7 @@ from .chat_eval import chat_eval
 from .config import CHECKPOINTING, ConfigError, to_dict
 from .corpus import SyntheticCorpus
 from .data import FileCorpus
-from .item_packing import ItemBatches, collate_items
+from .item_packing import ItemBatches, budget_groups, collate_items
 from .parallel import barrier, init_runtime
 from .pretrain import causal_lm_loss
 from .sft_data import SFTItems
@@ -38,6 +38,7 @@ from .trainer import Stage, Trainer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "sft_tiny.toml")
+LONG_CONTEXT_FILE_DOCS = 100_000   # data files: the long-context mix draws from (at most) this many documents, in memory
 
 
 def conversations(cfg: SFTConfig) -> tuple[object, list[Conversation]]:
@@ -63,7 +64,7 @@ def pretraining_documents(cfg: SFTConfig):
                                  num_people=cfg.data.num_people)
         return corpus.__getitem__
     docs = list(FileCorpus(cfg.data.paths, cfg.data.text_field, cfg.data.txt_mode, skip=cfg.data.heldout_docs,
-                           limit=100_000).iter_from(0))
+                           limit=LONG_CONTEXT_FILE_DOCS).iter_from(0))
     return lambda i: docs[i % len(docs)]
 
 
@@ -71,17 +72,11 @@ def pretraining_documents(cfg: SFTConfig):
 def heldout_assistant_loss(model, items, device, batch_tokens: int) -> float:
     """Assistant-token cross-entropy over the held-out conversations (nats per target token)."""
     model = getattr(model, "module", model)
-    total, targets, start = 0.0, 0, 0
-    while start < len(items):
-        end, used = start, 0
-        while end < len(items) and (end == start or used + items[end].num_tokens <= batch_tokens):
-            used += items[end].num_tokens
-            end += 1
-        batch = collate_items(items[start:end]).to(device)
-        loss, n, _ = causal_lm_loss(model, batch)
+    total, targets = 0.0, 0
+    for group in budget_groups(items, batch_tokens):
+        loss, n, _ = causal_lm_loss(model, collate_items(group).to(device))
         total += float(loss)
         targets += n
-        start = end
     return total / max(targets, 1)
 
 
