@@ -109,6 +109,7 @@ CASES = {
     "decode-paged16": Case(),
     "decode-contiguous": Case(page_size=None),
     "decode-gqa8-page64": Case(hq=8, hkv=1, page_size=64, seqlens=(70, 1, 5)),
+    "page8-smaller-than-key-block": Case(page_size=8, n_q=2, num_splits=2),
     "multi-token-causal": Case(n_q=3, seqlens=(0, 5, 29), hq=6, hkv=2, d=24),
     "multi-token-noncausal-mha-page32": Case(n_q=3, causal=False, hq=2, hkv=2, page_size=32),
     "no-append": Case(n_new=0, seqlens=(1, 16, 40)),
@@ -270,6 +271,12 @@ def test_opcheck_and_fullgraph_compile():
     with ik.use_backend("triton"):
         torch.library.opcheck(torch.ops.internlm_kernels.flash_attn_with_kvcache.default, args,
                               test_utils=("test_schema", "test_faketensor"))
+        lens_k = (kw["cache_seqlens"] + 1).tolist()
+        cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+        cu_q = torch.arange(0, 7, 2, dtype=torch.int32, device=DEV)
+        torch.library.opcheck(torch.ops.internlm_kernels.flash_attn_varlen_paged.default,
+                              (q.reshape(6, 4, 32), k_cache, v_cache, cu_q, cu_k, kw["block_table"], None, 2,
+                               32 ** -0.5, -1, 0, 0.0, 2), test_utils=("test_schema", "test_faketensor"))
 
         def step(q, k_cache, v_cache, k, v):
             return ik.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, kw["rotary_cos"], kw["rotary_sin"],
@@ -323,3 +330,96 @@ def test_gpu_inputs_on_a_device_that_is_not_current():
         moved = {n: t.to("cuda:1") if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
         got = ik.flash_attn_with_kvcache(q.to("cuda:1"), k_cache.to("cuda:1"), v_cache.to("cuda:1"), **moved)
     assert_close(got.cpu(), want.cpu())
+
+
+# --------------------------------------------------------------------------------------------------
+# Compiled for Hopper (the interpreter compiles nothing)
+# --------------------------------------------------------------------------------------------------
+def _compile_for_sm90(kernel, constexprs: dict, types: dict, num_warps: int = 4, num_stages: int = 2):
+    """Compile a kernel for sm_90 here (Triton ships ptxas): ``types`` gives each runtime argument's type (default:
+    i32); pointers and strides get the 16-divisibility a real launch sees."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(inspect.signature(kernel.fn).parameters)
+    sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if sig[n].startswith("*") or (n.startswith("stride") and n not in ("stride_alibi", "stride_bt"))}
+    return triton.compile(ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _sm90_resource_usage() -> list[tuple[str, str, str]]:
+    """(kernel, variant, cuobjdump resource line) of the rollout kernels compiled for sm_90 at the decode benchmark's
+    shape (32/8 heads, D 128, pages of 64, bf16). Run with TRITON_INTERPRET=0."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+
+    from internlm_kernels.triton import flash_decode as fd
+    from internlm_kernels.triton import linear_logprobs as ll
+
+    bf16, f32, i32 = "*bf16", "*fp32", "*i32"
+    attn_types = dict(Q=bf16, KCache=bf16, VCache=bf16, Out=bf16, Lse=f32, OutPart=f32, LsePart=f32, CuQ=i32,
+                      SeqlensK=i32, CacheBatchIdx=i32, LeftPad=i32, BlockTable=i32, Alibi=f32, qk_scale="fp32",
+                      softcap_log2="fp32")
+    attn_flags = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=64, HAS_BATCH_IDX=False,
+                      HAS_LEFTPAD=False, HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=False,
+                      PRECISION=None)
+    rows_types = dict(logits_ptr=bf16, target_ptr="*i64", logp_ptr=f32, entropy_ptr=f32, stats_ptr=f32,
+                      grad_logp_ptr=f32, grad_ent_ptr=f32, inv_temperature="fp32")
+    builds = [
+        ("decode attention", "paged, 4 splits",
+         fd._decode_attn_kernel, dict(attn_flags, SPLITS=4, PAGED=True, PAGE_SIZE=64), attn_types, 4),
+        ("decode attention", "contiguous, 1 split",
+         fd._decode_attn_kernel, dict(attn_flags, SPLITS=1, PAGED=False, PAGE_SIZE=1), attn_types, 4),
+        ("combine splits", "4 splits", fd._combine_splits_kernel,
+         dict(SPLITS=4, HEAD_DIM=128, BLOCK_S=4, BLOCK_D=128), dict(OutPart=f32, LsePart=f32, Out=bf16, Lse=f32), 4),
+        ("append kv", "paged, rotary", fd._append_kv_kernel,
+         dict(PAGED=True, PAGE_SIZE=64, HAS_BATCH_IDX=False, HAS_ROTARY=True, INTERLEAVED=False, COPY_TAIL=False,
+              BLOCK_T=2, BLOCK_H=8, BLOCK_R=64, BLOCK_TAIL=1, BLOCK_D=128),
+         dict(K=bf16, V=bf16, KCache=bf16, VCache=bf16, CacheSeqlens=i32, CacheBatchIdx=i32, BlockTable=i32,
+              COS=f32, SIN=f32), 4),
+        ("logprob rows", "forward", ll._logprob_rows_kernel,
+         dict(BLOCK_V=4096, BACKWARD=False, HAS_ENTROPY_GRAD=False), rows_types, 8),
+        ("logprob rows", "backward", ll._logprob_rows_kernel,
+         dict(BLOCK_V=4096, BACKWARD=True, HAS_ENTROPY_GRAD=True), rows_types, 8),
+    ]
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    rows = []
+    for name, variant, kernel, flags, types, warps in builds:
+        compiled = _compile_for_sm90(kernel, flags, types, num_warps=warps)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                   text=True).stdout
+        rows.append((name, variant, " ".join(line.strip() for line in usage.splitlines() if "REG:" in line)))
+    return rows
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU run compiles and times the real thing")
+def test_rollout_kernels_compile_for_hopper_without_spills():
+    """In a subprocess with compiled (not interpreted) Triton: the decode, combine, append and log-prob kernels lower
+    to sm_90 without register spills (a GPU-only compile error, e.g. a non-constexpr global, fails here)."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).parents[1]
+    code = ("import json, sys; sys.path.insert(0, 'tests'); import test_kvcache as t; "
+            "print(json.dumps(t._sm90_resource_usage()))")
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(root))
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(rows) == 6
+    for name, variant, usage in rows:
+        assert "STACK:0 " in usage + " " and "LOCAL:0 " in usage + " ", (name, variant, usage)

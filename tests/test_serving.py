@@ -34,11 +34,12 @@ def test_greedy_equals_generate_and_the_uncached_forward(model):
 
 
 def test_triton_kernels_match_the_reference_backend(model):
-    gen = ContinuousBatchingGenerator(model, max_batch=4, page_size=32)
+    # Every kernel of the model runs under the interpreter here: kept short (2 prompts, 3 tokens, pages of 8).
+    gen = ContinuousBatchingGenerator(model, max_batch=2, page_size=8)
     with ik.use_backend("reference"):
-        want = gen.generate(PROMPTS[:3], 5, stop_token_ids=())
+        want = gen.generate([PROMPTS[0], PROMPTS[2]], 3, stop_token_ids=())
     with ik.use_backend("triton"):
-        got = gen.generate(PROMPTS[:3], 5, stop_token_ids=())
+        got = gen.generate([PROMPTS[0], PROMPTS[2]], 3, stop_token_ids=())
     assert tokens(got) == tokens(want)
     for g, w in zip(got, want):
         torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), rtol=1e-4, atol=1e-4)
@@ -144,7 +145,8 @@ def test_bad_arguments(model):
 
 @pytest.mark.gpu
 def test_gpu_cuda_graph_decode_equals_eager(model):
-    cuda_model = InternLM2ForCausalLM(InternLM2Config.preset("micro")).cuda().to(torch.bfloat16).eval()
+    # float32: greedy tokens of different attention kernels agree only while rounding cannot flip an argmax.
+    cuda_model = InternLM2ForCausalLM(InternLM2Config.preset("micro")).cuda().eval()
     prompts = PROMPTS * 3
     eager = ContinuousBatchingGenerator(cuda_model, max_batch=8, cuda_graphs=False).generate(prompts, 12,
                                                                                               stop_token_ids=())

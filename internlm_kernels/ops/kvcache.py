@@ -14,15 +14,13 @@ Kernels: internlm_kernels/triton/flash_decode.py. Backend op name: ``kvcache`` (
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
 from .. import reference
-from .._checks import FLOAT_DTYPES, check_same_dtype, check_tensor, once_per_version
+from .._checks import FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_tensor, once_per_version
 from ..backend import choose, requested
-from .attention import _check_args, _check_hint, _last_dim_contiguous
+from .attention import _check_args, _check_hint, _last_dim_contiguous, _uniform_cu_seqlens
 
 INT32 = (torch.int32,)
 
@@ -31,11 +29,6 @@ def _kernels():
     from ..triton import flash_decode, rotary
 
     return flash_decode, rotary
-
-
-@functools.lru_cache(maxsize=16)
-def _uniform_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> Tensor:
-    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,12 +338,10 @@ def flash_attn_varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max
     """The ``block_table`` path of ``flash_attn_varlen_func`` (flash-attn >= 2.5): keys/values of sequence b are the
     first cu_seqlens_k[b+1] - cu_seqlens_k[b] positions of its pages in the paged caches k_cache/v_cache
     (num_pages, page_size, Hkv, D). Inference only. Returns out, or (out, lse (Hq, total_q), None)."""
-    from .._checks import check_cu_seqlens
-
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
     _check_cache(q, k_cache, v_cache)
-    batch = cu_seqlens_q.numel() - 1 if isinstance(cu_seqlens_q, Tensor) else -1
     check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    batch = cu_seqlens_q.numel() - 1
     check_tensor("cu_seqlens_k", cu_seqlens_k, dtypes=INT32, ndim=1, device=q.device)
     if cu_seqlens_k.numel() != batch + 1:
         raise ValueError(f"cu_seqlens_k ({cu_seqlens_k.numel()} entries) and cu_seqlens_q ({batch + 1} entries) "

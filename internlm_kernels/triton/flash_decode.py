@@ -16,7 +16,8 @@ what makes GQA decode memory-bound on the KV cache alone rather than on GROUP re
     s = scale · q kᵀ  (softcap · tanh(s / softcap); − slope·|pos_i − j|);  masked (window, causal, ends) to −inf
     m_new = max(m, rowmax s);  α = 2^(m − m_new);  p = 2^(s − m_new);  l = α l + Σ p;  acc = α acc + p V
 
-(base 2, the scale carries log2 e). The keys of a split are the split's share of [first_b, last visible key]: with
+(base 2, the scale carries log2 e); whole blocks that every row of the tile sees skip the mask, only the edge ranges
+apply it. The keys of a split are the split's share of [first_b, last visible key]: with
 S splits each takes ceil(span / S) keys rounded up to BLOCK_N, computed per sequence inside the kernel, so a long
 sequence fills the card even at batch 1 and short ones end at once. Paged keys are found per key through the block
 table (physical page block_table[b, j // PAGE_SIZE], row j % PAGE_SIZE); a key block lies in one or two pages.
@@ -40,7 +41,7 @@ import triton.language as tl
 from .flash_attn import LOG2E, _scores, _visible, block_d
 from .rotary import _blocks, _load_cos_sin, _rotate_rows
 
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
 # Keys a split should at least have before another split pays off (its partial result costs one extra row write).
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 64
@@ -174,6 +175,48 @@ def append_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 # Split-KV attention
 # --------------------------------------------------------------------------------------------------
 @triton.jit
+def _decode_key_blocks(acc, l_i, m_i, lo, hi, q, KCache, VCache, BlockTable, stride_bt, row, kv_head, stride_kc_page,
+                       stride_kc_tok, stride_kc_h, stride_vc_page, stride_vc_tok, stride_vc_h, pos, offs_n,
+                       offs_d, qk_scale, softcap_log2, alibi_log2, window_left, window_right,
+                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                       MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                       HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):
+    """Online-softmax update over the keys [lo, hi) in blocks of BLOCK_N. MASKED applies the visibility mask and
+    cuts the last block at hi (edge ranges); unmasked ranges are whole blocks that every row sees."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + offs_n                                           # (BLOCK_N,) key positions
+        if MASKED:
+            col_ok = cols < hi
+            load_ok = col_ok[:, None] & d_ok
+        else:
+            col_ok = cols >= 0
+            load_ok = d_ok
+        k_ptrs = _cache_rows(KCache, BlockTable, stride_bt, row, cols, col_ok, stride_kc_page, stride_kc_tok,
+                             kv_head, stride_kc_h, PAGED, PAGE_SIZE)
+        k = tl.load(k_ptrs[:, None] + offs_d[None, :], mask=load_ok, other=0.0)      # (BLOCK_N, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)      # (BLOCK_M, BLOCK_N)
+        s, _ = _scores(qk, pos[:, None], cols[None, :], qk_scale, softcap_log2, alibi_log2, HAS_SOFTCAP, HAS_ALIBI)
+        if MASKED:
+            ok = _visible(pos[:, None], cols[None, :], hi, window_left, window_right, True, HAS_LEFT, HAS_RIGHT)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)    # nothing visible yet: keep p = α = 0
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_ptrs = _cache_rows(VCache, BlockTable, stride_bt, row, cols, col_ok, stride_vc_page, stride_vc_tok,
+                             kv_head, stride_vc_h, PAGED, PAGE_SIZE)
+        v = tl.load(v_ptrs[:, None] + offs_d[None, :], mask=load_ok, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _decode_attn_kernel(
     Q,                      # (total_q, Hq, D) queries of all sequences, packed (rows CuQ[b]:CuQ[b+1] are sequence b)
     KCache, VCache,         # contiguous (B_cache, S_cache, Hkv, D) or paged (num_pages, PAGE_SIZE, Hkv, D)
@@ -252,29 +295,28 @@ def _decode_attn_kernel(
     if HAS_ALIBI:
         alibi_log2 = (tl.load(Alibi + b * stride_alibi + head, mask=row_ok, other=0.0) * 1.4426950408889634)[:, None]
 
+    # Keys every row of the tile sees, [full_lo, full_hi) in whole blocks, skip the mask; the edges keep it.
+    full_lo = start
+    full_hi = end
+    if HAS_LEFT:
+        full_lo = tl.minimum(tl.maximum(start, pos_last - window_left), end)
+    if HAS_RIGHT:
+        full_hi = tl.maximum(full_lo, tl.minimum(end, pos_first + window_right + 1))
+    full_hi = full_lo + (full_hi - full_lo) // BLOCK_N * BLOCK_N
+
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        cols = n0 + offs_n                                           # (BLOCK_N,) key positions
-        col_ok = cols < end
-        k_ptrs = _cache_rows(KCache, BlockTable, stride_bt, row, cols, col_ok, stride_kc_page, stride_kc_tok,
-                             kv_head, stride_kc_h, PAGED, PAGE_SIZE)
-        k = tl.load(k_ptrs[:, None] + offs_d[None, :], mask=col_ok[:, None] & d_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)      # (BLOCK_M, BLOCK_N)
-        s, _ = _scores(qk, pos[:, None], cols[None, :], qk_scale, softcap_log2, alibi_log2, HAS_SOFTCAP, HAS_ALIBI)
-        ok = _visible(pos[:, None], cols[None, :], end, window_left, window_right, True, HAS_LEFT, HAS_RIGHT)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)        # nothing visible yet: keep p = α = 0
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptrs = _cache_rows(VCache, BlockTable, stride_bt, row, cols, col_ok, stride_vc_page, stride_vc_tok,
-                             kv_head, stride_vc_h, PAGED, PAGE_SIZE)
-        v = tl.load(v_ptrs[:, None] + offs_d[None, :], mask=col_ok[:, None] & d_ok, other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+    ranges_args = (q, KCache, VCache, BlockTable, stride_bt, row, kv_head, stride_kc_page, stride_kc_tok,
+                   stride_kc_h, stride_vc_page, stride_vc_tok, stride_vc_h, pos, offs_n, offs_d, qk_scale,
+                   softcap_log2, alibi_log2, window_left, window_right)
+    if HAS_LEFT:
+        acc, l_i, m_i = _decode_key_blocks(acc, l_i, m_i, start, full_lo, *ranges_args, HEAD_DIM, BLOCK_N, PAGED,
+                                           PAGE_SIZE, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, PRECISION)
+    acc, l_i, m_i = _decode_key_blocks(acc, l_i, m_i, full_lo, full_hi, *ranges_args, HEAD_DIM, BLOCK_N, PAGED,
+                                       PAGE_SIZE, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, PRECISION)
+    acc, l_i, m_i = _decode_key_blocks(acc, l_i, m_i, full_hi, end, *ranges_args, HEAD_DIM, BLOCK_N, PAGED,
+                                       PAGE_SIZE, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, PRECISION)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
