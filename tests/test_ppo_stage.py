@@ -154,3 +154,17 @@ def test_pipeline_appends_the_ppo_section(tmp_path, model_dirs):
     text = report.read_text()
     assert text.startswith("# earlier sections") and "## PPO in rounds (COOL RLHF)" in text
     assert "PPO, evaluations)" in text
+
+
+def test_models_may_name_a_stage_run_directory(tmp_path, model_dirs):
+    from train.ppo_config import model_dir
+
+    run = tmp_path / "sft_run"
+    for step in (3, 12):        # the newest checkpoint's export is taken
+        InternLM2ForCausalLM(MICRO).save_pretrained(run / "checkpoints" / f"step_{step:08d}" / "model")
+    assert model_dir(str(run)) == str(run / "checkpoints" / "step_00000012" / "model")
+    assert model_dir(model_dirs[0]) == model_dirs[0]
+    cfg = micro_ppo_config(tmp_path, model_dirs, **{"models.actor": str(run)})
+    assert cfg.models.actor == str(run)
+    with pytest.raises(ConfigError, match="neither a model directory"):
+        micro_ppo_config(tmp_path, model_dirs, **{"models.reward": str(tmp_path)})

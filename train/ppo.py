@@ -43,7 +43,7 @@ from models.internlm2 import InternLM2ForScore
 from .checkpoint import fsync_path
 from .corpus import SyntheticCorpus
 from .data import PackedStream, collate
-from .ppo_config import PPOStageConfig, parse_ppo_cli
+from .ppo_config import PPOStageConfig, model_dir, parse_ppo_cli
 from .preference import reward_token_id
 from .rlhf.advantages import gae
 from .rlhf.hacking import Sample, detect_hacking, label_comparisons, load_comparisons, targeted_pairs, write_pairs
@@ -121,7 +121,8 @@ class Stage:
     def load(self, actor_dir: str, critic_dir: str, reward_dir: str):
         dev, dt = self.device, self.dtype
         actor = InternLM2ForCausalLM.from_pretrained(actor_dir, dtype=dt, device=dev)
-        reference = InternLM2ForCausalLM.from_pretrained(self.cfg.models.actor, dtype=dt, device=dev).eval()
+        reference = InternLM2ForCausalLM.from_pretrained(model_dir(self.cfg.models.actor), dtype=dt,
+                                                         device=dev).eval()
         reference.requires_grad_(False)
         critic = InternLM2ForScore.from_pretrained(critic_dir, dtype=dt, device=dev)
         reward_model = InternLM2ForScore.from_pretrained(reward_dir, dtype=dt, device=dev).eval()
@@ -269,7 +270,8 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
     else:
         state = OnlineState()
         log = MetricsFile(os.path.join(run_dir, "metrics.jsonl"), -1)
-        actor, reference, critic, reward_model = stage.load(cfg.models.actor, cfg.models.reward, cfg.models.reward)
+        sft_dir, rm_dir = model_dir(cfg.models.actor), model_dir(cfg.models.reward)
+        actor, reference, critic, reward_model = stage.load(sft_dir, rm_dir, rm_dir)
         if cfg.online.hackable_rm_pairs:
             pairs = length_biased_pairs(stage.train_prompts.take(10**6, cfg.online.hackable_rm_pairs), cfg.run.seed)
             losses = stage.refresh(reward_model, pairs, seed_of(cfg, "hackable_rm"))

@@ -9,6 +9,7 @@ from typing import Any
 import tomllib
 
 from .chat import SYNTHETIC_CHAT_TASKS
+from .checkpoint import latest_checkpoint
 from .config import ConfigError, _build, apply_override, parse_value
 from .rlhf.hacking import HackingConfig
 from .rlhf.iteration import PPOConfig
@@ -27,8 +28,9 @@ class PPORunConfig:
 
 @dataclass
 class PPOModelsConfig:
-    actor: str = ""                    # HF-layout directory of the SFT model: actor and reference start from it
-    reward: str = ""                   # HF-layout directory of the reward model: reward model and critic
+    actor: str = ""                    # the SFT model: actor and reference start from it
+    reward: str = ""                   # the reward model: reward model and critic
+    # Each: an HF-layout model directory, or a stage's run directory (its newest checkpoint's model/ export).
     tokenizer: str = "byte"            # byte | path to a SentencePiece tokenizer.model
     byte_vocab_size: int = 272
 
@@ -88,6 +90,17 @@ class PPOStageConfig:
         return os.path.join(self.run.output_dir, self.run.name)
 
 
+def model_dir(path: str) -> str | None:
+    """``path`` itself when it holds a model (config.json), else the model/ export of the newest checkpoint of the
+    run directory ``path``; None when neither."""
+    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints")):
+        return path
+    newest = latest_checkpoint(path)
+    if newest and os.path.isfile(os.path.join(newest, "model", "config.json")):
+        return os.path.join(newest, "model")
+    return None
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -101,6 +114,8 @@ def validate(c: PPOStageConfig, check_paths: bool = True) -> None:
         for key in ("actor", "reward"):
             path = getattr(c.models, key)
             _check(bool(path) and os.path.isdir(path), f"models.{key}: directory {path!r} does not exist")
+            _check(model_dir(path) is not None, f"models.{key}: {path!r} is neither a model directory (config.json) "
+                   "nor a run directory with a checkpoint")
         if c.online.comparisons_file:
             _check(os.path.isfile(c.online.comparisons_file),
                    f"online.comparisons_file: {c.online.comparisons_file!r} does not exist")
