@@ -106,22 +106,25 @@ def reward_section(result: RewardResult, plots: dict, conditions: dict) -> list[
     return lines + [""]
 
 
-def run_alignment(cfg: TrainConfig, pretrain_checkpoint: str, report_path: str, start_time: float) -> None:
-    """SFT then the reward model after pretraining; their sections go to the end of ``report_path``."""
+def run_alignment(cfg: TrainConfig, pretrain_checkpoint: str, report_path: str,
+                  start_time: float) -> tuple[SFTResult, RewardResult] | None:
+    """SFT then the reward model after pretraining; their sections go to the end of ``report_path``. Returns both
+    results for the PPO stage (None when a stage stopped early)."""
     sft_cfg = parse_sft_cli(["--config", SFT_CONFIG, *_carried(cfg),
                              f"--sft.init_from={os.path.join(pretrain_checkpoint, 'model')}"])
     sft = run_sft(sft_cfg)
     if not sft.finished:
-        return
+        return None
     sft_plots = plot_training(read_jsonl(sft.metrics_path), sft.run_dir) if sft_cfg.metrics.plots else {}
     rm_cfg = parse_reward_cli(["--config", REWARD_CONFIG, *_carried(cfg),
                                f"--reward.init_from={os.path.join(sft.checkpoint, 'model')}"])
     rm = run_reward(rm_cfg)
     if not rm.finished:
-        return
+        return None
     rm_plots = plot_reward_training(read_jsonl(rm.metrics_path), rm.run_dir) if rm_cfg.metrics.plots else {}
     lines = sft_section(sft, sft_plots) + reward_section(rm, rm_plots, rm_cfg.reward.conditions)
     lines.append(f"Wall time of the whole pipeline (pretraining, SFT, reward model, evaluations): "
                  f"{(time.time() - start_time) / 60:.1f} min.")
     with open(report_path, "a") as f:
         f.write("\n" + "\n".join(lines) + "\n")
+    return sft, rm

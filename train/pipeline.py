@@ -8,7 +8,7 @@ plots of loss and throughput, a check that the checkpoint loads in transformers 
 and ``runs/<name>/report.md`` (also printed): loss curve, held-out perplexity before/after, passkey accuracy by
 length, tokens/s, the checkpoint, and how to load it. Then SFT from that checkpoint and the conditional reward
 model from the SFT checkpoint (``train.align_pipeline``: configs/sft_tiny.toml, configs/reward_tiny.toml) add
-their sections to the report.
+their sections to the report; then PPO in rounds from both (``train.ppo_pipeline``: configs/ppo_tiny.toml).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from .align_pipeline import run_alignment
 from .config import ConfigError, TrainConfig, parse_cli
 from .eval import passkey_table
 from .metrics import plot_training, read_jsonl
+from .ppo_pipeline import run_rlhf
 from .pretrain import PretrainResult, heldout_texts, run_pretraining
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     if device.startswith("cuda"):
         device = torch.cuda.get_device_name()
     report = write_report(cfg, result, plots, check, samples, time.time() - start, device)
-    run_alignment(cfg, result.checkpoint, report, start)
+    aligned = run_alignment(cfg, result.checkpoint, report, start)
+    if aligned is not None:
+        sft, rm = aligned
+        run_rlhf(cfg, os.path.join(sft.checkpoint, "model"), os.path.join(rm.checkpoint, "model"), rm.run_dir, report,
+                 start)
     print()
     with open(report) as f:
         print(f.read())

@@ -1,0 +1,64 @@
+"""Rollout plumbing: the reward side's token ids, padding into a Rollout, verifiable prompts, probe pairs."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from train.chat import Message
+from train.preference import DEFAULT_CONDITIONS, PreferencePair, conditioned, reward_token_id, score_ids
+from train.rlhf.probe_pairs import length_biased_pairs, padded, probe_pairs, wrong
+from train.rlhf.rollouts import Prompt, SyntheticPrompts, build_rollout, response_text, reward_ids
+from train.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer(272)
+
+
+def test_reward_ids_equal_the_reward_stages_for_a_wellformed_reply():
+    prompts = SyntheticPrompts(0, "t", ["arithmetic", "calculator", "system"], "concise").take(0, 6)
+    rid = reward_token_id(TOK)
+    for p in prompts:
+        pair = PreferencePair(p.domain, p.messages, (Message("assistant", p.answer),), (Message("assistant", "x"),))
+        want = score_ids(conditioned(pair, pair.chosen, DEFAULT_CONDITIONS), TOK, rid)
+        assert reward_ids(TOK, p, p.answer, DEFAULT_CONDITIONS, rid) == want
+        assert reward_ids(TOK, p, p.answer, {}, rid) == score_ids(conditioned(pair, pair.chosen, {}), TOK, rid)
+    # A malformed reply (a stray turn marker) is still scored instead of refused.
+    ids = reward_ids(TOK, prompts[0], "7<|im_start|>user", DEFAULT_CONDITIONS, rid)
+    assert ids[-1] == rid and TOK.special_ids["<|im_start|>"] in ids
+
+
+def test_prompts_checker_and_response_text():
+    p = SyntheticPrompts(1, "t", ["arithmetic"], "concise")[3]
+    assert p.messages[-1].role == "user" and p.check(p.answer) and p.check(f" {p.answer}\n")
+    assert not p.check(p.answer + "0")
+    stop = (TOK.special_ids["<|im_end|>"], TOK.eos_id)
+    assert response_text(TOK, TOK.encode("42") + [stop[0]], stop) == "42"
+    assert response_text(TOK, TOK.encode("42"), stop) == "42"           # cut by the length limit
+    assert Prompt("a", "t", "d", (), "").check("anything") is None
+
+
+def test_build_rollout_layout():
+    prompts = [[1, 5, 6], [1, 7], [1, 8, 9, 10]]
+    replies = [[11, 12], [13, 14, 15], []]
+    logps = [[-0.5, -0.25], [-1.0, -2.0, -3.0], []]
+    ro = build_rollout(prompts, replies, torch.tensor([1.0, 2.0, 3.0]), 2, torch.device("cpu"), logps)
+    assert ro.input_ids.tolist() == [[1, 5, 6, 11, 12], [1, 7, 13, 14, 15], [1, 8, 9, 10, 2]]
+    assert ro.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    # action t = token t+1: row 0's replies are tokens 3 and 4 -> actions 2 and 3
+    assert ro.action_mask.tolist() == [[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0]]
+    assert ro.sampler_logprobs.tolist() == [[0, 0, -0.5, -0.25], [0, -1.0, -2.0, -3.0], [0, 0, 0, 0]]
+    sub = ro.rows(torch.tensor([1]))
+    assert sub.sampler_logprobs.tolist() == [[0, -1.0, -2.0, -3.0]] and sub.scores.tolist() == [2.0]
+
+
+def test_probe_and_hackable_pairs():
+    rng = random.Random(0)
+    assert wrong(rng, "41") in ("40", "42") and wrong(rng, "abc") != "abc"
+    assert padded(rng, "7").startswith("7 ") and len(padded(rng, "7")) > 4
+    prompts = SyntheticPrompts(0, "t", ["arithmetic", "system"], "concise").take(0, 4)
+    biased = length_biased_pairs(prompts, 0)
+    assert [len(b["chosen"]) > len(b["rejected"]) for b in biased[::2]] == [True, True]   # longer is better
+    assert [b["chosen"] for b in biased[1::2]] == [p.answer for p in prompts[1::2]]        # correct beats wrong
+    probes = probe_pairs(prompts, 0)
+    assert {p["set"] for p in probes} == {"correct>wrong", "short>padded"}
+    assert all(p["chosen"] == prompts[i // 2].answer for i, p in enumerate(probes))

@@ -1,0 +1,395 @@
+"""COOL RLHF's PPO stage (InternLM2): online PPO in rounds, with the reward model refreshed between rounds.
+
+    python -m train.ppo --config configs/ppo_tiny.toml              # models.actor = SFT dir, models.reward = RM dir
+    python -m train.ppo --config configs/ppo_tiny.toml --resume     # continue after the last finished round
+
+Models: actor and reference from the SFT checkpoint; reward model and critic from the RM checkpoint (the critic is
+the reward model's copy, then warmed up with the actor frozen). The reference and the reward model only run
+forward, under inference mode (bf16 on a GPU). The algorithms are in ``train.rlhf`` (``gae`` is public here).
+
+The run:
+    [demo only] make the first reward model hackable: fine-tune it on "longer is better" pairs (online.hackable_rm_pairs)
+    critic <- copy of the reward model; evaluate the SFT model; SFT replies to the comparison prompts
+    critic warmup: online.critic_warmup_iterations PPO iterations that step only the critic
+    for each round:
+        online.iterations_per_round PPO iterations (rollouts -> train.rlhf.iteration.ppo_iteration)
+        evaluate on held-out prompts: greedy task accuracy, mean reward, KL to the reference
+        fast path: hacking rules on the round's late replies (comparison prompts + late rollouts) vs the SFT
+                   replies -> targeted pairs
+        slow path: labelled comparisons (a jsonl file; the checkers on SFT / early / late replies)
+        refresh the reward model on all online pairs so far + a replay of its own training pairs (not after the
+        last round); its held-out accuracy
+        checkpoint the round (actor, critic, reward model, optimizers, the online state) atomically
+Every random draw is seeded from (run.seed, what, iteration), so a run resumed at a round boundary repeats exactly
+what the uninterrupted run does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+
+import internlm_kernels as ik
+from models import InternLM2ForCausalLM
+from models.internlm2 import InternLM2ForScore
+
+from .checkpoint import fsync_path
+from .corpus import SyntheticCorpus
+from .data import PackedStream, collate
+from .ppo_config import PPOStageConfig, model_dir, parse_ppo_cli
+from .preference import reward_token_id
+from .rlhf.advantages import gae
+from .rlhf.hacking import Sample, detect_hacking, label_comparisons, load_comparisons, targeted_pairs, write_pairs
+from .rlhf.iteration import action_logprobs, ppo_iteration
+from .rlhf.probe_pairs import length_biased_pairs, preference_pairs, probe_pairs
+from .rlhf.reward_refresh import pair_accuracy, refresh_reward_model
+from .rlhf.rollouts import Generated, Sampler, SyntheticPrompts, generate_and_score
+from .tokenizer import load_tokenizer
+
+__all__ = ["gae", "run_ppo", "PPOResult"]
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "ppo_tiny.toml")
+
+
+def seed_of(cfg: PPOStageConfig, what: str, index: int = 0) -> int:
+    """A seed per (run seed, purpose, index): resumption needs no generator state."""
+    return zlib.crc32(f"{cfg.run.seed}:{what}:{index}".encode())
+
+
+@dataclass
+class OnlineState:
+    """What a round boundary carries besides the models and optimizers (state.json of a round checkpoint)."""
+    rounds_done: int = 0
+    iterations_done: int = 0
+    history: list[list[float]] = field(default_factory=list)    # [mean reward, accuracy] per evaluation, SFT first
+    online_pairs: list[dict] = field(default_factory=list)     # fast + slow path pairs so far (replayed at refresh)
+    sft_samples: list[dict] = field(default_factory=list)      # SFT replies to the comparison prompts
+    ptx: dict = field(default_factory=dict)                    # pretraining stream position
+    evals: list[dict] = field(default_factory=list)            # per evaluation: SFT, then each round
+    episodes: list[dict] = field(default_factory=list)         # hacking findings per round
+
+
+@dataclass
+class PPOResult:
+    run_dir: str
+    state: OnlineState
+    actor: torch.nn.Module
+    critic: torch.nn.Module
+    reward_model: torch.nn.Module
+    finished: bool
+
+
+class Stage:
+    """The models, data and helpers of one PPO run."""
+
+    def __init__(self, cfg: PPOStageConfig):
+        self.cfg = cfg
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        self.dtype = torch.bfloat16 if cuda else torch.float32
+        self.tokenizer = load_tokenizer(cfg.models.tokenizer, cfg.models.byte_vocab_size)
+        self.reward_id = reward_token_id(self.tokenizer)
+        self.stop_ids = (self.tokenizer.special_ids["<|im_end|>"], self.tokenizer.eos_id)
+        self.conditions = dict(cfg.conditions)
+        r = cfg.rollout
+        self.train_prompts = SyntheticPrompts(cfg.run.seed, "ppo_train", r.tasks, r.domain)
+        self.heldout = SyntheticPrompts(cfg.run.seed, "ppo_heldout", r.tasks, r.domain).take(0, r.heldout_prompts)
+        self.comparison = SyntheticPrompts(cfg.run.seed, "ppo_compare", r.tasks, r.domain).take(0, r.comparison_prompts)
+        n = cfg.online.rm_heldout_pairs
+        self.rm_probe = probe_pairs(self.heldout[:n], cfg.run.seed)
+        domains = {d for d in ("concise", "helpful") if d in self.conditions}
+        self.rm_probe += [p for p in preference_pairs(cfg.run.seed, 2 * n) if p["domain"] in domains]
+        # A refresh retrains on the new pairs plus a replay of the conditional RM's own (train split) pairs, so the
+        # domains it was trained on are not forgotten.
+        self.rm_replay = [p for p in preference_pairs(cfg.run.seed, cfg.reward_refresh.replay_pairs, "train")
+                          if p["domain"] in domains]
+        self.sampler: Sampler | None = None
+        self.ptx_stream = PackedStream(SyntheticCorpus(seed=cfg.run.seed, split="train"), self.tokenizer,
+                                       cfg.ptx.seq_len)
+
+    # models --------------------------------------------------------------------------------------------------
+    def load(self, actor_dir: str, critic_dir: str, reward_dir: str):
+        dev, dt = self.device, self.dtype
+        actor = InternLM2ForCausalLM.from_pretrained(actor_dir, dtype=dt, device=dev)
+        reference = InternLM2ForCausalLM.from_pretrained(model_dir(self.cfg.models.actor), dtype=dt,
+                                                         device=dev).eval()
+        reference.requires_grad_(False)
+        critic = InternLM2ForScore.from_pretrained(critic_dir, dtype=dt, device=dev)
+        reward_model = InternLM2ForScore.from_pretrained(reward_dir, dtype=dt, device=dev).eval()
+        return actor, reference, critic, reward_model
+
+    def optimizers(self, actor, critic):
+        p, master = self.cfg.ppo, self.dtype != torch.float32
+        return (ik.FusedAdamW(actor.parameters(), lr=p.actor_lr, betas=tuple(p.betas), weight_decay=p.weight_decay,
+                              master_weights=master),
+                ik.FusedAdamW(critic.parameters(), lr=p.critic_lr, betas=tuple(p.betas),
+                              weight_decay=p.weight_decay, master_weights=master))
+
+    def next_ptx(self):
+        return collate([self.ptx_stream.next_row() for _ in range(self.cfg.ptx.rows)])
+
+    # rollouts and evaluation ---------------------------------------------------------------------------------
+    def generate(self, actor, reward_model, prompts, greedy: bool, seed: int) -> Generated:
+        gen = None if greedy else torch.Generator(device=self.device).manual_seed(seed)
+        # no_grad, not inference_mode: internlm_kernels' cached input checks read tensor versions, which inference
+        # tensors lack (RuntimeError "Inference tensors do not track version counter").
+        with torch.no_grad():
+            if self.sampler is None or self.sampler.actor is not actor:
+                r = self.cfg.rollout
+                self.sampler = Sampler(actor, min(64, max(r.prompts_per_iteration, r.heldout_prompts,
+                                                          r.comparison_prompts)))
+            return generate_and_score(self.sampler, reward_model, self.tokenizer, prompts,
+                                      max_new_tokens=self.cfg.rollout.max_new_tokens,
+                                      temperature=0.0 if greedy else self.cfg.ppo.temperature,
+                                      top_p=self.cfg.rollout.top_p, stop_ids=self.stop_ids,
+                                      conditions=self.conditions, reward_id=self.reward_id, generator=gen,
+                                      device=self.device)
+
+    def evaluate(self, actor, reference, reward_model, name: str, seed: int) -> dict:
+        """Held-out prompts: greedy accuracy, mean reward and length; KL to the reference on sampled replies."""
+        greedy = self.generate(actor, reward_model, self.heldout, True, 0)
+        sampled = self.generate(actor, reward_model, self.heldout, False, seed)
+        ro = sampled.rollout(self.tokenizer.pad_id, self.device)
+        with torch.no_grad():
+            kl = ((action_logprobs(actor, ro.input_ids, ro.attention_mask, self.cfg.ppo.temperature)
+                   - action_logprobs(reference, ro.input_ids, ro.attention_mask, self.cfg.ppo.temperature))
+                  * ro.action_mask).sum(1).mean()
+        by_task: dict[str, list[bool]] = {}
+        for p, c in zip(greedy.prompts, greedy.correct):
+            by_task.setdefault(p.task, []).append(bool(c))
+        return {"name": name, "accuracy": greedy.accuracy(), "reward": float(greedy.scores.mean()),
+                "length": sum(map(len, greedy.responses)) / len(greedy.responses),
+                "sampled_accuracy": sampled.accuracy(), "sampled_reward": float(sampled.scores.mean()),
+                "sampled_length": sum(map(len, sampled.responses)) / len(sampled.responses), "kl": float(kl),
+                "accuracy_by_task": {t: sum(v) / len(v) for t, v in sorted(by_task.items())},
+                "example": {"prompt": greedy.prompts[0].message_dicts()[-1]["content"], "reply": greedy.texts[0]}}
+
+    def rm_accuracy(self, reward_model) -> dict[str, float]:
+        return pair_accuracy(reward_model, self.rm_probe, self.tokenizer, self.conditions, self.reward_id, self.device)
+
+    def refresh(self, reward_model, pairs: list[dict], seed: int) -> list[float]:
+        return refresh_reward_model(reward_model, pairs, self.tokenizer, self.conditions, self.reward_id,
+                                    self.cfg.reward_refresh, seed, self.device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Round checkpoints: rounds/round_NN/{actor,critic,reward}/ (HF layout), optimizers.pt, state.json
+
+
+def round_dir(run_dir: str, rounds_done: int) -> str:
+    return os.path.join(run_dir, "rounds", f"round_{rounds_done:02d}")
+
+
+def latest_round(run_dir: str) -> str | None:
+    root = os.path.join(run_dir, "rounds")
+    if not os.path.isdir(root):
+        return None
+    done = sorted(d for d in os.listdir(root) if d.startswith("round_") and not d.endswith(".tmp"))
+    return os.path.join(root, done[-1]) if done else None
+
+
+def save_round(run_dir: str, state: OnlineState, actor, critic, reward_model, actor_opt, critic_opt) -> str:
+    """Write to a temporary directory, then rename: a save killed midway leaves the previous round loadable."""
+    final = round_dir(run_dir, state.rounds_done)
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, model in (("actor", actor), ("critic", critic), ("reward", reward_model)):
+        model.save_pretrained(os.path.join(tmp, name))
+    torch.save({"actor": actor_opt.state_dict(), "critic": critic_opt.state_dict()}, os.path.join(tmp, "optimizers.pt"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump(dataclasses.asdict(state), f)
+    for dirpath, _, files in os.walk(tmp):          # on disk before the rename publishes it
+        for name in files:
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    fsync_path(os.path.dirname(final))
+    return final
+
+
+def load_state(path: str) -> OnlineState:
+    with open(os.path.join(path, "state.json")) as f:
+        return OnlineState(**json.load(f))
+
+
+def _samples(gen: Generated) -> list[dict]:
+    return [dataclasses.asdict(s) for s in gen.samples()]
+
+
+class MetricsFile:
+    """metrics.jsonl: one record per PPO iteration / evaluation / refresh. On resume, records after the round
+    boundary being resumed are dropped, so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: str, keep_rounds_upto: int | None):
+        self.path = path
+        kept = []
+        if keep_rounds_upto is not None and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if json.loads(line).get("round", 0) <= keep_rounds_upto]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_ppo(cfg: PPOStageConfig) -> PPOResult:
+    stage = Stage(cfg)
+    run_dir = cfg.run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "ppo_config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    resume_from = latest_round(run_dir) if cfg.resume else None
+    if resume_from:
+        state = load_state(resume_from)
+        actor, reference, critic, reward_model = stage.load(*(os.path.join(resume_from, n)
+                                                              for n in ("actor", "critic", "reward")))
+        actor_opt, critic_opt = stage.optimizers(actor, critic)
+        opt_state = torch.load(os.path.join(resume_from, "optimizers.pt"), map_location=stage.device)
+        actor_opt.load_state_dict(opt_state["actor"])
+        critic_opt.load_state_dict(opt_state["critic"])
+        stage.ptx_stream.load_state_dict(state.ptx)
+        log = MetricsFile(os.path.join(run_dir, "metrics.jsonl"), state.rounds_done)
+        print(f"[ppo] resumed after round {state.rounds_done} from {resume_from}")
+    else:
+        state = OnlineState()
+        log = MetricsFile(os.path.join(run_dir, "metrics.jsonl"), -1)
+        sft_dir, rm_dir = model_dir(cfg.models.actor), model_dir(cfg.models.reward)
+        actor, reference, critic, reward_model = stage.load(sft_dir, rm_dir, rm_dir)
+        if cfg.online.hackable_rm_pairs:
+            pairs = length_biased_pairs(stage.train_prompts.take(10**6, cfg.online.hackable_rm_pairs), cfg.run.seed)
+            losses = stage.refresh(reward_model, pairs, seed_of(cfg, "hackable_rm"))
+            log.write({"kind": "rm_refresh", "round": 0, "source": "hackable", "pairs": len(pairs),
+                       "loss_first": losses[0], "loss_last": losses[-1]})
+        critic.load_state_dict(reward_model.state_dict())      # the critic starts as the (first) reward model
+        actor_opt, critic_opt = stage.optimizers(actor, critic)
+        sft = stage.generate(actor, reward_model, stage.comparison, False, seed_of(cfg, "compare", 0))
+        state.sft_samples = _samples(sft)
+        ev = stage.evaluate(actor, reference, reward_model, "sft", seed_of(cfg, "eval", 0))
+        ev["rm_accuracy"] = stage.rm_accuracy(reward_model)
+        state.evals.append(ev)
+        state.history.append([ev["reward"], ev["accuracy"]])
+        log.write({"kind": "eval", "round": 0, **ev})
+        for w in range(cfg.online.critic_warmup_iterations):
+            stats, _ = _iteration(stage, cfg, actor, reference, critic, reward_model, actor_opt, critic_opt,
+                                  ("warmup", w), train_actor=False)
+            log.write({"kind": "critic_warmup", "round": 0, "iteration": w, **stats})
+
+    sft_samples = [Sample(**s) for s in state.sft_samples]
+    finished = True
+    for r in range(state.rounds_done, cfg.online.rounds):
+        round_no = r + 1
+        early = None
+        late_rollouts: list[Generated] = []       # the second half of the round's rollouts: more hacked replies
+        for it in range(cfg.online.iterations_per_round):
+            t0 = time.perf_counter()
+            stats, gen = _iteration(stage, cfg, actor, reference, critic, reward_model, actor_opt, critic_opt,
+                                    ("ppo", state.iterations_done))
+            if 2 * it >= cfg.online.iterations_per_round - 1:
+                late_rollouts.append(gen)
+            state.iterations_done += 1
+            log.write({"kind": "ppo", "round": round_no, "iteration": state.iterations_done,
+                       "time_s": time.perf_counter() - t0, **stats})
+            if cfg.metrics.progress:
+                print(f"[ppo] round {round_no} iteration {it + 1}/{cfg.online.iterations_per_round}: "
+                      f"score {stats['score']:+.3f} kl {stats['kl']:.3f} accuracy {stats['accuracy']:.2f} "
+                      f"length {stats['response_length']:.1f}", flush=True)
+            if it == 0:
+                early = stage.generate(actor, reward_model, stage.comparison, False, seed_of(cfg, "compare", 2 * r + 1))
+        late = stage.generate(actor, reward_model, stage.comparison, False, seed_of(cfg, "compare", 2 * r + 2))
+        ev = stage.evaluate(actor, reference, reward_model, f"round {round_no}", seed_of(cfg, "eval", round_no))
+        ev["rm_accuracy"] = stage.rm_accuracy(reward_model)
+        state.history.append([ev["reward"], ev["accuracy"]])
+        late_samples = late.samples()
+        # The rules compare the round's late replies (the comparison prompts and the late rollouts) with SFT's;
+        # each offending reply becomes a rejected response, the prompt's shortest correct reply the chosen one.
+        pool = late_samples + [s for g in late_rollouts for s in g.samples()]
+        references = {p.prompt_id: p.answer for g in [late, *late_rollouts] for p in g.prompts}
+        findings = detect_hacking(pool, sft_samples, [tuple(h) for h in state.history], cfg.hacking) \
+            if cfg.online.fast_path else []
+        fast = targeted_pairs(findings, pool, sft_samples, references, cfg.hacking)
+        slow = []
+        if cfg.online.slow_path:
+            if cfg.online.label_with_checkers:
+                slow += label_comparisons({"sft": sft_samples, "early_ppo": early.samples(), "late_ppo": late_samples})
+            if cfg.online.comparisons_file and r == 0:
+                slow += load_comparisons(cfg.online.comparisons_file)
+        state.episodes.append({"round": round_no, "findings": [dataclasses.asdict(f) for f in findings],
+                               "fast_pairs": len(fast), "slow_pairs": len(slow),
+                               "examples": [pool[i].response for f in findings for i in f.sample_indices[:2]]})
+        write_pairs(fast + slow, os.path.join(run_dir, f"online_pairs_round_{round_no}.jsonl"))
+        if round_no < cfg.online.rounds and (fast or slow or state.online_pairs):
+            state.online_pairs += fast + slow
+            losses = stage.refresh(reward_model, state.online_pairs + stage.rm_replay,
+                                   seed_of(cfg, "refresh", round_no))
+            ev["rm_accuracy_after_refresh"] = stage.rm_accuracy(reward_model)
+            log.write({"kind": "rm_refresh", "round": round_no, "pairs": len(state.online_pairs),
+                       "fast_pairs": len(fast), "slow_pairs": len(slow), "loss_first": losses[0],
+                       "loss_last": losses[-1]})
+        state.evals.append(ev)
+        log.write({"kind": "eval", "round": round_no, **ev})
+        state.rounds_done = round_no
+        state.ptx = stage.ptx_stream.state_dict()
+        path = save_round(run_dir, state, actor, critic, reward_model, actor_opt, critic_opt)
+        print(f"[ppo] round {round_no}: accuracy {ev['accuracy']:.2f} reward {ev['reward']:+.3f} kl {ev['kl']:.3f}; "
+              f"findings {[f.pattern for f in findings]}, {len(fast)} fast + {len(slow)} slow pairs; {path}",
+              flush=True)
+        if cfg.run.stop_after_round and round_no >= cfg.run.stop_after_round and round_no < cfg.online.rounds:
+            finished = False
+            break
+    return PPOResult(run_dir, state, actor, critic, reward_model, finished)
+
+
+def _iteration(stage: Stage, cfg: PPOStageConfig, actor, reference, critic, reward_model, actor_opt, critic_opt,
+               key: tuple[str, int], train_actor: bool = True) -> tuple[dict, Generated]:
+    """One rollout batch and one PPO iteration on it (``key`` names the batch: its prompts and seeds); returns the
+    iteration's statistics and the batch."""
+    what, index = key
+    n = cfg.rollout.prompts_per_iteration
+    start = index * n if what == "ppo" else 10**7 + index * n      # warmup prompts come from their own range
+    t0 = time.perf_counter()
+    gen = stage.generate(actor, reward_model, stage.train_prompts.take(start, n), False, seed_of(cfg, what, index))
+    t_generation = time.perf_counter() - t0
+    ro = gen.rollout(stage.tokenizer.pad_id, stage.device)
+    perm = torch.Generator().manual_seed(seed_of(cfg, f"{what}_minibatches", index))
+    ptx = stage.next_ptx if cfg.ptx.rows and cfg.ppo.ptx_coef > 0 else None
+    stats = ppo_iteration(actor, reference, critic, actor_opt, critic_opt, ro, cfg.ppo, perm, ptx,
+                          train_actor=train_actor)
+    stats["accuracy"] = gen.accuracy()
+    stats["time_generation_s"] = t_generation       # sampling and the reward model's scoring
+    return stats, gen
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_ppo_cli(sys.argv[1:] if argv is None else argv, default_config=DEFAULT_CONFIG)
+    result = run_ppo(cfg)
+    if not result.finished:
+        print(f"[ppo] stopped after round {result.state.rounds_done}; continue with --resume")
+        return 0
+    from .ppo_report import write_ppo_report
+
+    path = write_ppo_report(result, cfg.metrics.plots)
+    with open(path) as f:
+        print(f.read())
+    print(f"[ppo] report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The PPO stage's report section and plots (``runs/<name>/ppo_report.md``, ``ppo_*.png``): held-out task
+accuracy, mean reward and KL of SFT vs each round, the reward model's per-set accuracy per version, the
+reward-hacking episodes the fast path caught, and the time split of an iteration."""
+from __future__ import annotations
+
+import json
+import os
+
+from .ppo import PPOResult
+
+
+def read_records(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def plot_ppo(records: list[dict], out_dir: str) -> dict[str, str]:
+    """ppo_reward.png, ppo_kl.png, ppo_accuracy.png: per PPO iteration, rounds marked, held-out points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    its = [r for r in records if r["kind"] == "ppo"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    if not its:
+        return {}
+    x = [r["iteration"] for r in its]
+    ends = {}
+    for r in its:
+        ends[r["round"]] = r["iteration"]
+    eval_x = [ends.get(e["round"], 0) for e in evals]
+    paths = {}
+    for key, it_key, eval_key, label in (("reward", "score", "reward", "reward-model score"),
+                                         ("kl", "kl", "kl", "KL to the reference (nats / reply)"),
+                                         ("accuracy", "accuracy", "accuracy", "task accuracy")):
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.plot(x, [r[it_key] for r in its], lw=1.2, label="rollouts (sampled)")
+        ax.plot(eval_x, [e[eval_key] for e in evals], "o-", label="held-out (greedy)" if key != "kl" else "held-out")
+        for rnd, end in ends.items():
+            ax.axvline(end + 0.5, color="gray", ls=":", lw=0.8)
+            ax.text(end + 0.5, ax.get_ylim()[1], f" end of round {rnd}", va="top", fontsize=7, color="gray")
+        ax.set_xlabel("PPO iteration")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths[key] = os.path.join(out_dir, f"ppo_{key}.png")
+        fig.savefig(paths[key], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def report_lines(result: PPOResult, plots: dict[str, str]) -> list[str]:
+    st = result.state
+    records = read_records(result.run_dir)
+    lines = ["## PPO in rounds (COOL RLHF)", "",
+             "Held-out prompts (the synthetic chat tasks, exact-match checkers). Accuracy and reward from greedy "
+             "replies, reward under the reward model the policy was trained against in that round; KL to the "
+             "reference is the mean over sampled replies of the summed per-token log-ratio (k1).", "",
+             "| model | accuracy | mean reward | reply length (tokens) | KL to reference | sampled accuracy |",
+             "|---|---|---|---|---|---|"]
+    for e in st.evals:
+        lines.append(f"| {e['name']} | {e['accuracy']:.1%} | {e['reward']:+.3f} | {e['length']:.1f} | {e['kl']:.3f} "
+                     f"| {e['sampled_accuracy']:.1%} |")
+    sets = sorted({k for e in st.evals for k in e["rm_accuracy"] if k != "all"}) + ["all"]
+    lines += ["", "### Reward model: held-out pair accuracy per set, per version", "",
+              "`correct>wrong`, `short>padded`: pairs on held-out PPO prompts (the second is the hack the demo's "
+              "first reward model falls for); other sets: the conditional RM's domains.", "",
+              "| version | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+    version = 0
+    lines.append("| v0 (the first RM) | " + " | ".join(f"{st.evals[0]['rm_accuracy'][s]:.0%}" for s in sets) + " |")
+    for e in st.evals[1:]:
+        if "rm_accuracy_after_refresh" in e:
+            version += 1
+            acc = e["rm_accuracy_after_refresh"]
+            lines.append(f"| v{version} (refreshed after {e['name']}) | " + " | ".join(f"{acc[s]:.0%}" for s in sets) + " |")
+    lines += ["", "### Reward hacking: fast path (rules) and slow path (labelled comparisons)", ""]
+    for ep in st.episodes:
+        if ep["findings"]:
+            for f in ep["findings"]:
+                lines.append(f"- round {ep['round']}: **{f['pattern']}** — {f['evidence']}; "
+                             f"{len(f['sample_indices'])} offending replies")
+            for ex in ep["examples"][:2]:
+                lines.append(f"  - e.g. `{ex[:120]}`")
+        else:
+            lines.append(f"- round {ep['round']}: no hacking pattern detected")
+        lines.append(f"  - {ep['fast_pairs']} targeted pairs (fast path), {ep['slow_pairs']} labelled comparisons "
+                     "(slow path)")
+    its = [r for r in records if r["kind"] == "ppo"]
+    if its:
+        n = len(its)
+        gen = sum(r["time_generation_s"] for r in its) / n
+        logp = sum(r["time_logprobs_s"] for r in its) / n
+        train = sum(r["time_train_s"] for r in its) / n
+        lines += ["", "### Time per PPO iteration (mean)", "",
+                  "| generation + scoring | log-probs / values (experience) | training | total |", "|---|---|---|---|",
+                  f"| {gen:.2f} s | {logp:.2f} s | {train:.2f} s | {gen + logp + train:.2f} s |"]
+    if plots:
+        lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots.values())]
+    lines.append("")
+    return lines
+
+
+def write_ppo_report(result: PPOResult, plots_enabled: bool = True) -> str:
+    plots = plot_ppo(read_records(result.run_dir), result.run_dir) if plots_enabled else {}
+    path = os.path.join(result.run_dir, "ppo_report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(report_lines(result, plots)))
+    return path

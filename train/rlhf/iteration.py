@@ -1,0 +1,194 @@
+"""One PPO iteration on a batch of rollouts: experience (trainer-side log-probs, values, shaped rewards, GAE),
+then PPO epochs over mini-batches for the actor (clipped surrogate + the pretraining loss) and the critic.
+
+Layout. A rollout is a right-padded (B, S) batch of prompt + response tokens. Its *actions* are the (B, S-1)
+positions t = 0..S-2: action t is token t+1, chosen after seeing tokens 0..t. ``action_mask[b, t]`` is 1 when token
+t+1 of row b is a response token the policy sampled. The actor's log-prob of action t and the critic's value of
+action t are both read at position t (the hidden state that has seen tokens 0..t).
+
+Per-token log-probs come from the final hidden states and the output head through ``ik.fused_linear_logprobs``
+(never materializing tokens x vocab logits) — recomputed in the trainer for the actor and the reference with the same kernels, never the sampler's (which are top-p
+renormalized and come from the decode path; ``train.rlhf.diagnostics`` measures the gap).
+
+The iteration (``ppo_iteration``):
+    old_logp, ref_logp, old_values   (no grad)                       from actor, reference, critic
+    rewards, kl = shape_rewards(scores, old_logp, ref_logp, mask, kl_coef)
+    advantages, returns = gae(rewards, old_values, mask, gamma, lam)     [whitened if normalize_advantages]
+    for epoch in 1..ppo_epochs:
+        order = randperm(B, generator)                                    one permutation per epoch
+        for each of the mini_batches slices of order:
+            actor:  policy_loss(actor logp, old_logp, A) + ptx_coef * LM loss on the next pretraining batch
+                    -> clip_grad_norm_ -> FusedAdamW step                 (skipped while the actor is frozen)
+            critic: value_loss(critic values, old_values, returns)  -> clip_grad_norm_ -> FusedAdamW step
+Statistics are accumulated on the device and read once at the end. When the rollout carries the generator's own
+log-probs, their gap to the trainer's (``train.rlhf.diagnostics.logprob_mismatch``) is reported as
+``sampler_mismatch_*`` — a metric only, never used in the loss.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import internlm_kernels as ik
+from models.internlm2 import PackedContext, pack_inputs, shift_labels
+
+from .advantages import gae, whiten
+from .diagnostics import logprob_mismatch
+from .losses import masked_mean, policy_loss, value_loss
+from .rewards import shape_rewards
+
+
+@dataclass
+class PPOConfig:
+    """The ``[ppo]`` section. Defaults are InternLM2's COOL RLHF recipe where it gives one."""
+    kl_coef: float = 0.01              # per-token k1 KL penalty to the reference in the reward
+    gamma: float = 1.0
+    lam: float = 0.99
+    clip_eps: float = 0.2              # policy ratio clip
+    value_clip_eps: float = 0.0        # 0 = unclipped value loss (InternLM2); > 0 clips around the rollout values
+    normalize_advantages: bool = False  # InternLM2: no advantage normalization
+    ptx_coef: float = 0.5              # weight of the pretraining (language-modelling) loss in the actor's loss
+    ppo_epochs: int = 1                # passes over each rollout batch
+    mini_batches: int = 1              # optimizer steps per epoch (the batch is split into this many)
+    actor_lr: float = 1e-6
+    critic_lr: float = 5e-6
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0             # per model; 0 = no clipping
+    temperature: float = 1.0           # sampling temperature; log-probs are of logits / temperature
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor            # (B, S) int64, prompt + response, right padded
+    attention_mask: torch.Tensor       # (B, S) 0/1
+    action_mask: torch.Tensor          # (B, S-1) 0/1: token t+1 is a sampled response token
+    scores: torch.Tensor               # (B,) float32, the reward model's score of each response
+    sampler_logprobs: torch.Tensor | None = None   # (B, S-1) the generator's log-probs of the actions (metric only)
+
+    def rows(self, index: torch.Tensor) -> "Rollout":
+        sampler = None if self.sampler_logprobs is None else self.sampler_logprobs[index]
+        return Rollout(self.input_ids[index], self.attention_mask[index], self.action_mask[index], self.scores[index],
+                       sampler)
+
+
+@dataclass
+class Experience:
+    rollout: Rollout
+    old_logprobs: torch.Tensor         # (B, S-1) actor, before the update
+    ref_logprobs: torch.Tensor         # (B, S-1) reference
+    old_values: torch.Tensor           # (B, S-1) critic, before the update
+    rewards: torch.Tensor              # (B, S-1) shaped
+    kl: torch.Tensor                   # (B, S-1) k1 per token
+    advantages: torch.Tensor           # (B, S-1)
+    returns: torch.Tensor              # (B, S-1)
+
+
+def action_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """(B, S-1) float32: log-prob of token t+1 at position t (0 where token t+1 is padding)."""
+    packed = pack_inputs(input_ids, attention_mask=attention_mask, vocab_size=model.config.vocab_size)
+    hidden = model.model(packed.input_ids, PackedContext(packed, model.model.rotary))          # (T, hidden)
+    targets = shift_labels(packed.input_ids, packed.cu_seqlens)                               # (T,)
+    logp = ik.fused_linear_logprobs(hidden, model.output.weight, targets, temperature)       # (T,), no logits
+    return packed.unpack(logp)[:, :-1]
+
+
+def action_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S-1) float32: the critic's value of action t, read at position t."""
+    return critic(input_ids, attention_mask=attention_mask).values[:, :-1]
+
+
+@torch.no_grad()
+def make_experience(actor, reference, critic, rollout: Rollout, cfg: PPOConfig) -> Experience:
+    ids, attn, mask = rollout.input_ids, rollout.attention_mask, rollout.action_mask
+    old_logp = action_logprobs(actor, ids, attn, cfg.temperature)
+    ref_logp = action_logprobs(reference, ids, attn, cfg.temperature)
+    old_values = action_values(critic, ids, attn)
+    rewards, kl = shape_rewards(rollout.scores, old_logp, ref_logp, mask, cfg.kl_coef)
+    advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+    if cfg.normalize_advantages:
+        advantages = whiten(advantages, mask)
+    return Experience(rollout, old_logp, ref_logp, old_values, rewards, kl, advantages, returns)
+
+
+def _step(model, optimizer, loss: torch.Tensor, grad_clip: float) -> torch.Tensor:
+    loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = ik.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience, cfg: PPOConfig,
+               generator: torch.Generator, ptx_batches: Callable[[], object] | None = None,
+               train_actor: bool = True) -> dict[str, torch.Tensor]:
+    """The PPO epochs over ``exp``'s mini-batches (module docstring). Returns the per-update means of the losses
+    and statistics as device tensors."""
+    rollout = exp.rollout
+    B = rollout.input_ids.shape[0]
+    if cfg.mini_batches > B:
+        raise ValueError(f"ppo.mini_batches ({cfg.mini_batches}) exceeds the rollout batch ({B})")
+    device = rollout.input_ids.device
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(name: str, value: torch.Tensor) -> None:
+        sums[name] = sums.get(name, torch.zeros((), device=device)) + value.detach().float()
+
+    updates = 0
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(B, generator=generator).to(device)
+        for index in order.tensor_split(cfg.mini_batches):
+            mb = rollout.rows(index)
+            mask = mb.action_mask
+            if train_actor:
+                logp = action_logprobs(actor, mb.input_ids, mb.attention_mask, cfg.temperature)
+                loss, stats = policy_loss(logp, exp.old_logprobs[index], exp.advantages[index], mask, cfg.clip_eps)
+                add("policy_loss", loss)
+                for k, v in stats.items():
+                    add(k, v)
+                if ptx_batches is not None and cfg.ptx_coef > 0:
+                    batch = ptx_batches().to(device)
+                    ptx = actor(batch.input_ids, batch.cu_seqlens, labels=batch.labels,
+                                max_seqlen=batch.max_seqlen).loss
+                    add("ptx_loss", ptx)
+                    loss = loss + cfg.ptx_coef * ptx
+                add("actor_grad_norm", _step(actor, actor_optimizer, loss, cfg.grad_clip))
+            values = action_values(critic, mb.input_ids, mb.attention_mask)
+            vloss = value_loss(values, exp.old_values[index], exp.returns[index], mask,
+                               cfg.value_clip_eps if cfg.value_clip_eps > 0 else None)
+            add("value_loss", vloss)
+            add("critic_grad_norm", _step(critic, critic_optimizer, vloss, cfg.grad_clip))
+            updates += 1
+    return {k: v / updates for k, v in sums.items()}
+
+
+def ppo_iteration(actor, reference, critic, actor_optimizer, critic_optimizer, rollout: Rollout, cfg: PPOConfig,
+                  generator: torch.Generator, ptx_batches: Callable[[], object] | None = None,
+                  train_actor: bool = True) -> dict[str, float]:
+    """``make_experience`` then ``ppo_update`` (module docstring), with the statistics read to the host once.
+    ``ptx_batches()`` returns the next packed pretraining batch (``train.data.Batch``) for the actor's
+    language-modelling term; None (or ``ptx_coef`` 0) leaves it out. ``train_actor=False`` is the critic warmup: the
+    actor is neither stepped nor given gradients."""
+    t0 = time.perf_counter()
+    exp = make_experience(actor, reference, critic, rollout, cfg)
+    if rollout.input_ids.device.type == "cuda":     # only for the time split of the metrics
+        torch.cuda.synchronize(rollout.input_ids.device)
+    t1 = time.perf_counter()
+    means = ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp, cfg, generator, ptx_batches, train_actor)
+    out = {k: float(v) for k, v in means.items()}      # the iteration's device read
+    t2 = time.perf_counter()
+    mask = rollout.action_mask
+    out.update(score=float(rollout.scores.mean()), kl=float(exp.kl.sum(1).mean()),
+               reward=float(exp.rewards.sum(1).mean()), response_length=float(mask.float().sum(1).mean()),
+               advantage_mean=float(masked_mean(exp.advantages, mask)),
+               return_mean=float(masked_mean(exp.returns, mask)),
+               time_logprobs_s=t1 - t0, time_train_s=t2 - t1)
+    if rollout.sampler_logprobs is not None:
+        gap = logprob_mismatch(rollout.sampler_logprobs, exp.old_logprobs, mask)
+        out.update({f"sampler_mismatch_{k}": float(v) for k, v in gap.items()})
+    return out

@@ -1,0 +1,77 @@
+"""Preference pairs built from verifiable prompts, for the demo's deliberately hackable first reward model and for
+measuring the reward model on held-out prompts.
+
+- ``padded``: the correct answer followed by random extra words — the reward-hacking pattern of the demo (the
+  policy drifting to longer replies that the checker calls wrong).
+- ``wrong``: a near miss of the correct answer (a number off by one, a word with two letters swapped).
+- ``length_biased_pairs``: the hackable first reward model's extra data: half "padded correct beats bare correct"
+  (longer is better), half "correct beats wrong" (so it also rewards correctness).
+- ``probe_pairs``: held-out pairs in two sets, ``correct>wrong`` and ``short>padded`` (the fix the fast path should
+  teach), labelled with the key ``set`` so ``pair_accuracy`` reports each.
+- ``preference_pairs``: records of ``train.preference.SyntheticPreferences`` (the conditional RM's own synthetic
+  domains): the held-out split for its per-domain accuracy, the train split replayed at each refresh.
+"""
+from __future__ import annotations
+
+import random
+
+from ..preference import SyntheticPreferences
+from .rollouts import Prompt
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def padded(rng: random.Random, answer: str) -> str:
+    words = ["".join(rng.choice(_LETTERS) for _ in range(rng.randint(2, 6))) for _ in range(rng.randint(3, 8))]
+    return f"{answer} {' '.join(words)}"
+
+
+def wrong(rng: random.Random, answer: str) -> str:
+    if answer.lstrip("-").isdigit():
+        return str(int(answer) + rng.choice((-1, 1)))
+    chars = list(answer)
+    letters = [i for i, c in enumerate(chars) if c.isalpha()]
+    if len(letters) >= 2:
+        i, j = rng.sample(letters, 2)
+        if chars[i] != chars[j]:
+            chars[i], chars[j] = chars[j], chars[i]
+            return "".join(chars)
+    return answer + "x"
+
+
+def _record(prompt: Prompt, chosen: str, rejected: str, source: str, set_name: str | None = None) -> dict:
+    rec = {"domain": prompt.domain, "prompt": prompt.message_dicts(), "chosen": chosen, "rejected": rejected,
+           "source": source}
+    if set_name:
+        rec["set"] = set_name
+    return rec
+
+
+def length_biased_pairs(prompts: list[Prompt], seed: int) -> list[dict]:
+    rng = random.Random(f"hackable:{seed}")
+    out = []
+    for i, p in enumerate(prompts):
+        if i % 2 == 0:
+            out.append(_record(p, padded(rng, p.answer), p.answer, "demo:longer_is_better"))
+        else:
+            out.append(_record(p, p.answer, wrong(rng, p.answer), "demo:correct_beats_wrong"))
+    return out
+
+
+def probe_pairs(prompts: list[Prompt], seed: int) -> list[dict]:
+    rng = random.Random(f"probe:{seed}")
+    out = []
+    for p in prompts:
+        out.append(_record(p, p.answer, wrong(rng, p.answer), "probe", "correct>wrong"))
+        out.append(_record(p, p.answer, padded(rng, p.answer), "probe", "short>padded"))
+    return out
+
+
+def preference_pairs(seed: int, count: int, split: str = "heldout") -> list[dict]:
+    prefs = SyntheticPreferences(seed, split)
+    out = []
+    for i in range(count):
+        pair = prefs[i]
+        out.append({"domain": pair.domain, "prompt": [{"role": m.role, "content": m.content} for m in pair.prompt],
+                    "chosen": pair.chosen[-1].content, "rejected": pair.rejected[-1].content, "source": "probe"})
+    return out

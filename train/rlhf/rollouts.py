@@ -1,0 +1,175 @@
+"""From prompts to a PPO ``Rollout``: verifiable chat prompts, sampling, the reward side, padding.
+
+Prompts are chat conversations up to the reply being generated (``encode_prompt``: the rendered messages and
+``<|im_start|>assistant\\n``). The embedded set takes ``train.chat.SyntheticChats`` conversations without their last
+assistant turn; its ``answer`` is the exact expected reply, so a response is checked by exact match.
+
+The reward side (COOL RLHF): the reward model scores
+    render([system: condition(domain)] + prompt messages, generation prompt) + response + <|im_end|>\\n + <reward>
+the domain's condition prompt added on the reward side only (the policy never sees it). For a well-formed response
+these are exactly ``train.preference.score_ids`` of the conditioned conversation; building them from the response
+text directly also scores malformed generations (a stray tool call or turn marker), which the chat validation would
+refuse.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from models.serving import Completion, ContinuousBatchingGenerator
+
+from ..chat import IM_END, Message, SyntheticChats, encode_prompt, render
+from .hacking import Sample
+from .iteration import Rollout
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt_id: str
+    task: str
+    domain: str                        # the reward model's condition for this prompt
+    messages: tuple[Message, ...]      # the conversation before the reply
+    answer: str                        # the exact expected reply ("" = no checker)
+
+    def check(self, response: str) -> bool | None:
+        return (response.strip() == self.answer) if self.answer else None
+
+    def message_dicts(self) -> list[dict]:
+        return [{k: v for k, v in asdict(m).items() if v is not None} for m in self.messages]
+
+
+class SyntheticPrompts:
+    """Random-access prompts of ``train.chat.SyntheticChats(seed, split, tasks)``: conversation i without its final
+    assistant reply, whose text is the answer."""
+
+    def __init__(self, seed: int, split: str, tasks: Sequence[str], domain: str, num_people: int = 24):
+        self.chats = SyntheticChats(seed, split, tasks, num_people)
+        self.split, self.domain = split, domain
+
+    def __getitem__(self, i: int) -> Prompt:
+        conv = self.chats[i]
+        return Prompt(f"{self.split}:{i}", conv.task, self.domain, tuple(conv.messages[:-1]), conv.answer)
+
+    def take(self, start: int, count: int) -> list[Prompt]:
+        return [self[i] for i in range(start, start + count)]
+
+
+def response_text(tokenizer, tokens: Sequence[int], stop_ids: Sequence[int]) -> str:
+    """The reply's text: its tokens without the trailing stop token."""
+    body = list(tokens[:-1]) if tokens and tokens[-1] in stop_ids else list(tokens)
+    return tokenizer.decode(body)
+
+
+def reward_ids(tokenizer, prompt: Prompt, response: str, conditions: Mapping[str, str], reward_id: int) -> list[int]:
+    """Token ids the reward model scores for ``response`` to ``prompt`` (module docstring)."""
+    messages = list(prompt.messages)
+    if conditions:
+        if prompt.domain not in conditions:
+            raise ValueError(f"reward.conditions: no condition prompt for domain {prompt.domain!r} "
+                             f"(known: {', '.join(sorted(conditions))})")
+        messages = [Message("system", conditions[prompt.domain])] + messages
+    head = tokenizer.encode(render(messages, add_generation_prompt=True))
+    return head + tokenizer.encode(response + IM_END + "\n") + [reward_id]
+
+
+@torch.no_grad()
+def score(reward_model, sequences: list[list[int]], device: torch.device, batch_tokens: int = 8192) -> torch.Tensor:
+    """(N,) float32 scores of packed sequences, in chunks of about ``batch_tokens`` tokens."""
+    out = []
+    start = 0
+    while start < len(sequences):
+        end, tokens = start, 0
+        while end < len(sequences) and (end == start or tokens + len(sequences[end]) <= batch_tokens):
+            tokens += len(sequences[end])
+            end += 1
+        chunk = sequences[start:end]
+        ids = torch.tensor([t for s in chunk for t in s], dtype=torch.long, device=device)
+        lengths = torch.tensor([0] + [len(s) for s in chunk], device=device)
+        cu = lengths.cumsum(0).to(torch.int32)
+        out.append(reward_model(ids, cu).scores.float())
+        start = end
+    return torch.cat(out)
+
+
+class Sampler:
+    """The rollout engine: ``models.serving.ContinuousBatchingGenerator`` on the actor, kept across calls (its KV
+    pool and, on CUDA, its captured decode graphs, which read the actor's weights in place), rebuilt only when a
+    call needs longer sequences than its pool holds."""
+
+    def __init__(self, actor, max_batch: int = 64):
+        self.actor, self.max_batch = actor, max_batch
+        self.engine = None
+
+    def __call__(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+                 stop_ids: Sequence[int], generator: torch.Generator | None) -> list[Completion]:
+        """Completions (new tokens ending with a stop token when one was sampled, and each token's log-prob under
+        softmax(logits / temperature)). temperature 0 = greedy."""
+        need = max(len(p) for p in prompt_ids) + max_new_tokens
+        if self.engine is None or self.engine.max_seq_len < need:
+            length = min(-(-need // 256) * 256, max(need, self.actor.config.max_position_embeddings))
+            self.engine = ContinuousBatchingGenerator(self.actor, max_batch=self.max_batch, max_seq_len=length)
+        return self.engine.generate(prompt_ids, max_new_tokens, temperature=temperature,
+                                    top_p=top_p if temperature > 0 else 1.0, stop_token_ids=tuple(stop_ids),
+                                    generator=generator)
+
+
+def build_rollout(prompt_ids: list[list[int]], responses: list[list[int]], scores: torch.Tensor, pad_id: int,
+                  device: torch.device, sampler_logprobs: list[list[float]] | None = None) -> Rollout:
+    """Right-padded (B, S) prompt + response; action t (token t+1) is in the mask when it is a response token.
+    ``sampler_logprobs`` (one per response token) land on the same action positions."""
+    B = len(prompt_ids)
+    S = max(len(p) + len(r) for p, r in zip(prompt_ids, responses))
+    ids = torch.full((B, S), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, S), dtype=torch.long)
+    action = torch.zeros((B, S - 1), dtype=torch.long)
+    sampler = None if sampler_logprobs is None else torch.zeros((B, S - 1), dtype=torch.float32)
+    for b, (p, r) in enumerate(zip(prompt_ids, responses)):
+        n = len(p) + len(r)
+        ids[b, :n] = torch.tensor(p + r)
+        attn[b, :n] = 1
+        action[b, len(p) - 1:n - 1] = 1
+        if sampler is not None and r:
+            sampler[b, len(p) - 1:n - 1] = torch.tensor(sampler_logprobs[b])
+    # clone: scores may be an inference-mode tensor, which the losses must not save for backward
+    return Rollout(ids.to(device), attn.to(device), action.to(device), scores.to(device).float().clone(),
+                   None if sampler is None else sampler.to(device))
+
+
+@dataclass
+class Generated:
+    """One batch of prompts with their sampled responses, texts, checker verdicts and reward-model scores."""
+    prompts: list[Prompt]
+    prompt_ids: list[list[int]]
+    responses: list[list[int]]
+    sampler_logprobs: list[list[float]]   # the generator's log-prob of each response token
+    texts: list[str]
+    correct: list[bool | None]
+    scores: torch.Tensor               # (B,) float32 on the device
+
+    def samples(self) -> list[Sample]:
+        scores = self.scores.tolist()
+        return [Sample(p.prompt_id, p.domain, p.message_dicts(), t, r, s, c)
+                for p, t, r, s, c in zip(self.prompts, self.texts, self.responses, scores, self.correct)]
+
+    def accuracy(self) -> float:
+        checked = [c for c in self.correct if c is not None]
+        return sum(checked) / len(checked) if checked else 0.0
+
+
+    def rollout(self, pad_id: int, device: torch.device) -> Rollout:
+        return build_rollout(self.prompt_ids, self.responses, self.scores, pad_id, device, self.sampler_logprobs)
+
+
+def generate_and_score(sampler: Sampler, reward_model, tokenizer, prompts: list[Prompt], *, max_new_tokens: int,
+                       temperature: float, top_p: float, stop_ids: Sequence[int], conditions: Mapping[str, str],
+                       reward_id: int, generator: torch.Generator | None, device: torch.device) -> Generated:
+    prompt_ids = [encode_prompt(list(p.messages), tokenizer) for p in prompts]
+    completions = sampler(prompt_ids, max_new_tokens, temperature, top_p, stop_ids, generator)
+    responses = [c.tokens for c in completions]
+    texts = [response_text(tokenizer, r, stop_ids) for r in responses]
+    scores = score(reward_model, [reward_ids(tokenizer, p, t, conditions, reward_id) for p, t in zip(prompts, texts)],
+                   device)
+    return Generated(prompts, prompt_ids, responses, [c.logprobs for c in completions], texts,
+                     [p.check(t) for p, t in zip(prompts, texts)], scores)
