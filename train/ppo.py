@@ -141,8 +141,8 @@ class Stage:
     # rollouts and evaluation ---------------------------------------------------------------------------------
     def generate(self, actor, reward_model, prompts, greedy: bool, seed: int) -> Generated:
         gen = None if greedy else torch.Generator(device=self.device).manual_seed(seed)
-        # no_grad, not inference_mode: internlm_kernels' cached input checks read tensor versions, which inference
-        # tensors lack (RuntimeError "Inference tensors do not track version counter").
+        # no_grad, not inference_mode: the sampled tokens and the scores feed the PPO update's autograd graph, and
+        # inference tensors cannot be saved for backward (the library's ops themselves run under inference_mode).
         with torch.no_grad():
             if self.sampler is None or self.sampler.actor is not actor:
                 r = self.cfg.rollout
