@@ -145,11 +145,18 @@ def test_iteration_equals_plain_torch(epochs, mini_batches):
     ro = random_rollout()
     plain = [copy.deepcopy(m) for m in (actor, critic)]
 
-    exp = make_experience(actor, ref, critic, ro, cfg)
-    assert float(exp.kl.abs().sum()) > 0
-    a_opt, c_opt = optimizers(actor, critic, cfg)
-    stats = ppo_iteration(actor, ref, critic, a_opt, c_opt, ro, cfg, torch.Generator().manual_seed(7), ptx_stream())
-    adv, returns = plain_iteration(plain[0], ref, plain[1], ro, cfg, torch.Generator().manual_seed(7), ptx_stream())
+    # Both sides on the reference math, so the comparison checks the iteration, not the rounding of the CPU kernels
+    # (each tested against the reference on its own), which Adam's first step amplifies in parameters whose
+    # gradient is near zero.
+    with ik.use_backend(linear="reference", rms_norm="reference", swiglu="reference", rotary="reference",
+                        linear_cross_entropy="reference"):
+        exp = make_experience(actor, ref, critic, ro, cfg)
+        assert float(exp.kl.abs().sum()) > 0
+        a_opt, c_opt = optimizers(actor, critic, cfg)
+        stats = ppo_iteration(actor, ref, critic, a_opt, c_opt, ro, cfg, torch.Generator().manual_seed(7),
+                              ptx_stream())
+        adv, returns = plain_iteration(plain[0], ref, plain[1], ro, cfg, torch.Generator().manual_seed(7),
+                                       ptx_stream())
 
     torch.testing.assert_close(exp.advantages, adv, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(exp.returns, returns, rtol=1e-4, atol=1e-5)

@@ -2,7 +2,15 @@
 custom autograd Functions with hand-written backwards (fewer, larger ops than the reference's autograd graph)."""
 from __future__ import annotations
 
+import torch
+
 from ..backend import requested
+
+
+def plain(*tensors) -> bool:
+    """True when every given tensor (None is skipped) is a plain torch.Tensor: the cpu paths call ATen / oneDNN ops
+    that tensor subclasses such as DTensor (FSDP2, tensor parallelism) have no rules for, so those run the reference."""
+    return all(t is None or type(t) is torch.Tensor for t in tensors)
 
 
 def runs_here(op: str, supported: bool, what: str) -> bool:

@@ -102,8 +102,9 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-
     backend = choose("linear_cross_entropy", hidden.device)
     predicted = None
     if backend == "cpu" and cpu.runs_here(
-            "linear_cross_entropy", hidden.dtype in cpu_cross_entropy.DTYPES and ce_weight is None and not want_argmax,
-            f"dtype {hidden.dtype}, ce_weight, return_token_accuracy or return_predicted_tokens"):
+            "linear_cross_entropy", hidden.dtype in cpu_cross_entropy.DTYPES and ce_weight is None and not want_argmax
+            and cpu.plain(hidden, weight, bias),
+            f"dtype {hidden.dtype}, ce_weight, return_token_accuracy, return_predicted_tokens or tensor subclasses"):
         loss, z_loss = cpu_cross_entropy.linear_cross_entropy(hidden2d, weight, target1d.long(), bias, ignore_index,
                                                               reduction, label_smoothing, lse_square_scale, softcap)
     elif backend != "triton":

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
-from ..backend import choose, requested
+from .. import cpu, reference
+from ..backend import choose
 from ..checks import FLOAT_DTYPES, check_same_dtype, check_tensor
 from ..cpu import linear as cpu_linear
 
@@ -29,9 +29,8 @@ def linear(x, weight, bias=None):
         check_same_dtype("bias", bias, "x", x)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias has {bias.shape[0]} entries but weight has {weight.shape[0]} rows")
-    if choose("linear", x.device) == "cpu":
-        if x.dtype in cpu_linear.DTYPES:
-            return cpu_linear.linear(x, weight, bias)
-        if requested("linear") != "auto":
-            raise NotImplementedError(f"the cpu linear backend (oneDNN) takes float32, got x of dtype {x.dtype}")
+    if choose("linear", x.device) == "cpu" and cpu.runs_here(
+            "linear", x.dtype in cpu_linear.DTYPES and cpu.plain(x, weight, bias),
+            f"dtype {x.dtype} (oneDNN takes float32) or tensor subclasses"):
+        return cpu_linear.linear(x, weight, bias)
     return reference.linear(x, weight, bias)

@@ -173,8 +173,8 @@ def rms_norm(x, weight, eps=1e-6, residual=None, prenorm=False, residual_in_fp32
     backend = choose("rms_norm", x.device)
     # fp32 throughout: residual_in_fp32 and the casting modes change nothing, the weight offset is not on this path.
     if backend == "cpu" and cpu.runs_here("rms_norm", x.dtype in cpu_rms_norm.DTYPES and weight.dtype == x.dtype and (
-            residual is None or residual.dtype == x.dtype) and offset == 0.0,
-            f"dtype {x.dtype} (x, weight, residual) or offset {offset} on the cpu path"):
+            residual is None or residual.dtype == x.dtype) and offset == 0.0 and cpu.plain(x, weight, residual),
+            f"dtype {x.dtype} (x, weight, residual), offset {offset} or tensor subclasses on the cpu path"):
         return cpu_rms_norm.rms_norm(x, weight, eps, residual, prenorm)
     if backend != "triton":
         return reference.rms_norm(x, weight, eps, residual, prenorm, residual_in_fp32, offset, casting_mode)

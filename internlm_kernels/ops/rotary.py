@@ -235,8 +235,9 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=3 if cu_seqlens is not None else 4)
     offsets, offset = _check_rotary(x, cos, sin, x.shape[-1], seqlen_offsets, cu_seqlens, max_seqlen)
     backend = choose("rotary", x.device)
-    if backend == "cpu" and cpu.runs_here("rotary", x.dtype in cpu_rotary.DTYPES and not interleaved,
-                                          "interleaved=True" if interleaved else f"dtype {x.dtype}"):
+    if backend == "cpu" and cpu.runs_here(
+            "rotary", x.dtype in cpu_rotary.DTYPES and not interleaved and cpu.plain(x, cos, sin),
+            "interleaved=True" if interleaved else f"dtype {x.dtype} or tensor subclasses"):
         _check_no_table_grad(cos, sin)
         return cpu_rotary.apply_rotary_emb(x, cos, sin, seqlen_offsets, cu_seqlens, inplace)
     if backend != "triton":
@@ -272,8 +273,9 @@ def qkv_rotary(wqkv_out, cos, sin, n_kv_heads, head_dim, cu_seqlens=None, max_se
                          f"head_dim ({head_dim}) with at least one query head per group")
     offsets, offset = _check_rotary(wqkv_out, cos, sin, head_dim, seqlen_offsets, cu_seqlens, max_seqlen)
     backend = choose("rotary", wqkv_out.device)
-    if backend == "cpu" and cpu.runs_here("rotary", wqkv_out.dtype in cpu_rotary.DTYPES and not interleaved,
-                                          "interleaved=True" if interleaved else f"dtype {wqkv_out.dtype}"):
+    if backend == "cpu" and cpu.runs_here(
+            "rotary", wqkv_out.dtype in cpu_rotary.DTYPES and not interleaved and cpu.plain(wqkv_out, cos, sin),
+            "interleaved=True" if interleaved else f"dtype {wqkv_out.dtype} or tensor subclasses"):
         _check_no_table_grad(cos, sin)
         return cpu_rotary.qkv_rotary(wqkv_out, cos, sin, n_kv_heads, head_dim, seqlen_offsets, cu_seqlens)
     if backend != "triton":

@@ -127,7 +127,8 @@ def swiglu(gate, up):
     if gate.dim() == 0:
         raise ValueError("gate must have at least one dim")
     backend = choose("swiglu", gate.device)
-    if backend == "cpu" and cpu.runs_here("swiglu", gate.dtype in cpu_swiglu.DTYPES, f"dtype {gate.dtype}"):
+    if backend == "cpu" and cpu.runs_here("swiglu", gate.dtype in cpu_swiglu.DTYPES and cpu.plain(gate, up),
+                                          f"dtype {gate.dtype} or tensor subclasses"):
         return cpu_swiglu.swiglu(gate, up)
     if backend != "triton":
         return reference.swiglu(gate, up)
@@ -140,7 +141,8 @@ def swiglu_packed(gate_up):
     if gate_up.dim() == 0 or gate_up.shape[-1] % 2 != 0:
         raise ValueError(f"gate_up's last dim must be even ([gate | up] halves), got shape {tuple(gate_up.shape)}")
     backend = choose("swiglu", gate_up.device)
-    if backend == "cpu" and cpu.runs_here("swiglu", gate_up.dtype in cpu_swiglu.DTYPES, f"dtype {gate_up.dtype}"):
+    if backend == "cpu" and cpu.runs_here("swiglu", gate_up.dtype in cpu_swiglu.DTYPES and cpu.plain(gate_up),
+                                          f"dtype {gate_up.dtype} or tensor subclasses"):
         return cpu_swiglu.swiglu_packed(gate_up)
     if backend != "triton":
         return reference.swiglu_packed(gate_up)
