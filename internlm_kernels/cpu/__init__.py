@@ -10,7 +10,10 @@ from ..backend import requested
 def plain(*tensors) -> bool:
     """True when every given tensor (None is skipped) is a plain torch.Tensor: the cpu paths call ATen / oneDNN ops
     that tensor subclasses such as DTensor (FSDP2, tensor parallelism) have no rules for, so those run the reference."""
-    return all(t is None or type(t) is torch.Tensor for t in tensors)
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)   # a DTensor parameter's type is DTensor, not Parameter
 
 
 def runs_here(op: str, supported: bool, what: str) -> bool:
