@@ -59,42 +59,20 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-
         return dtensor_cross_entropy(hidden, weight, target, ignore_index, reduction, bias=bias is not None,
                                      label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
                                      softcap=softcap, return_z_loss=return_z_loss)
-    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
-    if hidden.dim() < 2:
-        raise ValueError(f"hidden must be (..., hidden_size) with at least 2 dims, got shape {tuple(hidden.shape)}")
-    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2, device=hidden.device)
-    check_same_dtype("weight", weight, "hidden", hidden)
-    check_tensor("target", target, dtypes=(torch.int64, torch.int32), device=hidden.device)
-    vocab, width = weight.shape
-    if vocab == 0:
-        raise ValueError("weight has 0 rows: the vocabulary must not be empty")
-    if width != hidden.shape[-1]:
-        raise ValueError(f"weight is {tuple(weight.shape)} but hidden has {hidden.shape[-1]} features")
-    if target.shape != hidden.shape[:-1]:
-        raise ValueError(f"target has shape {tuple(target.shape)} but hidden's leading shape is "
-                         f"{tuple(hidden.shape[:-1])}")
+    vocab, width = check_linear_head(hidden, weight, target, "target")
     if bias is not None:
         check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1, device=hidden.device)
         check_same_dtype("bias", bias, "hidden", hidden)
         if bias.shape[0] != vocab:
             raise ValueError(f"bias has {bias.shape[0]} entries but weight has {vocab} rows")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    _check_scalar("label_smoothing", label_smoothing, 0.0, 1.0)
-    _check_scalar("lse_square_scale", lse_square_scale, 0.0, math.inf)
-    _check_scalar("softcap", softcap, 0.0, math.inf)
-    for flag, value in (("return_z_loss", return_z_loss), ("return_token_accuracy", return_token_accuracy),
-                        ("return_predicted_tokens", return_predicted_tokens)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{flag} must be a bool, got {value!r}")
+    _check_loss_options(ignore_index, reduction, label_smoothing, lse_square_scale, softcap, return_z_loss=return_z_loss,
+                        return_token_accuracy=return_token_accuracy, return_predicted_tokens=return_predicted_tokens)
     _check_class_weight("ce_weight", ce_weight, vocab, hidden.device)
     if accum_dtype not in (None, torch.float32, weight.dtype):
         raise NotImplementedError(f"accum_dtype={accum_dtype}: dW accumulates in the weight's dtype (None) or "
                                   "torch.float32")
     if reads_values(target):  # CPU, or CUDA under the debug switch (reading device values syncs): checks.py
-        _check_target_values(target, ignore_index, vocab)
+        check_target_values(target, ignore_index, vocab)
 
     hidden2d = hidden.reshape(-1, width)  # (N, H)
     target1d = target.reshape(-1)          # (N,)
@@ -145,20 +123,11 @@ def cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mea
     if target.shape != logits.shape[:-1]:
         raise ValueError(f"target has shape {tuple(target.shape)} but logits' leading shape is "
                          f"{tuple(logits.shape[:-1])}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    _check_scalar("label_smoothing", label_smoothing, 0.0, 1.0)
-    _check_scalar("lse_square_scale", lse_square_scale, 0.0, math.inf)
-    _check_scalar("softcap", softcap, 0.0, math.inf)
-    for flag, value in (("return_z_loss", return_z_loss), ("return_token_accuracy", return_token_accuracy),
-                        ("return_predicted_tokens", return_predicted_tokens)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{flag} must be a bool, got {value!r}")
+    _check_loss_options(ignore_index, reduction, label_smoothing, lse_square_scale, softcap, return_z_loss=return_z_loss,
+                        return_token_accuracy=return_token_accuracy, return_predicted_tokens=return_predicted_tokens)
     _check_class_weight("weight", weight, vocab, logits.device)
     if reads_values(target):  # CPU, or CUDA under the debug switch: checks.py
-        _check_target_values(target, ignore_index, vocab)
+        check_target_values(target, ignore_index, vocab)
 
     logits2d = logits.reshape(-1, vocab)
     target1d = target.reshape(-1)
@@ -231,16 +200,52 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
+def check_linear_head(hidden: Tensor, weight: Tensor, target: Tensor, target_name: str) -> tuple[int, int]:
+    """hidden (..., H) and weight (V, H) of one float dtype, class indices shaped like hidden's leading dims;
+    returns (V, H). Shared by the fused linear cross-entropy and the fused linear log-probs."""
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must be (..., hidden_size) with at least 2 dims, got shape {tuple(hidden.shape)}")
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2, device=hidden.device)
+    check_same_dtype("weight", weight, "hidden", hidden)
+    check_tensor(target_name, target, dtypes=(torch.int64, torch.int32), device=hidden.device)
+    vocab, width = weight.shape
+    if vocab == 0:
+        raise ValueError("weight has 0 rows: the vocabulary must not be empty")
+    if width != hidden.shape[-1]:
+        raise ValueError(f"weight is {tuple(weight.shape)} but hidden has {hidden.shape[-1]} features")
+    if target.shape != hidden.shape[:-1]:
+        raise ValueError(f"{target_name} has shape {tuple(target.shape)} but hidden's leading shape is "
+                         f"{tuple(hidden.shape[:-1])}")
+    return vocab, width
+
+
+def _check_loss_options(ignore_index, reduction, label_smoothing, lse_square_scale, softcap, **flags) -> None:
+    """The options cross_entropy and fused_linear_cross_entropy share; ``flags`` are the return_* switches."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    _check_scalar("label_smoothing", label_smoothing, 0.0, 1.0)
+    _check_scalar("lse_square_scale", lse_square_scale, 0.0, math.inf)
+    _check_scalar("softcap", softcap, 0.0, math.inf)
+    for flag, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag} must be a bool, got {value!r}")
+
+
 def _check_scalar(name: str, value, low: float, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
 
 
-def _check_target_values(target: Tensor, ignore_index: int, vocab: int) -> None:
+def check_target_values(target: Tensor, ignore_index: int, vocab: int, name: str = "target") -> None:
+    """Every target is a class in [0, vocab) or ``ignore_index``: reads the values, so callers run it only where
+    checks.reads_values allows (CPU, or CUDA under the debug switch)."""
     bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
     if bool(bad.any()):
         first = int(target[bad][0])
-        raise ValueError(f"target holds class {first}, outside [0, {vocab}) and not ignore_index={ignore_index}")
+        raise ValueError(f"{name} holds class {first}, outside [0, {vocab}) and not ignore_index={ignore_index}")
 
 
 def _empty(like: Tensor) -> Tensor:

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from .. import reference
 from ..backend import choose
-from ..checks import FLOAT_DTYPES, check_same_dtype, check_tensor
+from ..checks import reads_values
+from .cross_entropy import check_linear_head, check_target_values
 
 
 @torch.library.custom_op("internlm_kernels::linear_logprobs_fwd", mutates_args=())
@@ -82,20 +83,7 @@ def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, return_entro
     Returns float32 tensors shaped like ``targets`` (0 where the target is ``ignore_index``); gradients flow to
     hidden and weight through both outputs.
     """
-    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
-    if hidden.dim() < 2:
-        raise ValueError(f"hidden must be (..., hidden_size) with at least 2 dims, got shape {tuple(hidden.shape)}")
-    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2, device=hidden.device)
-    check_same_dtype("weight", weight, "hidden", hidden)
-    check_tensor("targets", targets, dtypes=(torch.int64, torch.int32), device=hidden.device)
-    vocab, width = weight.shape
-    if vocab == 0:
-        raise ValueError("weight has 0 rows: the vocabulary must not be empty")
-    if width != hidden.shape[-1]:
-        raise ValueError(f"weight is {tuple(weight.shape)} but hidden has {hidden.shape[-1]} features")
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"targets has shape {tuple(targets.shape)} but hidden's leading shape is "
-                         f"{tuple(hidden.shape[:-1])}")
+    vocab, width = check_linear_head(hidden, weight, targets, "targets")
     if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
             or temperature <= 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
@@ -103,11 +91,8 @@ def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, return_entro
         raise ValueError(f"return_entropy must be a bool, got {return_entropy!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not torch.compiler.is_compiling():  # values cannot be read while tracing; the eager call checks them
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-        if bool(bad.any()):
-            raise ValueError(f"targets holds class {int(targets[bad][0])}, outside [0, {vocab}) and not "
-                             f"ignore_index={ignore_index}")
+    if reads_values(targets):  # CPU, or CUDA under the debug switch (reading device values syncs): checks.py
+        check_target_values(targets, ignore_index, vocab, "targets")
     hidden2d, targets1d = hidden.reshape(-1, width), targets.reshape(-1)
     if choose("linear_logprobs", hidden.device) == "reference":
         logp, entropy = reference.linear_logprobs(hidden2d, weight, targets1d, float(temperature), ignore_index)
