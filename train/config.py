@@ -240,20 +240,22 @@ def apply_override(data: dict, dotted: str, value) -> None:
         node[last] = value
 
 
+def read_toml(path: str) -> dict:
+    """A config file's tables, or ConfigError naming the file when it is missing or not TOML."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from e
+
+
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None, cls: type = TrainConfig):
     """Defaults <- the TOML file <- overrides (``{"optim.lr": 1e-3}``), then validated. ``cls``: TrainConfig or a
     stage's subclass of it with extra sections (train.align_config)."""
-    data: dict = {}
-    where = "config"
-    if path:
-        where = path
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} does not exist")
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML ({e})") from e
+    data = read_toml(path) if path else {}
+    where = path or "config"
     if "stages" in data and not isinstance(data["stages"], list):
         raise ConfigError(f"{where}: stages must be an array of tables ([[stages]])")
     if overrides:

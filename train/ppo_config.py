@@ -6,11 +6,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import tomllib
-
 from .chat import SYNTHETIC_CHAT_TASKS
 from .checkpoint import latest_checkpoint
-from .config import ConfigError, _build, apply_override, parse_value
+from .config import ConfigError, _build, apply_override, parse_value, read_toml
 from .rlhf.hacking import HackingConfig
 from .rlhf.iteration import PPOConfig
 from .rlhf.reward_refresh import RewardRefreshConfig
@@ -159,16 +157,8 @@ def validate(c: PPOStageConfig, check_paths: bool = True) -> None:
 
 def load_ppo_config(path: str | None = None, overrides: dict[str, Any] | None = None,
                     check_paths: bool = True) -> PPOStageConfig:
-    data: dict = {}
+    data = read_toml(path) if path else {}
     where = path or "config"
-    if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} does not exist")
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML ({e})") from e
     for key, value in (overrides or {}).items():
         apply_override(data, key, value)
     try:
