@@ -28,6 +28,14 @@ def capturing(tensors: Sequence[torch.Tensor]) -> bool:
     return any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing()
 
 
+def _same_objects(refs: tuple[weakref.ref, ...], tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether each weak reference still points at the corresponding tensor (an id can be reused once freed)."""
+    for ref, t in zip(refs, tensors):
+        if ref() is not t:
+            return False
+    return True
+
+
 class PerTensorCache:
     """Least-recently-used results keyed on (key tensors' identities and versions, ``key``)."""
 
@@ -41,21 +49,28 @@ class PerTensorCache:
     def get(self, tensors: Sequence[torch.Tensor], key, compute: Callable):
         if torch.compiler.is_compiling():
             return compute()
-        if capturing(tensors):
+        # One plain loop over the (one to three) key tensors: this runs several times per attention call, and
+        # generator expressions over them cost more than the lookup itself.
+        on_cuda = inference = False
+        ids, versions = [], []
+        for t in tensors:
+            on_cuda = on_cuda or t.is_cuda
+            ids.append(id(t))
+            if t.is_inference():   # no version counter to read
+                inference = True
+            else:
+                versions.append(t._version)
+        if on_cuda and torch.cuda.is_current_stream_capturing():
             if not self.capturable:
                 raise RuntimeError(
                     f"{self.what} reads tensor values on the host, which a CUDA graph cannot record; run this call "
                     "outside torch.cuda.graph capture")
             return compute()
-        if any(t.is_inference() for t in tensors):
-            if not self.reuse_inference:
-                return compute()
-            versions = None
-        else:
-            versions = tuple(t._version for t in tensors)
-        full_key = (tuple(id(t) for t in tensors), versions, key)
+        if inference and not self.reuse_inference:
+            return compute()
+        full_key = (tuple(ids), None if inference else tuple(versions), key)
         hit = self._entries.get(full_key)
-        if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
+        if hit is not None and _same_objects(hit[0], tensors):
             self._entries.move_to_end(full_key)
             return hit[1]
         value = compute()

@@ -20,6 +20,7 @@ an op on the given tensors raises ``BackendUnavailable`` with the reason; it nev
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from typing import Iterator
@@ -61,6 +62,7 @@ class BackendUnavailable(RuntimeError):
 _local = threading.local()
 
 
+@functools.lru_cache(maxsize=16)   # requested() parses the environment's spec on every op call; callers never mutate
 def _parse(spec: str) -> dict[str, str]:
     spec = spec.strip()
     if not spec:
@@ -138,10 +140,27 @@ def available(op: str, device: torch.device | str) -> tuple[str, ...]:
     return tuple(name for name in OPS[op] if _why_not(op, name, device) is None)
 
 
+# What choose() returned, by (op, device type, requested backend, TRITON_INTERPRET when triton is asked for on a
+# non-CUDA device): for the ops outside NATIVE_OPS nothing else enters the answer, and choose() runs on every op call.
+# Native ops ask the compiled extension, which is not memoized here; refusals (BackendUnavailable) are never stored.
+_choices: dict[tuple[str, str, str, str | None], str] = {}
+
+
 def choose(op: str, device: torch.device | str) -> str:
     """The implementation of ``op`` that runs for tensors on ``device``."""
-    device = torch.device(device)
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     want = requested(op)
+    interpret = os.environ.get("TRITON_INTERPRET") if want == "triton" and device_type != "cuda" else None
+    key = (op, device_type, want, interpret)
+    name = _choices.get(key)
+    if name is None:
+        name = _choose(op, torch.device(device_type), want)
+        if op not in NATIVE_OPS:
+            _choices[key] = name
+    return name
+
+
+def _choose(op: str, device: torch.device, want: str) -> str:
     have = OPS[op]
     if want == "auto":
         for name in _AUTO.get(device.type, ("reference",)):

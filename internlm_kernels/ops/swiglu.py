@@ -9,6 +9,8 @@ Kernels: internlm_kernels/triton/swiglu.py.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import cpu, reference
@@ -19,6 +21,7 @@ from ..triton._rows import rows_of
 from . import _eager as eager
 
 
+@functools.cache   # an import statement costs ~0.5 µs per call even when the module is loaded
 def _kernels():
     # Imported on first use so that the package imports without triton (the reference backend needs none).
     from ..triton import swiglu as kernels
@@ -27,14 +30,17 @@ def _kernels():
 
 
 def _new_like(t: torch.Tensor, shape=None) -> torch.Tensor:
-    return torch.empty(t.shape if shape is None else shape, dtype=t.dtype, device=t.device)
+    # empty_like is ~1 µs cheaper per call than torch.empty(t.shape, dtype=..., device=...)
+    if shape is None:
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+    return torch.empty(shape, dtype=t.dtype, device=t.device)
 
 
 @torch.library.custom_op("internlm_kernels::swiglu_fwd", mutates_args=())
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = _new_like(gate)
     if out.numel():
-        _kernels().swiglu_forward(rows_of(gate), rows_of(up), out.view(-1, gate.shape[-1]))
+        _kernels().swiglu_forward(rows_of(gate), rows_of(up), rows_of(out))
     return out
 
 
@@ -45,10 +51,9 @@ def _(gate, up):
 
 @torch.library.custom_op("internlm_kernels::swiglu_bwd", mutates_args=())
 def swiglu_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    N = gate.shape[-1]
     dgate, dup = _new_like(gate), _new_like(up)
     if dgate.numel():
-        _kernels().swiglu_backward(rows_of(dout), rows_of(gate), rows_of(up), dgate.view(-1, N), dup.view(-1, N))
+        _kernels().swiglu_backward(rows_of(dout), rows_of(gate), rows_of(up), rows_of(dgate), rows_of(dup))
     return dgate, dup
 
 
