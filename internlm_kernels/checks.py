@@ -59,9 +59,9 @@ class debug_checks:
 def reads_values(t: torch.Tensor) -> bool:
     """Whether a value check may read ``t`` now: CPU tensors always, other devices under the debug switch; never
     while tracing or capturing a CUDA graph (and never meta tensors, which hold no values)."""
-    if torch.compiler.is_compiling() or t.device.type == "meta":
+    if torch.compiler.is_compiling() or t.is_meta:   # is_meta / is_cpu: no torch.device object built per call
         return False
-    if t.device.type == "cpu":
+    if t.is_cpu:
         return True
     return debug_checks_enabled() and not capturing((t,))
 

@@ -128,6 +128,10 @@ def _check_hint(name: str, value) -> int | None:
 def _window_pair(window_size) -> tuple[int, int]:
     """window_size as flash-attn takes it: any pair of integers >= -1 (a tuple or list of ints, NumPy ints or 0-d
     integer tensors, or a 2-element integer tensor), as two Python ints. Tensor entries are read on the host once."""
+    if type(window_size) is tuple and len(window_size) == 2:   # the usual (int, int): no conversions needed
+        left, right = window_size
+        if type(left) is int and type(right) is int and left >= -1 and right >= -1:
+            return window_size
     if isinstance(window_size, torch.Tensor) and window_size.dim() == 1 and not window_size.is_floating_point():
         window_size = window_size.tolist()
     try:
@@ -315,7 +319,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     check_tensor("k", k, ndim=3)
     check_tensor("v", v, ndim=3)
     check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    if cu_seqlens_k is not cu_seqlens_q or k.shape[0] != q.shape[0]:   # self-attention: one tensor, checked once
+        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q ({cu_seqlens_q.numel()} entries) and cu_seqlens_k "
                          f"({cu_seqlens_k.numel()} entries) must describe the same number of sequences")

@@ -10,6 +10,7 @@ The forward ops carry registered autograd that calls rms_norm_bwd. Kernels: inte
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,6 +23,7 @@ from ..triton._rows import rows_of
 from . import _eager as eager
 
 
+@functools.cache   # an import statement costs ~0.5 µs per call even when the module is loaded
 def _kernels():
     # Imported on first use so that the package imports without triton (the reference backend needs none).
     from ..triton import rms_norm as kernels
@@ -29,14 +31,25 @@ def _kernels():
     return kernels
 
 
+def _new_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous tensor shaped like x in ``dtype`` (empty_like: ~1 µs less than torch.empty(x.shape, ...))."""
+    return torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def _new_rstd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rstd shaped x.shape[:-1], float32, and the same memory as the flat (M,) vector the kernels write. Allocated
+    from plain ints and viewed only when x is not 2-D: a torch.Size argument and a view cost ~1 µs each."""
+    flat = torch.empty(x.shape[0] if x.dim() == 2 else math.prod(x.shape[:-1]), dtype=torch.float32, device=x.device)
+    return (flat if x.dim() == 2 else flat.view(x.shape[:-1])), flat
+
+
 @torch.library.custom_op("internlm_kernels::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
                  cast_before_weight: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    kernels = _kernels()
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    kernels.rms_norm_forward(rows_of(x), weight.contiguous(), eps, y.view(-1, x.shape[-1]), rstd.view(-1),
-                             offset=offset, cast_before_weight=cast_before_weight)
+    y = _new_rows(x, x.dtype)
+    rstd, rstd_rows = _new_rstd(x)
+    _kernels().rms_norm_forward(rows_of(x), weight.contiguous(), eps, rows_of(y), rstd_rows, offset=offset,
+                                cast_before_weight=cast_before_weight)
     return y, rstd
 
 
@@ -49,14 +62,11 @@ def _(x, weight, eps, offset=0.0, cast_before_weight=False):
 def add_rms_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                      h_dtype: torch.dtype, offset: float = 0.0, cast_before_weight: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    kernels = _kernels()
-    N = x.shape[-1]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    h = torch.empty(x.shape, dtype=h_dtype, device=x.device)
-    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    kernels.rms_norm_forward(rows_of(x), weight.contiguous(), eps, y.view(-1, N), rstd.view(-1),
-                             residual=rows_of(residual) if residual is not None else None, h=h.view(-1, N),
-                             offset=offset, cast_before_weight=cast_before_weight)
+    y, h = _new_rows(x, x.dtype), _new_rows(x, h_dtype)
+    rstd, rstd_rows = _new_rstd(x)
+    _kernels().rms_norm_forward(rows_of(x), weight.contiguous(), eps, rows_of(y), rstd_rows,
+                                residual=rows_of(residual) if residual is not None else None, h=rows_of(h),
+                                offset=offset, cast_before_weight=cast_before_weight)
     return y, h, rstd
 
 
@@ -71,14 +81,12 @@ def _(x, residual, weight, eps, h_dtype, offset=0.0, cast_before_weight=False):
 def rms_norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                  dh_out: torch.Tensor | None, dx_dtype: torch.dtype,
                  dres_dtype: torch.dtype | None, offset: float = 0.0) -> list[torch.Tensor]:
-    kernels = _kernels()
-    N = h.shape[-1]
-    dx = torch.empty(h.shape, dtype=dx_dtype, device=h.device)
-    dres = torch.empty(h.shape, dtype=dres_dtype, device=h.device) if dres_dtype is not None else None
-    dw = kernels.rms_norm_backward(
-        rows_of(dy), rows_of(h), weight.contiguous(), rstd.reshape(-1), dx.view(-1, N),
+    dx = _new_rows(h, dx_dtype)
+    dres = _new_rows(h, dres_dtype) if dres_dtype is not None else None
+    dw = _kernels().rms_norm_backward(
+        rows_of(dy), rows_of(h), weight.contiguous(), rstd if rstd.dim() == 1 else rstd.reshape(-1), rows_of(dx),
         dh_out=rows_of(dh_out) if dh_out is not None else None,
-        dres=dres.view(-1, N) if dres is not None else None, offset=offset)
+        dres=rows_of(dres) if dres is not None else None, offset=offset)
     return [dx, dw] if dres is None else [dx, dw, dres]
 
 
@@ -178,9 +186,10 @@ def rms_norm(x, weight, eps=1e-6, residual=None, prenorm=False, residual_in_fp32
         return cpu_rms_norm.rms_norm(x, weight, eps, residual, prenorm)
     if backend != "triton":
         return reference.rms_norm(x, weight, eps, residual, prenorm, residual_in_fp32, offset, casting_mode)
-    if x.shape[-1] > _kernels().MAX_FEATURES:
+    max_features = _kernels().MAX_FEATURES
+    if x.shape[-1] > max_features:
         raise NotImplementedError(
-            f"x's last dim {x.shape[-1]} exceeds the {_kernels().MAX_FEATURES} features a row kernel holds; "
+            f"x's last dim {x.shape[-1]} exceeds the {max_features} features a row kernel holds; "
             "use the reference backend")
     carries_fp32 = prenorm and residual_in_fp32 and x.dtype != torch.float32
     if residual is None and not carries_fp32:

@@ -311,18 +311,21 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     total_k, n_kv_heads, _ = k.shape
     cfg = configs or choose_configs(head_dim, q.dtype, q.device, window=window_left >= 0, softcap=softcap > 0.0,
                                     dropout=dropout_p > 0.0)
-    dq = torch.empty((total_q, n_heads, head_dim), dtype=q.dtype, device=q.device)
-    dk = torch.empty((total_k, n_kv_heads, head_dim), dtype=k.dtype, device=k.device)
-    dv = torch.empty((total_k, n_kv_heads, head_dim), dtype=v.dtype, device=v.device)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)   # (total_q, Hq, D)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)   # (total_k, Hkv, D)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     if total_q == 0 or total_k == 0:  # no (query, key) pair: every gradient is zero
         return dq.zero_(), dk.zero_(), dv.zero_()
     bd = block_d(head_dim)
+    # Each tensor's strides read once, as a tuple: a .stride(i) call costs as much as .stride() does.
+    sq, sk, sv, sdo, sout = q.stride(), k.stride(), v.stride(), dout.stride(), out.stride()
+    stride_lse = lse.stride(0)
 
     delta = torch.empty_like(lse)
-    block_t = 64 if q.device.type == "cuda" else 32
+    block_t = 64 if q.is_cuda else 32
     _attn_bwd_preprocess_kernel[(cdiv(total_q, block_t), n_heads)](
         out, dout, dlse if dlse is not None else lse, delta, total_q,
-        out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), lse.stride(0),
+        sout[0], sout[1], sdo[0], sdo[1], stride_lse,
         HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_T=block_t, HAS_DLSE=dlse is not None)
 
     has_softcap = softcap > 0.0
@@ -339,16 +342,18 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     kv_items = schedule(cu_seqlens_q, cu_seqlens_k, total_k, cfg.dkdv.block_n, "k", window_left, window_right)
     _attn_bwd_dkdv_kernel[(kv_items.shape[0] * n_kv_heads,)](
         q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, kv_items, alibi, seed_t,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), stride_alibi, n_kv_heads, *common,
+        sq[0], sq[1], sk[0], sk[1], sv[0], sv[1], sdo[0], sdo[1],
+        n_kv_heads * head_dim, head_dim, n_kv_heads * head_dim, head_dim,   # dk, dv: contiguous (total_k, Hkv, D)
+        stride_lse, stride_alibi, n_kv_heads, *common,
         BLOCK_M=cfg.dkdv.block_m, BLOCK_N=cfg.dkdv.block_n, num_warps=cfg.dkdv.num_warps,
         num_stages=cfg.dkdv.num_stages, **flags)
 
     q_items = schedule(cu_seqlens_q, cu_seqlens_k, total_q, cfg.dq.block_m, "q", window_left, window_right)
     _attn_bwd_dq_kernel[(q_items.shape[0] * n_heads,)](
         q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, q_items, alibi, seed_t,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
-        dq.stride(0), dq.stride(1), lse.stride(0), stride_alibi, n_heads, *common,
+        sq[0], sq[1], sk[0], sk[1], sv[0], sv[1], sdo[0], sdo[1],
+        n_heads * head_dim, head_dim,   # dq: contiguous (total_q, Hq, D)
+        stride_lse, stride_alibi, n_heads, *common,
         BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n, num_warps=cfg.dq.num_warps, num_stages=cfg.dq.num_stages,
         **flags)
     return dq, dk, dv

@@ -174,19 +174,22 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
     -1 when absent (causal is window_right = 0). Returns out (total_q, Hq, D) and lse (Hq, total_q) float32."""
     total_q, n_heads, head_dim = q.shape
     cfg = config or choose_configs(head_dim, q.dtype, q.device).fwd
-    out = torch.empty((total_q, n_heads, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((n_heads, total_q), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)   # (total_q, Hq, D)
+    lse = q.new_empty((n_heads, total_q), dtype=torch.float32)
     items = schedule(cu_seqlens_q, cu_seqlens_k, total_q, cfg.block_m, "q", window_left, window_right)
     grid = (items.shape[0] * n_heads,)
     if grid[0] == 0:
         return out, lse
     has_softcap = softcap > 0.0
     dummy = lse  # never read: stands in for absent optional tensors
+    # Each tensor's strides read once, as a tuple: a .stride(i) call costs as much as .stride() does.
+    sq, sk, sv, so = q.stride(), k.stride(), v.stride(), out.stride()
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, items,
         alibi_slopes if alibi_slopes is not None else dummy, seed if seed is not None else dummy,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        lse.stride(0), alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+        sq[0], sq[1], sk[0], sk[1], sv[0], sv[1], so[0], so[1],
+        total_q,  # lse's row stride (contiguous)
+        alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
         n_heads,
         softmax_scale / softcap if has_softcap else softmax_scale * LOG2E, softcap * LOG2E,
         window_left, window_right, dropout_p,

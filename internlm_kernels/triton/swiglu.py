@@ -17,6 +17,8 @@ Each program covers a BLOCK_M × BLOCK_N tile (rows × columns) of ~2048 element
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -84,6 +86,7 @@ def _swiglu_bwd_kernel(
     tl.store(DUP + rows * stride_dup + cols, (dout * silu).to(DUP.dtype.element_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=256)   # a few (rows, width) pairs per model; the arithmetic costs more than the lookup
 def _tile(M: int, N: int) -> tuple[tuple[int, int], int, int]:
     """(grid, BLOCK_M, BLOCK_N): ~2048-element tiles, whole short rows packed several to a program."""
     block_n = min(2048, next_power_of_2(N))
