@@ -1,6 +1,7 @@
 """Issue 9 item 5: eager calls skip torch.library's dispatch (ops/_eager.py) and compute exactly what the dispatched
 custom op computes; everything the dispatcher must see (meta/fake tensors, torch.compile) still goes through it.
-The per-call overhead itself is measured by benchmarks/bench_overhead.py."""
+Calls that record no gradient skip autograd.Function too, with bitwise the same outputs; the memoized backend choice
+follows every change of its settings. The per-call overhead itself is measured by benchmarks/bench_overhead.py."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,3 +65,79 @@ def test_meta_tensors_take_the_dispatcher():
 
         out = _eager.call(swiglu.swiglu_fwd, a, b)
     assert out.device.type == "meta" and out.shape == (5, 12)
+
+
+def _fast_path_calls():
+    """(shapes of the leaves, call) per public op and form: each call runs its op on the given leaves."""
+    cu = _cu([3, 6])
+    cos, sin = ik.rotary_cos_sin(16, 16)
+    return {
+        "attention": (((9, 2, 16), (9, 1, 16), (9, 1, 16)),
+                      lambda q, k, v: ik.flash_attn_varlen_func(q, k, v, cu, cu, 6, 6, causal=True)),
+        "attention_lse": (((9, 2, 16), (9, 1, 16), (9, 1, 16)),
+                          lambda q, k, v: ik.flash_attn_varlen_func(q, k, v, cu, cu, 6, 6, causal=True,
+                                                                    return_attn_probs=True)[:2]),
+        "rms_norm": (((2, 5, 24), (24,)), lambda x, w: ik.rms_norm(x, w, 1e-6)),
+        "add_rms_norm": (((5, 24), (5, 24), (24,)),
+                         lambda x, r, w: ik.rms_norm(x, w, 1e-6, residual=r, prenorm=True)),
+        "swiglu": (((2, 5, 12), (2, 5, 12)), lambda a, b: ik.swiglu(a, b)),
+        "swiglu_packed": (((5, 24),), lambda gu: ik.swiglu_packed(gu)),
+        "rotary": (((9, 2, 16),), lambda x: ik.apply_rotary_emb(x, cos, sin, cu_seqlens=cu)),
+        "qkv_rotary": (((9, 48),), lambda w: ik.qkv_rotary(w, cos, sin, 1, 16, cu_seqlens=cu)),
+    }
+
+
+def _as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "no_input_requires_grad"])
+@pytest.mark.parametrize("op", list(_fast_path_calls()))
+def test_no_autograd_fast_path_matches_the_autograd_path(op, mode):
+    """Without a gradient to record, ``_eager.call`` runs the implementation alone (no autograd node); its outputs
+    are bitwise the autograd path's, for every public op and form, also on inference tensors."""
+    shapes, call = _fast_path_calls()[op]
+    with ik.use_backend("triton"):
+        leaves = _leaves(*shapes, seed=1)
+        with_grad = _as_tuple(call(*leaves))
+        assert all(o.grad_fn is not None for o in with_grad if o.is_floating_point())
+        plain = [t.detach().clone() for t in leaves]
+        if mode == "no_grad":
+            with torch.no_grad():
+                fast = _as_tuple(call(*plain))
+        elif mode == "inference_mode":
+            with torch.inference_mode():
+                fast = _as_tuple(call(*[t.clone() for t in plain]))   # inference tensors
+            assert all(o.is_inference() for o in fast)
+        else:
+            fast = _as_tuple(call(*plain))
+    assert len(fast) == len(with_grad)
+    for f, g in zip(fast, with_grad):
+        assert f.grad_fn is None and not f.requires_grad
+        torch.testing.assert_close(f, g.detach(), rtol=0, atol=0)
+
+
+def test_backend_choice_follows_the_settings_it_was_memoized_under(monkeypatch):
+    """choose() memoizes its answers; a later change of use_backend, INTERNLM_KERNELS_BACKEND or TRITON_INTERPRET
+    still changes the answer (or the refusal) at once."""
+    from internlm_kernels import backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    assert backend.choose("swiglu", "cpu") == "cpu"
+    with ik.use_backend("triton"):
+        assert backend.choose("swiglu", torch.device("cpu")) == "triton"
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(backend.BackendUnavailable, match="TRITON_INTERPRET"):
+            backend.choose("swiglu", "cpu")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert backend.choose("swiglu", "cpu") == "triton"
+        with ik.use_backend(swiglu="reference"):
+            assert backend.choose("swiglu", "cpu") == "reference"
+    monkeypatch.setenv(backend.ENV_VAR, "swiglu=reference")
+    assert backend.choose("swiglu", "cpu") == "reference"
+    monkeypatch.setenv(backend.ENV_VAR, "*=triton")
+    assert backend.choose("swiglu", "cpu") == "triton"
+    monkeypatch.delenv(backend.ENV_VAR)
+    assert backend.choose("swiglu", "cpu") == "cpu"
+
