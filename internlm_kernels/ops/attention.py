@@ -146,30 +146,33 @@ def _window_pair(window_size) -> tuple[int, int]:
 def _check_args(q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes, deterministic,
                 n_seqs: int) -> tuple[float, int, int]:
     """Checks shared by both entry points; returns (softmax_scale, window_left, window_right before causal)."""
-    check_tensor("k", k, dtypes=FLOAT_DTYPES, device=q.device)
-    check_tensor("v", v, dtypes=FLOAT_DTYPES, device=q.device)
+    device = q.device
+    check_tensor("k", k, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor("v", v, dtypes=FLOAT_DTYPES, device=device)
     check_same_dtype("k", k, "q", q)
     check_same_dtype("v", v, "q", q)
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q head dim {q.shape[-1]} differs from k head dim {k.shape[-1]}")
-    if q.shape[-1] == 0 or k.shape[-2] == 0 or q.shape[-2] % k.shape[-2] != 0:
-        raise ValueError(f"number of query heads ({q.shape[-2]}) must be a positive multiple of key/value heads "
-                         f"({k.shape[-2]}), with a head dim > 0")
+    q_shape, k_shape = q.shape, k.shape   # every .shape builds a new torch.Size: read each once
+    if k_shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k_shape)} and {tuple(v.shape)}")
+    head_dim, n_heads, n_kv_heads = q_shape[-1], q_shape[-2], k_shape[-2]
+    if head_dim != k_shape[-1]:
+        raise ValueError(f"q head dim {head_dim} differs from k head dim {k_shape[-1]}")
+    if head_dim == 0 or n_kv_heads == 0 or n_heads % n_kv_heads != 0:
+        raise ValueError(f"number of query heads ({n_heads}) must be a positive multiple of key/value heads "
+                         f"({n_kv_heads}), with a head dim > 0")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if softmax_scale is None:
-        softmax_scale = q.shape[-1] ** -0.5
+        softmax_scale = head_dim ** -0.5
     if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
     window_size = _window_pair(window_size)
     if not isinstance(softcap, (int, float)) or not softcap >= 0.0 or not math.isfinite(softcap):
         raise ValueError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
     if alibi_slopes is not None:
-        check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,), ndim=(1, 2), device=q.device)
-        if alibi_slopes.shape not in ((q.shape[-2],), (n_seqs, q.shape[-2])):
-            raise ValueError(f"alibi_slopes must have shape ({q.shape[-2]},) or ({n_seqs}, {q.shape[-2]}), "
+        check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,), ndim=(1, 2), device=device)
+        if alibi_slopes.shape not in ((n_heads,), (n_seqs, n_heads)):
+            raise ValueError(f"alibi_slopes must have shape ({n_heads},) or ({n_seqs}, {n_heads}), "
                              f"got {tuple(alibi_slopes.shape)}")
     if not isinstance(deterministic, bool):
         raise ValueError(f"deterministic must be a bool, got {deterministic!r}")

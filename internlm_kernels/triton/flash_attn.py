@@ -25,6 +25,7 @@ flash_attn_fwd.py and flash_attn_bwd.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -107,6 +108,7 @@ def block_d(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
 
 
+@functools.lru_cache(maxsize=64)   # every launch asks; on CUDA the answer costs a device-capability query
 def choose_configs(head_dim: int, dtype: torch.dtype, device: torch.device, *, window: bool = False,
                    softcap: bool = False, dropout: bool = False) -> AttnConfigs:
     """The block table entry for this head dim and these features on this device (the interpreter's on CPU)."""
