@@ -11,6 +11,8 @@ Kernels: internlm_kernels/triton/rotary.py.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import cpu, reference
@@ -23,6 +25,7 @@ from . import _eager as eager
 rotary_cos_sin = reference.rotary_cos_sin  # the InternLM2 table builder (theta, linear and dynamic NTK): plain torch
 
 
+@functools.cache   # an import statement costs ~0.5 µs per call even when the module is loaded
 def _kernels():
     # Imported on first use so that the package imports without triton (the reference backend needs none).
     from ..triton import rotary as kernels
@@ -38,7 +41,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlen_offsets: torch.Tensor | None,
                  seqlen_offset: int, cu_seqlens: torch.Tensor | None, interleaved: bool,
                  conjugate: bool) -> torch.Tensor:
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)   # ~1 µs less than torch.empty(x.shape, ...)
     _kernels().rotary_forward(_last_dim_contiguous(x), cos, sin, out, cu_seqlens=cu_seqlens,
                               seqlen_offsets=seqlen_offsets, seqlen_offset=seqlen_offset, interleaved=interleaved,
                               conjugate=conjugate)
