@@ -12,7 +12,9 @@ def launches_on_input_device(launcher):
     to that device and that device's current stream. The ops layer has already refused mixed-device inputs."""
     @functools.wraps(launcher)
     def on_input_device(first: torch.Tensor, *args, **kwargs):
-        if first.is_cuda:
+        # Switch only when needed: entering torch.cuda.device costs a few µs of host time even when the device is
+        # already current (the usual case, one GPU per process), and every launch passes here.
+        if first.is_cuda and first.get_device() != torch.cuda.current_device():
             with torch.cuda.device(first.device):
                 return launcher(first, *args, **kwargs)
         return launcher(first, *args, **kwargs)
