@@ -38,7 +38,7 @@ def _autograd_apply(op):
     if apply is None:
         def forward(ctx, *args):
             output = op._init_fn(*args)
-            op._setup_context_fn(ctx=ctx, inputs=args, output=output)
+            op._setup_context_fn(ctx, args, output)
             return output
 
         def backward(ctx, *grads):

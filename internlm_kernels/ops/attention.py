@@ -37,7 +37,7 @@ def _kernels():
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     # The kernels take any token/head strides (e.g. q, k, v sliced from one packed qkv tensor) but step through
     # the head dim with stride 1.
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return t if t.stride()[-1] == 1 else t.contiguous()   # .stride()[-1]: half the host cost of .stride(-1)
 
 
 @torch.library.custom_op("internlm_kernels::flash_attn_varlen_fwd", mutates_args=())
