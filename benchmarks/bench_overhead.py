@@ -15,10 +15,14 @@ path, allocations and the launch. Kernel time is kept out:
 * GPU: real launches on tiny shapes. Each kernel finishes before the host has issued the next call, so the wall time
   of many calls (one synchronize at the end) is the host time per call.
 
+A third row per op, "autograd.Function floor", is what any op built on a Python autograd.Function pays at least: the
+apply with the op's differentiable inputs, its outputs allocated in the forward and the input gradients in the
+backward, nothing else (no checks, no backend choice, no launch).
+
 Figure: microseconds per call, best of 15 means over 200 calls (``ms`` in the record, so summarize.py ratios compare
-inverse times). Ours and the peer are timed in alternating batches of 200 calls within one test (the first test of
-each pair times both, the second records the peer's figure), so load from other jobs on a shared machine falls on
-both alike, and the best mean is the one least disturbed by it. The goal (issue 9) is ours within 1.5x of the peer.
+inverse times). Ours, the peer and the floor are timed in alternating batches of 200 calls within one test (the first
+test of each op and pass times all three, the others record their figures), so load from other jobs on a shared
+machine falls on all alike, and the best mean is the one least disturbed by it. The goal (issue 9) is ours within 1.5x of the peer.
 The clock: on CPU the process's CPU time (``time.process_time``, one torch thread), which leaves out the time other
 jobs on a shared machine hold the core; on GPU wall time (the host waits for nothing but its own work there).
 On CPU run this file in its own pytest process (it sets TRITON_INTERPRET=1 before the kernels are defined).
@@ -101,16 +105,42 @@ def _cases():
     gate, up = _leaf(T, N), _leaf(T, N)
     wqkv = _leaf(1, T, HKV * (HQ // HKV + 2) * D)
     cos, sin = ik.rotary_cos_sin(T, D, device=DEV)
-    return {
+    with torch.no_grad():
+        qkv_like = ik.qkv_rotary(wqkv, cos, sin, HKV, D)
+    return {   # op: (ours, peer, peer's name, floor)
         "attention": (lambda: ik.flash_attn_varlen_func(q, k, v, cu, cu, T, T, causal=True),
                       lambda: F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, enable_gqa=True),
-                      "torch sdpa"),
-        "rms_norm": (lambda: ik.rms_norm(x, w, 1e-6), lambda: F.rms_norm(x, (N,), w, 1e-6), "torch F.rms_norm"),
-        "swiglu": (lambda: ik.swiglu(gate, up), lambda: F.silu(gate) * up, "torch silu*mul"),
+                      "torch sdpa", _floor((q, k, v), (q.detach(),))),
+        "rms_norm": (lambda: ik.rms_norm(x, w, 1e-6), lambda: F.rms_norm(x, (N,), w, 1e-6), "torch F.rms_norm",
+                     _floor((x, w), (x.detach(),))),
+        "swiglu": (lambda: ik.swiglu(gate, up), lambda: F.silu(gate) * up, "torch silu*mul",
+                   _floor((gate, up), (gate.detach(),))),
         "qkv_rotary": (lambda: ik.qkv_rotary(wqkv, cos, sin, HKV, D),
                        lambda: reference.qkv_rotary(wqkv, cos, sin, HKV, D, False, 0, None),
-                       "torch rotate-half"),
+                       "torch rotate-half", _floor((wqkv,), qkv_like)),
     }
+
+
+class _AllocateOnly(torch.autograd.Function):
+    """The floor of any op built on a Python autograd.Function: the apply, its outputs allocated in the forward and
+    its input gradients in the backward, nothing else (no checks, no launch). Applied as ops/_eager.py applies ours."""
+
+    @staticmethod
+    def forward(ctx, like, *inputs):
+        ctx.save_for_backward(*inputs)
+        return tuple(torch.empty_like(t) for t in like)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *(torch.empty_like(t) for t in ctx.saved_tensors))
+
+
+_allocate_only = super(torch.autograd.Function, _AllocateOnly).apply
+
+
+def _floor(inputs: tuple, like: tuple):
+    """The floor of an op: its differentiable inputs in, empty tensors shaped like its outputs out."""
+    return lambda: _allocate_only(like, *inputs)
 
 
 def _with_backward(fn):
@@ -121,30 +151,29 @@ def _with_backward(fn):
     return step
 
 
-# (op, pass) -> {"ours": ms, "peer": ms}: the first of the two tests of a pair times both, the second reads its figure.
+IMPLS = ("ours", "peer", "floor")
+FLOOR_NAME = "autograd.Function floor"
+# (op, pass) -> {impl: ms}: the first test of an (op, pass) times all three, the others read their figures.
 _timed: dict[tuple[str, str], dict[str, float]] = {}
 
 
-def _timed_pair(op: str, pass_: str) -> dict[str, float]:
-    if (op, pass_) not in _timed:
-        ours, peer, _ = _cases()[op]
-        fns = {"ours": ours, "peer": peer}
-        if pass_ == "fwd+bwd":
-            fns = {name: _with_backward(fn) for name, fn in fns.items()}
-        _timed[op, pass_] = host_ms(fns)
-    return _timed[op, pass_]
+def _fns(op: str, pass_: str) -> tuple[dict, dict]:
+    """({impl: the call timed}, {impl: its name in the record}) for ``op`` and ``pass_``."""
+    ours, peer, peer_name, floor = _cases()[op]
+    fns = dict(zip(IMPLS, (ours, peer, floor)))
+    if pass_ == "fwd+bwd":
+        fns = {impl: _with_backward(fn) for impl, fn in fns.items()}
+    return fns, dict(zip(IMPLS, (OURS, peer_name, FLOOR_NAME)))
 
 
-@pytest.mark.parametrize("impl", ["ours", "peer"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("op", ["attention", "rms_norm", "swiglu", "qkv_rotary"])
 def test_overhead(benchmark, op, pass_, impl):
-    ours, peer, peer_name = _cases()[op]
-    fn = ours if impl == "ours" else peer
-    if pass_ == "fwd+bwd":
-        fn = _with_backward(fn)
-    ms = _timed_pair(op, pass_)[impl]
-    benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)
+    fns, names = _fns(op, pass_)
+    if (op, pass_) not in _timed:
+        _timed[op, pass_] = host_ms(fns)
+    ms = _timed[op, pass_][impl]
+    benchmark.pedantic(fns[impl], rounds=3, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(group=f"overhead {op} {pass_} ({'no-op kernels' if not ON_GPU else 'tiny shapes'})",
-                                impl=OURS if impl == "ours" else peer_name, metric="ms", value=ms, ms=ms,
-                                card=card_name())
+                                impl=names[impl], metric="ms", value=ms, ms=ms, card=card_name())
