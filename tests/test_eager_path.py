@@ -141,3 +141,23 @@ def test_backend_choice_follows_the_settings_it_was_memoized_under(monkeypatch):
     monkeypatch.delenv(backend.ENV_VAR)
     assert backend.choose("swiglu", "cpu") == "cpu"
 
+
+
+def test_dead_functorch_wrappers_and_sparse_tensors_take_the_dispatcher():
+    """A tensor that escaped a torch.func transform (a dead functorch wrapper) is routed to the dispatcher, which
+    unwraps it: same values and gradients as the plain tensor. The same one C++ test flags sparse tensors."""
+    from internlm_kernels.ops import _eager
+
+    escaped = []
+    x, b = _leaves((5, 12), (5, 12), seed=3)
+    torch.func.grad(lambda t: escaped.append(t) or t.sum())(x.detach())
+    dead = escaped[0]
+    assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
+    assert _eager._subclass_like(dead) and _eager._subclass_like(torch.eye(3).to_sparse())
+    with ik.use_backend("triton"):
+        out = ik.swiglu(dead, b)
+        (grad,) = torch.autograd.grad(out, b, torch.ones_like(out))
+        ref = ik.swiglu(x.detach(), b)
+        (ref_grad,) = torch.autograd.grad(ref, b, torch.ones_like(ref))
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
