@@ -319,6 +319,7 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     bd = block_d(head_dim)
     # Each tensor's strides read once, as a tuple: a .stride(i) call costs as much as .stride() does.
     sq, sk, sv, sdo, sout = q.stride(), k.stride(), v.stride(), dout.stride(), out.stride()
+    sdq, sdk, sdv = dq.stride(), dk.stride(), dv.stride()
     stride_lse = lse.stride(0)
 
     delta = torch.empty_like(lse)
@@ -343,7 +344,7 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     _attn_bwd_dkdv_kernel[(kv_items.shape[0] * n_kv_heads,)](
         q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, kv_items, alibi, seed_t,
         sq[0], sq[1], sk[0], sk[1], sv[0], sv[1], sdo[0], sdo[1],
-        n_kv_heads * head_dim, head_dim, n_kv_heads * head_dim, head_dim,   # dk, dv: contiguous (total_k, Hkv, D)
+        sdk[0], sdk[1], sdv[0], sdv[1],
         stride_lse, stride_alibi, n_kv_heads, *common,
         BLOCK_M=cfg.dkdv.block_m, BLOCK_N=cfg.dkdv.block_n, num_warps=cfg.dkdv.num_warps,
         num_stages=cfg.dkdv.num_stages, **flags)
@@ -352,7 +353,7 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     _attn_bwd_dq_kernel[(q_items.shape[0] * n_heads,)](
         q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, q_items, alibi, seed_t,
         sq[0], sq[1], sk[0], sk[1], sv[0], sv[1], sdo[0], sdo[1],
-        n_heads * head_dim, head_dim,   # dq: contiguous (total_q, Hq, D)
+        sdq[0], sdq[1],
         stride_lse, stride_alibi, n_heads, *common,
         BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n, num_warps=cfg.dq.num_warps, num_stages=cfg.dq.num_stages,
         **flags)

@@ -181,7 +181,7 @@ def rms_norm_backward(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, r
     programs = max(1, min(_backward_programs(h.device), cdiv(M, block_m)))
     rows_per_program = cdiv(cdiv(M, programs), block_m) * block_m
     programs = cdiv(M, rows_per_program)
-    dw_partial = torch.empty(programs, N, device=h.device, dtype=torch.float32)   # ints, not a torch.Size: ~1 µs less
+    dw_partial = torch.empty(programs, N, device=h.device, dtype=torch.float32)
     dh_in = dh_out if dh_out is not None else dy
     dres_out = dres if dres is not None else dx
     _rms_norm_bwd_kernel[(programs,)](
@@ -191,6 +191,7 @@ def rms_norm_backward(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, r
         HAS_DH_OUT=dh_out is not None, STORE_DRES=dres is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
-    # One program (few rows) has the sum already: skip the reduction and the no-op cast (~2 µs of host time each).
+    # One program (few rows) holds the sum already: no reduction (a torch op, ~1.5 µs of host time), and no cast
+    # when dw is already in weight's dtype (~0.7 µs).
     dw = dw_partial[0] if programs == 1 else dw_partial.sum(0)
     return dw if dw.dtype == weight.dtype else dw.to(weight.dtype)
