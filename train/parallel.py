@@ -40,7 +40,7 @@ class ParallelDims:
     rank: int = 0
     local_rank: int = 0
     tp: int = 1              # tensor-parallel degree
-    shard_size: int = 0      # ranks one optimizer/parameter state is sharded over (ZeRO/FSDP); 0 = all
+    shard_size: int = 0      # data-parallel ranks one optimizer/parameter state is sharded over (ZeRO/FSDP); 0 = all
     overlap: bool = True     # overlap gradient communication with backward
 
     @property
@@ -133,7 +133,7 @@ def register_mode(name: str):
 
 def parallelize(model: nn.Module, runtime: Runtime) -> "Parallel":
     """Place ``model`` (already on ``runtime.device``) on the ranks as ``runtime.dims.mode`` says."""
-    return MODES[runtime.dims.mode](model, runtime)
+    return MODES[runtime.dims.mode].implementation(runtime.dims)(model, runtime)
 
 
 class Parallel:
@@ -151,9 +151,15 @@ class Parallel:
         if dims.world % dims.tp:
             raise ValueError(f"parallel.tp ({dims.tp}) must divide the world size ({dims.world})")
 
+    @classmethod
+    def implementation(cls, dims: ParallelDims) -> type["Parallel"]:
+        """The class that runs this mode at these dims (a mode may run tensor parallelism through another)."""
+        return cls
+
     def __init__(self, model: nn.Module, runtime: Runtime):
         self.module, self.runtime, self.dims = model, runtime, runtime.dims
         self.model: nn.Module = model
+        self.dp_group = None     # the process group of the data-parallel ranks (None: the whole world)
 
     def build_optimizer(self, make: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]):
         return make(self.module.parameters())
@@ -162,8 +168,8 @@ class Parallel:
         return contextlib.nullcontext()
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.dims.distributed:
-            dist.all_reduce(t)
+        if self.dims.dp > 1:     # the tp ranks of a data-parallel group already hold the same sums
+            dist.all_reduce(t, group=self.dp_group)
         return t
 
     def _grads(self) -> list[torch.Tensor]:
@@ -202,12 +208,20 @@ class Parallel:
 @register_mode("ddp")
 class DataParallel(Parallel):
     """Every rank holds the full model and optimizer; DDP all-reduces (averages) gradients in buckets during
-    the backward of the last micro-batch of a step."""
+    the backward of the last micro-batch of a step. With ``tp`` > 1 every data-parallel rank holds the full
+    model of its tp group: parallel_sharded.ReplicatedTensorParallel (torch's DDP does not take the DTensor
+    parameters of tensor parallelism)."""
+
+    @classmethod
+    def implementation(cls, dims: ParallelDims) -> type[Parallel]:
+        if dims.tp > 1:
+            from .parallel_sharded import ReplicatedTensorParallel
+
+            return ReplicatedTensorParallel
+        return cls
 
     @classmethod
     def check_config(cls, parallel) -> None:
-        if parallel.tp != 1:
-            raise ValueError(f"parallel.tp: mode 'ddp' runs tp = 1 only, got {parallel.tp}")
         if parallel.shard_size != 0:
             raise ValueError(f"parallel.shard_size: mode 'ddp' shards nothing (0), got {parallel.shard_size}")
         if not parallel.overlap:
@@ -223,7 +237,6 @@ class DataParallel(Parallel):
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         return self.model.no_sync() if self.dims.distributed else contextlib.nullcontext()
-
 
 
 from . import parallel_sharded  # noqa: E402,F401  (registers the zero1, zero2 and fsdp modes)
