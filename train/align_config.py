@@ -98,15 +98,16 @@ def check_reward(c: RewardConfig) -> None:
         _check(isinstance(prompt, str) and bool(prompt), f"reward.conditions.{domain} must be a non-empty string")
 
 
-def stage_geometry(cfg: TrainConfig, world: int, seqs_per_item: int) -> tuple[int, int, int]:
-    """(seq_len, micro_batch_tokens, accumulation) of the config's one stage on ``world`` ranks."""
+def stage_geometry(cfg: TrainConfig, dp: int, seqs_per_item: int) -> tuple[int, int, int]:
+    """(seq_len, micro_batch_tokens, accumulation) of the config's one stage on ``dp`` data-parallel ranks (the
+    tensor-parallel ranks of one data-parallel group share their micro-batches)."""
     s = cfg.stages[0]
     micro = s.micro_batch_tokens or s.seq_len * seqs_per_item
-    global_tokens = s.global_batch_tokens or micro * world
-    if global_tokens % (micro * world):
+    global_tokens = s.global_batch_tokens or micro * dp
+    if global_tokens % (micro * dp):
         raise ValueError(f"stages.0.global_batch_tokens ({global_tokens}) must be a multiple of "
-                         f"micro_batch_tokens x world size ({micro} x {world})")
-    return s.seq_len, micro, global_tokens // (micro * world)
+                         f"micro_batch_tokens x data-parallel ranks ({micro} x {dp})")
+    return s.seq_len, micro, global_tokens // (micro * dp)
 
 
 def parse_sft_cli(argv: list[str], default_config: str | None = None) -> SFTConfig:
