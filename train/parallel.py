@@ -179,7 +179,9 @@ class Parallel:
         """The default for modes that average gradients over the data-parallel ranks (DDP, and one process): the
         gradients hold mean over ranks of each rank's summed loss, so times dp / n is the global token mean.
         (A multiply by dp / n, not a divide by n: with dp a power of two, 1 rank and dp ranks round alike.)"""
-        grads = self._grads()
+        from torch.distributed.tensor import DTensor
+
+        grads = [g.to_local() if isinstance(g, DTensor) else g for g in self._grads()]   # tensor parallel / FSDP
         if grads:
             torch._foreach_mul_(grads, (self.dims.dp / total_targets).to(grads[0].dtype))
 

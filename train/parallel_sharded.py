@@ -15,6 +15,16 @@ from torch import nn
 from .parallel import Parallel, ParallelDims, Runtime, register_mode
 
 
+class _FullModel:
+    """What models.checkpoint.save_model reads (config, state_dict) for a gathered full state."""
+
+    def __init__(self, config, state: dict):
+        self.config, self._state = config, state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
 class _ShardedMode(Parallel):
     """What the sharded modes share: their key checks and the HF export of a model whose state may be sharded."""
 
@@ -29,29 +39,52 @@ class _ShardedMode(Parallel):
     def shard_size(self) -> int | None:
         return self.dims.shard_size or None
 
+    def _tensor_parallel(self, model: nn.Module, shard_size: int | None):
+        """Make ``model`` tensor + sequence parallel over the "tp" dimension of a (replicate, shard, tp) mesh
+        (``shard_size`` data-parallel ranks per shard group) and return the mesh; the loss sums are then reduced
+        over the data-parallel ranks of this rank's tp position."""
+        import torch.distributed as dist
+
+        from internlm_kernels.distributed.mesh import parallel_mesh
+        from internlm_kernels.distributed.tensor_parallel import check_tp, parallelize_internlm2
+
+        dims = self.dims
+        check_tp(model.config, dims.tp, key="parallel.tp")
+        mesh = parallel_mesh(dims.tp, shard_size, self.runtime.device.type)
+        parallelize_internlm2(model, mesh["tp"])
+        if dims.dp > 1:
+            self.dp_group, _ = dist.new_subgroups_by_enumeration(
+                [[d * dims.tp + t for d in range(dims.dp)] for t in range(dims.tp)])
+        return mesh
+
+    def _export_gathered(self, path: str, layout: str) -> None:
+        """The HF export of a model whose parameters are DTensors: the full state gathered (every rank calls),
+        written by rank 0."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from models.checkpoint import save_model
+
+        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.dims.is_main:
+            save_model(_FullModel(self.module.config, full), path, layout=layout)
+
 
 class _Zero(_ShardedMode):
     stage: int
 
-    @classmethod
-    def check_config(cls, parallel) -> None:
-        if parallel.tp != 1:
-            raise ValueError(f"parallel.tp: mode {parallel.mode!r} runs tp = 1, got {parallel.tp}: its flat buckets "
-                             f"hold plain replicated parameters, not the DTensor shards of tensor parallelism; with "
-                             f"tp use mode 'fsdp' (parameters, gradients and optimizer state sharded over the "
-                             f"data-parallel ranks) or 'ddp' (replicated)")
-
     def __init__(self, model: nn.Module, runtime: Runtime):
         super().__init__(model, runtime)
         self.zero = None        # built with the optimizer: ZeroDataParallel owns the (sharded) optimizer
+        self.mesh = self._tensor_parallel(model, self.shard_size) if self.dims.tp > 1 else None
 
     def build_optimizer(self, make):
         from internlm_kernels.distributed import ZeroDataParallel
 
-        if not self.dims.distributed:
+        if self.dims.dp == 1:       # one process, or tensor parallel only: FusedAdamW over the (DTensor) parameters
             return make(self.module.parameters())
-        self.zero = ZeroDataParallel(self.module, stage=self.stage, shard_size=self.shard_size,
-                                     overlap=self.dims.overlap, make_optimizer=make)
+        sharding = {"mesh": self.mesh} if self.mesh is not None else {"shard_size": self.shard_size}
+        self.zero = ZeroDataParallel(self.module, stage=self.stage, overlap=self.dims.overlap, make_optimizer=make,
+                                     **sharding)
         self.model = self.zero
         return self.zero.optimizer
 
@@ -81,6 +114,8 @@ class _Zero(_ShardedMode):
     def export(self, path: str, layout: str) -> None:
         if self.zero is not None:
             self.zero.wait_for_parameters()
+        if self.dims.tp > 1:
+            return self._export_gathered(path, layout)
         super().export(path, layout)
 
 
@@ -94,16 +129,6 @@ class Zero1(_Zero):
 class Zero2(_Zero):
     """ZeRO stage 2: also the reduced gradients sharded (full buffers freed after each reduce-scatter)."""
     stage = 2
-
-
-class _FullModel:
-    """What models.checkpoint.save_model reads (config, state_dict) for a gathered full state."""
-
-    def __init__(self, config, state: dict):
-        self.config, self._state = config, state
-
-    def state_dict(self) -> dict:
-        return self._state
 
 
 @register_mode("fsdp")
@@ -130,23 +155,14 @@ class FullyShardedDataParallel(_ShardedMode):
         super().__init__(model, runtime)
         from internlm_kernels.distributed.fsdp import fsdp_mesh, fully_shard_blocks
 
-        dims, device_type = self.dims, runtime.device.type
-        if dims.tp > 1:
-            import torch.distributed as dist
+        if self.dims.tp > 1:
+            from internlm_kernels.distributed.mesh import data_parallel_mesh
 
-            from internlm_kernels.distributed.mesh import data_parallel_mesh, parallel_mesh
-            from internlm_kernels.distributed.tensor_parallel import check_tp, parallelize_internlm2
-
-            check_tp(model.config, dims.tp, key="parallel.tp")
-            mesh = parallel_mesh(dims.tp, self._shard_size(), device_type)
-            parallelize_internlm2(model, mesh["tp"])
-            if dims.dp > 1:
+            mesh = self._tensor_parallel(model, self._shard_size())
+            if self.dims.dp > 1:
                 fully_shard_blocks(model, data_parallel_mesh(mesh), reshard_after_forward=self.reshard_after_forward)
-                # Loss sums and target counts: over the data-parallel ranks of this rank's tp position.
-                self.dp_group, _ = dist.new_subgroups_by_enumeration(
-                    [[d * dims.tp + t for d in range(dims.dp)] for t in range(dims.tp)])
-        elif dims.distributed:
-            fully_shard_blocks(model, fsdp_mesh(self._shard_size(), device_type),
+        elif self.dims.distributed:
+            fully_shard_blocks(model, fsdp_mesh(self._shard_size(), runtime.device.type),
                                reshard_after_forward=self.reshard_after_forward)
 
     def no_sync(self) -> contextlib.AbstractContextManager:
@@ -156,23 +172,10 @@ class FullyShardedDataParallel(_ShardedMode):
 
         return no_sync(self.module)
 
-    def finish_gradients(self, total_targets: torch.Tensor) -> None:
-        from torch.distributed.tensor import DTensor
-
-        grads = [g.to_local() if isinstance(g, DTensor) else g for g in self._grads()]
-        if grads:
-            torch._foreach_mul_(grads, (self.dims.dp / total_targets).to(grads[0].dtype))
-
     def export(self, path: str, layout: str) -> None:
         if not self.dims.distributed:
             return super().export(path, layout)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        from models.checkpoint import save_model
-
-        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.dims.is_main:
-            save_model(_FullModel(self.module.config, full), path, layout=layout)
+        self._export_gathered(path, layout)
 
 
 class ReplicatedTensorParallel(FullyShardedDataParallel):
