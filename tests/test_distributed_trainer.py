@@ -25,10 +25,11 @@ STAGE = {"steps": 4, "seq_len": 64, "global_batch_tokens": 256, "micro_batch_tok
 
 
 def torchrun(tmp_path, name: str, mode: str, *extra: str, ranks: int = 2) -> str:
-    args = [f"--run.output_dir={tmp_path}", f"--run.name={name}", f"--parallel.mode={mode}", *extra]
+    args = [f"--run.output_dir={tmp_path}", f"--run.name={name}", f"--parallel.mode={mode}"]
     args += [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in COMMON.items()]
     args += [f"--model.overrides.{k}={v}" for k, v in OVERRIDES.items()]
     args += [f"--stages.0.{k}={v}" for k, v in STAGE.items()]
+    args += extra       # last: they override the common keys
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     # A session of its own, so that a hang kills torchrun and both workers, not torchrun alone.
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
@@ -63,9 +64,12 @@ def single(tmp_path_factory):
 
 
 TP2 = ("--parallel.tp=2",)
+# The passkey probe after the run: rank 0 alone generates, from the HF export when the model is sharded.
+PASSKEY = ("--eval.passkey=true", "--eval.passkey_lengths=[256]", "--eval.passkey_depths=[0.5]",
+           "--eval.passkey_trials=1")
 
 
-@pytest.mark.parametrize("mode, extra, ranks", [("zero2", (), 2), ("fsdp", (), 2), ("fsdp", TP2, 2),
+@pytest.mark.parametrize("mode, extra, ranks", [("zero2", (), 2), ("fsdp", (), 2), ("fsdp", TP2 + PASSKEY, 2),
                                                 ("fsdp", TP2, 4), ("ddp", TP2, 4), ("zero1", TP2, 4)],
                          ids=["zero2", "fsdp", "tp2", "fsdp_tp2_dp2", "ddp_tp2_dp2", "zero1_tp2_dp2"])
 def test_sharded_mode_matches_single_process_and_exports(tmp_path, single, mode, extra, ranks):
@@ -78,6 +82,9 @@ def test_sharded_mode_matches_single_process_and_exports(tmp_path, single, mode,
     want = losses(single.run_dir)
     assert len(want) == 4
     _close(losses(run_dir), want)
+    if PASSKEY[0] in extra:
+        probes = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "passkey_accuracy" in r]
+        assert len(probes) == 1 and list(probes[0]["passkey_accuracy"]) == ["256"]
     exported = InternLM2ForCausalLM.from_pretrained(os.path.join(list_checkpoints(run_dir)[-1], "model"))
     for name, value in single.model.state_dict().items():
         torch.testing.assert_close(exported.state_dict()[name], value, rtol=1e-4, atol=1e-4, msg=name)

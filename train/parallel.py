@@ -201,6 +201,12 @@ class Parallel:
 
         set_state_dict(self.module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
+    @property
+    def holds_full_model(self) -> bool:
+        """Whether each rank's module holds the whole model as plain tensors (so one rank alone can run it, e.g.
+        to generate); False under FSDP and tensor parallelism, whose forward is collective."""
+        return self.dims.tp == 1 and (not self.dims.distributed or self.name != "fsdp")
+
     def export(self, path: str, layout: str) -> None:
         """The model's ``save_pretrained(path, layout=...)`` by rank 0 (every rank holds the full model)."""
         if self.dims.is_main:
