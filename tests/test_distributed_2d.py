@@ -1,8 +1,8 @@
 """Tensor x data parallelism on a 2-D layout: 4 real gloo ranks, tp = 2 inside each of 2 data-parallel groups.
 
 One 4-rank launch trains the micro model as FSDP2 + TP (torchtitan's 2-D layout), as replicated data
-parallelism + TP (FSDP2's replicate layout: what ``mode = "ddp"`` runs with tp > 1) and as ZeRO-2 + TP
-(InternEvo's layout), saves the FSDP2 + TP and ZeRO-2 + TP runs through DCP, loads the ZeRO-2 + TP checkpoint into
+parallelism + TP (FSDP2's replicate layout: what ``mode = "ddp"`` runs with tp > 1), as ZeRO-2 + TP
+(InternEvo's layout) and hybrid ZeRO-1 + TP (shard groups of one data-parallel rank), saves the FSDP2 + TP and ZeRO-2 + TP runs through DCP, loads the ZeRO-2 + TP checkpoint into
 FSDP2 + TP, and records which batches each rank saw. The single-process checks (reference run, loading the 2-D
 checkpoints in one process, HF export) run in the test process."""
 from __future__ import annotations
@@ -92,6 +92,14 @@ def four_rank_cases(rank: int, world: int, out: str):
     dcp.load({"model": msd, "optimizer": osd}, checkpoint_id=os.path.join(out, "zero2_tp"))
     set_state_dict(fsdp, fsdp_opt, model_state_dict=msd, optim_state_dict=osd)
     results["fsdp_tp_from_zero2_tp"] = (full_state_dict(fsdp), _optimizer_moments(get_state_dict(fsdp, fsdp_opt)[1]))
+
+    # Hybrid ZeRO-1 + TP: shard groups of one data-parallel rank, the reduced shards all-reduced across the two
+    # replica groups (overlap off: the same numbers, blocking collectives).
+    mesh = parallel_mesh(TP, shard_size=1)
+    zero = ZeroDataParallel(parallelize_internlm2(micro_model(), mesh["tp"]), lr=LR, weight_decay=0.1, stage=1,
+                            mesh=mesh, overlap=False)
+    results["zero1_tp_hybrid"], results["zero1_tp_hybrid_seen"] = _train_2d(
+        zero, zero.optimizer, rank // TP, dp_group, sync=zero.no_sync, clip=lambda m: m.clip_grad_norm_(CLIP))
     return results
 
 
@@ -101,7 +109,7 @@ def four_ranks(tmp_path_factory):
     return run_ranks(four_rank_cases, TP * DP, out, timeout=240), out
 
 
-@pytest.mark.parametrize("name", ["fsdp_tp", "replicate_tp", "zero2_tp"])
+@pytest.mark.parametrize("name", ["fsdp_tp", "replicate_tp", "zero2_tp", "zero1_tp_hybrid"])
 def test_tp_x_dp_equals_single_process(four_ranks, name):
     results, _ = four_ranks
     want = reference_run(DP)
@@ -112,7 +120,7 @@ def test_tp_x_dp_equals_single_process(four_ranks, name):
     assert all(torch.equal(a, b) for a, b in zip(seen[0], seen[1]))
     assert all(torch.equal(a, b) for a, b in zip(seen[2], seen[3]))
     assert not torch.equal(seen[0][0], seen[2][0])
-    if name == "zero2_tp":
+    if name.startswith("zero"):
         return
     # 2-D parameters: wqkv sharded over tp (by KV group) and over dp, wo row-parallel; norms over dp only
     # (FSDP2 shards a tp shard again on dim 0: _StridedShard; the replicate layout adds a replicated dim).
