@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..optim import FusedAdamW
 from ._collectives import all_gather_flat, reduce_scatter_flat
@@ -202,7 +203,7 @@ class ZeroDataParallel(nn.Module):
         """The DTensor placements on ``self.mesh`` of this rank's shard of ``p``: Shard(0) over the shard group,
         replicated across groups; with tensor parallelism, the tp placement last, and a parameter already split
         on dim 0 by tp is split again inside its tp shard (_StridedShard, as FSDP2 + TP)."""
-        from torch.distributed.tensor import DTensor, Replicate, Shard
+        from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor.placement_types import _StridedShard
 
         if self.mesh.ndim == 2:
@@ -213,7 +214,7 @@ class ZeroDataParallel(nn.Module):
 
     def _tp_sharded(self, p: nn.Parameter) -> bool:
         """Whether ``p``'s gradient norm is spread over the tp ranks (a tensor-parallel shard)."""
-        return self.tp_group is not None and local_tensor(p) is not p and not p.placements[0].is_replicate()
+        return self.tp_group is not None and isinstance(p, DTensor) and not p.placements[0].is_replicate()
 
     def _layout(self, order: list[nn.Parameter]) -> None:
         """(Re)build the buckets in ``order``; existing optimizer state moves with its parameter."""
@@ -331,7 +332,7 @@ class ZeroDataParallel(nn.Module):
         b, slot = self._slot_of[p]
         with torch.no_grad():
             grad = p.grad
-            if local_tensor(p) is not p:      # tensor parallel: this rank's shard, laid out like the parameter
+            if isinstance(grad, DTensor):     # tensor parallel: this rank's shard, laid out like the parameter
                 if grad.placements != p.placements:
                     grad = grad.redistribute(p.device_mesh, p.placements)
                 grad = grad.to_local()
