@@ -404,7 +404,9 @@ def _norm_over_mesh(local_norm: torch.Tensor, mesh, placements, norm_type: float
         raise NotImplementedError("gradients with a Partial placement (reduce them first)")
     op = "max" if norm_type == math.inf else "sum"
     value = local_norm if op == "max" else local_norm.pow(norm_type)
-    reduced = [Partial(op) if p.is_shard() else Replicate() for p in placements]
+    # Every placement but Replicate splits the tensor (Shard, and FSDP2 + TP's _StridedShard, whose is_shard()
+    # is False).
+    reduced = [Replicate() if p.is_replicate() else Partial(op) for p in placements]
     full = DTensor.from_local(value, mesh, reduced, run_check=False).full_tensor()
     return full if op == "max" else full.pow(1.0 / norm_type)
 

@@ -24,14 +24,15 @@ COMMON = {"run.threads": 1, "metrics.progress": False, "metrics.plots": False, "
 STAGE = {"steps": 4, "seq_len": 64, "global_batch_tokens": 256, "micro_batch_tokens": 64}   # 2 micro-steps/rank
 
 
-def torchrun(tmp_path, name: str, mode: str, *extra: str) -> str:
-    args = [f"--run.output_dir={tmp_path}", f"--run.name={name}", f"--parallel.mode={mode}", *extra]
+def torchrun(tmp_path, name: str, mode: str, *extra: str, ranks: int = 2) -> str:
+    args = [f"--run.output_dir={tmp_path}", f"--run.name={name}", f"--parallel.mode={mode}"]
     args += [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in COMMON.items()]
     args += [f"--model.overrides.{k}={v}" for k, v in OVERRIDES.items()]
     args += [f"--stages.0.{k}={v}" for k, v in STAGE.items()]
+    args += extra       # last: they override the common keys
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     # A session of its own, so that a hang kills torchrun and both workers, not torchrun alone.
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                              "-m", "train.pretrain", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -62,21 +63,33 @@ def single(tmp_path_factory):
     return single_process(tmp_path_factory.mktemp("single"), "single")
 
 
-@pytest.mark.parametrize("mode, extra", [("zero2", ()), ("fsdp", ()), ("fsdp", ("--parallel.tp=2",))],
-                         ids=["zero2", "fsdp", "tp2"])
-def test_sharded_mode_matches_single_process_and_exports(tmp_path, single, mode, extra):
-    """tp2: both ranks run every micro-batch (one data-parallel rank), tensor + sequence parallel."""
+TP2 = ("--parallel.tp=2",)
+# The passkey probe after the run: rank 0 alone generates, from the HF export when the model is sharded.
+PASSKEY = ("--eval.passkey=true", "--eval.passkey_lengths=[256]", "--eval.passkey_depths=[0.5]",
+           "--eval.passkey_trials=1")
+
+
+@pytest.mark.parametrize("mode, extra, ranks", [("zero2", (), 2), ("fsdp", (), 2), ("fsdp", TP2 + PASSKEY, 2),
+                                                ("fsdp", TP2, 4), ("ddp", TP2, 4), ("zero1", TP2, 4)],
+                         ids=["zero2", "fsdp", "tp2", "fsdp_tp2_dp2", "ddp_tp2_dp2", "zero1_tp2_dp2"])
+def test_sharded_mode_matches_single_process_and_exports(tmp_path, single, mode, extra, ranks):
+    """tp2: both ranks run every micro-batch (one data-parallel rank), tensor + sequence parallel. *_tp2_dp2: 4
+    ranks, tp = 2 inside each of 2 data-parallel groups (FSDP2, replicated, or ZeRO-1 over them: InternEvo's
+    layout); the tp peers train on the same micro-batches."""
     from models import InternLM2ForCausalLM
 
-    run_dir = torchrun(tmp_path, mode, mode, *extra)
+    run_dir = torchrun(tmp_path, mode, mode, *extra, ranks=ranks)
     want = losses(single.run_dir)
     assert len(want) == 4
     _close(losses(run_dir), want)
+    if PASSKEY[0] in extra:
+        probes = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "passkey_accuracy" in r]
+        assert len(probes) == 1 and list(probes[0]["passkey_accuracy"]) == ["256"]
     exported = InternLM2ForCausalLM.from_pretrained(os.path.join(list_checkpoints(run_dir)[-1], "model"))
     for name, value in single.model.state_dict().items():
         torch.testing.assert_close(exported.state_dict()[name], value, rtol=1e-4, atol=1e-4, msg=name)
-    if mode == "zero2":
-        # 2 -> 1: drop the last checkpoint and resume from step 2 in one process (plain FusedAdamW).
+    if mode == "zero2" or ranks == 4 and mode != "ddp":
+        # 2 (or 2-D 2 x 2) -> 1: drop the last checkpoint and resume from step 2 in one process (plain FusedAdamW).
         shutil.rmtree(list_checkpoints(run_dir)[-1])
         resumed = single_process(tmp_path, mode, **{"checkpoint.resume": True})
         _close(losses(resumed.run_dir), want)
@@ -84,14 +97,16 @@ def test_sharded_mode_matches_single_process_and_exports(tmp_path, single, mode,
 
 def test_bad_parallel_keys_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="parallel.tp"):
-        load_config(None, {"parallel.mode": "zero2", "parallel.tp": 2})
+        load_config(None, {"parallel.mode": "zero2", "parallel.tp": 0})
     with pytest.raises(ConfigError, match="parallel.shard_size"):
-        load_config(None, {"parallel.mode": "fsdp", "parallel.tp": 2, "parallel.shard_size": 2})
+        load_config(None, {"parallel.mode": "ddp", "parallel.tp": 2, "parallel.shard_size": 2})
     with pytest.raises(ConfigError, match="parallel.overlap"):
         load_config(None, {"parallel.mode": "fsdp", "parallel.overlap": False})
     from train.parallel import MODES, ParallelDims
 
     with pytest.raises(ValueError, match="parallel.shard_size"):
         MODES["zero1"].check_dims(ParallelDims("zero1", world=4, shard_size=3))
-    with pytest.raises(ValueError, match=r"parallel.tp \(2\) must equal the world size \(4\)"):
-        MODES["fsdp"].check_dims(ParallelDims("fsdp", world=4, tp=2))
+    with pytest.raises(ValueError, match=r"parallel.shard_size \(3\) must divide the data-parallel size \(4 = world 8 / tp 2\)"):
+        MODES["fsdp"].check_dims(ParallelDims("fsdp", world=8, tp=2, shard_size=3))
+    with pytest.raises(ValueError, match=r"parallel.tp \(3\) must divide the world size \(4\)"):
+        MODES["ddp"].check_dims(ParallelDims("ddp", world=4, tp=3))

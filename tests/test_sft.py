@@ -116,16 +116,20 @@ def test_chat_eval_on_an_untrained_model():
 
 
 # ---- the stage on the Trainer ----------------------------------------------------------------------------------
+def _sft_args(tmp_path, name, init_from, *extra):
+    return ["--config", "configs/sft_tiny.toml", f"--run.name={name}", f"--run.output_dir={tmp_path}",
+            "--model.preset=micro", "--model.overrides={max_position_embeddings = 1024}",
+            f"--sft.init_from={init_from}", "--sft.heldout=4", "--sft.eval_max_new_tokens=3",
+            "--sft.long_context_mix=0.2", "--stages.0.steps=4", "--stages.0.seq_len=512",
+            "--stages.0.micro_batch_tokens=512", "--stages.0.global_batch_tokens=1024",
+            "--stages.0.passkey_min_chars=100", "--stages.0.passkey_max_chars=300",
+            "--optim.warmup_steps=1", "--metrics.progress=false", *extra]
+
+
 def _sft_cfg(tmp_path, name, init_from, *extra):
     from train.align_config import parse_sft_cli
 
-    return parse_sft_cli(["--config", "configs/sft_tiny.toml", f"--run.name={name}", f"--run.output_dir={tmp_path}",
-                          "--model.preset=micro", "--model.overrides={max_position_embeddings = 1024}",
-                          f"--sft.init_from={init_from}", "--sft.heldout=4", "--sft.eval_max_new_tokens=3",
-                          "--sft.long_context_mix=0.2", "--stages.0.steps=4", "--stages.0.seq_len=512",
-                          "--stages.0.micro_batch_tokens=512", "--stages.0.global_batch_tokens=1024",
-                          "--stages.0.passkey_min_chars=100", "--stages.0.passkey_max_chars=300",
-                          "--optim.warmup_steps=1", "--metrics.progress=false", *extra])
+    return parse_sft_cli(_sft_args(tmp_path, name, init_from, *extra))
 
 
 def _records(path, kind):
@@ -205,6 +209,8 @@ def test_sft_config_errors(tmp_path, pretrained):
                  "--stages.0.global_batch_tokens=1024")
     with pytest.raises(ConfigError, match="sft.conversations"):
         _sft_cfg(tmp_path, "x", pretrained, "--sft.conversations=/nonexistent.jsonl")
+    with pytest.raises(ConfigError, match="parallel.tp: the SFT stage runs tp = 1"):
+        _sft_cfg(tmp_path, "x", pretrained, "--parallel.mode=fsdp", "--parallel.tp=2")
 
 
 def test_sft_reads_openai_jsonl_with_a_heldout_split(tmp_path, pretrained):
@@ -217,3 +223,58 @@ def test_sft_reads_openai_jsonl_with_a_heldout_split(tmp_path, pretrained):
     train, held = conversations(_sft_cfg(tmp_path, "j", pretrained, f"--sft.conversations={path}", "--sft.heldout=2"))
     assert [c.messages[-1].content for c in held] == ["a0", "a1"]
     assert [c.messages[-1].content for c in train] == ["a2", "a3", "a4"]
+
+
+# ---- data parallelism -------------------------------------------------------------------------------------------
+def test_sft_data_splits_over_data_parallel_ranks_not_tp_ranks(tmp_path, pretrained):
+    """world 4 = tp 2 x dp 2: the tp peers (ranks 0, 1 and 2, 3) get the same micro-batches, the two data-parallel
+    groups together exactly the micro-batches one process takes in a step."""
+    from train.parallel import ParallelDims
+    from train.sft import conversations, sft_batches
+
+    cfg = _sft_cfg(tmp_path, "split", pretrained, "--sft.long_context_mix=0")
+    items = SFTItems(conversations(cfg)[0], ByteTokenizer())
+    one = sft_batches(cfg, items, ParallelDims())
+    ranks = [sft_batches(cfg, items, ParallelDims("fsdp", world=4, rank=r, tp=2)) for r in range(4)]
+    for _ in range(2):
+        want = one.next_step()
+        got = [b.next_step() for b in ranks]
+        assert len(want) == 2 and all(len(g) == 1 for g in got)
+        for rank, (mine,) in enumerate(got):
+            torch.testing.assert_close(mine.input_ids, want[rank // 2].input_ids, rtol=0, atol=0)
+            torch.testing.assert_close(mine.cu_seqlens, want[rank // 2].cu_seqlens, rtol=0, atol=0)
+    assert all(b.state_dict() == one.state_dict() for b in ranks)
+
+
+def test_sft_on_two_data_parallel_ranks_equals_one_process(tmp_path, pretrained):
+    """torchrun, 2 gloo ranks (DDP): each rank takes one of the step's two micro-batches; the losses are those
+    of one process accumulating both."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from train.metrics import read_jsonl
+    from train.sft import run_sft
+
+    def losses(run_dir):
+        return [r["loss"] for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "train"]
+
+    extra = ("--sft.long_context_mix=0", "--stages.0.steps=3", "--run.threads=1", "--metrics.plots=false")
+    single = run_sft(_sft_cfg(tmp_path, "one", pretrained, *extra))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "train.sft", *_sft_args(tmp_path, "two", pretrained, *extra)], cwd=root,
+                            env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    want = losses(single.run_dir)
+    assert len(want) == 3
+    torch.testing.assert_close(torch.tensor(losses(os.path.join(tmp_path, "two"))), torch.tensor(want), rtol=1e-5,
+                               atol=0)

@@ -101,7 +101,7 @@ def test_cli_overrides(tmp_path):
     (["--model.overrides.hidden=3"], "model.overrides: 'hidden' is not an InternLM2Config field"),
     (["--model.overrides.num_key_value_heads=3"], "model.overrides: num_attention_heads"),
     (["--parallel.mode=zero9"], "parallel.mode must be one of"),
-    (["--parallel.tp=2"], "parallel.tp"),
+    (["--parallel.tp=0"], "parallel.tp must be >= 1"),
     (["--parallel.shard_size=-1"], "parallel.shard_size"),
     (["--parallel.nodes=2"], "unknown key 'nodes'"),
     (["--data.byte_vocab_size=100"], "data.byte_vocab_size"),

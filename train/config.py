@@ -111,8 +111,9 @@ class MetricsConfig:
 @dataclass
 class ParallelConfig:
     mode: str = "ddp"                  # how the model spreads over the ranks: train.parallel.MODES (ddp)
-    shard_size: int = 0                # ranks a sharded state spans (ZeRO/FSDP modes); 0 = all ranks
-    tp: int = 1                        # tensor-parallel degree
+    shard_size: int = 0                # data-parallel ranks a sharded state spans (ZeRO/FSDP modes); 0 = all
+    tp: int = 1                        # tensor-parallel degree (modes ddp, fsdp): consecutive ranks, world / tp
+                                       # data-parallel groups
     overlap: bool = True               # overlap gradient communication with the backward pass
 
 

@@ -13,7 +13,8 @@ Resumption: the stream's state is (index of the next document to read, the pendi
 emitted). Restoring it regenerates exactly the same rows, since sources are deterministic by index.
 
 Data parallelism: every rank packs the same stream and keeps the rows ``rank, rank + world, ...`` of each
-step's global batch (DistributedSampler-like over rows). The global batch is then independent of the world
+step's global batch (DistributedSampler-like over rows), ``rank`` / ``world`` being the data-parallel rank and
+size (the tensor-parallel ranks of one data-parallel group keep the same rows). The global batch is then independent of the world
 size, and all ranks hold the same stream state, so rank 0's state is the checkpoint's.
 """
 from __future__ import annotations

@@ -14,8 +14,9 @@ Over-long items, by the rule ``overlong``:
 Both are counted (``dropped`` / ``truncated`` in the state and the metrics). ``micro_batch_tokens`` must hold
 the largest item allowed, so no item is ever dropped for the budget.
 
-Steps and ranks: a step is ``accumulation * world`` micro-batches; rank r takes micro-batches r, r + world, ...
-(all ranks read the same item stream, so the state is the same on every rank). The state (next item index and
+Steps and ranks: a step is ``accumulation * world`` micro-batches, ``world`` the data-parallel size; data-parallel
+rank r takes micro-batches r, r + world, ... (the tensor-parallel ranks of one data-parallel group take the same
+ones; all ranks read the same item stream, so the state is the same on every rank). The state (next item index and
 the counters) restores the stream exactly, since sources are random-access and deterministic.
 """
 from __future__ import annotations

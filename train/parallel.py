@@ -40,7 +40,7 @@ class ParallelDims:
     rank: int = 0
     local_rank: int = 0
     tp: int = 1              # tensor-parallel degree
-    shard_size: int = 0      # ranks one optimizer/parameter state is sharded over (ZeRO/FSDP); 0 = all
+    shard_size: int = 0      # data-parallel ranks one optimizer/parameter state is sharded over (ZeRO/FSDP); 0 = all
     overlap: bool = True     # overlap gradient communication with backward
 
     @property
@@ -133,7 +133,7 @@ def register_mode(name: str):
 
 def parallelize(model: nn.Module, runtime: Runtime) -> "Parallel":
     """Place ``model`` (already on ``runtime.device``) on the ranks as ``runtime.dims.mode`` says."""
-    return MODES[runtime.dims.mode](model, runtime)
+    return MODES[runtime.dims.mode].implementation(runtime.dims)(model, runtime)
 
 
 class Parallel:
@@ -151,9 +151,15 @@ class Parallel:
         if dims.world % dims.tp:
             raise ValueError(f"parallel.tp ({dims.tp}) must divide the world size ({dims.world})")
 
+    @classmethod
+    def implementation(cls, dims: ParallelDims) -> type["Parallel"]:
+        """The class that runs this mode at these dims (a mode may run tensor parallelism through another)."""
+        return cls
+
     def __init__(self, model: nn.Module, runtime: Runtime):
         self.module, self.runtime, self.dims = model, runtime, runtime.dims
         self.model: nn.Module = model
+        self.dp_group = None     # the process group of the data-parallel ranks (None: the whole world)
 
     def build_optimizer(self, make: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]):
         return make(self.module.parameters())
@@ -162,8 +168,8 @@ class Parallel:
         return contextlib.nullcontext()
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.dims.distributed:
-            dist.all_reduce(t)
+        if self.dims.dp > 1:     # the tp ranks of a data-parallel group already hold the same sums
+            dist.all_reduce(t, group=self.dp_group)
         return t
 
     def _grads(self) -> list[torch.Tensor]:
@@ -173,7 +179,9 @@ class Parallel:
         """The default for modes that average gradients over the data-parallel ranks (DDP, and one process): the
         gradients hold mean over ranks of each rank's summed loss, so times dp / n is the global token mean.
         (A multiply by dp / n, not a divide by n: with dp a power of two, 1 rank and dp ranks round alike.)"""
-        grads = self._grads()
+        from torch.distributed.tensor import DTensor
+
+        grads = [g.to_local() if isinstance(g, DTensor) else g for g in self._grads()]   # tensor parallel / FSDP
         if grads:
             torch._foreach_mul_(grads, (self.dims.dp / total_targets).to(grads[0].dtype))
 
@@ -193,6 +201,12 @@ class Parallel:
 
         set_state_dict(self.module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
+    @property
+    def holds_full_model(self) -> bool:
+        """Whether each rank's module holds the whole model as plain tensors (so one rank alone can run it, e.g.
+        to generate); False under FSDP and tensor parallelism, whose forward is collective."""
+        return self.dims.tp == 1 and (not self.dims.distributed or self.name != "fsdp")
+
     def export(self, path: str, layout: str) -> None:
         """The model's ``save_pretrained(path, layout=...)`` by rank 0 (every rank holds the full model)."""
         if self.dims.is_main:
@@ -202,12 +216,20 @@ class Parallel:
 @register_mode("ddp")
 class DataParallel(Parallel):
     """Every rank holds the full model and optimizer; DDP all-reduces (averages) gradients in buckets during
-    the backward of the last micro-batch of a step."""
+    the backward of the last micro-batch of a step. With ``tp`` > 1 every data-parallel rank holds the full
+    model of its tp group: parallel_sharded.ReplicatedTensorParallel (torch's DDP does not take the DTensor
+    parameters of tensor parallelism)."""
+
+    @classmethod
+    def implementation(cls, dims: ParallelDims) -> type[Parallel]:
+        if dims.tp > 1:
+            from .parallel_sharded import ReplicatedTensorParallel
+
+            return ReplicatedTensorParallel
+        return cls
 
     @classmethod
     def check_config(cls, parallel) -> None:
-        if parallel.tp != 1:
-            raise ValueError(f"parallel.tp: mode 'ddp' runs tp = 1 only, got {parallel.tp}")
         if parallel.shard_size != 0:
             raise ValueError(f"parallel.shard_size: mode 'ddp' shards nothing (0), got {parallel.shard_size}")
         if not parallel.overlap:
@@ -223,7 +245,6 @@ class DataParallel(Parallel):
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         return self.model.no_sync() if self.dims.distributed else contextlib.nullcontext()
-
 
 
 from . import parallel_sharded  # noqa: E402,F401  (registers the zero1, zero2 and fsdp modes)

@@ -1,7 +1,9 @@
 """The sharded ``[parallel]`` modes: ``zero1`` / ``zero2`` (internlm_kernels.distributed.ZeroDataParallel, hybrid
 sharding over ``shard_size`` ranks, collectives overlapped unless ``overlap = false``) and ``fsdp`` (FSDP2 per
-InternLM2 block with explicit prefetch; HSDP when ``shard_size`` < world). Registered on import by
-train/parallel.py. docs/distributed.md describes them and their communication volumes.
+InternLM2 block with explicit prefetch; HSDP when ``shard_size`` < world), and tensor x data parallelism
+(``tp`` > 1): ``fsdp`` shards over the data-parallel ranks of a 2-D (dp, tp) layout as torchtitan does, ``ddp``
+replicates over them (``ReplicatedTensorParallel``). Registered on import by train/parallel.py.
+docs/distributed.md describes them and their communication volumes.
 """
 from __future__ import annotations
 
@@ -13,24 +15,58 @@ from torch import nn
 from .parallel import Parallel, ParallelDims, Runtime, register_mode
 
 
+class _FullModel:
+    """What models.checkpoint.save_model reads (config, state_dict) for a gathered full state."""
+
+    def __init__(self, config, state: dict):
+        self.config, self._state = config, state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
 class _ShardedMode(Parallel):
     """What the sharded modes share: their key checks and the HF export of a model whose state may be sharded."""
 
     @classmethod
-    def check_config(cls, parallel) -> None:
-        if parallel.tp != 1:
-            raise ValueError(f"parallel.tp: mode {parallel.mode!r} runs tp = 1 (tensor parallelism runs in mode "
-                             f"'fsdp' with tp = world size), got {parallel.tp}")
-
-    @classmethod
     def check_dims(cls, dims: ParallelDims) -> None:
         super().check_dims(dims)
-        if dims.shard_size and dims.world % dims.shard_size:
-            raise ValueError(f"parallel.shard_size ({dims.shard_size}) must divide the world size ({dims.world})")
+        if dims.shard_size and dims.dp % dims.shard_size:
+            raise ValueError(f"parallel.shard_size ({dims.shard_size}) must divide the data-parallel size "
+                             f"({dims.dp} = world {dims.world} / tp {dims.tp})")
 
     @property
     def shard_size(self) -> int | None:
         return self.dims.shard_size or None
+
+    def _tensor_parallel(self, model: nn.Module, shard_size: int | None):
+        """Make ``model`` tensor + sequence parallel over the "tp" dimension of a (replicate, shard, tp) mesh
+        (``shard_size`` data-parallel ranks per shard group) and return the mesh; the loss sums are then reduced
+        over the data-parallel ranks of this rank's tp position."""
+        import torch.distributed as dist
+
+        from internlm_kernels.distributed.mesh import parallel_mesh
+        from internlm_kernels.distributed.tensor_parallel import check_tp, parallelize_internlm2
+
+        dims = self.dims
+        check_tp(model.config, dims.tp, key="parallel.tp")
+        mesh = parallel_mesh(dims.tp, shard_size, self.runtime.device.type)
+        parallelize_internlm2(model, mesh["tp"])
+        if dims.dp > 1:
+            self.dp_group, _ = dist.new_subgroups_by_enumeration(
+                [[d * dims.tp + t for d in range(dims.dp)] for t in range(dims.tp)])
+        return mesh
+
+    def _export_gathered(self, path: str, layout: str) -> None:
+        """The HF export of a model whose parameters are DTensors: the full state gathered (every rank calls),
+        written by rank 0."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from models.checkpoint import save_model
+
+        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.dims.is_main:
+            save_model(_FullModel(self.module.config, full), path, layout=layout)
 
 
 class _Zero(_ShardedMode):
@@ -39,14 +75,16 @@ class _Zero(_ShardedMode):
     def __init__(self, model: nn.Module, runtime: Runtime):
         super().__init__(model, runtime)
         self.zero = None        # built with the optimizer: ZeroDataParallel owns the (sharded) optimizer
+        self.mesh = self._tensor_parallel(model, self.shard_size) if self.dims.tp > 1 else None
 
     def build_optimizer(self, make):
         from internlm_kernels.distributed import ZeroDataParallel
 
-        if not self.dims.distributed:
+        if self.dims.dp == 1:       # one process, or tensor parallel only: FusedAdamW over the (DTensor) parameters
             return make(self.module.parameters())
-        self.zero = ZeroDataParallel(self.module, stage=self.stage, shard_size=self.shard_size,
-                                     overlap=self.dims.overlap, make_optimizer=make)
+        sharding = {"mesh": self.mesh} if self.mesh is not None else {"shard_size": self.shard_size}
+        self.zero = ZeroDataParallel(self.module, stage=self.stage, overlap=self.dims.overlap, make_optimizer=make,
+                                     **sharding)
         self.model = self.zero
         return self.zero.optimizer
 
@@ -76,6 +114,8 @@ class _Zero(_ShardedMode):
     def export(self, path: str, layout: str) -> None:
         if self.zero is not None:
             self.zero.wait_for_parameters()
+        if self.dims.tp > 1:
+            return self._export_gathered(path, layout)
         super().export(path, layout)
 
 
@@ -91,84 +131,61 @@ class Zero2(_Zero):
     stage = 2
 
 
-class _FullModel:
-    """What models.checkpoint.save_model reads (config, state_dict) for a gathered full state."""
-
-    def __init__(self, config, state: dict):
-        self.config, self._state = config, state
-
-    def state_dict(self) -> dict:
-        return self._state
-
-
 @register_mode("fsdp")
 class FullyShardedDataParallel(_ShardedMode):
     """FSDP2 (ZeRO-3): parameters, gradients and optimizer state sharded; one unit per block, explicit prefetch.
     FusedAdamW and clip_grad_norm_ run on the DTensor shards.
 
-    With ``tp`` > 1 the model is tensor + sequence parallel instead (internlm_kernels.distributed.tensor_parallel:
-    wqkv split by KV group, vocabulary-parallel loss); the trainer runs it with tp = world size (one
-    data-parallel rank): combining both is refused."""
+    With ``tp`` > 1 the model is first made tensor + sequence parallel over the "tp" dimension of a
+    (replicate, shard, tp) mesh (internlm_kernels.distributed: wqkv split by KV group, vocabulary-parallel loss),
+    then FSDP2 shards those DTensors over the data-parallel ranks (HSDP over ``shard_size`` of them): the 2-D
+    layout of torchtitan. With tp = world size there is one data-parallel rank and no FSDP."""
+    reshard_after_forward = True
 
     @classmethod
     def check_config(cls, parallel) -> None:
         if not parallel.overlap:
             raise ValueError("parallel.overlap: mode 'fsdp' always prefetches and overlaps its collectives (true)")
-        if parallel.tp > 1 and parallel.shard_size:
-            raise ValueError(f"parallel.shard_size: with parallel.tp = {parallel.tp} nothing is sharded by FSDP (0), "
-                             f"got {parallel.shard_size}")
 
-    @classmethod
-    def check_dims(cls, dims: ParallelDims) -> None:
-        super().check_dims(dims)
-        if dims.tp > 1 and dims.dp != 1:
-            raise ValueError(f"parallel.tp ({dims.tp}) must equal the world size ({dims.world}): tensor parallelism "
-                             f"is not combined with data parallelism (FSDP over the tp groups) yet")
+    def _shard_size(self) -> int | None:
+        """Data-parallel ranks per shard group (None: all)."""
+        return self.shard_size
 
     def __init__(self, model: nn.Module, runtime: Runtime):
         super().__init__(model, runtime)
+        from internlm_kernels.distributed.fsdp import fsdp_mesh, fully_shard_blocks
+
         if self.dims.tp > 1:
-            from torch.distributed.device_mesh import init_device_mesh
+            from internlm_kernels.distributed.mesh import data_parallel_mesh
 
-            from internlm_kernels.distributed.tensor_parallel import check_tp, parallelize_internlm2
-
-            check_tp(model.config, self.dims.tp, key="parallel.tp")
-            parallelize_internlm2(model, init_device_mesh(runtime.device.type, (self.dims.tp,)))
+            mesh = self._tensor_parallel(model, self._shard_size())
+            if self.dims.dp > 1:
+                fully_shard_blocks(model, data_parallel_mesh(mesh), reshard_after_forward=self.reshard_after_forward)
         elif self.dims.distributed:
-            from internlm_kernels.distributed.fsdp import fsdp_mesh, fully_shard_blocks
-
-            fully_shard_blocks(model, fsdp_mesh(self.shard_size, runtime.device.type))
-
-    @property
-    def _fsdp(self) -> bool:
-        return self.dims.distributed and self.dims.tp == 1
-
-    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.dims.tp > 1:   # one data-parallel rank: every tp rank already holds the same sums
-            return t
-        return super().all_reduce_(t)
+            fully_shard_blocks(model, fsdp_mesh(self._shard_size(), runtime.device.type),
+                               reshard_after_forward=self.reshard_after_forward)
 
     def no_sync(self) -> contextlib.AbstractContextManager:
-        if not self._fsdp:
+        if self.dims.dp == 1:
             return contextlib.nullcontext()
         from internlm_kernels.distributed.fsdp import no_sync
 
         return no_sync(self.module)
 
-    def finish_gradients(self, total_targets: torch.Tensor) -> None:
-        from torch.distributed.tensor import DTensor
-
-        grads = [g.to_local() if isinstance(g, DTensor) else g for g in self._grads()]
-        if grads:
-            torch._foreach_mul_(grads, (self.dims.dp / total_targets).to(grads[0].dtype))
-
     def export(self, path: str, layout: str) -> None:
         if not self.dims.distributed:
             return super().export(path, layout)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        self._export_gathered(path, layout)
 
-        from models.checkpoint import save_model
 
-        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.dims.is_main:
-            save_model(_FullModel(self.module.config, full), path, layout=layout)
+class ReplicatedTensorParallel(FullyShardedDataParallel):
+    """Mode ``ddp`` with ``tp`` > 1: tensor parallel inside each data-parallel group, every data-parallel rank
+    holding its group's full (tp-sharded) parameters and optimizer state, gradients all-reduced over the
+    data-parallel ranks in the backward, block by block. Runs on FSDP2 with shard groups of one rank (HSDP whose
+    shard dimension has size 1: nothing sharded, the all-reduce across replicas), because torch's DDP does not
+    take DTensor parameters; the parameters stay gathered between forward and backward."""
+    name = "ddp"
+    reshard_after_forward = False
+
+    def _shard_size(self) -> int | None:
+        return 1

@@ -150,8 +150,9 @@ def run_reward(cfg: RewardConfig) -> RewardResult:
     else:
         def source(i):
             return pair_item(train_pairs[i], tokenizer, rid, conditions, domains)
-    seq_len, micro, accumulation = stage_geometry(cfg, rt.world, seqs_per_item=2)
-    batches = ItemBatches(source, micro, seq_len, accumulation, "drop", rt.rank, rt.world, max_seqs_per_item=2,
+    seq_len, micro, accumulation = stage_geometry(cfg, rt.dims.dp, seqs_per_item=2)
+    batches = ItemBatches(source, micro, seq_len, accumulation, "drop", rt.dims.dp_rank, rt.dims.dp,
+                          max_seqs_per_item=2,
                           where="reward")
     held_items = [pair_item(p, tokenizer, rid, conditions, domains) for p in held]
     held_items = [it for it in held_items if max(len(ids) for ids, _ in it.sequences) <= seq_len]
@@ -160,7 +161,7 @@ def run_reward(cfg: RewardConfig) -> RewardResult:
     stage = Stage(stage_cfg.name, stage_cfg.steps, batches, pair_loss_fn(r.loss, r.gamma, r.penalty, r.bound),
                   evaluator=evaluator,
                   describe=f" (pairs packed up to {micro} tokens per micro-batch, {accumulation} micro-batches x "
-                           f"{rt.world} ranks, {r.loss} loss, conditions on {', '.join(conditions) or 'none'}, from "
+                           f"{rt.dims.dp} data-parallel ranks, {r.loss} loss, conditions on {', '.join(conditions) or 'none'}, from "
                            f"{init_from or 'random init'})")
     trainer = Trainer(model, rt, optim=cfg.optim, checkpoint=cfg.checkpoint, metrics=cfg.metrics,
                       run_dir=cfg.run_dir, total_steps=stage_cfg.steps,

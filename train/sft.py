@@ -30,7 +30,7 @@ from .config import CHECKPOINTING, ConfigError, to_dict
 from .corpus import SyntheticCorpus
 from .data import FileCorpus
 from .item_packing import ItemBatches, budget_groups, collate_items
-from .parallel import barrier, init_runtime
+from .parallel import ParallelDims, barrier, init_runtime
 from .pretrain import causal_lm_loss
 from .sft_data import SFTItems
 from .tokenizer import Tokenizer, describe, load_tokenizer
@@ -96,6 +96,13 @@ def sft_evaluator(cfg: SFTConfig, tokenizer: Tokenizer, held: list[Conversation]
     return evaluate
 
 
+def sft_batches(cfg: SFTConfig, items: SFTItems, dims: ParallelDims) -> ItemBatches:
+    """This rank's steps of whole-conversation micro-batches: split over the data-parallel ranks (the tp ranks of
+    one data-parallel group train on the same micro-batches)."""
+    seq_len, micro, accumulation = stage_geometry(cfg, dims.dp, seqs_per_item=1)
+    return ItemBatches(items, micro, seq_len, accumulation, cfg.sft.overlong, dims.dp_rank, dims.dp, where="sft")
+
+
 @dataclass
 class SFTResult:
     run_dir: str
@@ -125,13 +132,13 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
     train_convs, held = conversations(cfg)
     documents = pretraining_documents(cfg) if cfg.sft.long_context_mix > 0 else None
     items = SFTItems(train_convs, tokenizer, cfg.sft.long_context_mix, documents, cfg.run.seed)
-    seq_len, micro, accumulation = stage_geometry(cfg, rt.world, seqs_per_item=1)
-    batches = ItemBatches(items, micro, seq_len, accumulation, cfg.sft.overlong, rt.rank, rt.world, where="sft")
+    batches = sft_batches(cfg, items, rt.dims)
+    seq_len, micro, accumulation = batches.max_seq_len, batches.budget, batches.accumulation
     evaluator = sft_evaluator(cfg, tokenizer, held, rt.device)
     stage = Stage(stage_cfg.name, stage_cfg.steps, batches, causal_lm_loss, evaluator=evaluator,
                   flops=lambda micro_batches: batch_flops(model.config, micro_batches),
                   describe=f" (whole conversations up to {micro} tokens per micro-batch, {accumulation} micro-batches"
-                           f" x {rt.world} ranks, long-context mix {cfg.sft.long_context_mix:g}, from "
+                           f" x {rt.dims.dp} data-parallel ranks, long-context mix {cfg.sft.long_context_mix:g}, from "
                            f"{init_from or 'random init'})")
     trainer = Trainer(model, rt, optim=cfg.optim, checkpoint=cfg.checkpoint, metrics=cfg.metrics,
                       run_dir=cfg.run_dir, total_steps=stage_cfg.steps,

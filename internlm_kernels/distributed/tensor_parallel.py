@@ -4,7 +4,9 @@ The plan (tp ranks on a 1-D mesh; T packed tokens per micro-batch, padded to a m
 of ignored tokens when needed):
     tok_embeddings      vocabulary-parallel (rows sharded), output reduce-scattered to token shards (T/tp, H)
     attention_norm, ffn_norm, norm      sequence parallel: each rank normalizes its T/tp tokens with the full
-                        (replicated) weight; the weight's gradient is summed over the tp ranks
+                        (replicated, plain-tensor) weight; the weight's gradient is summed over the tp ranks by an
+                        autograd identity in the norm's forward (SequenceParallelRMSNorm), so it survives FSDP2
+                        (which re-creates the unsharded weight every forward) and DDP-style replication
     attention           input all-gathered to all T tokens; wqkv column-parallel: InternLM2 packs wqkv per KV
                         group ([g query heads, k, v] x n_kv_heads), so a dim-0 shard is n_kv_heads/tp whole GQA
                         groups and each rank attends with its own heads; wo row-parallel, output reduce-scattered
@@ -21,6 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..nn import RMSNorm
+from ..ops.rms_norm import rms_norm
+
 
 def check_tp(config, tp: int, key: str = "tp") -> None:
     """ValueError naming ``key`` when ``tp`` cannot split this InternLM2Config."""
@@ -32,17 +37,38 @@ def check_tp(config, tp: int, key: str = "tp") -> None:
                              f"{'GQA groups' if name == 'num_key_value_heads' else 'slices'}")
 
 
-def _sum_grad_over(group):
-    """A hook on the incoming gradient (before it accumulates into .grad, so accumulation stays local)."""
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad, group=group)
-        return grad
-    return hook
+class _SumGradOverGroup(torch.autograd.Function):
+    """Identity on a weight in the forward; its gradient summed over ``group`` in the backward. Part of the
+    autograd graph (not a hook on the parameter), so it holds for whatever tensor the module reads as its
+    weight: FSDP2 swaps in a freshly gathered tensor every forward, where a hook on the original would be lost."""
+
+    @staticmethod
+    def forward(ctx, weight, group):
+        ctx.group = group
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class SequenceParallelRMSNorm(RMSNorm):
+    """An ``internlm_kernels.nn.RMSNorm`` whose input is this rank's T/tp tokens (sequence parallel): the same
+    parameters and state dict, the weight replicated on the tp ranks, its gradient (a sum over tokens) summed over
+    ``tp_group``. ``parallelize_internlm2`` turns the model's norms into it in place (``__class__``)."""
+    tp_group = None
+
+    def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+        weight = _SumGradOverGroup.apply(self.weight, self.tp_group)
+        return rms_norm(x, weight, self.eps, residual, prenorm, residual_in_fp32, self.offset, self.casting_mode)
 
 
 def parallelize_internlm2(model: nn.Module, tp_mesh) -> nn.Module:
-    """Apply the plan above in place to an InternLM2ForCausalLM (or ForScore, without its head) on ``tp_mesh``."""
+    """Apply the plan above in place to an InternLM2ForCausalLM (or ForScore, without its head) on ``tp_mesh`` (a
+    1-D mesh, or the "tp" dimension of a ``mesh.parallel_mesh``: data parallelism over the other dimensions is
+    then applied on top, e.g. ``fully_shard_blocks(model, data_parallel_mesh(mesh))``)."""
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -70,10 +96,13 @@ def parallelize_internlm2(model: nn.Module, tp_mesh) -> nn.Module:
     for layer in model.model.layers:
         layer.attention.n_heads //= tp
         layer.attention.n_kv_heads //= tp
-    group = tp_mesh.get_group()
-    norms = [m.weight for name, m in model.named_modules() if name.endswith("norm") and hasattr(m, "weight")]
-    for weight in norms:
-        weight.register_hook(_sum_grad_over(group))
+    for name, module in model.named_modules():
+        if name.endswith("norm"):
+            if type(module) is not RMSNorm:
+                raise NotImplementedError(f"{name}: sequence parallelism takes internlm_kernels.nn.RMSNorm norms, "
+                                          f"got {type(module).__name__}")
+            module.__class__ = SequenceParallelRMSNorm
+            module.tp_group = tp_mesh.get_group()
     if hasattr(model, "output"):
         model.output.weight = nn.Parameter(distribute_tensor(model.output.weight.detach(), tp_mesh, [Shard(0)]))
 

@@ -39,6 +39,12 @@ backward (an evaluation forward before training may take another path, e.g. thro
 of the fused loss). A parameter whose module never runs (read directly by a parent, as InternLM2's loss reads
 ``output.weight``) is used by the nearest ancestor that runs, and its bucket is waited there. If the recorded order differs from the
 order the buckets were built in, they are rebuilt before the first reduction (state moves with its parameter).
+
+Tensor parallelism (``mesh``: a ``mesh.parallel_mesh`` with tp > 1, the model already ``parallelize_internlm2``-d
+on ``mesh["tp"]``): the data-parallel ranks of one tensor-parallel position form the shard and replica groups, and
+a tensor-parallel parameter takes part by its local shard, so every collective above runs among the ranks that
+hold the same tp shard. Clipping adds the squared norms of tp-sharded parameters over the tp ranks (a second
+all-reduce); norm weights, replicated over tp, count once. State dicts lay the parameters out as FSDP2 + TP does.
 """
 from __future__ import annotations
 
@@ -49,10 +55,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..optim import FusedAdamW
 from ._collectives import all_gather_flat, reduce_scatter_flat
-from .zero_layout import Bucket, Slot
+from .zero_layout import Bucket, Slot, local_tensor
 from .zero_optimizer import ShardedAdamW
 
 DEFAULT_BUCKET_NUMEL = 1 << 24    # 16M elements: 32 MB of bf16 gradients per reduce-scatter
@@ -98,14 +105,16 @@ class ZeroDataParallel(nn.Module):
     stage: 1 or 2 (see the module docstring). shard_size: ranks per shard group (divides the world; default the
     world). bucket_numel: target elements per bucket. overlap: issue collectives from hooks (True) or blocking
     after backward / inside step (False); the numbers are the same. grad_dtype: dtype of the gradient buffers
-    and of the reduction (default the parameters' dtype). The data-parallel group is the whole world.
+    and of the reduction (default the parameters' dtype). The data-parallel group is the whole world, or with
+    ``mesh`` (an ``internlm_kernels.distributed.mesh.parallel_mesh``, instead of shard_size) its "replicate" x
+    "shard" ranks, tensor parallel over "tp" (module docstring).
     make_optimizer: instead of keyword options, a callable (param groups -> FusedAdamW), e.g. a trainer's
     factory. record_schedule: keep a CollectiveSchedule of this rank's collectives in ``.schedule`` (tests).
     """
 
     def __init__(self, module: nn.Module, param_groups=None, *, stage: int = 2, shard_size: int | None = None,
                  bucket_numel: int = DEFAULT_BUCKET_NUMEL, overlap: bool = True, grad_dtype: torch.dtype | None = None,
-                 record_schedule: bool = False, make_optimizer=None, **optimizer_options):
+                 record_schedule: bool = False, make_optimizer=None, mesh=None, **optimizer_options):
         super().__init__()
         if not dist.is_initialized():
             raise ValueError("ZeroDataParallel needs torch.distributed to be initialized (init_process_group)")
@@ -139,7 +148,9 @@ class ZeroDataParallel(nn.Module):
         devices = {p.device for p in self._params}
         if len(devices) != 1:
             raise ValueError(f"module's parameters must be on one device, got {sorted(map(str, devices))}")
-        self._build_groups(shard_size, devices.pop().type)
+        if mesh is not None and shard_size is not None:
+            raise ValueError("pass shard_size or mesh (whose 'shard' dimension is the shard group), not both")
+        self._build_groups(shard_size, devices.pop().type, mesh)
         if make_optimizer is not None and optimizer_options:
             raise ValueError("pass FusedAdamW options either as keywords or through make_optimizer, not both")
         self.optimizer = ShardedAdamW(self, make_optimizer or (lambda groups: FusedAdamW(groups, **optimizer_options)))
@@ -163,19 +174,47 @@ class ZeroDataParallel(nn.Module):
         self._layout(list(self._params))
 
     # ------------------------------------------------------------------ groups and layout
-    def _build_groups(self, shard_size, device_type: str) -> None:
-        world, rank = dist.get_world_size(), dist.get_rank()
-        shard_size = world if shard_size is None else _check_int("shard_size", shard_size, 1)
-        if world % shard_size:
-            raise ValueError(f"shard_size ({shard_size}) must divide the data-parallel world size ({world})")
-        self.world, self.shard_size, self.n_replicas = world, shard_size, world // shard_size
-        self.shard, self.replica = rank % shard_size, rank // shard_size
-        from torch.distributed.device_mesh import init_device_mesh
+    def _build_groups(self, shard_size, device_type: str, mesh) -> None:
+        self.tp_group = None
+        if mesh is not None:
+            if tuple(mesh.mesh_dim_names or ()) != ("replicate", "shard", "tp"):
+                raise ValueError(f"mesh must be a parallel_mesh (replicate, shard, tp), got dims {mesh.mesh_dim_names}")
+            self.shard_size, self.n_replicas = mesh["shard"].size(), mesh["replicate"].size()
+            self.world = self.shard_size * self.n_replicas
+            self.shard, self.replica = mesh["shard"].get_local_rank(), mesh["replicate"].get_local_rank()
+            self.mesh = mesh
+            self.tp_group = mesh.get_group("tp") if mesh["tp"].size() > 1 else None
+        else:
+            world, rank = dist.get_world_size(), dist.get_rank()
+            shard_size = world if shard_size is None else _check_int("shard_size", shard_size, 1)
+            if world % shard_size:
+                raise ValueError(f"shard_size ({shard_size}) must divide the data-parallel world size ({world})")
+            self.world, self.shard_size, self.n_replicas = world, shard_size, world // shard_size
+            self.shard, self.replica = rank % shard_size, rank // shard_size
+            from torch.distributed.device_mesh import init_device_mesh
 
-        # Rank = replica * shard_size + shard: a shard group is shard_size consecutive ranks (one node).
-        self.mesh = init_device_mesh(device_type, (self.n_replicas, shard_size), mesh_dim_names=("replicate", "shard"))
+            # Rank = replica * shard_size + shard: a shard group is shard_size consecutive ranks (one node).
+            self.mesh = init_device_mesh(device_type, (self.n_replicas, shard_size),
+                                         mesh_dim_names=("replicate", "shard"))
         self.shard_group = self.mesh.get_group("shard")
         self.replicate_group = self.mesh.get_group("replicate") if self.n_replicas > 1 else None
+
+    def placements_of(self, p: nn.Parameter) -> list:
+        """The DTensor placements on ``self.mesh`` of this rank's shard of ``p``: Shard(0) over the shard group,
+        replicated across groups; with tensor parallelism, the tp placement last, and a parameter already split
+        on dim 0 by tp is split again inside its tp shard (_StridedShard, as FSDP2 + TP)."""
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.placement_types import _StridedShard
+
+        if self.mesh.ndim == 2:
+            return [Replicate(), Shard(0)]
+        tp = p.placements[0] if isinstance(p, DTensor) else Replicate()
+        split = _StridedShard(0, split_factor=self.mesh["tp"].size()) if tp.is_shard(0) else Shard(0)
+        return [Replicate(), split, tp]
+
+    def _tp_sharded(self, p: nn.Parameter) -> bool:
+        """Whether ``p``'s gradient norm is spread over the tp ranks (a tensor-parallel shard)."""
+        return self.tp_group is not None and isinstance(p, DTensor) and not p.placements[0].is_replicate()
 
     def _layout(self, order: list[nn.Parameter]) -> None:
         """(Re)build the buckets in ``order``; existing optimizer state moves with its parameter."""
@@ -192,11 +231,13 @@ class ZeroDataParallel(nn.Module):
 
         for p in order:
             g = self._group_of[p]
-            if slots and (g != group or p.dtype != slots[0].param.dtype or size * S >= self.bucket_numel):
+            if slots and (g != group or p.dtype != slots[0].param.dtype or size * S >= self.bucket_numel
+                          or self._tp_sharded(p) != self._tp_sharded(slots[0].param)):
                 close()
             group = g
-            rows = p.shape[0] if p.dim() else 1
-            row_numel = p.numel() // rows if rows else 0
+            local = local_tensor(p)
+            rows = local.shape[0] if p.dim() else 1
+            row_numel = local.numel() // rows if rows else 0
             chunk_rows = math.ceil(rows / S)
             slots.append(Slot(self._names[p], p, size, chunk_rows, row_numel))
             size += chunk_rows * row_numel
@@ -290,7 +331,12 @@ class ZeroDataParallel(nn.Module):
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
         b, slot = self._slot_of[p]
         with torch.no_grad():
-            b.add_grad(slot, p.grad)
+            grad = p.grad
+            if isinstance(grad, DTensor):     # tensor parallel: this rank's shard, laid out like the parameter
+                if grad.placements != p.placements:
+                    grad = grad.redistribute(p.device_mesh, p.placements)
+                grad = grad.to_local()
+            b.add_grad(slot, grad)
         p.grad = None
         self.schedule.record("grad", b.index, slot.name)
         b.arrived += 1
@@ -359,13 +405,28 @@ class ZeroDataParallel(nn.Module):
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the reduced gradients to a global L2 norm ``max_norm``; returns the norm before clipping (float32
-        scalar on the device). One all-reduce of the squared local norm over the shard group."""
+        scalar on the device). One all-reduce of the squared local norm over the shard group (and with tensor
+        parallelism one over the tp ranks of the tp-sharded parameters' part)."""
         if float(norm_type) != 2.0:
             raise NotImplementedError(f"norm_type={norm_type}: ZeroDataParallel clips by the L2 norm only")
         self.finish_gradient_reduction()
         shards = [b.grad_shard for b in self._buckets]
-        squares = torch.stack([n.float() for n in torch._foreach_norm(shards)]).square().sum()
-        dist.all_reduce(squares, group=self.shard_group)
+
+        def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+            if not tensors:
+                return torch.zeros((), dtype=torch.float32, device=shards[0].device)
+            return torch.stack([n.float() for n in torch._foreach_norm(tensors)]).square().sum()
+
+        if self.tp_group is None:
+            squares = sum_of_squares(shards)
+            dist.all_reduce(squares, group=self.shard_group)
+        else:   # buckets never mix tp-sharded and tp-replicated parameters (_layout)
+            sharded = [self._tp_sharded(b.slots[0].param) for b in self._buckets]
+            parts = torch.stack([sum_of_squares([g for g, s in zip(shards, sharded) if s]),
+                                 sum_of_squares([g for g, s in zip(shards, sharded) if not s])])
+            dist.all_reduce(parts, group=self.shard_group)
+            dist.all_reduce(parts[:1], group=self.tp_group)
+            squares = parts.sum()
         total = squares.sqrt()
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         torch._foreach_mul_(shards, coef.to(shards[0].dtype))

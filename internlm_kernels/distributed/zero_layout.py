@@ -2,13 +2,25 @@
 ceil(rows / n_shards) rows (torch.chunk's split, DTensor's ``Shard(0)``); a bucket is rank-major, shard r holding
 chunk r of each of its parameters, zero-padded to a common chunk length. So one reduce-scatter / all-gather per
 bucket moves every chunk to / from its owner, and a rank's piece of a parameter is the local tensor of a
-``Shard(0)`` DTensor."""
+``Shard(0)`` DTensor.
+
+A tensor-parallel parameter (a DTensor on the tp mesh) is laid out by its local tp shard: ZeRO shards what this
+rank's tensor-parallel position holds, as FSDP2 does on a 2-D mesh."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+
+def local_tensor(p: torch.Tensor) -> torch.Tensor:
+    """A DTensor parameter's local (tensor-parallel) shard, its storage itself; any other tensor unchanged."""
+    if isinstance(p, DTensor):
+        with torch.no_grad():
+            return p.to_local()
+    return p
 
 
 @dataclass
@@ -21,8 +33,13 @@ class Slot:
     row_numel: int       # elements per row (1 for a vector)
 
     @property
+    def tensor(self) -> torch.Tensor:
+        """What this rank holds of the parameter (the local shard of a tensor-parallel DTensor)."""
+        return local_tensor(self.param)
+
+    @property
     def rows(self) -> int:
-        return self.param.shape[0] if self.param.dim() else 1
+        return self.tensor.shape[0] if self.param.dim() else 1
 
     @property
     def chunk_numel(self) -> int:
@@ -37,7 +54,7 @@ class Slot:
         """The valid rows of this parameter's chunk inside a shard-sized flat tensor, shaped like the rows."""
         start, stop = self.local_rows(shard)
         n = (stop - start) * self.row_numel
-        return shard_tensor[self.offset:self.offset + n].view(stop - start, *self.param.shape[1:])
+        return shard_tensor[self.offset:self.offset + n].view(stop - start, *self.tensor.shape[1:])
 
     def chunks(self, flat: torch.Tensor, n_shards: int, shard_numel: int) -> tuple:
         """(full, full_src_rows, tail, tail_rows): views of a rank-major bucket tensor holding this parameter's
@@ -68,7 +85,7 @@ class Bucket:
         self.master = torch.zeros(shard_numel, dtype=torch.float32, device=self.device)   # fp32 master shard
         with torch.no_grad():
             for s in slots:
-                s.local_view(self.master, shard).copy_(rows_of(s.param, *s.local_rows(shard)))
+                s.local_view(self.master, shard).copy_(rows_of(s.tensor, *s.local_rows(shard)))
         self.grad_flat: torch.Tensor | None = None   # full gradient buffer (n_shards * shard_numel)
         self.grad_shard: torch.Tensor | None = None  # the reduced local shard
         self.arrived = 0
@@ -94,7 +111,7 @@ class Bucket:
         """Gathered flat parameters -> each parameter's rows."""
         for slot in self.slots:
             full, n_full_rows, tail, left = slot.chunks(self.gather_flat, self.n_shards, self.shard_numel)
-            p = slot.param.detach().view(slot.rows, slot.row_numel)
+            p = slot.tensor.detach().view(slot.rows, slot.row_numel)
             p[:n_full_rows].view(full.shape).copy_(full)
             if tail is not None:
                 p[n_full_rows:n_full_rows + left].copy_(tail)

@@ -85,11 +85,11 @@ class ShardedAdamW:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         """{"state": {name: {"step", "exp_avg", "exp_avg_sq"[, "master_param"]}}, "param_groups": [...]}; the
-        tensors are DTensor views of the live shards (loading into them with DCP writes the optimizer state)."""
-        from torch.distributed.tensor import DTensor, Replicate, Shard
+        tensors are DTensor views of the live shards (loading into them with DCP writes the optimizer state), laid
+        out as FSDP2 lays out the same parameters (with tensor parallelism: its 2-D layout)."""
+        from torch.distributed.tensor import DTensor
 
         owner = self.owner
-        placements = [Replicate(), Shard(0)]
         state, groups = {}, [dict(g, params=[]) for g in self.inner.param_groups]
         group_pos = {id(m): gi for gi, g in enumerate(self.inner.param_groups) for m in g["params"]}
         for b in owner._buckets:
@@ -101,8 +101,9 @@ class ShardedAdamW:
                     views["master_param"] = b.master
                 entry = {"step": bstate["step"]}
                 for key, value in views.items():
-                    entry[key] = DTensor.from_local(s.local_view(value, owner.shard), owner.mesh, placements,
-                                                    run_check=False, shape=p.shape, stride=p.stride())
+                    entry[key] = DTensor.from_local(s.local_view(value, owner.shard), owner.mesh,
+                                                    owner.placements_of(p), run_check=False, shape=p.shape,
+                                                    stride=p.stride())
                 state[s.name] = entry
                 groups[group_pos[id(b.master)]]["params"].append(s.name)
         return {"state": state, "param_groups": groups}
@@ -114,14 +115,14 @@ class ShardedAdamW:
         owner.wait_for_parameters()
         for b in owner._buckets:
             for s in b.slots:
-                s.local_view(b.master, owner.shard).copy_(rows_of(s.param, *s.local_rows(owner.shard)))
+                s.local_view(b.master, owner.shard).copy_(rows_of(s.tensor, *s.local_rows(owner.shard)))
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state in ``state_dict``'s layout (tensors may be DTensors of any sharding or plain full tensors,
         e.g. from a single process or FSDP2 after DCP has filled them). Without ``master_param`` the fp32
         masters come from the parameters."""
-        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import DTensor, distribute_tensor
 
         owner = self.owner
         owner.wait_for_parameters()
@@ -135,7 +136,7 @@ class ShardedAdamW:
                 entry = state_dict["state"].get(s.name, {})
                 start, stop = s.local_rows(owner.shard)
                 if "master_param" not in entry:
-                    s.local_view(b.master, owner.shard).copy_(rows_of(s.param, start, stop))
+                    s.local_view(b.master, owner.shard).copy_(rows_of(s.tensor, start, stop))
                 for key, value in entry.items():
                     if key == "step":
                         bstate["step"].copy_(value)
@@ -147,4 +148,7 @@ class ShardedAdamW:
                     if isinstance(value, DTensor) and value._local_tensor.data_ptr() == local.data_ptr():
                         continue      # DCP loaded straight into our view
                     full = value.full_tensor() if isinstance(value, DTensor) else value
+                    if isinstance(s.param, DTensor):   # this rank's tensor-parallel part, sliced locally
+                        full = distribute_tensor(full, s.param.device_mesh, s.param.placements,
+                                                 src_data_rank=None).to_local()
                     local.copy_(rows_of(full, start, stop))
