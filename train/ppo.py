@@ -12,13 +12,17 @@ The run:
     critic <- copy of the reward model; evaluate the SFT model; SFT replies to the comparison prompts
     critic warmup: online.critic_warmup_iterations PPO iterations that step only the critic
     for each round:
+        [online.restart_after_hack = last_clean, the previous round flagged] the actor (and its optimizer) restart
+            from the last round the fast path did not flag (the SFT model when none)
+        [after a refresh] online.critic_rewarmup_iterations critic-only iterations against the refreshed RM
         online.iterations_per_round PPO iterations (rollouts -> train.rlhf.iteration.ppo_iteration)
         evaluate on held-out prompts: greedy task accuracy, mean reward, KL to the reference
         fast path: hacking rules on the round's late replies (comparison prompts + late rollouts) vs the SFT
-                   replies -> targeted pairs
+                   replies -> targeted pairs (rejected: a hacked reply; chosen: a correct reply, and an earlier
+                   reply to the same prompt without the pattern)
         slow path: labelled comparisons (a jsonl file; the checkers on SFT / early / late replies)
         refresh the reward model on all online pairs so far + a replay of its own training pairs (not after the
-        last round); its held-out accuracy
+        last round); its held-out accuracy, and its scores of the round's and SFT's held-out replies
         checkpoint the round (actor, critic, reward model, optimizers, the online state) atomically
 Every random draw is seeded from (run.seed, what, iteration), so a run resumed at a round boundary repeats exactly
 what the uninterrupted run does.
@@ -185,9 +189,11 @@ class Stage:
     def rm_accuracy(self, reward_model) -> dict[str, float]:
         return pair_accuracy(reward_model, self.rm_probe, self.tokenizer, self.conditions, self.reward_id, self.device)
 
-    def refresh(self, reward_model, pairs: list[dict], seed: int) -> list[float]:
+    def refresh(self, reward_model, pairs: list[dict], seed: int, steps: int = 0) -> list[float]:
+        """Fine-tune the reward model on ``pairs`` (``reward_refresh``; ``steps`` > 0 overrides its step count)."""
+        cfg = self.cfg.reward_refresh
         return refresh_reward_model(reward_model, pairs, self.tokenizer, self.conditions, self.reward_id,
-                                    self.cfg.reward_refresh, seed, self.device)
+                                    dataclasses.replace(cfg, steps=steps or cfg.steps), seed, self.device)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -282,7 +288,8 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         actor, reference, critic, reward_model = stage.load(sft_dir, rm_dir, rm_dir)
         if cfg.online.hackable_rm_pairs:
             pairs = length_biased_pairs(stage.train_prompts.take(10**6, cfg.online.hackable_rm_pairs), cfg.run.seed)
-            losses = stage.refresh(reward_model, pairs, seed_of(cfg, "hackable_rm"))
+            losses = stage.refresh(reward_model, pairs, seed_of(cfg, "hackable_rm"),
+                                   cfg.online.hackable_rm_steps or cfg.reward_refresh.steps)
             log.write({"kind": "rm_refresh", "round": 0, "source": "hackable", "pairs": len(pairs),
                        "loss_first": losses[0], "loss_last": losses[-1]})
         critic.load_state_dict(reward_model.state_dict())      # the critic starts as the (first) reward model

@@ -24,6 +24,7 @@ def plot_ppo(records: list[dict], out_dir: str) -> dict[str, str]:
 
     its = [r for r in records if r["kind"] == "ppo"]
     evals = [r for r in records if r["kind"] == "eval"]
+    restarts = [r for r in records if r["kind"] == "restart"]
     if not its:
         return {}
     x = [r["iteration"] for r in its]
@@ -42,6 +43,9 @@ def plot_ppo(records: list[dict], out_dir: str) -> dict[str, str]:
         for rnd, end in ends.items():
             ax.axvline(end + 0.5, color="gray", ls=":", lw=0.8)
             ax.text(end + 0.5, ax.get_ylim()[1], f" end of round {rnd}", va="top", fontsize=7, color="gray")
+        for r in restarts:
+            ax.text(ends.get(r["round"] - 1, 0) + 0.5, ax.get_ylim()[0], f" round {r['round']} restarts from "
+                    f"{r['from']}", va="bottom", fontsize=7, color="tab:red")
         ax.set_xlabel("PPO iteration")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
