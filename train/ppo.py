@@ -342,6 +342,7 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         late = stage.generate(actor, reward_model, stage.comparison, False, seed_of(cfg, "compare", 2 * r + 2))
         ev = stage.evaluate(actor, reference, reward_model, f"round {round_no}", seed_of(cfg, "eval", round_no))
         ev["rm_accuracy"] = stage.rm_accuracy(reward_model)
+        ev["sft_reward"] = stage.heldout_reward(reward_model, state.evals[0]["replies"])   # SFT's, same RM
         state.history.append([ev["reward"], ev["accuracy"]])
         late_samples = late.samples()
         # The rules compare the round's late replies (the comparison prompts and the late rollouts) with SFT's;

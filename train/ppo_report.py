@@ -134,8 +134,10 @@ def episode_lines(st) -> list[str]:
         rescored = now.get("reward_under_refreshed_rm")
         if rescored:
             text += (f"; round {k}'s held-out replies scored {now['reward']:+.2f} by the RM they were trained "
-                     f"against, {rescored['this round']:+.2f} by the refreshed one (SFT's replies: "
-                     f"{rescored['sft']:+.2f})")
+                     f"against (SFT's replies {now['sft_reward']:+.2f}: a premium of "
+                     f"{now['reward'] - now['sft_reward']:+.2f} for the hack), {rescored['this round']:+.2f} by the "
+                     f"refreshed one (SFT's {rescored['sft']:+.2f}: "
+                     f"{rescored['this round'] - rescored['sft']:+.2f})")
         lines.append(text + ".")
         start = restarts.get(k + 1)
         again = k + 1 in flagged
