@@ -196,3 +196,28 @@ def test_restart_after_a_flagged_round_resumes_exactly(tmp_path, model_dirs):
     assert dataclasses.asdict(full.state) == dataclasses.asdict(resumed.state)
     report = open(write_ppo_report(resumed, plots_enabled=False)).read()
     assert "The reward-hacking episode of round 1" in report and "started from the policy of sft" in report
+
+
+def test_restart_loads_the_last_unflagged_rounds_policy_and_optimizer(tmp_path, model_dirs):
+    """When an unflagged round precedes the flagged one, the restart loads that round's checkpointed actor and its
+    optimizer state from disk (the flagged round's own weights are discarded)."""
+    from train.ppo import OnlineState, Stage, _restart_actor, load_state
+
+    never = {"hacking.length_ratio": 100.0, "hacking.repeat_margin": 100.0, "hacking.min_reward_gain": 1e9,
+             "online.rounds": 1}
+    cfg = micro_ppo_config(tmp_path, model_dirs, "clean_round", **never)
+    done = run_ppo(cfg)
+    assert done.state.episodes[0]["findings"] == []
+    saved = latest_round(done.run_dir)
+    stage = Stage(cfg)
+    actor, reference, critic, _ = stage.load(model_dirs[0], model_dirs[1], model_dirs[1])
+    state = OnlineState(episodes=load_state(saved).episodes + [{"round": 2, "findings": [{"pattern": "x"}]}])
+    opt = _restart_actor(stage, cfg, state, actor, reference, 3)
+    assert state.restarts == [{"round": 3, "from": "round 1"}]
+    want = InternLM2ForCausalLM.from_pretrained(os.path.join(saved, "actor")).state_dict()
+    got = actor.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(got["output.weight"], reference.state_dict()["output.weight"])
+    opt_saved = torch.load(os.path.join(saved, "optimizers.pt"))["actor"]["state"]
+    assert opt_saved and all(torch.equal(opt.state_dict()["state"][i]["exp_avg"], opt_saved[i]["exp_avg"])
+                             for i in opt_saved)
