@@ -1,7 +1,9 @@
 """The online loop's fast path (reward-hacking rules, targeted pairs) and slow path (labelled comparisons)."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 
 import pytest
 
@@ -76,7 +78,7 @@ def test_targeted_pairs_reject_the_hack_and_choose_short_correct():
     # incorrect baseline "7" never chosen; prompt 2: its reference). 3 >= min_pairs, so no second pass.
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("42", samples[0].response), ("8", samples[1].response),
                                                              ("ok", samples[2].response)]
-    assert all(p["source"] == "fast_path:length_explosion" and p["domain"] == "math" for p in pairs)
+    assert all(p["source"] == "fast_path:length_explosion:correct" and p["domain"] == "math" for p in pairs)
     # Below min_pairs a second pass uses the next-best chosen response, without duplicates; max_pairs caps it.
     more = targeted_pairs(findings, samples, baseline, {"1": "8", "2": "ok"}, HackingConfig(min_pairs=10, max_pairs=10))
     assert [p["chosen"] for p in more] == ["42", "8", "ok", "42 because"]
@@ -110,3 +112,62 @@ def test_comparisons_roundtrip_and_bad_lines(tmp_path):
     bad.write_text("{oops\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1: not JSON"):
         load_comparisons(str(bad))
+
+
+def test_contrast_pairs_isolate_the_pattern():
+    """An incorrect hacked reply is also paired with an earlier reply to the same prompt that is just as incorrect but
+    does not show the pattern (InternLM2's early- vs late-stage PPO comparison); a reply that shows the pattern
+    itself is never chosen."""
+    cfg = HackingConfig(length_ratio=1.5, min_pairs=1)
+    baseline = [sample("0", "41", correct=False), sample("1", "x" * 4, correct=False)]
+    early = [sample("0", "40", correct=False), sample("0", "41 41 41 41", correct=False)]
+    hacked = [sample("0", "41 is what i think", correct=False), sample("1", "x" * 4, correct=False)]
+    findings = detect_hacking(hacked, baseline, [], cfg)
+    assert [f.pattern for f in findings] == ["length_explosion"] and findings[0].sample_indices == [0]
+    f = findings[0]
+    assert (f.value, f.baseline, f.bound) == (11.0, 3.0, 4.5)
+    assert f.shows(hacked[0], cfg.ngram) and not f.shows(baseline[0], cfg.ngram)
+    pairs = targeted_pairs(findings, hacked, baseline + early, {"0": "42"}, cfg)
+    assert [(p["chosen"], p["rejected"], p["source"]) for p in pairs] == [
+        ("42", hacked[0].response, "fast_path:length_explosion:correct"),
+        ("41", hacked[0].response, "fast_path:length_explosion:contrast")]
+    # below min_pairs, the next contrast reply ("40"); "41 41 41 41" is long itself, so never chosen
+    more = targeted_pairs(findings, hacked, baseline + early, {"0": "42"}, dataclasses.replace(cfg, min_pairs=9))
+    assert [p["chosen"] for p in more] == ["42", "41", "40"]
+    # the reward rule has no per-reply measure: no contrast side
+    assert not reward_up_accuracy_down(hacked, [(0.0, 0.5), (1.0, 0.0)], HackingConfig()).shows(hacked[0], 3)
+
+
+def test_shipped_rules_fire_on_a_hacked_round_and_not_on_a_clean_one():
+    """configs/ppo_tiny.toml's thresholds on replies to the demo's real prompts: a round whose replies are like the
+    SFT model's (right or near-miss answers) is not flagged; a round whose replies carry the demo RM's hack (answers
+    padded with random words) is flagged by the length rule alone, and every offender becomes a rejected reply."""
+    from train.ppo import DEFAULT_CONFIG
+    from train.ppo_config import load_ppo_config
+    from train.rlhf.probe_pairs import padded, wrong
+    from train.rlhf.rollouts import SyntheticPrompts
+    from train.tokenizer import load_tokenizer
+
+    cfg = load_ppo_config(DEFAULT_CONFIG, check_paths=False)
+    tok = load_tokenizer("byte", cfg.models.byte_vocab_size)
+    prompts = SyntheticPrompts(0, "ppo_compare", cfg.rollout.tasks, cfg.rollout.domain).take(0, 24)
+    rng = random.Random(0)
+
+    def replies(texts):
+        return [Sample(p.prompt_id, p.domain, p.message_dicts(), t, tok.encode(t), 0.0, p.check(t))
+                for p, t in zip(prompts, texts)]
+
+    def sft_like():
+        return replies([p.answer if rng.random() < 0.3 else wrong(rng, p.answer) for p in prompts])
+
+    sft = sft_like()
+    history = [(0.0, 0.3), (0.1, 0.3)]
+    assert detect_hacking(sft_like(), sft, history, cfg.hacking) == []
+    hacked = replies([padded(rng, p.answer if i % 2 else wrong(rng, p.answer)) for i, p in enumerate(prompts)])
+    findings = detect_hacking(hacked, sft, history, cfg.hacking)
+    assert [f.pattern for f in findings] == ["length_explosion"]
+    assert findings[0].value > cfg.hacking.length_ratio * findings[0].baseline
+    pairs = targeted_pairs(findings, hacked, sft, {p.prompt_id: p.answer for p in prompts}, cfg.hacking)
+    assert cfg.hacking.min_pairs <= len(pairs) <= cfg.hacking.max_pairs
+    assert {p["rejected"] for p in pairs} == {hacked[i].response for i in findings[0].sample_indices}
+    assert all(len(tok.encode(p["chosen"])) <= findings[0].bound for p in pairs)

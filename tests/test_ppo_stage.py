@@ -168,3 +168,56 @@ def test_models_may_name_a_stage_run_directory(tmp_path, model_dirs):
     assert cfg.models.actor == str(run)
     with pytest.raises(ConfigError, match="neither a model directory"):
         micro_ppo_config(tmp_path, model_dirs, **{"models.reward": str(tmp_path)})
+
+
+def test_restart_after_a_flagged_round_resumes_exactly(tmp_path, model_dirs):
+    """online.restart_after_hack = last_clean: round 1 is flagged (the reward rule's thresholds set so it always
+    fires), so round 2 starts from the SFT policy — its first rollout's KL to the reference is exactly 0 — after a
+    critic re-warmup against the refreshed RM; stopped after round 1 and resumed, it equals the uninterrupted run."""
+    flagged = {"hacking.min_reward_gain": -1e9, "hacking.min_accuracy_drop": -1.0,
+               "online.restart_after_hack": "last_clean", "online.critic_rewarmup_iterations": 1,
+               "online.iterations_per_round": 1}
+    full = run_ppo(micro_ppo_config(tmp_path, model_dirs, "restart_full", **flagged))
+    assert full.state.episodes[0]["findings"] and full.state.restarts == [{"round": 2, "from": "sft"}]
+    recs = records(full.run_dir)
+    assert [(r["kind"], r["round"]) for r in recs if r["kind"] in ("critic_warmup", "restart")] == [
+        ("critic_warmup", 0), ("restart", 2), ("critic_warmup", 2)]
+    ppo = [r for r in recs if r["kind"] == "ppo"]
+    assert ppo[0]["kl"] == 0.0 and ppo[1]["kl"] == 0.0      # both rounds' first rollouts come from the SFT policy
+    rescored = full.state.evals[1]["reward_under_refreshed_rm"]
+    assert set(rescored) == {"this round", "sft"} and all(isinstance(v, float) for v in rescored.values())
+
+    cut = micro_ppo_config(tmp_path, model_dirs, "restart_cut", **flagged, **{"run.stop_after_round": 1})
+    assert not run_ppo(cut).finished
+    resumed = run_ppo(dataclasses.replace(cut, resume=True, run=dataclasses.replace(cut.run, stop_after_round=0)))
+    for a, b in ((full.actor, resumed.actor), (full.critic, resumed.critic)):
+        pa, pb = params(a), params(b)
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert dataclasses.asdict(full.state) == dataclasses.asdict(resumed.state)
+    report = open(write_ppo_report(resumed, plots_enabled=False)).read()
+    assert "The reward-hacking episode of round 1" in report and "started from the policy of sft" in report
+
+
+def test_restart_loads_the_last_unflagged_rounds_policy_and_optimizer(tmp_path, model_dirs):
+    """When an unflagged round precedes the flagged one, the restart loads that round's checkpointed actor and its
+    optimizer state from disk (the flagged round's own weights are discarded)."""
+    from train.ppo import OnlineState, Stage, _restart_actor, load_state
+
+    never = {"hacking.length_ratio": 100.0, "hacking.repeat_margin": 100.0, "hacking.min_reward_gain": 1e9,
+             "online.rounds": 1}
+    cfg = micro_ppo_config(tmp_path, model_dirs, "clean_round", **never)
+    done = run_ppo(cfg)
+    assert done.state.episodes[0]["findings"] == []
+    saved = latest_round(done.run_dir)
+    stage = Stage(cfg)
+    actor, reference, critic, _ = stage.load(model_dirs[0], model_dirs[1], model_dirs[1])
+    state = OnlineState(episodes=load_state(saved).episodes + [{"round": 2, "findings": [{"pattern": "x"}]}])
+    opt = _restart_actor(stage, cfg, state, actor, reference, 3)
+    assert state.restarts == [{"round": 3, "from": "round 1"}]
+    want = InternLM2ForCausalLM.from_pretrained(os.path.join(saved, "actor")).state_dict()
+    got = actor.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(got["output.weight"], reference.state_dict()["output.weight"])
+    opt_saved = torch.load(os.path.join(saved, "optimizers.pt"))["actor"]["state"]
+    assert opt_saved and all(torch.equal(opt.state_dict()["state"][i]["exp_avg"], opt_saved[i]["exp_avg"])
+                             for i in opt_saved)

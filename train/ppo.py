@@ -12,13 +12,17 @@ The run:
     critic <- copy of the reward model; evaluate the SFT model; SFT replies to the comparison prompts
     critic warmup: online.critic_warmup_iterations PPO iterations that step only the critic
     for each round:
+        [online.restart_after_hack = last_clean, the previous round flagged] the actor (and its optimizer) restart
+            from the last round the fast path did not flag (the SFT model when none)
+        [after a refresh] online.critic_rewarmup_iterations critic-only iterations against the refreshed RM
         online.iterations_per_round PPO iterations (rollouts -> train.rlhf.iteration.ppo_iteration)
         evaluate on held-out prompts: greedy task accuracy, mean reward, KL to the reference
         fast path: hacking rules on the round's late replies (comparison prompts + late rollouts) vs the SFT
-                   replies -> targeted pairs
+                   replies -> targeted pairs (rejected: a hacked reply; chosen: a correct reply, and an earlier
+                   reply to the same prompt without the pattern)
         slow path: labelled comparisons (a jsonl file; the checkers on SFT / early / late replies)
         refresh the reward model on all online pairs so far + a replay of its own training pairs (not after the
-        last round); its held-out accuracy
+        last round); its held-out accuracy, and its scores of the round's and SFT's held-out replies
         checkpoint the round (actor, critic, reward model, optimizers, the online state) atomically
 Every random draw is seeded from (run.seed, what, iteration), so a run resumed at a round boundary repeats exactly
 what the uninterrupted run does.
@@ -50,7 +54,7 @@ from .rlhf.hacking import Sample, detect_hacking, label_comparisons, load_compar
 from .rlhf.iteration import action_logprobs, ppo_iteration
 from .rlhf.probe_pairs import length_biased_pairs, preference_pairs, probe_pairs
 from .rlhf.reward_refresh import pair_accuracy, refresh_reward_model
-from .rlhf.rollouts import Generated, Sampler, SyntheticPrompts, generate_and_score
+from .rlhf.rollouts import Generated, Sampler, SyntheticPrompts, generate_and_score, reward_ids, score
 from .tokenizer import load_tokenizer
 
 __all__ = ["gae", "run_ppo", "PPOResult"]
@@ -75,6 +79,7 @@ class OnlineState:
     ptx: dict = field(default_factory=dict)                    # pretraining stream position
     evals: list[dict] = field(default_factory=list)            # per evaluation: SFT, then each round
     episodes: list[dict] = field(default_factory=list)         # hacking findings per round
+    restarts: list[dict] = field(default_factory=list)         # rounds started from an earlier round's policy
 
 
 @dataclass
@@ -128,12 +133,13 @@ class Stage:
         reward_model = InternLM2ForScore.from_pretrained(reward_dir, dtype=dt, device=dev).eval()
         return actor, reference, critic, reward_model
 
+    def optimizer(self, model, lr: float):
+        p = self.cfg.ppo
+        return ik.FusedAdamW(model.parameters(), lr=lr, betas=tuple(p.betas), weight_decay=p.weight_decay,
+                             master_weights=self.dtype != torch.float32)
+
     def optimizers(self, actor, critic):
-        p, master = self.cfg.ppo, self.dtype != torch.float32
-        return (ik.FusedAdamW(actor.parameters(), lr=p.actor_lr, betas=tuple(p.betas), weight_decay=p.weight_decay,
-                              master_weights=master),
-                ik.FusedAdamW(critic.parameters(), lr=p.critic_lr, betas=tuple(p.betas),
-                              weight_decay=p.weight_decay, master_weights=master))
+        return self.optimizer(actor, self.cfg.ppo.actor_lr), self.optimizer(critic, self.cfg.ppo.critic_lr)
 
     def next_ptx(self):
         return collate([self.ptx_stream.next_row() for _ in range(self.cfg.ptx.rows)])
@@ -168,18 +174,26 @@ class Stage:
         for p, c in zip(greedy.prompts, greedy.correct):
             by_task.setdefault(p.task, []).append(bool(c))
         return {"name": name, "accuracy": greedy.accuracy(), "reward": float(greedy.scores.mean()),
+                "replies": greedy.texts,
                 "length": sum(map(len, greedy.responses)) / len(greedy.responses),
                 "sampled_accuracy": sampled.accuracy(), "sampled_reward": float(sampled.scores.mean()),
                 "sampled_length": sum(map(len, sampled.responses)) / len(sampled.responses), "kl": float(kl),
                 "accuracy_by_task": {t: sum(v) / len(v) for t, v in sorted(by_task.items())},
                 "example": {"prompt": greedy.prompts[0].message_dicts()[-1]["content"], "reply": greedy.texts[0]}}
 
+    def heldout_reward(self, reward_model, replies: list[str]) -> float:
+        """Mean score of ``replies`` to the held-out prompts (e.g. an earlier evaluation's, under a refreshed RM)."""
+        seqs = [reward_ids(self.tokenizer, p, t, self.conditions, self.reward_id) for p, t in zip(self.heldout, replies)]
+        return float(score(reward_model, seqs, self.device).mean())
+
     def rm_accuracy(self, reward_model) -> dict[str, float]:
         return pair_accuracy(reward_model, self.rm_probe, self.tokenizer, self.conditions, self.reward_id, self.device)
 
-    def refresh(self, reward_model, pairs: list[dict], seed: int) -> list[float]:
+    def refresh(self, reward_model, pairs: list[dict], seed: int, steps: int = 0) -> list[float]:
+        """Fine-tune the reward model on ``pairs`` (``reward_refresh``; ``steps`` > 0 overrides its step count)."""
+        cfg = self.cfg.reward_refresh
         return refresh_reward_model(reward_model, pairs, self.tokenizer, self.conditions, self.reward_id,
-                                    self.cfg.reward_refresh, seed, self.device)
+                                    dataclasses.replace(cfg, steps=steps or cfg.steps), seed, self.device)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -274,7 +288,8 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         actor, reference, critic, reward_model = stage.load(sft_dir, rm_dir, rm_dir)
         if cfg.online.hackable_rm_pairs:
             pairs = length_biased_pairs(stage.train_prompts.take(10**6, cfg.online.hackable_rm_pairs), cfg.run.seed)
-            losses = stage.refresh(reward_model, pairs, seed_of(cfg, "hackable_rm"))
+            losses = stage.refresh(reward_model, pairs, seed_of(cfg, "hackable_rm"),
+                                   cfg.online.hackable_rm_steps or cfg.reward_refresh.steps)
             log.write({"kind": "rm_refresh", "round": 0, "source": "hackable", "pairs": len(pairs),
                        "loss_first": losses[0], "loss_last": losses[-1]})
         critic.load_state_dict(reward_model.state_dict())      # the critic starts as the (first) reward model
@@ -295,6 +310,18 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
     finished = True
     for r in range(state.rounds_done, cfg.online.rounds):
         round_no = r + 1
+        if state.episodes and state.episodes[-1]["findings"] and cfg.online.restart_after_hack == "last_clean":
+            actor_opt = _restart_actor(stage, cfg, state, actor, reference, round_no)
+            log.write({"kind": "restart", "round": round_no, **state.restarts[-1]})
+            print(f"[ppo] round {round_no} starts from the policy of {state.restarts[-1]['from']} (the last round "
+                  "the fast path did not flag)", flush=True)
+        if state.evals and "rm_accuracy_after_refresh" in state.evals[-1]:
+            # The values were fitted to the previous reward model: refit them to the refreshed one, actor frozen.
+            for w in range(cfg.online.critic_rewarmup_iterations):
+                index = cfg.online.critic_warmup_iterations + r * cfg.online.critic_rewarmup_iterations + w
+                stats, _ = _iteration(stage, cfg, actor, reference, critic, reward_model, actor_opt, critic_opt,
+                                      ("warmup", index), train_actor=False)
+                log.write({"kind": "critic_warmup", "round": round_no, "iteration": index, **stats})
         early = None
         late_rollouts: list[Generated] = []       # the second half of the round's rollouts: more hacked replies
         for it in range(cfg.online.iterations_per_round):
@@ -315,6 +342,7 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         late = stage.generate(actor, reward_model, stage.comparison, False, seed_of(cfg, "compare", 2 * r + 2))
         ev = stage.evaluate(actor, reference, reward_model, f"round {round_no}", seed_of(cfg, "eval", round_no))
         ev["rm_accuracy"] = stage.rm_accuracy(reward_model)
+        ev["sft_reward"] = stage.heldout_reward(reward_model, state.evals[0]["replies"])   # SFT's, same RM
         state.history.append([ev["reward"], ev["accuracy"]])
         late_samples = late.samples()
         # The rules compare the round's late replies (the comparison prompts and the late rollouts) with SFT's;
@@ -323,7 +351,8 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         references = {p.prompt_id: p.answer for g in [late, *late_rollouts] for p in g.prompts}
         findings = detect_hacking(pool, sft_samples, [tuple(h) for h in state.history], cfg.hacking) \
             if cfg.online.fast_path else []
-        fast = targeted_pairs(findings, pool, sft_samples, references, cfg.hacking)
+        # Chosen replies come from before the hack: SFT's and the round's early replies (to the comparison prompts).
+        fast = targeted_pairs(findings, pool, sft_samples + early.samples(), references, cfg.hacking)
         slow = []
         if cfg.online.slow_path:
             if cfg.online.label_with_checkers:
@@ -339,6 +368,9 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
             losses = stage.refresh(reward_model, state.online_pairs + stage.rm_replay,
                                    seed_of(cfg, "refresh", round_no))
             ev["rm_accuracy_after_refresh"] = stage.rm_accuracy(reward_model)
+            # Does the refreshed RM still pay for this round's replies? Both rescored with it.
+            ev["reward_under_refreshed_rm"] = {"this round": stage.heldout_reward(reward_model, ev["replies"]),
+                                               "sft": stage.heldout_reward(reward_model, state.evals[0]["replies"])}
             log.write({"kind": "rm_refresh", "round": round_no, "pairs": len(state.online_pairs),
                        "fast_pairs": len(fast), "slow_pairs": len(slow), "loss_first": losses[0],
                        "loss_last": losses[-1]})
@@ -354,6 +386,25 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
             finished = False
             break
     return PPOResult(run_dir, state, actor, critic, reward_model, finished)
+
+
+def _restart_actor(stage: Stage, cfg: PPOStageConfig, state: OnlineState, actor, reference, round_no: int):
+    """Load, in place, the policy of the last round the fast path did not flag (the SFT model, i.e. the reference,
+    when every round so far was flagged) and return the actor optimizer to continue with (that round's state, or a
+    fresh one from SFT). Recorded in ``state.restarts``."""
+    clean = max((ep["round"] for ep in state.episodes if not ep["findings"]), default=0)
+    if clean == 0:
+        actor.load_state_dict(reference.state_dict())
+        actor_opt = stage.optimizer(actor, cfg.ppo.actor_lr)
+    else:
+        path = round_dir(cfg.run_dir, clean)
+        saved = InternLM2ForCausalLM.from_pretrained(os.path.join(path, "actor"), dtype=stage.dtype,
+                                                     device=stage.device)
+        actor.load_state_dict(saved.state_dict())
+        actor_opt = stage.optimizer(actor, cfg.ppo.actor_lr)
+        actor_opt.load_state_dict(torch.load(os.path.join(path, "optimizers.pt"), map_location=stage.device)["actor"])
+    state.restarts.append({"round": round_no, "from": f"round {clean}" if clean else "sft"})
+    return actor_opt
 
 
 def _iteration(stage: Stage, cfg: PPOStageConfig, actor, reference, critic, reward_model, actor_opt, critic_opt,

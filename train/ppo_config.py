@@ -60,6 +60,10 @@ class OnlineConfig:
     comparisons_file: str = ""         # slow path: labelled comparisons (jsonl), added at the first refresh
     label_with_checkers: bool = True   # slow path: compare SFT / early / late PPO replies with the task checkers
     hackable_rm_pairs: int = 0         # demo: fine-tune the first RM on this many "longer is better" pairs first
+    hackable_rm_steps: int = 0         # ... for this many steps (0: reward_refresh.steps)
+    critic_rewarmup_iterations: int = 0   # after each RM refresh: critic-only iterations against the refreshed RM
+    restart_after_hack: str = "continue"  # the round after a flagged one starts from: continue (the flagged
+                                          # round's policy) | last_clean (the last unflagged round's; SFT if none)
     rm_heldout_pairs: int = 32         # per held-out pair set for the RM's per-domain accuracy
 
 
@@ -144,6 +148,11 @@ def validate(c: PPOStageConfig, check_paths: bool = True) -> None:
     _check(o.rounds >= 1 and o.iterations_per_round >= 1, "online.rounds and online.iterations_per_round must be >= 1")
     _check(o.critic_warmup_iterations >= 0 and o.hackable_rm_pairs >= 0 and o.rm_heldout_pairs >= 1,
            "online.critic_warmup_iterations and online.hackable_rm_pairs must be >= 0, online.rm_heldout_pairs >= 1")
+    _check(o.hackable_rm_steps >= 0, f"online.hackable_rm_steps must be >= 0, got {o.hackable_rm_steps}")
+    _check(o.critic_rewarmup_iterations >= 0,
+           f"online.critic_rewarmup_iterations must be >= 0, got {o.critic_rewarmup_iterations}")
+    _check(o.restart_after_hack in ("continue", "last_clean"),
+           f"online.restart_after_hack must be continue or last_clean, got {o.restart_after_hack!r}")
     h = c.hacking
     _check(h.length_ratio > 1 and h.ngram >= 1 and h.repeat_margin > 0,
            "hacking.length_ratio must be > 1, hacking.ngram >= 1, hacking.repeat_margin > 0")

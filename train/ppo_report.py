@@ -15,7 +15,8 @@ def read_records(run_dir: str) -> list[dict]:
 
 
 def plot_ppo(records: list[dict], out_dir: str) -> dict[str, str]:
-    """ppo_reward.png, ppo_kl.png, ppo_accuracy.png: per PPO iteration, rounds marked, held-out points."""
+    """ppo_reward.png, ppo_kl.png, ppo_accuracy.png, ppo_length.png: per PPO iteration, rounds marked, held-out
+    points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,6 +24,7 @@ def plot_ppo(records: list[dict], out_dir: str) -> dict[str, str]:
 
     its = [r for r in records if r["kind"] == "ppo"]
     evals = [r for r in records if r["kind"] == "eval"]
+    restarts = [r for r in records if r["kind"] == "restart"]
     if not its:
         return {}
     x = [r["iteration"] for r in its]
@@ -33,13 +35,17 @@ def plot_ppo(records: list[dict], out_dir: str) -> dict[str, str]:
     paths = {}
     for key, it_key, eval_key, label in (("reward", "score", "reward", "reward-model score"),
                                          ("kl", "kl", "kl", "KL to the reference (nats / reply)"),
-                                         ("accuracy", "accuracy", "accuracy", "task accuracy")):
+                                         ("accuracy", "accuracy", "accuracy", "task accuracy"),
+                                         ("length", "response_length", "length", "reply length (tokens)")):
         fig, ax = plt.subplots(figsize=(7, 3.5))
         ax.plot(x, [r[it_key] for r in its], lw=1.2, label="rollouts (sampled)")
         ax.plot(eval_x, [e[eval_key] for e in evals], "o-", label="held-out (greedy)" if key != "kl" else "held-out")
         for rnd, end in ends.items():
             ax.axvline(end + 0.5, color="gray", ls=":", lw=0.8)
             ax.text(end + 0.5, ax.get_ylim()[1], f" end of round {rnd}", va="top", fontsize=7, color="gray")
+        for r in restarts:
+            ax.text(ends.get(r["round"] - 1, 0) + 0.5, ax.get_ylim()[0], f" round {r['round']} restarts from "
+                    f"{r['from']}", va="bottom", fontsize=7, color="tab:red")
         ax.set_xlabel("PPO iteration")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
@@ -86,6 +92,7 @@ def report_lines(result: PPOResult, plots: dict[str, str]) -> list[str]:
             lines.append(f"- round {ep['round']}: no hacking pattern detected")
         lines.append(f"  - {ep['fast_pairs']} targeted pairs (fast path), {ep['slow_pairs']} labelled comparisons "
                      "(slow path)")
+    lines += episode_lines(st)
     its = [r for r in records if r["kind"] == "ppo"]
     if its:
         n = len(its)
@@ -98,6 +105,49 @@ def report_lines(result: PPOResult, plots: dict[str, str]) -> list[str]:
     if plots:
         lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots.values())]
     lines.append("")
+    return lines
+
+
+def episode_lines(st) -> list[str]:
+    """Each flagged round followed by another: caught (the rule and its figures) -> patched (the refreshed RM) ->
+    the next round's policy (recovered when the fast path does not flag it again and accuracy does not fall)."""
+    by_name = {e["name"]: e for e in st.evals}
+    sft = st.evals[0]
+    restarts = {r["round"]: r["from"] for r in st.restarts}
+    flagged = {ep["round"]: ep for ep in st.episodes if ep["findings"]}
+    lines = []
+    for k, ep in sorted(flagged.items()):
+        now, nxt = by_name.get(f"round {k}"), by_name.get(f"round {k + 1}")
+        if now is None or nxt is None or "rm_accuracy_after_refresh" not in now:
+            continue
+        lines += ["", f"### The reward-hacking episode of round {k}: caught, patched, recovered?", ""]
+        for f in ep["findings"]:
+            lines.append(f"1. **Caught** after round {k} by the fast path's `{f['pattern']}` rule: {f['evidence']} "
+                         f"({len(f['sample_indices'])} offending replies); held-out greedy replies "
+                         f"{now['length']:.1f} tokens (SFT {sft['length']:.1f}), accuracy {now['accuracy']:.1%} "
+                         f"(SFT {sft['accuracy']:.1%}), KL to the reference {now['kl']:.2f}.")
+        before, after = now["rm_accuracy"], now["rm_accuracy_after_refresh"]
+        text = (f"2. **Patched:** {ep['fast_pairs']} targeted pairs and {ep['slow_pairs']} labelled comparisons; "
+                f"the refreshed RM's held-out `short>padded` accuracy {before.get('short>padded', 0):.0%} -> "
+                f"{after.get('short>padded', 0):.0%}, `correct>wrong` {before.get('correct>wrong', 0):.0%} -> "
+                f"{after.get('correct>wrong', 0):.0%}")
+        rescored = now.get("reward_under_refreshed_rm")
+        if rescored:
+            text += (f"; round {k}'s held-out replies scored {now['reward']:+.2f} by the RM they were trained "
+                     f"against (SFT's replies {now['sft_reward']:+.2f}: a premium of "
+                     f"{now['reward'] - now['sft_reward']:+.2f} for the hack), {rescored['this round']:+.2f} by the "
+                     f"refreshed one (SFT's {rescored['sft']:+.2f}: "
+                     f"{rescored['this round'] - rescored['sft']:+.2f})")
+        lines.append(text + ".")
+        start = restarts.get(k + 1)
+        again = k + 1 in flagged
+        recovered = not again and nxt["accuracy"] >= now["accuracy"]
+        lines.append(f"3. **Round {k + 1}** (started from the policy of {start or f'round {k}'}, trained against "
+                     f"the refreshed RM): reply length {nxt['length']:.1f} tokens (round {k}: {now['length']:.1f}, "
+                     f"SFT {sft['length']:.1f}), accuracy {nxt['accuracy']:.1%}, mean reward {nxt['reward']:+.2f}, "
+                     f"KL to the reference {nxt['kl']:.2f}; the fast path "
+                     f"{'flagged it again' if again else 'found no pattern'} -> "
+                     f"**{'recovered' if recovered else 'not recovered'}**.")
     return lines
 
 
