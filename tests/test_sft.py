@@ -209,8 +209,6 @@ def test_sft_config_errors(tmp_path, pretrained):
                  "--stages.0.global_batch_tokens=1024")
     with pytest.raises(ConfigError, match="sft.conversations"):
         _sft_cfg(tmp_path, "x", pretrained, "--sft.conversations=/nonexistent.jsonl")
-    with pytest.raises(ConfigError, match="parallel.tp: the SFT stage runs tp = 1"):
-        _sft_cfg(tmp_path, "x", pretrained, "--parallel.mode=fsdp", "--parallel.tp=2")
 
 
 def test_sft_reads_openai_jsonl_with_a_heldout_split(tmp_path, pretrained):
