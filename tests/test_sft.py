@@ -254,19 +254,23 @@ def sft_one_process(tmp_path_factory, pretrained):
     return run_sft(_sft_cfg(tmp_path_factory.mktemp("sft_one"), "one", pretrained, *TORCHRUN_EXTRA))
 
 
-@pytest.mark.parametrize("extra", [(), ("--parallel.tp=2",)], ids=["dp2", "tp2"])
-def test_sft_under_torchrun_equals_one_process(tmp_path, pretrained, sft_one_process, extra):
-    """torchrun, 2 gloo ranks. dp2 (DDP): each rank takes one of the step's two micro-batches. tp2: both ranks run
+@pytest.mark.parametrize("extra, ranks", [((), 2), (("--parallel.tp=2",), 2),
+                                          (("--parallel.tp=2", "--parallel.mode=zero1"), 4)],
+                         ids=["dp2", "tp2", "tp2_dp2_zero1"])
+def test_sft_under_torchrun_equals_one_process(tmp_path, pretrained, sft_one_process, extra, ranks):
+    """torchrun on gloo ranks. dp2 (DDP): each rank takes one of the step's two micro-batches. tp2: both ranks run
     both micro-batches tensor + sequence parallel, the evaluation's held-out loss is a collective forward and its
-    replies are generated on the gathered full model. The losses are those of one process accumulating both
-    micro-batches, the evaluations (before and after training) the same."""
+    replies are generated on the gathered full model. tp2_dp2_zero1: 4 ranks, tp 2 inside each of 2 ZeRO-1
+    data-parallel groups (the held-out forward also finishes ZeRO's parameter all-gathers before the gather).
+    The losses are those of one process accumulating both micro-batches, the evaluations (before and after
+    training) the same."""
     import os
     import signal
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                              "-m", "train.sft", *_sft_args(tmp_path, "two", pretrained, *TORCHRUN_EXTRA, *extra)],
                             cwd=root, env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
