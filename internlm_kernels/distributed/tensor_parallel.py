@@ -72,7 +72,7 @@ class SequenceParallelRMSNorm(RMSNorm):
 
 
 def parallelize_internlm2(model: nn.Module, tp_mesh) -> nn.Module:
-    """Apply the plan above in place to an InternLM2ForCausalLM (or ForScore, without its head) on ``tp_mesh`` (a
+    """Apply the plan above in place to an InternLM2ForCausalLM or InternLM2ForScore on ``tp_mesh`` (a
     1-D mesh, or the "tp" dimension of a ``mesh.parallel_mesh``: data parallelism over the other dimensions is
     then applied on top, e.g. ``fully_shard_blocks(model, data_parallel_mesh(mesh))``)."""
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
