@@ -417,7 +417,7 @@ def test_reward_stage_reads_jsonl_pairs_with_a_heldout_split(tmp_path):
 def test_reward_stage_tensor_parallel_equals_one_process(tmp_path):
     """torchrun, 2 gloo ranks, tp = 2: the trunk tensor + sequence parallel, the score head replicated on the
     gathered hidden states, the padding document of an odd token count never scored. Losses, the per-step pair
-    metrics and the held-out evaluations are those of one process."""
+    metrics, the held-out evaluations and the exported weights are those of one process."""
     import os
     import signal
     import subprocess
@@ -456,3 +456,11 @@ def test_reward_stage_tensor_parallel_equals_one_process(tmp_path):
                     # scores are O(1): a mean of them with cancellation (score_mean) is compared absolutely
                     v = pytest.approx(v, rel=1e-5, abs=1e-5)
                 assert g[k] == v, (kind, k)
+    # the export, gathered from the tp shards: the score model of one process, in InternLM2's layout
+    from models import InternLM2ForScore
+    from train.checkpoint import list_checkpoints
+    exported = InternLM2ForScore.from_pretrained(os.path.join(list_checkpoints(os.path.join(tmp_path, "two"))[-1],
+                                                              "model")).state_dict()
+    assert set(exported) == set(one.model.state_dict())
+    for k, v in one.model.state_dict().items():
+        torch.testing.assert_close(exported[k], v, rtol=1e-4, atol=1e-4, msg=k)
