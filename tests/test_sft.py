@@ -209,8 +209,6 @@ def test_sft_config_errors(tmp_path, pretrained):
                  "--stages.0.global_batch_tokens=1024")
     with pytest.raises(ConfigError, match="sft.conversations"):
         _sft_cfg(tmp_path, "x", pretrained, "--sft.conversations=/nonexistent.jsonl")
-    with pytest.raises(ConfigError, match="parallel.tp: the SFT stage runs tp = 1"):
-        _sft_cfg(tmp_path, "x", pretrained, "--parallel.mode=fsdp", "--parallel.tp=2")
 
 
 def test_sft_reads_openai_jsonl_with_a_heldout_split(tmp_path, pretrained):
@@ -246,27 +244,36 @@ def test_sft_data_splits_over_data_parallel_ranks_not_tp_ranks(tmp_path, pretrai
     assert all(b.state_dict() == one.state_dict() for b in ranks)
 
 
-def test_sft_on_two_data_parallel_ranks_equals_one_process(tmp_path, pretrained):
-    """torchrun, 2 gloo ranks (DDP): each rank takes one of the step's two micro-batches; the losses are those
-    of one process accumulating both."""
+TORCHRUN_EXTRA = ("--sft.long_context_mix=0", "--stages.0.steps=3", "--run.threads=1", "--metrics.plots=false")
+
+
+@pytest.fixture(scope="module")
+def sft_one_process(tmp_path_factory, pretrained):
+    from train.sft import run_sft
+
+    return run_sft(_sft_cfg(tmp_path_factory.mktemp("sft_one"), "one", pretrained, *TORCHRUN_EXTRA))
+
+
+@pytest.mark.parametrize("extra, ranks", [((), 2), (("--parallel.tp=2",), 2),
+                                          (("--parallel.tp=2", "--parallel.mode=zero1"), 4)],
+                         ids=["dp2", "tp2", "tp2_dp2_zero1"])
+def test_sft_under_torchrun_equals_one_process(tmp_path, pretrained, sft_one_process, extra, ranks):
+    """torchrun on gloo ranks. dp2 (DDP): each rank takes one of the step's two micro-batches. tp2: both ranks run
+    both micro-batches tensor + sequence parallel, the evaluation's held-out loss is a collective forward and its
+    replies are generated on the gathered full model. tp2_dp2_zero1: 4 ranks, tp 2 inside each of 2 ZeRO-1
+    data-parallel groups (the held-out forward also finishes ZeRO's parameter all-gathers before the gather).
+    The losses are those of one process accumulating both micro-batches, the evaluations (before and after
+    training) the same."""
     import os
     import signal
     import subprocess
     import sys
 
-    from train.metrics import read_jsonl
-    from train.sft import run_sft
-
-    def losses(run_dir):
-        return [r["loss"] for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "train"]
-
-    extra = ("--sft.long_context_mix=0", "--stages.0.steps=3", "--run.threads=1", "--metrics.plots=false")
-    single = run_sft(_sft_cfg(tmp_path, "one", pretrained, *extra))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "train.sft", *_sft_args(tmp_path, "two", pretrained, *extra)], cwd=root,
-                            env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                             "-m", "train.sft", *_sft_args(tmp_path, "two", pretrained, *TORCHRUN_EXTRA, *extra)],
+                            cwd=root, env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _, err = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -274,7 +281,13 @@ def test_sft_on_two_data_parallel_ranks_equals_one_process(tmp_path, pretrained)
         proc.communicate()
         raise
     assert proc.returncode == 0, err[-3000:]
-    want = losses(single.run_dir)
+    two = os.path.join(tmp_path, "two", "metrics.jsonl")
+    want = [r["loss"] for r in _records(sft_one_process.metrics_path, "train")]
     assert len(want) == 3
-    torch.testing.assert_close(torch.tensor(losses(os.path.join(tmp_path, "two"))), torch.tensor(want), rtol=1e-5,
-                               atol=0)
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in _records(two, "train")]), torch.tensor(want),
+                               rtol=1e-5, atol=0)
+    got_evals, want_evals = _records(two, "eval"), _records(sft_one_process.metrics_path, "eval")
+    assert [e["stage"] for e in got_evals] == ["init", "sft"]
+    for got, want in zip(got_evals, want_evals):
+        assert got.pop("heldout_loss") == pytest.approx(want.pop("heldout_loss"), rel=1e-5)
+        assert got == want          # exact match per task, tool-call validity: the same replies

@@ -83,8 +83,6 @@ def check_sft(c: SFTConfig) -> None:
     _check(s.overlong in OVERLONG_RULES, f"sft.overlong must be one of {', '.join(OVERLONG_RULES)}, got {s.overlong!r}")
     _check(0 <= s.long_context_mix < 1, f"sft.long_context_mix must be in [0, 1), got {s.long_context_mix}")
     _check(s.eval_max_new_tokens >= 1, f"sft.eval_max_new_tokens must be >= 1, got {s.eval_max_new_tokens}")
-    _check(c.parallel.tp == 1, f"parallel.tp: the SFT stage runs tp = 1 (its evaluation generates replies, and "
-                               f"generation does not run under tensor parallelism), got {c.parallel.tp}")
 
 
 def check_reward(c: RewardConfig) -> None:
@@ -98,9 +96,6 @@ def check_reward(c: RewardConfig) -> None:
     _check(r.bound > 0, f"reward.bound must be > 0, got {r.bound}")
     for domain, prompt in r.conditions.items():
         _check(isinstance(prompt, str) and bool(prompt), f"reward.conditions.{domain} must be a non-empty string")
-    _check(c.parallel.tp == 1, f"parallel.tp: the reward stage runs tp = 1 (the score model's head is not in the "
-                               f"tensor-parallel plan, and sequence parallelism's padding document would be scored), "
-                               f"got {c.parallel.tp}")
 
 
 def stage_geometry(cfg: TrainConfig, dp: int, seqs_per_item: int) -> tuple[int, int, int]:

@@ -177,13 +177,13 @@ def run_reward(cfg: RewardConfig) -> RewardResult:
     trainer.close()
     result = RewardResult(cfg.run_dir, trainer.latest, model, tokenizer, finished, trainer.metrics_path, init_from,
                           domains, batches.state_dict())
+    if finished and evaluator.scores is None:     # a resumed finished run: evaluate for the report (on every
+        model.eval()                              # rank: a tensor-parallel or FSDP forward is collective)
+        evaluator(model)
     if rt.is_main and finished:
         if trained:                               # once per run (a resumed finished run trains nothing)
             trainer.log.write({"kind": "data", "step": trainer.state.global_step, "stage": stage_cfg.name,
                                **result.data})
-        if evaluator.scores is None:              # a resumed finished run: evaluate for the report
-            model.eval()
-            evaluator(model)
         result.scores = evaluator.scores
         result.eval = pair_accuracy(evaluator.scores, domains)
         result.histogram = plot_score_histogram(evaluator.scores, domains,

@@ -14,10 +14,16 @@ of ignored tokens when needed):
     output (the head)   vocabulary-parallel fused linear cross-entropy (vocab_parallel_ce.py): the final norm's
                         output is marked sequence-sharded and ``ik.fused_linear_cross_entropy`` dispatches on the
                         DTensor weight, so the model code is unchanged and no rank holds full logits
+    score_head          (InternLM2ForScore) replicated, a plain tensor: its input is all-gathered to all T tokens,
+                        so every rank computes the same values and scores and the same head gradient (no reduction;
+                        the all-gather's backward hands each rank its token slice of the identical input gradient);
+                        the padding document's value and score are dropped from the output
 Every sharded weight is a DTensor whose global tensor is the HF tensor (wqkv stays packed), so state dicts and
 torch.distributed.checkpoint files keep the HF layout.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.distributed as dist
@@ -66,7 +72,7 @@ class SequenceParallelRMSNorm(RMSNorm):
 
 
 def parallelize_internlm2(model: nn.Module, tp_mesh) -> nn.Module:
-    """Apply the plan above in place to an InternLM2ForCausalLM (or ForScore, without its head) on ``tp_mesh`` (a
+    """Apply the plan above in place to an InternLM2ForCausalLM or InternLM2ForScore on ``tp_mesh`` (a
     1-D mesh, or the "tp" dimension of a ``mesh.parallel_mesh``: data parallelism over the other dimensions is
     then applied on top, e.g. ``fully_shard_blocks(model, data_parallel_mesh(mesh))``)."""
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -92,6 +98,8 @@ def parallelize_internlm2(model: nn.Module, tp_mesh) -> nn.Module:
         "model.layers.*.feed_forward.w3": ColwiseParallel(),
         "model.layers.*.feed_forward.w2": RowwiseParallel(output_layouts=Shard(0)),
     }
+    if hasattr(model, "score_head"):
+        plan["score_head"] = PrepareModuleInput(input_layouts=(Shard(0),), **tokens_to_all)
     parallelize_module(model, tp_mesh, plan)
     for layer in model.model.layers:
         layer.attention.n_heads //= tp
@@ -110,18 +118,23 @@ def parallelize_internlm2(model: nn.Module, tp_mesh) -> nn.Module:
         return DTensor.from_local(out, tp_mesh, [Shard(0)], run_check=False)
 
     model.model.norm.register_forward_hook(tokens_sharded)
-    model.register_forward_pre_hook(_pad_tokens(model, tp), with_kwargs=True)
+    pad, unpad = _pad_tokens(model, tp)
+    model.register_forward_pre_hook(pad, with_kwargs=True)
+    model.register_forward_hook(unpad)
     return model
 
 
 def _pad_tokens(model: nn.Module, tp: int):
-    """Sequence parallelism splits the tokens evenly: a packed batch whose length is not a multiple of tp gets
-    one more document of pad tokens with label -100 (no loss, no attention to the real documents)."""
+    """(forward pre-hook, forward hook): sequence parallelism splits the tokens evenly, so a packed batch whose
+    length is not a multiple of tp gets one more document of pad tokens with label -100 (no loss, no attention to
+    the real documents); a score model's output then drops that document's values and score (scores are read at
+    each document's last token, and the pad document is a document)."""
     import inspect
 
     signature = inspect.signature(model.forward)
+    real = {}    # the batch being run: its unpadded token count T and document count B (None: not padded)
 
-    def hook(module, args, kwargs):
+    def pad_hook(module, args, kwargs):
         bound = signature.bind(*args, **kwargs)
         a = bound.arguments
         ids = a["input_ids"]
@@ -129,6 +142,7 @@ def _pad_tokens(model: nn.Module, tp: int):
             raise ValueError("input_ids: tensor parallelism takes packed (T,) tokens with cu_seqlens")
         T = ids.shape[0]
         pad = -T % tp
+        real["shape"] = None
         if pad == 0:
             return None
         cu = a.get("cu_seqlens")
@@ -142,8 +156,16 @@ def _pad_tokens(model: nn.Module, tp: int):
             a["position_ids"] = torch.cat([a["position_ids"], a["position_ids"].new_zeros(pad)])
         if a.get("max_seqlen") is not None:
             a["max_seqlen"] = max(a["max_seqlen"], pad)
+        real["shape"] = (T, cu.shape[0] - 1)
         return (), dict(a)
-    return hook
+
+    def unpad_hook(module, args, out):
+        shape, real["shape"] = real.get("shape"), None
+        if shape is None or not hasattr(out, "scores"):
+            return None
+        T, B = shape
+        return dataclasses.replace(out, values=out.values[:T], scores=out.scores[:B])
+    return pad_hook, unpad_hook
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
