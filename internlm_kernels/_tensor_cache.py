@@ -49,17 +49,18 @@ class PerTensorCache:
     def get(self, tensors: Sequence[torch.Tensor], key, compute: Callable):
         if torch.compiler.is_compiling():
             return compute()
-        # One plain loop over the (one to three) key tensors: this runs several times per attention call, and
-        # generator expressions over them cost more than the lookup itself.
+        # One plain loop over the (one to three) key tensors into one flat key: this runs on every attention call
+        # (forward and backward), where nested tuples, generator expressions and a helper call cost more than the
+        # dictionary lookup itself.
         on_cuda = inference = False
-        ids, versions = [], []
+        full_key = [key]
         for t in tensors:
             on_cuda = on_cuda or t.is_cuda
-            ids.append(id(t))
             if t.is_inference():   # no version counter to read
                 inference = True
+                full_key += (id(t), None)
             else:
-                versions.append(t._version)
+                full_key += (id(t), t._version)
         if on_cuda and torch.cuda.is_current_stream_capturing():
             if not self.capturable:
                 raise RuntimeError(
@@ -68,7 +69,7 @@ class PerTensorCache:
             return compute()
         if inference and not self.reuse_inference:
             return compute()
-        full_key = (tuple(ids), None if inference else tuple(versions), key)
+        full_key = tuple(full_key)   # (key, id, version, id, version, ...); version None: inference
         hit = self._entries.get(full_key)
         if hit is not None and _same_objects(hit[0], tensors):
             self._entries.move_to_end(full_key)

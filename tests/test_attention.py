@@ -229,6 +229,23 @@ def test_schedule_covers_every_block_once_longest_first():
     assert flash_attn.build_schedule(cu_q, cu_k, sum(lens_k), 16, "k", -1, 0)[0].tolist() == [2, 0]
 
 
+
+def test_backward_schedules_are_the_two_schedules_from_one_cached_entry():
+    lens_q, lens_k = [3, 40, 0, 17], [9, 33, 4, 17]
+    cu_q, cu_k = cu_seqlens(lens_q, "cpu"), cu_seqlens(lens_k, "cpu")
+    tq, tk = sum(lens_q), sum(lens_k)
+    pair = flash_attn.backward_schedules(cu_q, cu_k, tq, tk, 32, 16, 5, 0)
+    assert torch.equal(pair[0], flash_attn.build_schedule(cu_q, cu_k, tk, 16, "k", 5, 0))
+    assert torch.equal(pair[1], flash_attn.build_schedule(cu_q, cu_k, tq, 32, "q", 5, 0))
+    again = flash_attn.backward_schedules(cu_q, cu_k, tq, tk, 32, 16, 5, 0)
+    assert again[0] is pair[0] and again[1] is pair[1]
+    assert flash_attn.backward_schedules(cu_q, cu_k, tq, tk, 32, 16, -1, 0)[0] is not pair[0]   # other window
+    cu_k[1] = 1                                      # modified in place (same total): rebuilt from the new values
+    rebuilt = flash_attn.backward_schedules(cu_q, cu_k, tq, tk, 32, 16, 5, 0)
+    assert rebuilt[0] is not pair[0]
+    assert torch.equal(rebuilt[0], flash_attn.build_schedule(cu_q, cu_k, tk, 16, "k", 5, 0))
+    assert torch.equal(rebuilt[1], flash_attn.build_schedule(cu_q, cu_k, tq, 32, "q", 5, 0))
+
 def test_opcheck_custom_ops():
     q, k, v, cu_q, cu_k = make_inputs([5, 11], [7, 11], 2, 1, 16, torch.float32)
     seed = torch.tensor([123], dtype=torch.int64, device=DEV)
@@ -258,6 +275,10 @@ BAD_INPUTS = {
     "q must have dtype": dict(q=torch.randn(10, 4, 16, dtype=torch.float64)),
     "k has dtype": dict(k=torch.randn(10, 2, 16, dtype=torch.float16)),
     "k is on meta": dict(k=torch.randn(10, 2, 16, device="meta")),
+    "v has dtype": dict(v=torch.randn(10, 2, 16, dtype=torch.float16)),
+    "v is on meta": dict(v=torch.randn(10, 2, 16, device="meta")),
+    "k must have 3 dims": dict(k=torch.randn(10, 2, 16, 1)),
+    "v must be a torch.Tensor": dict(v=[[0.0]]),
     "head dim": dict(k=torch.randn(10, 2, 8), v=torch.randn(10, 2, 8)),
     "same shape": dict(v=torch.randn(9, 2, 16)),
     "window_size": dict(window_size=(-2, 0)),
@@ -275,6 +296,15 @@ BAD_INPUTS = {
 def test_bad_inputs_raise_value_error(message):
     with pytest.raises(ValueError, match=message):
         ik.flash_attn_varlen_func(**_bad(**BAD_INPUTS[message]))
+
+
+@pytest.mark.parametrize("message, over", [("q must have 4 dims", dict(q=torch.randn(2, 5, 4, 16, 1))),
+                                           ("v has dtype", dict(v=torch.randn(2, 5, 2, 16, dtype=torch.float16))),
+                                           ("k must be a torch.Tensor", dict(k=None))])
+def test_dense_bad_inputs_raise_value_error(message, over):
+    args = dict(q=torch.randn(2, 5, 4, 16), k=torch.randn(2, 5, 2, 16), v=torch.randn(2, 5, 2, 16)) | over
+    with pytest.raises(ValueError, match=message):
+        ik.flash_attn_func(**args)
 
 
 def test_unsupported_head_dim_raises_not_implemented():

@@ -38,9 +38,9 @@ from .flash_attn import (
     _scores,
     _sequence_extent,
     _visible,
+    backward_schedules,
     block_d,
     choose_configs,
-    schedule,
 )
 from .flash_attn_fwd import precision
 
@@ -319,7 +319,8 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     bd = block_d(head_dim)
     # Each tensor's strides read once, as a tuple: a .stride(i) call costs as much as .stride() does.
     sq, sk, sv, sdo, sout = q.stride(), k.stride(), v.stride(), dout.stride(), out.stride()
-    sdq, sdk, sdv = dq.stride(), dk.stride(), dv.stride()
+    sdq, sdk = (n_heads * head_dim, head_dim), (n_kv_heads * head_dim, head_dim)   # allocated contiguous above
+    sdv = sdk
     stride_lse = lse.stride(0)
 
     delta = torch.empty_like(lse)
@@ -340,7 +341,8 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     common = (softmax_scale, qk_scale, softcap * LOG2E, window_left, window_right, dropout_p)
     seed_t = seed if seed is not None else dummy
 
-    kv_items = schedule(cu_seqlens_q, cu_seqlens_k, total_k, cfg.dkdv.block_n, "k", window_left, window_right)
+    kv_items, q_items = backward_schedules(cu_seqlens_q, cu_seqlens_k, total_q, total_k, cfg.dq.block_m,
+                                           cfg.dkdv.block_n, window_left, window_right)
     _attn_bwd_dkdv_kernel[(kv_items.shape[0] * n_kv_heads,)](
         q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, kv_items, alibi, seed_t,
         sq[0], sq[1], sk[0], sk[1], sv[0], sv[1], sdo[0], sdo[1],
@@ -349,7 +351,6 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         BLOCK_M=cfg.dkdv.block_m, BLOCK_N=cfg.dkdv.block_n, num_warps=cfg.dkdv.num_warps,
         num_stages=cfg.dkdv.num_stages, **flags)
 
-    q_items = schedule(cu_seqlens_q, cu_seqlens_k, total_q, cfg.dq.block_m, "q", window_left, window_right)
     _attn_bwd_dq_kernel[(q_items.shape[0] * n_heads,)](
         q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, q_items, alibi, seed_t,
         sq[0], sq[1], sk[0], sk[1], sv[0], sv[1], sdo[0], sdo[1],
