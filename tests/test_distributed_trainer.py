@@ -64,18 +64,23 @@ def single(tmp_path_factory):
 
 
 TP2 = ("--parallel.tp=2",)
+# 8 ranks = tp 2 x shard 2 x replicate 2: HSDP + TP, and hybrid ZeRO-2 + TP (shard within 2, all-reduce across 2).
+SHARD2 = ("--parallel.shard_size=2",)
 # The passkey probe after the run: rank 0 alone generates, from the HF export when the model is sharded.
 PASSKEY = ("--eval.passkey=true", "--eval.passkey_lengths=[256]", "--eval.passkey_depths=[0.5]",
            "--eval.passkey_trials=1")
 
 
 @pytest.mark.parametrize("mode, extra, ranks", [("zero2", (), 2), ("fsdp", (), 2), ("fsdp", TP2 + PASSKEY, 2),
-                                                ("fsdp", TP2, 4), ("ddp", TP2, 4), ("zero1", TP2, 4)],
-                         ids=["zero2", "fsdp", "tp2", "fsdp_tp2_dp2", "ddp_tp2_dp2", "zero1_tp2_dp2"])
+                                                ("fsdp", TP2, 4), ("ddp", TP2, 4), ("zero1", TP2, 4),
+                                                ("fsdp", TP2 + SHARD2, 8), ("zero2", TP2 + SHARD2, 8)],
+                         ids=["zero2", "fsdp", "tp2", "fsdp_tp2_dp2", "ddp_tp2_dp2", "zero1_tp2_dp2",
+                              "hsdp_tp2_shard2_rep2", "zero2_tp2_shard2_rep2"])
 def test_sharded_mode_matches_single_process_and_exports(tmp_path, single, mode, extra, ranks):
     """tp2: both ranks run every micro-batch (one data-parallel rank), tensor + sequence parallel. *_tp2_dp2: 4
     ranks, tp = 2 inside each of 2 data-parallel groups (FSDP2, replicated, or ZeRO-1 over them: InternEvo's
-    layout); the tp peers train on the same micro-batches."""
+    layout); the tp peers train on the same micro-batches. *_shard2_rep2: 8 ranks, 4 data-parallel ranks sharding
+    within groups of 2 and replicating across the 2 groups (the zero2 one also resumes in one process)."""
     from models import InternLM2ForCausalLM
 
     run_dir = torchrun(tmp_path, mode, mode, *extra, ranks=ranks)
