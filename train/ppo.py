@@ -263,7 +263,19 @@ class MetricsFile:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def check_single_process() -> None:
+    """The PPO stage keeps its four models in one process. Under torchrun every rank would run the whole job and
+    write the same run directory, so a multi-rank launch is refused before any work."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = max(world, torch.distributed.get_world_size())
+    if world > 1:
+        raise ValueError(f"WORLD_SIZE: the PPO stage runs in one process, got a launch of {world} ranks "
+                         f"(run `python -m train.ppo`, not torchrun)")
+
+
 def run_ppo(cfg: PPOStageConfig) -> PPOResult:
+    check_single_process()
     stage = Stage(cfg)
     run_dir = cfg.run_dir
     os.makedirs(run_dir, exist_ok=True)
