@@ -239,12 +239,15 @@ def test_backward_schedules_are_the_two_schedules_from_one_cached_entry():
     assert torch.equal(pair[1], flash_attn.build_schedule(cu_q, cu_k, tq, 32, "q", 5, 0))
     again = flash_attn.backward_schedules(cu_q, cu_k, tq, tk, 32, 16, 5, 0)
     assert again[0] is pair[0] and again[1] is pair[1]
+    # the dQ list is the forward's (same query blocks): one cached list, not a second build
+    assert flash_attn.schedule(cu_q, cu_k, tq, 32, "q", 5, 0) is pair[1]
     assert flash_attn.backward_schedules(cu_q, cu_k, tq, tk, 32, 16, -1, 0)[0] is not pair[0]   # other window
     cu_k[1] = 1                                      # modified in place (same total): rebuilt from the new values
     rebuilt = flash_attn.backward_schedules(cu_q, cu_k, tq, tk, 32, 16, 5, 0)
     assert rebuilt[0] is not pair[0]
     assert torch.equal(rebuilt[0], flash_attn.build_schedule(cu_q, cu_k, tk, 16, "k", 5, 0))
     assert torch.equal(rebuilt[1], flash_attn.build_schedule(cu_q, cu_k, tq, 32, "q", 5, 0))
+
 
 def test_opcheck_custom_ops():
     q, k, v, cu_q, cu_k = make_inputs([5, 11], [7, 11], 2, 1, 16, torch.float32)

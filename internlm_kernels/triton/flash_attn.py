@@ -194,10 +194,11 @@ def backward_schedules(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, t
                        block_q: int, block_k: int, window_left: int, window_right: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """The backward's two work lists, (dK/dV over key blocks of ``block_k``, dQ over query blocks of ``block_q``),
-    from one cache lookup: the same as two ``schedule`` calls."""
+    from one cache lookup: the same as two ``schedule`` calls. The dQ list is taken through ``schedule``, so when
+    the forward used the same query blocks (every block table here) its cached list is reused, not rebuilt."""
     def build():
         return (build_schedule(cu_seqlens_q, cu_seqlens_k, total_k, block_k, "k", window_left, window_right),
-                build_schedule(cu_seqlens_q, cu_seqlens_k, total_q, block_q, "q", window_left, window_right))
+                schedule(cu_seqlens_q, cu_seqlens_k, total_q, block_q, "q", window_left, window_right))
 
     return _schedules.get((cu_seqlens_q, cu_seqlens_k), (total_q, total_k, block_q, block_k, window_left,
                                                          window_right), build)
