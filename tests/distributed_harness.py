@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import traceback
 
@@ -15,6 +18,26 @@ import torch.multiprocessing as mp
 MICRO = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)
 STEPS, MICRO_STEPS, TOKENS, LR, CLIP = 5, 2, 33, 1e-2, 0.5   # 33 tokens: TP pads to even
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_torchrun(module: str, args, ranks: int = 2, timeout: float = 240.0) -> None:
+    """``torchrun --standalone --nproc_per_node=ranks -m module *args`` from the repository root, one thread per
+    rank; fails with the tail of its stderr. In a session of its own, so that a hang kills torchrun and every
+    worker, not torchrun alone."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                             "-m", module, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err[-3000:]
 
 
 def _free_port() -> int:

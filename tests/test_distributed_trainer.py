@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
+from distributed_harness import run_torchrun
 
 from train.checkpoint import list_checkpoints
 from train.config import ConfigError, load_config
 from train.metrics import read_jsonl
 from train.pretrain import run_pretraining
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2}
 COMMON = {"run.threads": 1, "metrics.progress": False, "metrics.plots": False, "eval.passkey": False,
@@ -30,18 +27,7 @@ def torchrun(tmp_path, name: str, mode: str, *extra: str, ranks: int = 2) -> str
     args += [f"--model.overrides.{k}={v}" for k, v in OVERRIDES.items()]
     args += [f"--stages.0.{k}={v}" for k, v in STAGE.items()]
     args += extra       # last: they override the common keys
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    # A session of its own, so that a hang kills torchrun and both workers, not torchrun alone.
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                             "-m", "train.pretrain", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, err[-3000:]
+    run_torchrun("train.pretrain", args, ranks)
     return os.path.join(tmp_path, name)
 
 

@@ -419,9 +419,8 @@ def test_reward_stage_tensor_parallel_equals_one_process(tmp_path):
     gathered hidden states, the padding document of an odd token count never scored. Losses, the per-step pair
     metrics, the held-out evaluations and the exported weights are those of one process."""
     import os
-    import signal
-    import subprocess
-    import sys
+
+    from distributed_harness import run_torchrun
 
     from train.metrics import read_jsonl
     from train.reward import run_reward
@@ -433,18 +432,7 @@ def test_reward_stage_tensor_parallel_equals_one_process(tmp_path):
     extra = ("--stages.0.steps=3", "--run.threads=1", "--metrics.plots=false")
     one = run_reward(_rm_cfg(tmp_path, "one", "", *extra))
     args = _rm_args(tmp_path, "two", "", *extra, "--parallel.tp=2")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "train.reward", *args], cwd=root,
-                            env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, err[-3000:]
+    run_torchrun("train.reward", args)
     two = os.path.join(tmp_path, "two", "metrics.jsonl")
     for kind, n in (("train", 3), ("eval", 2)):
         got, want = records(two, kind), records(one.metrics_path, kind)

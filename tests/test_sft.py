@@ -265,22 +265,10 @@ def test_sft_under_torchrun_equals_one_process(tmp_path, pretrained, sft_one_pro
     The losses are those of one process accumulating both micro-batches, the evaluations (before and after
     training) the same."""
     import os
-    import signal
-    import subprocess
-    import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                             "-m", "train.sft", *_sft_args(tmp_path, "two", pretrained, *TORCHRUN_EXTRA, *extra)],
-                            cwd=root, env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, err[-3000:]
+    from distributed_harness import run_torchrun
+
+    run_torchrun("train.sft", _sft_args(tmp_path, "two", pretrained, *TORCHRUN_EXTRA, *extra), ranks)
     two = os.path.join(tmp_path, "two", "metrics.jsonl")
     want = [r["loss"] for r in _records(sft_one_process.metrics_path, "train")]
     assert len(want) == 3

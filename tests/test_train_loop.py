@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+from distributed_harness import run_torchrun
 
 from train.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state, read_saved_state, save_checkpoint
 from train.config import load_config
@@ -221,18 +221,7 @@ def test_data_parallel_two_ranks_matches_single_process(tmp_path):
             "--model.overrides.num_hidden_layers=2", "--model.overrides.num_attention_heads=4",
             "--model.overrides.num_key_value_heads=2", "--stages.0.steps=4", "--stages.0.seq_len=64",
             "--stages.0.global_batch_tokens=256", "--stages.0.micro_batch_tokens=64"]
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    # A session of its own, so that a hang kills torchrun and both workers, not torchrun alone.
-    ddp = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            "-m", "train.pretrain", "--run.name=ddp", *args], cwd=ROOT, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = ddp.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(ddp.pid, signal.SIGKILL)
-        ddp.communicate()
-        raise
-    assert ddp.returncode == 0, err[-3000:]
+    run_torchrun("train.pretrain", ["--run.name=ddp", *args])
     single = run_pretraining(load_config(None, {"run.output_dir": str(tmp_path), "run.name": "single", "run.threads": 1,
                                                 "metrics.progress": False, "eval.passkey": False,
                                                 "data.heldout_docs": 4, "optim.warmup_steps": 1,

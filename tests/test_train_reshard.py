@@ -3,16 +3,13 @@ same following losses as an uninterrupted run (torch.distributed.checkpoint resh
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
+
+from distributed_harness import run_torchrun
 
 from train.checkpoint import latest_checkpoint, load_trainer_state, read_saved_state
 from train.config import parse_cli
 from train.metrics import read_jsonl
 from train.pretrain import run_pretraining
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # 2 rows per step of 1 row per micro-batch: one rank accumulates the two rows, two ranks take one each, and DDP's
 # all-reduce of two gradients adds them in the same order as accumulation does, so the losses match bit for bit.
@@ -29,18 +26,7 @@ def _args(tmp_path, name, *extra):
 
 
 def _torchrun(args):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    # A session of its own, so that a hang kills torchrun and both workers, not torchrun alone.
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "train.pretrain", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, err[-3000:]
+    run_torchrun("train.pretrain", args)
 
 
 def _losses(run_dir):
