@@ -300,8 +300,7 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         actor, reference, critic, reward_model = stage.load(sft_dir, rm_dir, rm_dir)
         if cfg.online.hackable_rm_pairs:
             pairs = length_biased_pairs(stage.train_prompts.take(10**6, cfg.online.hackable_rm_pairs), cfg.run.seed)
-            losses = stage.refresh(reward_model, pairs, seed_of(cfg, "hackable_rm"),
-                                   cfg.online.hackable_rm_steps or cfg.reward_refresh.steps)
+            losses = stage.refresh(reward_model, pairs, seed_of(cfg, "hackable_rm"), cfg.online.hackable_rm_steps)
             log.write({"kind": "rm_refresh", "round": 0, "source": "hackable", "pairs": len(pairs),
                        "loss_first": losses[0], "loss_last": losses[-1]})
         critic.load_state_dict(reward_model.state_dict())      # the critic starts as the (first) reward model
