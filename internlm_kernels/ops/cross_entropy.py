@@ -192,6 +192,15 @@ def _mean_denominator(target: Tensor, ignore_index: int, class_weight: Tensor | 
     return torch.where(total > 0, total, torch.ones_like(total))
 
 
+def _ahead_scale(ahead: bool, reduction: str, denominator: Tensor, device) -> Tensor | None:
+    """The upstream gradient the kernels fold in when they compute gradients ahead (in the forward): 1 for
+    reduction sum, 1 / denominator for mean; None when they compute none."""
+    if not ahead:
+        return None
+    scale = torch.ones((), device=device, dtype=torch.float32)
+    return scale / denominator if reduction == "mean" else scale
+
+
 def _is_dtensor(t) -> bool:
     if type(t) is Tensor or not torch.distributed.is_available():   # the common case costs one type check
         return False
@@ -272,11 +281,7 @@ def linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, target: Tensor, bia
     if ahead and reduction == "none":
         raise NotImplementedError("reduction='none' cannot compute gradients ahead: the upstream grad is per token")
     denominator = _mean_denominator(target, ignore_index, class_weight)
-    scale = None
-    if ahead:
-        scale = torch.ones((), device=hidden.device, dtype=torch.float32)
-        if reduction == "mean":
-            scale = scale / denominator
+    scale = _ahead_scale(ahead, reduction, denominator, hidden.device)
     loss, z_loss, dh, dw, db, predicted = kernels.linear_cross_entropy_chunked(
         hidden, weight, target, bias, ignore_index, label_smoothing, lse_square_scale, softcap, scale,
         dhidden_ahead, dweight_ahead, dbias_ahead, class_weight, want_argmax, accum_fp32)
@@ -437,11 +442,7 @@ def cross_entropy_fwd(logits: Tensor, target: Tensor, class_weight: Tensor | Non
     if grad_ahead and reduction == "none":
         raise NotImplementedError("reduction='none' cannot compute gradients ahead: the upstream grad is per token")
     denominator = _mean_denominator(target, ignore_index, class_weight)
-    scale = None
-    if grad_ahead:
-        scale = torch.ones((), device=logits.device, dtype=torch.float32)
-        if reduction == "mean":
-            scale = scale / denominator
+    scale = _ahead_scale(grad_ahead, reduction, denominator, logits.device)
     loss, z_loss, dlogits, predicted = _logits_rows(logits, target, class_weight, ignore_index, label_smoothing,
                                                     lse_square_scale, softcap, scale, want_argmax)
     loss, z_loss = _reduce(loss, z_loss, reduction, denominator)
