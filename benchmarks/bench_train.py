@@ -31,12 +31,12 @@ from models import InternLM2Config
 from models.checkpoint import llama_config_dict
 from train.build import batch_flops, build_model, model_config
 from train.config import CheckpointConfig, MetricsConfig, ModelConfig, OptimConfig
-from train.corpus import SyntheticCorpus
-from train.data import Batch, PackedStream, ShardedBatches
+from train.data.corpus import SyntheticCorpus
+from train.data.packing import Batch, PackedStream, ShardedBatches
+from train.data.tokenizer import ByteTokenizer
 from train.metrics import peak_tflops
 from train.parallel import Runtime
-from train.pretrain import causal_lm_loss
-from train.tokenizer import ByteTokenizer
+from train.stages.pretrain import causal_lm_loss
 from train.trainer import Stage, Trainer
 
 PEER = "transformers-llama-sdpa"

@@ -1,11 +1,11 @@
-"""train.chat: InternLM2-chat's template (checked against an independent jinja2 template), assistant-only labels,
+"""train.data.chat: InternLM2-chat's template (checked against an independent jinja2 template), assistant-only labels,
 validation errors and the data readers."""
 import json
 
 import jinja2
 import pytest
 
-from train.chat import (
+from train.data.chat import (
     IGNORE_INDEX,
     SYNTHETIC_CHAT_TASKS,
     SyntheticChats,
@@ -14,7 +14,7 @@ from train.chat import (
     read_conversations,
     render,
 )
-from train.tokenizer import ByteTokenizer
+from train.data.tokenizer import ByteTokenizer
 
 # InternLM2-chat's template written from the format description (InternLM's chat_format.md), for both message
 # spellings: InternLM2's own (name on system/user/environment, calls inside the assistant content) and OpenAI's

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from train.corpus import TASKS, SyntheticCorpus, passkey_parts
-from train.data import Document, FileCorpus, PackedStream, ShardedBatches, collate, expand_paths, pack_documents
-from train.tokenizer import ByteTokenizer
+from train.data.corpus import TASKS, SyntheticCorpus, passkey_parts
+from train.data.packing import Document, FileCorpus, PackedStream, ShardedBatches, collate, expand_paths, pack_documents
+from train.data.tokenizer import ByteTokenizer
 
 
 class ListSource:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from train.tokenizer import (
+from train.data.tokenizer import (
     BYTE_OFFSET,
     INTERNLM2_SPECIALS,
     INTERNLM2_VOCAB_SIZE,

@@ -12,7 +12,7 @@ from distributed_harness import run_torchrun
 from train.checkpoint import list_checkpoints
 from train.config import ConfigError, load_config
 from train.metrics import read_jsonl
-from train.pretrain import run_pretraining
+from train.stages.pretrain import run_pretraining
 
 OVERRIDES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2}
@@ -27,7 +27,7 @@ def torchrun(tmp_path, name: str, mode: str, *extra: str, ranks: int = 2) -> str
     args += [f"--model.overrides.{k}={v}" for k, v in OVERRIDES.items()]
     args += [f"--stages.0.{k}={v}" for k, v in STAGE.items()]
     args += extra       # last: they override the common keys
-    run_torchrun("train.pretrain", args, ranks)
+    run_torchrun("train.stages.pretrain", args, ranks)
     return os.path.join(tmp_path, name)
 
 

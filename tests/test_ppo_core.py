@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from train.ppo import gae
 from train.rlhf.advantages import whiten
 from train.rlhf.diagnostics import logprob_mismatch
 from train.rlhf.losses import policy_loss, value_loss
 from train.rlhf.rewards import kl_k1, last_valid_onehot, shape_rewards
+from train.stages.ppo import gae
 
 
 def ragged_mask(B, T, gen, holes=False):

@@ -142,11 +142,11 @@ def test_shipped_rules_fire_on_a_hacked_round_and_not_on_a_clean_one():
     """configs/ppo_tiny.toml's thresholds on replies to the demo's real prompts: a round whose replies are like the
     SFT model's (right or near-miss answers) is not flagged; a round whose replies carry the demo RM's hack (answers
     padded with random words) is flagged by the length rule alone, and every offender becomes a rejected reply."""
-    from train.ppo import DEFAULT_CONFIG
-    from train.ppo_config import load_ppo_config
+    from train.data.tokenizer import load_tokenizer
     from train.rlhf.probe_pairs import padded, wrong
     from train.rlhf.rollouts import SyntheticPrompts
-    from train.tokenizer import load_tokenizer
+    from train.stages.ppo import DEFAULT_CONFIG
+    from train.stages.ppo_config import load_ppo_config
 
     cfg = load_ppo_config(DEFAULT_CONFIG, check_paths=False)
     tok = load_tokenizer("byte", cfg.models.byte_vocab_size)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import internlm_kernels as ik
 from models import InternLM2Config
 from models.internlm2 import InternLM2ForCausalLM, InternLM2ForScore
-from train.data import Batch
+from train.data.packing import Batch
 from train.rlhf.iteration import PPOConfig, Rollout, action_logprobs, make_experience, ppo_iteration
 
 CFG = InternLM2Config.preset("micro")

@@ -5,11 +5,11 @@ import random
 
 import torch
 
-from train.chat import Message
-from train.preference import DEFAULT_CONDITIONS, PreferencePair, conditioned, reward_token_id, score_ids
+from train.data.chat import Message
+from train.data.preference import DEFAULT_CONDITIONS, PreferencePair, conditioned, reward_token_id, score_ids
+from train.data.tokenizer import ByteTokenizer
 from train.rlhf.probe_pairs import length_biased_pairs, padded, probe_pairs, wrong
 from train.rlhf.rollouts import Prompt, SyntheticPrompts, build_rollout, response_text, reward_ids
-from train.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer(272)
 

@@ -12,10 +12,10 @@ import torch
 from models import InternLM2Config, InternLM2ForCausalLM
 from models.internlm2 import InternLM2ForScore
 from train.config import ConfigError
-from train.ppo import latest_round, run_ppo
-from train.ppo_config import load_ppo_config
-from train.ppo_report import write_ppo_report
-from train.preference import DEFAULT_CONDITIONS
+from train.data.preference import DEFAULT_CONDITIONS
+from train.eval.ppo_report import write_ppo_report
+from train.stages.ppo import latest_round, run_ppo
+from train.stages.ppo_config import load_ppo_config
 
 MICRO = dataclasses.replace(InternLM2Config.preset("micro"), vocab_size=272, max_position_embeddings=4096)
 
@@ -132,11 +132,11 @@ def test_a_multi_rank_launch_is_refused_before_any_work(tmp_path, model_dirs, mo
 
 
 def test_pipeline_appends_the_ppo_section(tmp_path, model_dirs):
-    """train.ppo_pipeline.run_rlhf with the real configs/ppo_tiny.toml shrunk to micro sizes: the reward stage's
+    """train.pipeline.ppo.run_rlhf with the real configs/ppo_tiny.toml shrunk to micro sizes: the reward stage's
     condition prompts (read from its run's config.json) reach the reward side, the section lands in the report."""
-    from train.align_config import parse_reward_cli
     from train.config import load_config, to_dict
-    from train.ppo_pipeline import PPO_CONFIG, run_rlhf
+    from train.pipeline.ppo import PPO_CONFIG, run_rlhf
+    from train.stages.align_config import parse_reward_cli
 
     reward_cfg = parse_reward_cli(["--config", os.path.join(os.path.dirname(PPO_CONFIG), "reward_tiny.toml")])
     reward_run = tmp_path / "reward_run"
@@ -165,7 +165,7 @@ def test_pipeline_appends_the_ppo_section(tmp_path, model_dirs):
 
 
 def test_models_may_name_a_stage_run_directory(tmp_path, model_dirs):
-    from train.ppo_config import model_dir
+    from train.stages.ppo_config import model_dir
 
     run = tmp_path / "sft_run"
     for step in (3, 12):        # the newest checkpoint's export is taken
@@ -209,7 +209,7 @@ def test_restart_after_a_flagged_round_resumes_exactly(tmp_path, model_dirs):
 def test_restart_loads_the_last_unflagged_rounds_policy_and_optimizer(tmp_path, model_dirs):
     """When an unflagged round precedes the flagged one, the restart loads that round's checkpointed actor and its
     optimizer state from disk (the flagged round's own weights are discarded)."""
-    from train.ppo import OnlineState, Stage, _restart_actor, load_state
+    from train.stages.ppo import OnlineState, Stage, _restart_actor, load_state
 
     never = {"hacking.length_ratio": 100.0, "hacking.repeat_margin": 100.0, "hacking.min_reward_gain": 1e9,
              "online.rounds": 1}

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from train.chat import render
-from train.item_packing import ItemBatches
-from train.preference import (
+from train.data.chat import render
+from train.data.items import ItemBatches
+from train.data.preference import (
     DEFAULT_CONDITIONS,
     SyntheticPreferences,
     conditioned,
@@ -15,8 +15,8 @@ from train.preference import (
     read_preferences,
     reward_token_id,
 )
-from train.reward_losses import bradley_terry_loss, focal_ranking_loss, log_barrier_penalty, reward_loss
-from train.tokenizer import ByteTokenizer
+from train.data.tokenizer import ByteTokenizer
+from train.rlhf.reward_losses import bradley_terry_loss, focal_ranking_loss, log_barrier_penalty, reward_loss
 
 
 def _pairs(n, seed=0, scale=3.0):
@@ -199,8 +199,8 @@ def _fit_reward_model(conditions, steps=30, seed=0):
     import dataclasses
 
     from models import InternLM2Config, InternLM2ForScore
-    from train.reward import pair_loss_fn
-    from train.reward_eval import pair_accuracy, pair_scores
+    from train.eval.reward import pair_accuracy, pair_scores
+    from train.stages.reward import pair_loss_fn
 
     tok = ByteTokenizer()
     rid = reward_token_id(tok)
@@ -246,7 +246,7 @@ def _rm_args(tmp_path, name, init_from, *extra):
 
 
 def _rm_cfg(tmp_path, name, init_from, *extra):
-    from train.align_config import parse_reward_cli
+    from train.stages.align_config import parse_reward_cli
 
     return parse_reward_cli(_rm_args(tmp_path, name, init_from, *extra))
 
@@ -257,7 +257,7 @@ def test_reward_stage_from_sft_checkpoint_resumes_exactly(tmp_path):
 
     from models import InternLM2Config, InternLM2ForCausalLM
     from train.metrics import read_jsonl
-    from train.reward import run_reward
+    from train.stages.reward import run_reward
 
     sft = tmp_path / "sft_model"
     torch.manual_seed(3)
@@ -274,7 +274,7 @@ def test_reward_stage_from_sft_checkpoint_resumes_exactly(tmp_path):
     trunk = {k: v for k, v in lm.state_dict().items() if k != "output.weight"}
     assert set(trunk) | {"score_head.weight"} == set(full.model.state_dict())
     from train.parallel import Runtime
-    from train.reward import build_score_model
+    from train.stages.reward import build_score_model
     rebuilt = build_score_model(_rm_cfg(tmp_path, "x", str(sft)), Runtime(torch.device("cpu"), torch.float32), 272,
                                 str(sft))
     again = build_score_model(_rm_cfg(tmp_path, "x", str(sft)), Runtime(torch.device("cpu"), torch.float32), 272,
@@ -287,13 +287,13 @@ def test_reward_stage_from_sft_checkpoint_resumes_exactly(tmp_path):
     assert [e["stage"] for e in evals] == ["init", "reward"]
     assert {"pair_acc", "pair_acc_concise", "pair_acc_helpful"} <= set(evals[-1])
     assert full.histogram.endswith("reward_scores.png") and full.eval["pair_acc"] == evals[-1]["pair_acc"]
-    from train.reward_eval import plot_reward_training
+    from train.eval.reward import plot_reward_training
     assert os.path.isfile(plot_reward_training(read_jsonl(full.metrics_path), str(tmp_path / "plots"))["loss"])
     cut = run_reward(_rm_cfg(tmp_path, "cut", str(sft), "--checkpoint.every=2", "--run.stop_at_step=2"))
     assert not cut.finished
     resumed = run_reward(_rm_cfg(tmp_path, "cut", str(sft), "--checkpoint.every=2", "--resume"))
     assert records(resumed.metrics_path) == records(full.metrics_path)
-    from train.align_pipeline import reward_section
+    from train.pipeline.align import reward_section
     report = "\n".join(reward_section(resumed, {}, {"concise": "c", "helpful": "h"}))
     assert "| concise | c |" in report and "| helpful | chosen |" in report
     # the export is the score model in InternLM2's layout
@@ -311,7 +311,7 @@ def test_reward_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="micro_batch_tokens .* must hold 2 x seq_len"):
         _rm_cfg(tmp_path, "x", "", "--stages.0.micro_batch_tokens=256", "--stages.0.global_batch_tokens=256")
     with pytest.raises(ValueError, match="no condition prompt for domain 'helpful'"):
-        from train.reward import run_reward
+        from train.stages.reward import run_reward
         run_reward(_rm_cfg(tmp_path, "x", "", "--reward.conditions={concise = \"short\"}"))
 
 
@@ -335,7 +335,7 @@ def test_reward_step_reads_nothing_from_the_device(monkeypatch):
     import models.internlm2
     import models.packing
     from models import InternLM2Config, InternLM2ForScore
-    from train.reward import pair_loss_fn
+    from train.stages.reward import pair_loss_fn
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -374,7 +374,7 @@ def test_reward_steps_never_sync_on_gpu(tmp_path):
     from models import InternLM2Config, InternLM2ForScore
     from train.config import CheckpointConfig, MetricsConfig, OptimConfig
     from train.parallel import Runtime
-    from train.reward import pair_loss_fn
+    from train.stages.reward import pair_loss_fn
     from train.trainer import Stage, Trainer
 
     tok = ByteTokenizer()
@@ -401,7 +401,7 @@ def test_reward_steps_never_sync_on_gpu(tmp_path):
 
 
 def test_reward_stage_reads_jsonl_pairs_with_a_heldout_split(tmp_path):
-    from train.reward import preference_sets
+    from train.stages.reward import preference_sets
 
     path = tmp_path / "prefs.jsonl"
     recs = [{"domain": d, "prompt": f"q{i}", "chosen": "a", "rejected": "b"}
@@ -423,7 +423,7 @@ def test_reward_stage_tensor_parallel_equals_one_process(tmp_path):
     from distributed_harness import run_torchrun
 
     from train.metrics import read_jsonl
-    from train.reward import run_reward
+    from train.stages.reward import run_reward
 
     def records(path, kind):
         return [{k: v for k, v in r.items() if k not in ("window_time_s", "tokens_per_s")}
@@ -432,7 +432,7 @@ def test_reward_stage_tensor_parallel_equals_one_process(tmp_path):
     extra = ("--stages.0.steps=3", "--run.threads=1", "--metrics.plots=false")
     one = run_reward(_rm_cfg(tmp_path, "one", "", *extra))
     args = _rm_args(tmp_path, "two", "", *extra, "--parallel.tp=2")
-    run_torchrun("train.reward", args)
+    run_torchrun("train.stages.reward", args)
     two = os.path.join(tmp_path, "two", "metrics.jsonl")
     for kind, n in (("train", 3), ("eval", 2)):
         got, want = records(two, kind), records(one.metrics_path, kind)
@@ -441,8 +441,13 @@ def test_reward_stage_tensor_parallel_equals_one_process(tmp_path):
             assert set(g) == set(w)
             for k, v in w.items():
                 if isinstance(v, float) and not k.startswith("pair_acc"):
-                    # scores are O(1): a mean of them with cancellation (score_mean) is compared absolutely
-                    v = pytest.approx(v, rel=1e-5, abs=1e-5)
+                    # The tp ranks sum each row-parallel matmul's K/2 halves in another order, and the GEMM's
+                    # blocking follows the ISA (AVX-512 vs AVX2), so the fp32 results differ by rounding (~1e-7
+                    # relative). Adam's early updates are close to lr * sign(g): a gradient entry as small as that
+                    # rounding can flip sign and move by ~2 lr (lr 5e-4 here). After 3 steps the weights agree to
+                    # ~1e-4 (the export check below), and the metrics computed from them to the same 1e-4 relative;
+                    # scores are O(1), so a mean of them with cancellation (score_mean) gets the same bound absolutely.
+                    v = pytest.approx(v, rel=1e-4, abs=1e-4)
                 assert g[k] == v, (kind, k)
     # the export, gathered from the tp shards: the score model of one process, in InternLM2's layout
     from models import InternLM2ForScore

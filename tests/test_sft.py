@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from models import InternLM2Config, InternLM2ForCausalLM
-from train.chat import CALCULATOR, Conversation, Message, SyntheticChats, plugin_call, plugin_declaration
-from train.chat_eval import chat_eval, declared_tools, valid_plugin_call
-from train.corpus import SyntheticCorpus
-from train.item_packing import ItemBatches
-from train.sft_data import KIND_PRETRAIN, SFTItems
-from train.tokenizer import ByteTokenizer
+from train.data.chat import CALCULATOR, Conversation, Message, SyntheticChats, plugin_call, plugin_declaration
+from train.data.corpus import SyntheticCorpus
+from train.data.items import ItemBatches
+from train.data.sft_items import KIND_PRETRAIN, SFTItems
+from train.data.tokenizer import ByteTokenizer
+from train.eval.chat import chat_eval, declared_tools, valid_plugin_call
 
 
 def micro_model(vocab=272, seed=0):
@@ -127,7 +127,7 @@ def _sft_args(tmp_path, name, init_from, *extra):
 
 
 def _sft_cfg(tmp_path, name, init_from, *extra):
-    from train.align_config import parse_sft_cli
+    from train.stages.align_config import parse_sft_cli
 
     return parse_sft_cli(_sft_args(tmp_path, name, init_from, *extra))
 
@@ -152,8 +152,8 @@ def pretrained(tmp_path_factory):
 def test_sft_stage_starts_from_pretraining_exports_and_resumes_exactly(tmp_path, pretrained):
     from transformers import LlamaForCausalLM
 
-    from train.chat import render
-    from train.sft import conversations, heldout_assistant_loss, run_sft
+    from train.data.chat import render
+    from train.stages.sft import conversations, heldout_assistant_loss, run_sft
 
     full = run_sft(_sft_cfg(tmp_path, "full", pretrained))
     assert full.finished and full.init_from == pretrained
@@ -190,7 +190,7 @@ def test_sft_stage_starts_from_pretraining_exports_and_resumes_exactly(tmp_path,
     assert _records(resumed.metrics_path, "eval") == _records(full.metrics_path, "eval")
     assert _records(resumed.metrics_path, "data")[-1] == data
 
-    from train.align_pipeline import sft_section
+    from train.pipeline.align import sft_section
     report = "\n".join(sft_section(resumed, {}))
     assert "| exact match, all |" in report and "| tool-call format valid |" in report
     assert "<|action_start|><|plugin|>" in report      # the example conversation with a tool call
@@ -200,7 +200,7 @@ def test_sft_config_errors(tmp_path, pretrained):
     from train.config import ConfigError
 
     with pytest.raises(ConfigError, match="sft.init_from: .* neither a model directory nor a run directory"):
-        from train.align_config import resolve_init
+        from train.stages.align_config import resolve_init
         resolve_init(str(tmp_path), "sft.init_from")
     with pytest.raises(ConfigError, match="sft.long_context_mix"):
         _sft_cfg(tmp_path, "x", pretrained, "--sft.long_context_mix=1.5")
@@ -212,7 +212,7 @@ def test_sft_config_errors(tmp_path, pretrained):
 
 
 def test_sft_reads_openai_jsonl_with_a_heldout_split(tmp_path, pretrained):
-    from train.sft import conversations
+    from train.stages.sft import conversations
 
     path = tmp_path / "chat.jsonl"
     recs = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
@@ -228,7 +228,7 @@ def test_sft_data_splits_over_data_parallel_ranks_not_tp_ranks(tmp_path, pretrai
     """world 4 = tp 2 x dp 2: the tp peers (ranks 0, 1 and 2, 3) get the same micro-batches, the two data-parallel
     groups together exactly the micro-batches one process takes in a step."""
     from train.parallel import ParallelDims
-    from train.sft import conversations, sft_batches
+    from train.stages.sft import conversations, sft_batches
 
     cfg = _sft_cfg(tmp_path, "split", pretrained, "--sft.long_context_mix=0")
     items = SFTItems(conversations(cfg)[0], ByteTokenizer())
@@ -249,7 +249,7 @@ TORCHRUN_EXTRA = ("--sft.long_context_mix=0", "--stages.0.steps=3", "--run.threa
 
 @pytest.fixture(scope="module")
 def sft_one_process(tmp_path_factory, pretrained):
-    from train.sft import run_sft
+    from train.stages.sft import run_sft
 
     return run_sft(_sft_cfg(tmp_path_factory.mktemp("sft_one"), "one", pretrained, *TORCHRUN_EXTRA))
 
@@ -268,7 +268,7 @@ def test_sft_under_torchrun_equals_one_process(tmp_path, pretrained, sft_one_pro
 
     from distributed_harness import run_torchrun
 
-    run_torchrun("train.sft", _sft_args(tmp_path, "two", pretrained, *TORCHRUN_EXTRA, *extra), ranks)
+    run_torchrun("train.stages.sft", _sft_args(tmp_path, "two", pretrained, *TORCHRUN_EXTRA, *extra), ranks)
     two = os.path.join(tmp_path, "two", "metrics.jsonl")
     want = [r["loss"] for r in _records(sft_one_process.metrics_path, "train")]
     assert len(want) == 3

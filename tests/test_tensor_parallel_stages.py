@@ -46,7 +46,7 @@ def _on_tp_ranks(rank: int, world: int):
     from torch.distributed.device_mesh import init_device_mesh
 
     from internlm_kernels.distributed.tensor_parallel import parallelize_internlm2
-    from train.sft import gathered_model
+    from train.stages.sft import gathered_model
 
     mesh = init_device_mesh("cpu", (world,))
     score = _score_step(parallelize_internlm2(_score_model(), mesh))

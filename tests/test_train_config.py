@@ -45,8 +45,8 @@ def test_schedule_rejects_bad_values():
 
 def _load_shipped(path: str):
     """Each stage's config through its own loader (the SFT, reward and PPO stages add sections of their own)."""
-    from train.align_config import parse_reward_cli, parse_sft_cli
-    from train.ppo_config import load_ppo_config
+    from train.stages.align_config import parse_reward_cli, parse_sft_cli
+    from train.stages.ppo_config import load_ppo_config
 
     name = os.path.basename(path)
     if name.startswith("ppo_"):
@@ -113,7 +113,8 @@ def test_bad_configs_raise_clear_errors(args, match):
 
 
 def test_cli_refuses_a_bad_key_before_any_work(tmp_path, capsys):
-    from train import pipeline, pretrain
+    from train import pipeline
+    from train.stages import pretrain
 
     for entry in (pretrain.main, pipeline.main):
         assert entry(["--model.preset=huge", f"--run.output_dir={tmp_path}"]) == 2

@@ -9,9 +9,17 @@ import pytest
 import torch
 
 from models import InternLM2Config, InternLM2ForCausalLM
-from train.corpus import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, passkey_needle
-from train.eval import _chunks, heldout_loss, heldout_rows, passkey_probe, passkey_prompt, passkey_table, write_passkey
-from train.tokenizer import ByteTokenizer
+from train.data.corpus import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, passkey_needle
+from train.data.tokenizer import ByteTokenizer
+from train.eval.pretrain import (
+    _chunks,
+    heldout_loss,
+    heldout_rows,
+    passkey_probe,
+    passkey_prompt,
+    passkey_table,
+    write_passkey,
+)
 
 
 def _micro_model(vocab=272):

@@ -15,7 +15,7 @@ from distributed_harness import run_torchrun
 from train.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state, read_saved_state, save_checkpoint
 from train.config import load_config
 from train.metrics import read_jsonl
-from train.pretrain import run_pretraining
+from train.stages.pretrain import run_pretraining
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -221,7 +221,7 @@ def test_data_parallel_two_ranks_matches_single_process(tmp_path):
             "--model.overrides.num_hidden_layers=2", "--model.overrides.num_attention_heads=4",
             "--model.overrides.num_key_value_heads=2", "--stages.0.steps=4", "--stages.0.seq_len=64",
             "--stages.0.global_batch_tokens=256", "--stages.0.micro_batch_tokens=64"]
-    run_torchrun("train.pretrain", ["--run.name=ddp", *args])
+    run_torchrun("train.stages.pretrain", ["--run.name=ddp", *args])
     single = run_pretraining(load_config(None, {"run.output_dir": str(tmp_path), "run.name": "single", "run.threads": 1,
                                                 "metrics.progress": False, "eval.passkey": False,
                                                 "data.heldout_docs": 4, "optim.warmup_steps": 1,

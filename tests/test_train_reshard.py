@@ -9,7 +9,7 @@ from distributed_harness import run_torchrun
 from train.checkpoint import latest_checkpoint, load_trainer_state, read_saved_state
 from train.config import parse_cli
 from train.metrics import read_jsonl
-from train.pretrain import run_pretraining
+from train.stages.pretrain import run_pretraining
 
 # 2 rows per step of 1 row per micro-batch: one rank accumulates the two rows, two ranks take one each, and DDP's
 # all-reduce of two gradients adds them in the same order as accumulation does, so the losses match bit for bit.
@@ -26,7 +26,7 @@ def _args(tmp_path, name, *extra):
 
 
 def _torchrun(args):
-    run_torchrun("train.pretrain", args)
+    run_torchrun("train.stages.pretrain", args)
 
 
 def _losses(run_dir):

@@ -12,10 +12,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from models import InternLM2Config, InternLM2ForCausalLM
 from train.checkpoint import latest_checkpoint, list_checkpoints
 from train.config import CheckpointConfig, MetricsConfig, OptimConfig
-from train.data import Document, PackedStream, ShardedBatches
+from train.data.packing import Document, PackedStream, ShardedBatches
+from train.data.tokenizer import ByteTokenizer
 from train.metrics import read_jsonl
 from train.parallel import Runtime
-from train.tokenizer import ByteTokenizer
 from train.trainer import Stage, Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,10 +7,9 @@ from typing import Iterator
 import torch
 
 import internlm_kernels as ik
-
-from .config import ModelConfig, OptimConfig
-from .data import Batch
-from .parallel import Runtime
+from train.config import ModelConfig, OptimConfig
+from train.data.packing import Batch
+from train.parallel import Runtime
 
 
 def model_config(model_cfg: ModelConfig, vocab_size: int | None = None, rope_theta: float | None = None):

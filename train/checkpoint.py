@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .parallel import Parallel, Runtime
+from train.parallel import Parallel, Runtime
 
 _NAME = re.compile(r"^step_(\d{8})$")
 _TMP = re.compile(r"^step_\d{8}\.tmp-\d+$")

@@ -16,6 +16,15 @@ from typing import Any
 
 import tomllib
 
+# train/ runs from the checkout: the repository root holds configs/ (and the packages train/ and models/).
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def repo_config(name: str) -> str:
+    """The path of ``configs/<name>`` in this checkout (the default config of a stage)."""
+    return os.path.join(REPO_ROOT, "configs", name)
+
+
 # model.gradient_checkpointing values -> the model's `gradient_checkpointing` attribute
 CHECKPOINTING = {"none": False, "full": True, "mlp": "mlp"}
 
@@ -66,7 +75,7 @@ class StageConfig:
     global_batch_tokens: int = 0       # tokens per optimizer step over all ranks; 0 = one row per rank
     micro_batch_tokens: int = 0        # tokens per forward/backward on one rank; 0 = seq_len
     rope_theta: float = 0.0            # RoPE base for this stage; 0 = the model's
-    mix: dict[str, float] = field(default_factory=dict)     # synthetic task weights (train.corpus.TASKS)
+    mix: dict[str, float] = field(default_factory=dict)     # synthetic task weights (train.data.corpus.TASKS)
     passkey_min_chars: int = 200       # synthetic passkey documents: length range in characters
     passkey_max_chars: int = 1000
 
@@ -254,7 +263,7 @@ def read_toml(path: str) -> dict:
 
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None, cls: type = TrainConfig):
     """Defaults <- the TOML file <- overrides (``{"optim.lr": 1e-3}``), then validated. ``cls``: TrainConfig or a
-    stage's subclass of it with extra sections (train.align_config)."""
+    stage's subclass of it with extra sections (train.stages.align_config)."""
     data = read_toml(path) if path else {}
     where = path or "config"
     if "stages" in data and not isinstance(data["stages"], list):
@@ -295,14 +304,14 @@ def validate(c: TrainConfig) -> None:
     _check(c.data.source in ("synthetic", "files"), f"data.source must be synthetic or files, got {c.data.source!r}")
     if c.data.source == "files":
         _check(bool(c.data.paths), "data.paths: data.source = 'files' needs at least one path")
-        from .data import expand_paths
+        from train.data.packing import expand_paths
         try:
             expand_paths(c.data.paths)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     _check(c.data.txt_mode in ("line", "file"), f"data.txt_mode must be line or file, got {c.data.txt_mode!r}")
     _check(bool(c.data.text_field), "data.text_field must be a non-empty field name")
-    from .tokenizer import MIN_BYTE_VOCAB
+    from train.data.tokenizer import MIN_BYTE_VOCAB
     _check(c.data.byte_vocab_size >= MIN_BYTE_VOCAB,
            f"data.byte_vocab_size must be >= {MIN_BYTE_VOCAB} (bytes + specials), got {c.data.byte_vocab_size}")
     _check(c.data.num_people >= 1, f"data.num_people must be >= 1, got {c.data.num_people}")
@@ -331,7 +340,7 @@ def validate(c: TrainConfig) -> None:
         _check(0 < s.passkey_min_chars <= s.passkey_max_chars,
                f"{w}: need 0 < passkey_min_chars <= passkey_max_chars, got {s.passkey_min_chars}, {s.passkey_max_chars}")
         if s.mix:
-            from .corpus import TASKS
+            from train.data.corpus import TASKS
             for task, weight in s.mix.items():
                 _check(task in TASKS, f"{w}.mix: unknown task {task!r} (tasks: {', '.join(TASKS)})")
                 _check(weight >= 0, f"{w}.mix.{task} must be >= 0, got {weight}")
@@ -376,7 +385,7 @@ def check_model(m: ModelConfig) -> None:
 
 
 def check_parallel(p: ParallelConfig) -> None:
-    from .parallel import MODES
+    from train.parallel import MODES
 
     _check(p.mode in MODES, f"parallel.mode must be one of {', '.join(MODES)}, got {p.mode!r}")
     _check(p.tp >= 1, f"parallel.tp must be >= 1, got {p.tp}")

@@ -223,7 +223,7 @@ class DataParallel(Parallel):
     @classmethod
     def implementation(cls, dims: ParallelDims) -> type[Parallel]:
         if dims.tp > 1:
-            from .parallel_sharded import ReplicatedTensorParallel
+            from train.parallel_sharded import ReplicatedTensorParallel
 
             return ReplicatedTensorParallel
         return cls
@@ -247,4 +247,4 @@ class DataParallel(Parallel):
         return self.model.no_sync() if self.dims.distributed else contextlib.nullcontext()
 
 
-from . import parallel_sharded  # noqa: E402,F401  (registers the zero1, zero2 and fsdp modes)
+from train import parallel_sharded  # noqa: E402,F401  (registers the zero1, zero2 and fsdp modes)

@@ -12,7 +12,7 @@ import contextlib
 import torch
 from torch import nn
 
-from .parallel import Parallel, ParallelDims, Runtime, register_mode
+from train.parallel import Parallel, ParallelDims, Runtime, register_mode
 
 
 class _FullModel:

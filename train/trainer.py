@@ -30,8 +30,8 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
-from .build import optimizer_factory
-from .checkpoint import (
+from train.build import optimizer_factory
+from train.checkpoint import (
     checkpoint_root,
     latest_checkpoint,
     load_checkpoint,
@@ -40,10 +40,10 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import CheckpointConfig, MetricsConfig, OptimConfig
-from .metrics import MetricsLog, Progress, peak_tflops
-from .parallel import Runtime, barrier, parallelize
-from .schedule import WarmupCosine
+from train.config import CheckpointConfig, MetricsConfig, OptimConfig
+from train.metrics import MetricsLog, Progress, peak_tflops
+from train.parallel import Runtime, barrier, parallelize
+from train.schedule import WarmupCosine
 
 # (model, batch on the device) -> (summed loss: scalar tensor, its number of targets: tensor or int,
 # {name: summed value}: the trainer logs each sum over the global batch divided by the targets)

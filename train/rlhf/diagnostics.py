@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .losses import masked_mean
+from train.rlhf.losses import masked_mean
 
 
 def logprob_mismatch(sampler_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor,

@@ -34,11 +34,10 @@ import torch
 
 import internlm_kernels as ik
 from models.internlm2 import PackedContext, pack_inputs, shift_labels
-
-from .advantages import gae, whiten
-from .diagnostics import logprob_mismatch
-from .losses import masked_mean, policy_loss, value_loss
-from .rewards import shape_rewards
+from train.rlhf.advantages import gae, whiten
+from train.rlhf.diagnostics import logprob_mismatch
+from train.rlhf.losses import masked_mean, policy_loss, value_loss
+from train.rlhf.rewards import shape_rewards
 
 
 @dataclass
@@ -171,7 +170,7 @@ def ppo_iteration(actor, reference, critic, actor_optimizer, critic_optimizer, r
                   generator: torch.Generator, ptx_batches: Callable[[], object] | None = None,
                   train_actor: bool = True) -> dict[str, float]:
     """``make_experience`` then ``ppo_update`` (module docstring), with the statistics read to the host once.
-    ``ptx_batches()`` returns the next packed pretraining batch (``train.data.Batch``) for the actor's
+    ``ptx_batches()`` returns the next packed pretraining batch (``train.data.packing.Batch``) for the actor's
     language-modelling term; None (or ``ptx_coef`` 0) leaves it out. ``train_actor=False`` is the critic warmup: the
     actor is neither stepped nor given gradients."""
     t0 = time.perf_counter()

@@ -8,15 +8,15 @@ measuring the reward model on held-out prompts.
   (longer is better), half "correct beats wrong" (so it also rewards correctness).
 - ``probe_pairs``: held-out pairs in two sets, ``correct>wrong`` and ``short>padded`` (the fix the fast path should
   teach), labelled with the key ``set`` so ``pair_accuracy`` reports each.
-- ``preference_pairs``: records of ``train.preference.SyntheticPreferences`` (the conditional RM's own synthetic
+- ``preference_pairs``: records of ``train.data.preference.SyntheticPreferences`` (the conditional RM's own synthetic
   domains): the held-out split for its per-domain accuracy, the train split replayed at each refresh.
 """
 from __future__ import annotations
 
 import random
 
-from ..preference import SyntheticPreferences
-from .rollouts import Prompt
+from train.data.preference import SyntheticPreferences
+from train.rlhf.rollouts import Prompt
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 

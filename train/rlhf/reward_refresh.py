@@ -1,6 +1,6 @@
 """Refreshing the reward model between PPO rounds: fine-tune it on preference pairs (the fast path's targeted pairs,
 the slow path's labelled comparisons, and a replay of earlier pairs) with COOL RLHF's loss (focal ranking + log
-barrier, ``train.reward_losses``), and measure its pair accuracy per domain.
+barrier, ``train.rlhf.reward_losses``), and measure its pair accuracy per domain.
 
 Pairs are the jsonl records of ``train.rlhf.hacking`` (``prompt`` as chat messages, ``chosen``/``rejected`` as reply
 texts); each is scored as ``train.rlhf.rollouts.reward_ids`` builds it (condition prompt on the reward side).
@@ -15,10 +15,9 @@ from typing import Mapping
 import torch
 
 import internlm_kernels as ik
-
-from ..chat import Message
-from ..reward_losses import reward_loss
-from .rollouts import Prompt, reward_ids
+from train.data.chat import Message
+from train.rlhf.reward_losses import reward_loss
+from train.rlhf.rollouts import Prompt, reward_ids
 
 
 @dataclass

@@ -1,13 +1,13 @@
 """From prompts to a PPO ``Rollout``: verifiable chat prompts, sampling, the reward side, padding.
 
 Prompts are chat conversations up to the reply being generated (``encode_prompt``: the rendered messages and
-``<|im_start|>assistant\\n``). The embedded set takes ``train.chat.SyntheticChats`` conversations without their last
+``<|im_start|>assistant\\n``). The embedded set takes ``train.data.chat.SyntheticChats`` conversations without their last
 assistant turn; its ``answer`` is the exact expected reply, so a response is checked by exact match.
 
 The reward side (COOL RLHF): the reward model scores
     render([system: condition(domain)] + prompt messages, generation prompt) + response + <|im_end|>\\n + <reward>
 the domain's condition prompt added on the reward side only (the policy never sees it). For a well-formed response
-these are exactly ``train.preference.score_ids`` of the conditioned conversation; building them from the response
+these are exactly ``train.data.preference.score_ids`` of the conditioned conversation; building them from the response
 text directly also scores malformed generations (a stray tool call or turn marker), which the chat validation would
 refuse.
 """
@@ -19,10 +19,9 @@ from typing import Mapping, Sequence
 import torch
 
 from models.serving import Completion, ContinuousBatchingGenerator
-
-from ..chat import IM_END, Message, SyntheticChats, encode_prompt, render
-from .hacking import Sample
-from .iteration import Rollout
+from train.data.chat import IM_END, Message, SyntheticChats, encode_prompt, render
+from train.rlhf.hacking import Sample
+from train.rlhf.iteration import Rollout
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class Prompt:
 
 
 class SyntheticPrompts:
-    """Random-access prompts of ``train.chat.SyntheticChats(seed, split, tasks)``: conversation i without its final
+    """Random-access prompts of ``train.data.chat.SyntheticChats(seed, split, tasks)``: conversation i without its final
     assistant reply, whose text is the answer."""
 
     def __init__(self, seed: int, split: str, tasks: Sequence[str], domain: str, num_people: int = 24):

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .item_packing import Item, budget_groups, collate_items
+from train.data.items import Item, budget_groups, collate_items
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """COOL RLHF's PPO stage (InternLM2): online PPO in rounds, with the reward model refreshed between rounds.
 
-    python -m train.ppo --config configs/ppo_tiny.toml              # models.actor = SFT dir, models.reward = RM dir
-    python -m train.ppo --config configs/ppo_tiny.toml --resume     # continue after the last finished round
+    python -m train.stages.ppo --config configs/ppo_tiny.toml              # models.actor = SFT dir, models.reward = RM dir
+    python -m train.stages.ppo --config configs/ppo_tiny.toml --resume     # continue after the last finished round
 
 Models: actor and reference from the SFT checkpoint; reward model and critic from the RM checkpoint (the critic is
 the reward model's copy, then warmed up with the actor frozen). The reference and the reward model only run
@@ -43,24 +43,23 @@ import torch
 import internlm_kernels as ik
 from models import InternLM2ForCausalLM
 from models.internlm2 import InternLM2ForScore
-
-from .checkpoint import fsync_path
-from .corpus import SyntheticCorpus
-from .data import PackedStream, collate
-from .ppo_config import PPOStageConfig, model_dir, parse_ppo_cli
-from .preference import reward_token_id
-from .rlhf.advantages import gae
-from .rlhf.hacking import Sample, detect_hacking, label_comparisons, load_comparisons, targeted_pairs, write_pairs
-from .rlhf.iteration import action_logprobs, ppo_iteration
-from .rlhf.probe_pairs import length_biased_pairs, preference_pairs, probe_pairs
-from .rlhf.reward_refresh import pair_accuracy, refresh_reward_model
-from .rlhf.rollouts import Generated, Sampler, SyntheticPrompts, generate_and_score, reward_ids, score
-from .tokenizer import load_tokenizer
+from train.checkpoint import fsync_path
+from train.config import repo_config
+from train.data.corpus import SyntheticCorpus
+from train.data.packing import PackedStream, collate
+from train.data.preference import reward_token_id
+from train.data.tokenizer import load_tokenizer
+from train.rlhf.advantages import gae
+from train.rlhf.hacking import Sample, detect_hacking, label_comparisons, load_comparisons, targeted_pairs, write_pairs
+from train.rlhf.iteration import action_logprobs, ppo_iteration
+from train.rlhf.probe_pairs import length_biased_pairs, preference_pairs, probe_pairs
+from train.rlhf.reward_refresh import pair_accuracy, refresh_reward_model
+from train.rlhf.rollouts import Generated, Sampler, SyntheticPrompts, generate_and_score, reward_ids, score
+from train.stages.ppo_config import PPOStageConfig, model_dir, parse_ppo_cli
 
 __all__ = ["gae", "run_ppo", "PPOResult"]
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "ppo_tiny.toml")
+DEFAULT_CONFIG = repo_config("ppo_tiny.toml")
 
 
 def seed_of(cfg: PPOStageConfig, what: str, index: int = 0) -> int:
@@ -271,7 +270,7 @@ def check_single_process() -> None:
         world = max(world, torch.distributed.get_world_size())
     if world > 1:
         raise ValueError(f"WORLD_SIZE: the PPO stage runs in one process, got a launch of {world} ranks "
-                         f"(run `python -m train.ppo`, not torchrun)")
+                         f"(run `python -m train.stages.ppo`, not torchrun)")
 
 
 def run_ppo(cfg: PPOStageConfig) -> PPOResult:
@@ -444,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     if not result.finished:
         print(f"[ppo] stopped after round {result.state.rounds_done}; continue with --resume")
         return 0
-    from .ppo_report import write_ppo_report
+    from train.eval.ppo_report import write_ppo_report
 
     path = write_ppo_report(result, cfg.metrics.plots)
     with open(path) as f:

@@ -17,8 +17,8 @@ from typing import Sequence
 
 import torch
 
-from .chat import ACTION_END, ACTION_START, IM_END, TOOL_NAMES, Conversation, Message, encode_prompt
-from .tokenizer import Tokenizer
+from train.data.chat import ACTION_END, ACTION_START, IM_END, TOOL_NAMES, Conversation, Message, encode_prompt
+from train.data.tokenizer import Tokenizer
 
 _CALL = re.compile(re.escape(ACTION_START + TOOL_NAMES["plugin"]) + r"\n(.*)" + re.escape(ACTION_END) + r"\Z", re.S)
 

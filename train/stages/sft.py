@@ -1,15 +1,15 @@
 """Supervised fine-tuning (InternLM2's SFT) as one stage on the Trainer.
 
-    python -m train.sft --config configs/sft_tiny.toml [--resume] [--section.key=value ...]
-    torchrun --nproc_per_node 8 -m train.sft --config configs/sft_7b.toml
+    python -m train.stages.sft --config configs/sft_tiny.toml [--resume] [--section.key=value ...]
+    torchrun --nproc_per_node 8 -m train.stages.sft --config configs/sft_7b.toml
 
 Starts from a pretraining checkpoint (``sft.init_from``: an HF model directory or a pretraining run directory).
-Data: conversations in InternLM2-chat's format (``train.chat``; OpenAI-style jsonl or the embedded synthetic set),
+Data: conversations in InternLM2-chat's format (``train.data.chat``; OpenAI-style jsonl or the embedded synthetic set),
 loss on assistant tokens only, each conversation one document in ``cu_seqlens``, micro-batches packed with whole
-conversations up to ``stages.0.micro_batch_tokens`` (``train.item_packing``; over-long conversations dropped or
+conversations up to ``stages.0.micro_batch_tokens`` (``train.data.items``; over-long conversations dropped or
 truncated by ``sft.overlong`` and counted), a ``sft.long_context_mix`` share of pretraining documents. Schedule:
 warmup + cosine (``[optim]``; InternLM2: AdamW at 4e-5, one epoch). Evaluation before and after: held-out
-assistant-token loss, exact match on verifiable conversations, tool-call format validity (``train.chat_eval``).
+assistant-token loss, exact match on verifiable conversations, tool-call format validity (``train.eval.chat``).
 The stage ends with a transformers-loadable export (``LlamaForCausalLM`` layout) under the checkpoint's ``model/``.
 """
 from __future__ import annotations
@@ -22,22 +22,21 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .align_config import SFTConfig, parse_sft_cli, resolve_init, stage_geometry
-from .build import batch_flops, build_model, model_config
-from .chat import Conversation, SyntheticChats, read_conversations
-from .chat_eval import chat_eval
-from .config import CHECKPOINTING, ConfigError, to_dict
-from .corpus import SyntheticCorpus
-from .data import FileCorpus
-from .item_packing import ItemBatches, budget_groups, collate_items
-from .parallel import ParallelDims, barrier, init_runtime
-from .pretrain import causal_lm_loss
-from .sft_data import SFTItems
-from .tokenizer import Tokenizer, describe, load_tokenizer
-from .trainer import Stage, Trainer
+from train.build import batch_flops, build_model, model_config
+from train.config import CHECKPOINTING, ConfigError, repo_config, to_dict
+from train.data.chat import Conversation, SyntheticChats, read_conversations
+from train.data.corpus import SyntheticCorpus
+from train.data.items import ItemBatches, budget_groups, collate_items
+from train.data.packing import FileCorpus
+from train.data.sft_items import SFTItems
+from train.data.tokenizer import Tokenizer, describe, load_tokenizer
+from train.eval.chat import chat_eval
+from train.parallel import ParallelDims, barrier, init_runtime
+from train.stages.align_config import SFTConfig, parse_sft_cli, resolve_init, stage_geometry
+from train.stages.pretrain import causal_lm_loss
+from train.trainer import Stage, Trainer
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "sft_tiny.toml")
+DEFAULT_CONFIG = repo_config("sft_tiny.toml")
 LONG_CONTEXT_FILE_DOCS = 100_000   # data files: the long-context mix draws from (at most) this many documents, in memory
 
 

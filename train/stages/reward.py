@@ -1,14 +1,14 @@
 """The conditional reward model of COOL RLHF (InternLM2 report, section 4.2).
 
-One reward model for every preference domain: a condition system prompt names the domain (``train.preference``),
+One reward model for every preference domain: a condition system prompt names the domain (``train.data.preference``),
 the score is read at the reward token appended to the end, and the loss is the focal ranking loss plus the log
-barrier (``train.reward_losses``; plain Bradley-Terry selectable).
+barrier (``train.rlhf.reward_losses``; plain Bradley-Terry selectable).
 
-    python -m train.reward --config configs/reward_tiny.toml [--resume] [--section.key=value ...]
-    torchrun --nproc_per_node 8 -m train.reward --config configs/reward_7b.toml
+    python -m train.stages.reward --config configs/reward_tiny.toml [--resume] [--section.key=value ...]
+    torchrun --nproc_per_node 8 -m train.stages.reward --config configs/reward_7b.toml
 
 ``InternLM2ForScore`` starts from the SFT checkpoint (``reward.init_from``) with a fresh head drawn from
-``run.seed``. Data: preference pairs (``train.preference``: jsonl or the embedded domain-flipped set), each
+``run.seed``. Data: preference pairs (``train.data.preference``: jsonl or the embedded domain-flipped set), each
 sequence = condition prompt + conversation + reward token; chosen and rejected of a pair sit next to each other in
 one micro-batch, micro-batches filled with whole pairs up to ``stages.0.micro_batch_tokens`` (InternLM2: 16,384
 tokens, max length 8192; a longer pair is dropped and counted). Evaluation before and after: held-out pair accuracy
@@ -25,24 +25,23 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .align_config import RewardConfig, parse_reward_cli, resolve_init, stage_geometry
-from .build import model_config
-from .config import CHECKPOINTING, ConfigError, to_dict
-from .item_packing import Item, ItemBatch, ItemBatches
-from .parallel import Runtime, barrier, init_runtime
-from .preference import SYNTHETIC_DOMAINS, SyntheticPreferences, pair_item, read_preferences, reward_token_id
-from .reward_eval import histogram_table, pair_accuracy, pair_scores, plot_score_histogram
-from .reward_losses import (  # noqa: F401  (the losses are part of this module's API)
+from train.build import model_config
+from train.config import CHECKPOINTING, ConfigError, repo_config, to_dict
+from train.data.items import Item, ItemBatch, ItemBatches
+from train.data.preference import SYNTHETIC_DOMAINS, SyntheticPreferences, pair_item, read_preferences, reward_token_id
+from train.data.tokenizer import Tokenizer, describe, load_tokenizer
+from train.eval.reward import histogram_table, pair_accuracy, pair_scores, plot_score_histogram
+from train.parallel import Runtime, barrier, init_runtime
+from train.rlhf.reward_losses import (  # noqa: F401  (the losses are part of this module's API)
     bradley_terry_loss,
     focal_ranking_loss,
     log_barrier_penalty,
     reward_loss,
 )
-from .tokenizer import Tokenizer, describe, load_tokenizer
-from .trainer import Stage, Trainer
+from train.stages.align_config import RewardConfig, parse_reward_cli, resolve_init, stage_geometry
+from train.trainer import Stage, Trainer
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "reward_tiny.toml")
+DEFAULT_CONFIG = repo_config("reward_tiny.toml")
 
 
 def pair_loss_fn(kind: str = "focal", gamma: float = 2.0, penalty: float = 0.02, bound: float = 5.0):
@@ -62,7 +61,7 @@ def pair_loss_fn(kind: str = "focal", gamma: float = 2.0, penalty: float = 0.02,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The stage: python -m train.reward --config configs/reward_tiny.toml [--resume] [--section.key=value ...]
+# The stage: python -m train.stages.reward --config configs/reward_tiny.toml [--resume] [--section.key=value ...]
 
 
 def preference_sets(cfg: RewardConfig):

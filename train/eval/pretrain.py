@@ -18,9 +18,9 @@ from typing import Sequence
 
 import torch
 
-from .corpus import passkey_parts
-from .data import PackedRow, collate, pack_documents
-from .tokenizer import Tokenizer
+from train.data.corpus import passkey_parts
+from train.data.packing import PackedRow, collate, pack_documents
+from train.data.tokenizer import Tokenizer
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .chat import SYNTHETIC_CHAT_TASKS
-from .config import ConfigError, TrainConfig, parse_cli
-from .item_packing import OVERLONG_RULES
-from .preference import DEFAULT_CONDITIONS
-from .reward_losses import RANKING_LOSSES
+from train.config import ConfigError, TrainConfig, parse_cli
+from train.data.chat import SYNTHETIC_CHAT_TASKS
+from train.data.items import OVERLONG_RULES
+from train.data.preference import DEFAULT_CONDITIONS
+from train.rlhf.reward_losses import RANKING_LOSSES
 
 
 @dataclass
@@ -124,7 +124,7 @@ def parse_reward_cli(argv: list[str], default_config: str | None = None) -> Rewa
 
 def resolve_init(path: str, key: str) -> str:
     """An HF model directory: ``path`` itself, or the newest model export of the run directory ``path``."""
-    from .checkpoint import list_checkpoints
+    from train.checkpoint import list_checkpoints
 
     if not path:
         return ""
@@ -135,4 +135,4 @@ def resolve_init(path: str, key: str) -> str:
         if os.path.isfile(os.path.join(model, "config.json")):
             return model
     raise ConfigError(f"{key}: {path!r} is neither a model directory nor a run directory with an exported "
-                      "checkpoint (run the previous stage first, e.g. `make demo` or python -m train.pretrain)")
+                      "checkpoint (run the previous stage first, e.g. `make demo` or python -m train.stages.pretrain)")

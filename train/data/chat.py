@@ -38,7 +38,7 @@ import random
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from .tokenizer import BOS, Tokenizer
+from train.data.tokenizer import BOS, Tokenizer
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "environment")
@@ -297,11 +297,11 @@ class SyntheticChats:
     (seed, split, i). Tasks: ``arithmetic`` (direct answer), ``calculator`` and ``lookup`` (a tool call through
     the environment role, then the answer), ``multiturn`` (reverse a word, then sort its letters), ``system``
     (a system prompt that changes the answer: upper case). ``lookup`` asks about the pretraining corpus's world
-    of people (train.corpus.make_world), so the tool's answers are consistent with what pretraining saw."""
+    of people (train.data.corpus.make_world), so the tool's answers are consistent with what pretraining saw."""
 
     def __init__(self, seed: int = 0, split: str = "train", tasks: Sequence[str] = SYNTHETIC_CHAT_TASKS,
                  num_people: int = 24):
-        from .corpus import make_world
+        from train.data.corpus import make_world
 
         for t in tasks:
             if t not in SYNTHETIC_CHAT_TASKS:

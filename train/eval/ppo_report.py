@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from .ppo import PPOResult
+from train.stages.ppo import PPOResult
 
 
 def read_records(run_dir: str) -> list[dict]:

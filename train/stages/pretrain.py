@@ -10,8 +10,8 @@ Around the stages: held-out perplexity before training and after each stage, che
 stage end, and at ``run.stop_at_step``), and the passkey probe after the last stage. ``--resume`` continues from
 the newest checkpoint of the run directory with the same losses as an uninterrupted run.
 
-    python -m train.pretrain --config configs/tiny_cpu.toml [--resume] [--section.key=value ...]
-    torchrun --nproc_per_node 8 -m train.pretrain --config configs/internlm2_1_8b.toml
+    python -m train.stages.pretrain --config configs/tiny_cpu.toml [--resume] [--section.key=value ...]
+    torchrun --nproc_per_node 8 -m train.stages.pretrain --config configs/internlm2_1_8b.toml
 """
 from __future__ import annotations
 
@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .build import batch_flops, build_model, model_config
-from .config import CHECKPOINTING, ConfigError, TrainConfig, parse_cli, to_dict
-from .corpus import SyntheticCorpus
-from .data import Batch, FileCorpus, PackedStream, ShardedBatches
-from .eval import check_passkey_lengths, heldout_loss, heldout_rows, passkey_probe, write_passkey
-from .parallel import Runtime, barrier, init_runtime
-from .tokenizer import Tokenizer, describe, load_tokenizer
-from .trainer import Stage, Trainer
+from train.build import batch_flops, build_model, model_config
+from train.config import CHECKPOINTING, ConfigError, TrainConfig, parse_cli, to_dict
+from train.data.corpus import SyntheticCorpus
+from train.data.packing import Batch, FileCorpus, PackedStream, ShardedBatches
+from train.data.tokenizer import Tokenizer, describe, load_tokenizer
+from train.eval.pretrain import check_passkey_lengths, heldout_loss, heldout_rows, passkey_probe, write_passkey
+from train.parallel import Runtime, barrier, init_runtime
+from train.trainer import Stage, Trainer
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import Iterator, Protocol, Sequence
 
 import torch
 
-from .tokenizer import Tokenizer
+from train.data.tokenizer import Tokenizer
 
 TEXT_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
 IGNORE_INDEX = -100

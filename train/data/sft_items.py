@@ -4,16 +4,16 @@ InternLM2 keeps long-context pretraining data in the SFT mix so that long-contex
 Item ``i`` of the stream is a pretraining document (every token a target, as in pretraining) with probability
 ``long_context_mix`` (drawn from (seed, i): deterministic, so a resumed run sees the same items), else
 conversation ``i`` of the conversation source (``SyntheticChats``, or a list read from jsonl and repeated in
-epochs). Conversations are encoded by ``train.chat.encode`` (labels -100 except assistant turns).
+epochs). Conversations are encoded by ``train.data.chat.encode`` (labels -100 except assistant turns).
 """
 from __future__ import annotations
 
 import random
 from typing import Callable
 
-from .chat import Conversation, encode
-from .item_packing import Item
-from .tokenizer import Tokenizer
+from train.data.chat import Conversation, encode
+from train.data.items import Item
+from train.data.tokenizer import Tokenizer
 
 KIND_CONVERSATION, KIND_PRETRAIN = 0, 1   # Item.group: what an item is (metrics count both)
 

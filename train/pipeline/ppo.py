@@ -11,13 +11,12 @@ import json
 import os
 import time
 
-from .config import TrainConfig
-from .ppo import PPOResult, run_ppo
-from .ppo_config import load_ppo_config
-from .ppo_report import plot_ppo, read_records, report_lines
+from train.config import TrainConfig, repo_config
+from train.eval.ppo_report import plot_ppo, read_records, report_lines
+from train.stages.ppo import PPOResult, run_ppo
+from train.stages.ppo_config import load_ppo_config
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PPO_CONFIG = os.path.join(REPO_ROOT, "configs", "ppo_tiny.toml")
+PPO_CONFIG = repo_config("ppo_tiny.toml")
 
 
 def reward_conditions(reward_run_dir: str) -> dict[str, str]:

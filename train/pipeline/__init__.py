@@ -3,12 +3,12 @@
     python -m train.pipeline                                   # configs/tiny_cpu.toml: about 5 minutes on 2 quiet CPU cores
     python -m train.pipeline --config configs/x.toml --resume  # any config; overrides as --section.key=value
 
-Stages run by ``train.pretrain`` (4k-style stage, then the long-context stage with the RoPE base raised); then
+Stages run by ``train.stages.pretrain`` (4k-style stage, then the long-context stage with the RoPE base raised); then
 plots of loss and throughput, a check that the checkpoint loads in transformers and computes the same logits,
 and ``runs/<name>/report.md`` (also printed): loss curve, held-out perplexity before/after, passkey accuracy by
 length, tokens/s, the checkpoint, and how to load it. Then SFT from that checkpoint and the conditional reward
-model from the SFT checkpoint (``train.align_pipeline``: configs/sft_tiny.toml, configs/reward_tiny.toml) add
-their sections to the report; then PPO in rounds from both (``train.ppo_pipeline``: configs/ppo_tiny.toml).
+model from the SFT checkpoint (``train.pipeline.align``: configs/sft_tiny.toml, configs/reward_tiny.toml) add
+their sections to the report; then PPO in rounds from both (``train.pipeline.ppo``: configs/ppo_tiny.toml).
 """
 from __future__ import annotations
 
@@ -18,15 +18,14 @@ import time
 
 import torch
 
-from .align_pipeline import run_alignment
-from .config import ConfigError, TrainConfig, parse_cli
-from .eval import passkey_table
-from .metrics import plot_training, read_jsonl
-from .ppo_pipeline import run_rlhf
-from .pretrain import PretrainResult, heldout_texts, run_pretraining
+from train.config import REPO_ROOT, ConfigError, TrainConfig, parse_cli, repo_config
+from train.eval.pretrain import passkey_table
+from train.metrics import plot_training, read_jsonl
+from train.pipeline.align import run_alignment
+from train.pipeline.ppo import run_rlhf
+from train.stages.pretrain import PretrainResult, heldout_texts, run_pretraining
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "tiny_cpu.toml")
+DEFAULT_CONFIG = repo_config("tiny_cpu.toml")
 SAMPLE_PROMPTS = ("23 + 45 =", "reverse: planet ->", "sort: 7 3 9 1 ->")
 
 
@@ -109,8 +108,8 @@ def write_report(cfg: TrainConfig, result: PretrainResult, plots: dict, check: d
                   f"(logits up to {check['logit_scale']:.1f}); transformers' greedy continuation of "
                   f"`{SAMPLE_PROMPTS[0]}`: `{check['generated']}`.", ""]
     lines += ["Load it in transformers (the tokenizer is this repo's byte-level one):", "```python",
-              "import sys, torch", f"sys.path.insert(0, {REPO_ROOT!r})  # for train.tokenizer",
-              "from transformers import LlamaForCausalLM", "from train.tokenizer import load_tokenizer", "",
+              "import sys, torch", f"sys.path.insert(0, {REPO_ROOT!r})  # for train.data.tokenizer",
+              "from transformers import LlamaForCausalLM", "from train.data.tokenizer import load_tokenizer", "",
               f"model = LlamaForCausalLM.from_pretrained({check.get('path', os.path.join(str(result.checkpoint), 'model'))!r})",
               f"tok = load_tokenizer({cfg.data.tokenizer!r}, {cfg.data.byte_vocab_size})",
               f"ids = torch.tensor([tok.encode({SAMPLE_PROMPTS[0]!r}, add_bos=True)])",
@@ -159,6 +158,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[pipeline] report: {report}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,7 +3,7 @@
 A record (jsonl, one per line):
     {"domain": "helpful", "prompt": [messages] or "a user message",
      "chosen": "assistant reply" or [messages], "rejected": "assistant reply" or [messages]}
-Messages in either spelling of ``train.chat``; a string prompt is one user message, a string response one
+Messages in either spelling of ``train.data.chat``; a string prompt is one user message, a string response one
 assistant message.
 
 Conditioning (reward side only): the reward model reads
@@ -28,9 +28,9 @@ import random
 from dataclasses import dataclass
 from typing import Mapping
 
-from .chat import Message, normalize, render
-from .item_packing import Item
-from .tokenizer import ByteTokenizer, Tokenizer
+from train.data.chat import Message, normalize, render
+from train.data.items import Item
+from train.data.tokenizer import ByteTokenizer, Tokenizer
 
 INTERNLM2_REWARD_PIECE = "[UNUSED_TOKEN_130]"
 SYNTHETIC_DOMAINS = ("concise", "helpful")

@@ -10,17 +10,16 @@ from __future__ import annotations
 import os
 import time
 
-from .align_config import parse_reward_cli, parse_sft_cli
-from .chat import render
-from .config import TrainConfig
-from .metrics import plot_training, read_jsonl
-from .reward import RewardResult, run_reward
-from .reward_eval import histogram_table, plot_reward_training
-from .sft import SFTResult, run_sft
+from train.config import TrainConfig, repo_config
+from train.data.chat import render
+from train.eval.reward import histogram_table, plot_reward_training
+from train.metrics import plot_training, read_jsonl
+from train.stages.align_config import parse_reward_cli, parse_sft_cli
+from train.stages.reward import RewardResult, run_reward
+from train.stages.sft import SFTResult, run_sft
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SFT_CONFIG = os.path.join(REPO_ROOT, "configs", "sft_tiny.toml")
-REWARD_CONFIG = os.path.join(REPO_ROOT, "configs", "reward_tiny.toml")
+SFT_CONFIG = repo_config("sft_tiny.toml")
+REWARD_CONFIG = repo_config("reward_tiny.toml")
 
 
 def _carried(cfg: TrainConfig) -> list[str]:

@@ -6,12 +6,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .chat import SYNTHETIC_CHAT_TASKS
-from .checkpoint import latest_checkpoint
-from .config import ConfigError, _build, apply_override, parse_value, read_toml
-from .rlhf.hacking import HackingConfig
-from .rlhf.iteration import PPOConfig
-from .rlhf.reward_refresh import RewardRefreshConfig
+from train.checkpoint import latest_checkpoint
+from train.config import ConfigError, _build, apply_override, parse_value, read_toml
+from train.data.chat import SYNTHETIC_CHAT_TASKS
+from train.rlhf.hacking import HackingConfig
+from train.rlhf.iteration import PPOConfig
+from train.rlhf.reward_refresh import RewardRefreshConfig
 
 
 @dataclass
@@ -38,7 +38,7 @@ class RolloutConfig:
     prompts_per_iteration: int = 16
     max_new_tokens: int = 64
     top_p: float = 0.9                 # InternLM2's PPO sampling (the temperature is ppo.temperature)
-    tasks: list[str] = field(default_factory=lambda: list(SYNTHETIC_CHAT_TASKS))   # train.chat synthetic tasks
+    tasks: list[str] = field(default_factory=lambda: list(SYNTHETIC_CHAT_TASKS))   # train.data.chat synthetic tasks
     domain: str = "helpful"            # the reward model's condition for the PPO prompts
     heldout_prompts: int = 32          # evaluation prompts (greedy accuracy, mean reward, KL)
     comparison_prompts: int = 16       # prompts answered by SFT / early / late PPO (slow path, hacking baseline)

@@ -1,6 +1,6 @@
 """Packing whole items into micro-batches of a token budget (SFT conversations, reward-model pairs).
 
-Pretraining cuts documents at row ends (``train.data.PackedStream``); alignment data must not be cut: a cut
+Pretraining cuts documents at row ends (``train.data.packing.PackedStream``); alignment data must not be cut: a cut
 conversation loses its answer, a cut pair loses its reward token. Here an *item* is one or more sequences that
 stay together (an SFT conversation: one; a preference pair: chosen and rejected, adjacent, in one micro-batch).
 Micro-batches are filled greedily with whole items in source order up to ``micro_batch_tokens`` (a fixed token
@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .data import IGNORE_INDEX, Batch
+from train.data.packing import IGNORE_INDEX, Batch
 
 OVERLONG_RULES = ("drop", "truncate")
 MAX_CONSECUTIVE_DROPS = 1000   # more over-long items in a row than this: max_seq_len is wrong, not the data
@@ -45,7 +45,7 @@ class Item:
 
 @dataclass
 class ItemBatch(Batch):
-    """``train.data.Batch`` (sequences concatenated, one document each) plus which items they came from."""
+    """``train.data.packing.Batch`` (sequences concatenated, one document each) plus which items they came from."""
     seqs_per_item: int = 1
     groups: list[int] = field(default_factory=list)     # (items,) host-side tags
 
