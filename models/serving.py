@@ -57,6 +57,7 @@ class PagedKVPool:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.page_size = page_size
         self.free = list(range(num_pages - 1, 0, -1))   # a stack; page 0 is the scratch page
+        self.capacity = num_pages - 1
 
     def allocate(self, n: int) -> list[int] | None:
         if n > len(self.free):
@@ -125,12 +126,35 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: 
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How one request samples. Requests with equal ``Sampling`` (the same ``generator`` object included) are
+    sampled together in one ``sample`` call; a request with its own generator draws only from it, so its tokens do
+    not depend on what else is in the batch."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    generator: torch.Generator | None = None
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """What one ``step`` produced for one request: its new tokens (one, two when it was admitted in this step, none
+    for a request with a zero budget) and, when it finished in this step, why."""
+    request_id: int
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str | None = None
+
+
 @dataclasses.dataclass
 class _Request:
-    index: int                 # position in the caller's prompt list
+    id: int
     prompt: list[int]
     max_new: int
-    pages: list[int]
+    sampling: Sampling
+    stop: frozenset
+    pages: list[int] = dataclasses.field(default_factory=list)
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
 
@@ -142,6 +166,12 @@ class ContinuousBatchingGenerator:
     every slot at max_seq_len, plus the scratch page) sizes the pool; ``prefill_tokens`` bounds the prompt tokens
     of one prefill call (a longer prompt still runs, alone). ``cuda_graphs`` captures the decode step per batch
     bucket on CUDA (ignored on CPU).
+
+    Two ways in: ``generate(prompts, ...)`` runs a list to completion; the incremental API that a server drives
+    from one thread is ``submit`` (queue a request, get its id), ``step`` (admit and prefill what fits, then one
+    decode step: the new tokens of every request, and which finished), ``cancel`` (drop a request, its slot and
+    pages free at once) and ``busy``. Requests join and leave the batch at these token boundaries. Not
+    thread-safe: one thread calls all of them.
     """
 
     def __init__(self, model, max_batch: int = 64, page_size: int = 16, max_seq_len: int | None = None,
@@ -172,6 +202,11 @@ class ContinuousBatchingGenerator:
         self.buckets = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Request lifecycle: FIFO queue -> a slot (with its pages) -> finished (or cancelled).
+        self._slots: list[_Request | None] = [None] * max_batch
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._zero_budget: list[_Request] = []       # finished on submission; reported by the next step
+        self._next_id = 0
 
     # ----------------------------------------------------------------------------------------------
     # Model steps
@@ -220,90 +255,172 @@ class ContinuousBatchingGenerator:
         return logits
 
     # ----------------------------------------------------------------------------------------------
-    # The loop
+    # Request lifecycle
     # ----------------------------------------------------------------------------------------------
+    def submit(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, stop_token_ids=(2, 92542), generator: torch.Generator | None = None) -> int:
+        """Queue one request; returns its id (what ``step`` reports it under). Arguments as ``generate``'s, for
+        one prompt; ``generator`` seeds this request's sampling (None: torch's default generator)."""
+        stop = _check_args([prompt], max_new_tokens, temperature, top_p, top_k, stop_token_ids,
+                           self.model.config.vocab_size)
+        self._check_fits(prompt, max_new_tokens, "prompt")
+        return self._enqueue(list(prompt), max_new_tokens, Sampling(float(temperature), float(top_p), top_k,
+                                                                    generator if temperature > 0 else None), stop)
+
+    def _check_fits(self, prompt: list[int], max_new: int, where: str) -> None:
+        if len(prompt) + max_new > self.max_seq_len:
+            raise ValueError(f"{where} ({len(prompt)} tokens) + max_new_tokens ({max_new}) exceeds max_seq_len="
+                             f"{self.max_seq_len}")
+        n_pages = -(-(len(prompt) + max_new) // self.pool.page_size)
+        if n_pages > self.pool.capacity:
+            raise ValueError(f"{where} needs {n_pages} pages but the pool has {self.pool.capacity}: raise num_pages")
+
+    def _enqueue(self, prompt: list[int], max_new: int, sampling: Sampling, stop) -> int:
+        req = _Request(self._next_id, prompt, max_new, sampling, frozenset(stop))
+        self._next_id += 1
+        (self._queue if max_new > 0 else self._zero_budget).append(req)
+        return req.id
+
+    def cancel(self, request_id: int) -> bool:
+        """Drop a queued or running request (its slot and pages return now); False when it is not known (finished
+        already). ``step`` reports nothing more for it."""
+        for slot, req in enumerate(self._slots):
+            if req is not None and req.id == request_id:
+                self._free(slot)
+                return True
+        for req in self._queue:
+            if req.id == request_id:
+                self._queue.remove(req)
+                return True
+        return False
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request is queued or running (``step`` has work)."""
+        return bool(self._queue or self._zero_budget or any(r is not None for r in self._slots))
+
+    @property
+    def num_running(self) -> int:
+        return sum(r is not None for r in self._slots)
+
+    @property
+    def num_queued(self) -> int:
+        return len(self._queue)
+
+    def _free(self, slot: int) -> None:
+        self.pool.release(self._slots[slot].pages)
+        self._slots[slot] = None
+        self.block_table[slot].zero_()
+        self.cache_seqlens[slot] = 0
+
+    def _admit(self) -> list[tuple[int, _Request]]:
+        """Move queued requests (in order) into free slots while pages and the prefill budget allow."""
+        admitted: list[tuple[int, _Request]] = []
+        prefill = 0
+        while self._queue:
+            req = self._queue[0]
+            free = next((s for s, r in enumerate(self._slots) if r is None), None)
+            if free is None or (admitted and prefill + len(req.prompt) > self.prefill_tokens):
+                break
+            n_pages = -(-(len(req.prompt) + req.max_new) // self.pool.page_size)
+            pages = self.pool.allocate(n_pages)
+            if pages is None:
+                break
+            self._queue.popleft()
+            req.pages = pages
+            self._slots[free] = req
+            row = torch.zeros(self.pages_per_seq, dtype=torch.int32)
+            row[:n_pages] = torch.tensor(pages, dtype=torch.int32)
+            self.block_table[free] = row.to(self.device)
+            admitted.append((free, req))
+            prefill += len(req.prompt)
+        return admitted
+
+    def _sample(self, slot_list: list[int], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row of ``logits`` (row i belongs to slot_list[i]), each request by its own Sampling;
+        rows that share one are sampled in one call, in row order."""
+        groups: dict[Sampling, list[int]] = {}
+        for row, slot in enumerate(slot_list):
+            groups.setdefault(self._slots[slot].sampling, []).append(row)
+        if len(groups) == 1:
+            (s, _), = groups.items()
+            return sample(logits, s.temperature, s.top_p, s.top_k, s.generator)
+        tokens = torch.empty(len(slot_list), dtype=torch.long, device=logits.device)
+        logprobs = torch.empty(len(slot_list), dtype=torch.float32, device=logits.device)
+        for s, rows in groups.items():
+            rows_t = torch.tensor(rows, device=logits.device)
+            tokens[rows_t], logprobs[rows_t] = sample(logits[rows_t], s.temperature, s.top_p, s.top_k, s.generator)
+        return tokens, logprobs
+
+    def _take(self, slot_list: list[int], tokens: torch.Tensor, logprobs: torch.Tensor,
+              out: dict[int, StepOutput]) -> None:
+        """Record one sampled token per slot; finished requests leave, the others' next input is the token."""
+        for slot, token, logprob in zip(slot_list, tokens.tolist(), logprobs.tolist()):
+            req = self._slots[slot]
+            req.tokens.append(token)
+            req.logprobs.append(logprob)
+            o = out.setdefault(req.id, StepOutput(req.id, [], []))
+            o.tokens.append(token)
+            o.logprobs.append(logprob)
+            if token in req.stop or len(req.tokens) == req.max_new:
+                o.finish_reason = "stop" if token in req.stop else "length"
+                self._free(slot)
+
     @torch.no_grad()
+    def step(self) -> list[StepOutput]:
+        """Admit and prefill what fits, then one decode step for every running request. Returns what each
+        request produced (requests that produced nothing are absent)."""
+        out = {r.id: StepOutput(r.id, [], [], "length") for r in self._zero_budget}
+        self._zero_budget.clear()
+        admitted = self._admit()
+        if admitted:
+            slot_list = [slot for slot, _ in admitted]
+            logits = self._prefill(admitted)
+            tokens, logprobs = self._sample(slot_list, logits)
+            for (slot, req), token in zip(admitted, tokens):
+                self.cache_seqlens[slot] = len(req.prompt)
+                self.tokens[slot] = token
+            self._take(slot_list, tokens, logprobs, out)
+        live = [s for s, r in enumerate(self._slots) if r is not None]
+        if live:
+            rows = next(b for b in self.buckets if b > live[-1])
+            logits = self._decode(rows)
+            tokens, logprobs = self._sample(live, logits[live])
+            live_t = torch.tensor(live, device=self.device)
+            self.cache_seqlens[live_t] += 1       # the input token is now in the cache
+            self.tokens[live_t] = tokens
+            self._take(live, tokens, logprobs, out)
+        return list(out.values())
+
     def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int], temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, stop_token_ids=(2, 92542),
                  generator: torch.Generator | None = None) -> list[Completion]:
         """Completions of ``prompts`` in their order. ``max_new_tokens`` is one int or one per prompt; ``generator``
-        (on the model's device) seeds the sampling."""
-        config = self.model.config
-        stop = set(_check_args(prompts, max_new_tokens, temperature, top_p, top_k, stop_token_ids, config.vocab_size))
+        (on the model's device) seeds the sampling. Runs ``step`` until these requests finish (requests that were
+        submitted before run alongside)."""
+        stop = _check_args(prompts, max_new_tokens, temperature, top_p, top_k, stop_token_ids,
+                           self.model.config.vocab_size)
         budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         for i, (p, n) in enumerate(zip(prompts, budgets)):
-            if len(p) + n > self.max_seq_len:
-                raise ValueError(f"prompts[{i}] ({len(p)} tokens) + max_new_tokens ({n}) exceeds max_seq_len="
-                                 f"{self.max_seq_len}")
+            self._check_fits(p, n, f"prompts[{i}]")
+        # One Sampling for all: every step samples the whole batch in one call, drawing from ``generator`` in
+        # slot order.
+        sampling = Sampling(float(temperature), float(top_p), top_k, generator if temperature > 0 else None)
+        ids = [self._enqueue(list(p), n, sampling, stop) for p, n in zip(prompts, budgets)]
+        index = {rid: i for i, rid in enumerate(ids)}
         results: list[Completion | None] = [None] * len(prompts)
-        queue = collections.deque(i for i in range(len(prompts)))
-        for i in list(queue):
-            if budgets[i] == 0:
-                results[i] = Completion([], [], "length")
-        queue = collections.deque(i for i in queue if budgets[i] > 0)
-        slots: list[_Request | None] = [None] * self.max_batch
-        temperature, top_p = float(temperature), float(top_p)
-
-        def finish(slot: int, reason: str) -> None:
-            req = slots[slot]
-            results[req.index] = Completion(req.tokens, req.logprobs, reason)
-            self.pool.release(req.pages)
-            slots[slot] = None
-            self.block_table[slot].zero_()
-            self.cache_seqlens[slot] = 0
-
-        def take(slot_list: list[int], tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
-            """Record one sampled token per slot; finished requests leave, the others' next input is the token."""
-            for slot, token, logprob in zip(slot_list, tokens.tolist(), logprobs.tolist()):
-                req = slots[slot]
-                req.tokens.append(token)
-                req.logprobs.append(logprob)
-                if token in stop:
-                    finish(slot, "stop")
-                elif len(req.tokens) == req.max_new:
-                    finish(slot, "length")
-
-        while queue or any(s is not None for s in slots):
-            # Admit queued prompts into free slots while pages and the prefill budget allow.
-            admitted: list[tuple[int, _Request]] = []
-            prefill = 0
-            while queue:
-                i = queue[0]
-                free = next((s for s, r in enumerate(slots) if r is None), None)
-                n_pages = -(-(len(prompts[i]) + budgets[i]) // self.pool.page_size)
-                if free is None or (admitted and prefill + len(prompts[i]) > self.prefill_tokens):
-                    break
-                pages = self.pool.allocate(n_pages)
-                if pages is None:
-                    if not admitted and all(s is None for s in slots):
-                        raise ValueError(f"prompts[{i}] needs {n_pages} pages but the pool has "
-                                         f"{len(self.pool.free)} free: raise num_pages")
-                    break
-                queue.popleft()
-                req = _Request(i, list(prompts[i]), budgets[i], pages)
-                slots[free] = req
-                row = torch.zeros(self.pages_per_seq, dtype=torch.int32)
-                row[:n_pages] = torch.tensor(pages, dtype=torch.int32)
-                self.block_table[free] = row.to(self.device)
-                admitted.append((free, req))
-                prefill += len(prompts[i])
-            if admitted:
-                logits = self._prefill(admitted)
-                tokens, logprobs = sample(logits, temperature, top_p, top_k, generator)
-                for (slot, req), token in zip(admitted, tokens):
-                    self.cache_seqlens[slot] = len(req.prompt)
-                    self.tokens[slot] = token
-                take([slot for slot, _ in admitted], tokens, logprobs)
-            live = [s for s, r in enumerate(slots) if r is not None]
-            if not live:
-                continue
-            rows = next(b for b in self.buckets if b > live[-1])
-            logits = self._decode(rows)
-            tokens, logprobs = sample(logits[live], temperature, top_p, top_k, generator)
-            live_t = torch.tensor(live, device=self.device)
-            self.cache_seqlens[live_t] += 1       # the input token is now in the cache
-            self.tokens[live_t] = tokens
-            take(live, tokens, logprobs)
+        tokens: dict[int, tuple[list[int], list[float]]] = {rid: ([], []) for rid in ids}
+        left = len(ids)
+        while left:
+            for o in self.step():
+                if o.request_id not in index:
+                    continue
+                toks, lps = tokens[o.request_id]
+                toks += o.tokens
+                lps += o.logprobs
+                if o.finish_reason is not None:
+                    results[index[o.request_id]] = Completion(toks, lps, o.finish_reason)
+                    left -= 1
         return results
 
 

@@ -144,6 +144,75 @@ def test_bad_arguments(model):
         ContinuousBatchingGenerator(dynamic, max_seq_len=128)
 
 
+def _run(gen, requests) -> dict[int, list[int]]:
+    """Submit (prompt, max_new, kwargs) requests, step until idle; the tokens of each, in submission order."""
+    ids = [gen.submit(p, n, stop_token_ids=(), **kw) for p, n, kw in requests]
+    got = {i: [] for i in ids}
+    while gen.busy:
+        for o in gen.step():
+            got[o.request_id] += o.tokens
+    return [got[i] for i in ids]
+
+
+def test_submit_step_cancel_equal_generate_and_cancel_frees_pages(model):
+    gen = ContinuousBatchingGenerator(model, max_batch=2, page_size=4)
+    want = tokens(gen.generate(PROMPTS, 8, stop_token_ids=()))
+    free = len(gen.pool.free)
+    running = gen.submit(PROMPTS[0], 40, stop_token_ids=())
+    ids = [gen.submit(p, 8, stop_token_ids=()) for p in PROMPTS]
+    queued = gen.submit(PROMPTS[1], 8, stop_token_ids=())
+    first = gen.step()                                    # two slots: `running` and ids[0] are admitted
+    assert sorted(o.request_id for o in first) == [running, ids[0]]
+    assert all(len(o.tokens) == 2 and o.finish_reason is None for o in first)   # prefill + one decode token
+    assert gen.cancel(running) and gen.cancel(queued)
+    assert not gen.cancel(running) and not gen.cancel(12345)
+    assert len(gen.pool.free) == free - 3, "only ids[0]'s 3 pages (3 + 8 tokens in pages of 4) are held"
+    got = {i: [] for i in ids}
+    for o in first:
+        got.get(o.request_id, []).extend(o.tokens)
+    reasons = {}
+    while gen.busy:
+        for o in gen.step():
+            assert o.request_id not in (running, queued), "a cancelled request reports nothing more"
+            got[o.request_id] += o.tokens
+            if o.finish_reason:
+                reasons[o.request_id] = o.finish_reason
+    assert [got[i] for i in ids] == want
+    assert reasons == {i: "length" for i in ids}
+    assert len(gen.pool.free) == free and gen.num_running == gen.num_queued == 0
+
+
+def test_a_requests_tokens_do_not_depend_on_its_batch(model):
+    """Greedy rows and rows with their own seeded generator give the same tokens alone and among neighbours that
+    sample at other settings (the server runs every request through one generator)."""
+    gen = ContinuousBatchingGenerator(model, max_batch=4)
+
+    def seeded(seed):
+        return dict(temperature=0.9, top_k=30, generator=torch.Generator().manual_seed(seed))
+
+    greedy = (PROMPTS[1], 10, {})
+    sampled = (PROMPTS[2], 10, seeded(7))
+    alone = _run(gen, [greedy])[0], _run(gen, [sampled])[0]
+    shared = torch.Generator().manual_seed(3)
+    neighbours = [(PROMPTS[0], 14, dict(temperature=1.2, top_p=0.8, generator=shared)),
+                  (PROMPTS[3], 6, dict(temperature=0.5, generator=shared)), (PROMPTS[2], 12, {})]
+    sampled = (PROMPTS[2], 10, seeded(7))
+    together = _run(gen, [neighbours[0], greedy, neighbours[1], sampled, neighbours[2]])
+    assert (together[1], together[3]) == alone
+    assert together[4][:10] == _run(gen, [(PROMPTS[2], 10, {})])[0]
+
+
+def test_submit_checks_its_arguments(model):
+    gen = ContinuousBatchingGenerator(model, max_batch=2, page_size=16, num_pages=3)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        gen.submit([1] * 60, 10)
+    with pytest.raises(ValueError, match="num_pages"):
+        gen.submit([1] * 30, 10)
+    with pytest.raises(ValueError, match="top_p"):
+        gen.submit([1], 4, top_p=0.5)
+    assert not gen.busy
+
+
 @pytest.mark.gpu
 def test_gpu_cuda_graph_decode_equals_eager(model):
     # float32: greedy tokens of different attention kernels agree only while rounding cannot flip an argmax.
