@@ -5,7 +5,7 @@ Everything here is plain data in and out (no web framework, no model), so the se
 
 - **Errors**: a bad request raises ``APIError(status, message, param, code)``; its body is OpenAI's
   ``{"error": {"message", "type", "param", "code"}}``.
-- **Chat prompt**: InternLM2's template from train's chat module (``encode_prompt``: one implementation). OpenAI's
+- **Chat prompt**: InternLM2's template from train.data.chat (``encode_prompt``: one implementation). OpenAI's
   ``tools`` become the ``system name=<|plugin|>`` declaration, an assistant's ``tool_calls`` its
   ``<|action_start|><|plugin|>`` call, ``role: "tool"`` the ``environment name=<|plugin|>`` turn.
 - **Reply text**: ``TextStream`` turns the growing token list into text that is safe to send: it holds back a tail
@@ -21,7 +21,7 @@ import math
 import time
 import uuid
 
-from train.chat import ACTION_END, ACTION_START, TOOL_NAMES, encode_prompt
+from train.data.chat import ACTION_END, ACTION_START, TOOL_NAMES, encode_prompt
 
 PLUGIN_CALL = ACTION_START + TOOL_NAMES["plugin"]
 MAX_STOP_STRINGS = 4            # as OpenAI

@@ -55,7 +55,7 @@ from .openai_api import (
 def resolve_tokenizer(model_dir: str, spec: str | None, vocab_size: int):
     """``spec`` (``byte`` or a SentencePiece path), else the ``tokenizer.json`` that train/ writes beside a
     checkpoint's ``model/`` export (in DIR or its parent), else DIR's ``tokenizer.model``."""
-    from train.tokenizer import load_tokenizer
+    from train.data.tokenizer import load_tokenizer
 
     if spec is None:
         for where in (model_dir, os.path.dirname(os.path.abspath(model_dir))):

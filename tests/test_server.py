@@ -28,8 +28,8 @@ import torch
 from models import InternLM2Config, InternLM2ForCausalLM
 from models.context import PackedContext
 from models.packing import PackedInputs
-from train.chat import CALCULATOR, IM_END, encode, encode_prompt
-from train.tokenizer import ByteTokenizer, describe
+from train.data.chat import CALCULATOR, IM_END, encode, encode_prompt
+from train.data.tokenizer import ByteTokenizer, describe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = [{"type": "function", "function": CALCULATOR}]
