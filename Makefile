@@ -9,7 +9,7 @@ PYTEST_WORKERS ?= 2
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-gpu lint test demo bench gpu-check clean
+.PHONY: install install-gpu lint test demo serve bench gpu-check clean
 
 install: $(STAMP)
 
@@ -40,6 +40,14 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m train.pipeline
+
+# The demo's final chat model (make demo): the newest PPO round's actor, else the newest SFT export. Byte tokenizer,
+# as the demo's. SERVE_ARGS passes more options (e.g. SERVE_ARGS="--port 8001 --max-batch 32"); docs/serving.md.
+SERVE_MODEL ?= $(or $(lastword $(sort $(wildcard runs/ppo_tiny/rounds/round_[0-9][0-9]/actor))),$\
+                    $(lastword $(sort $(wildcard runs/sft_tiny/checkpoints/step_[0-9]*[0-9]/model))))
+serve: $(STAMP)
+	@test -n "$(SERVE_MODEL)" || { echo "make serve: no chat model under runs/ (run make demo first)"; exit 1; }
+	$(PY) -m models.server --model $(SERVE_MODEL) --tokenizer byte --served-model-name internlm2-demo $(SERVE_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks
