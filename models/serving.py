@@ -411,16 +411,21 @@ class ContinuousBatchingGenerator:
         results: list[Completion | None] = [None] * len(prompts)
         tokens: dict[int, tuple[list[int], list[float]]] = {rid: ([], []) for rid in ids}
         left = len(ids)
-        while left:
-            for o in self.step():
-                if o.request_id not in index:
-                    continue
-                toks, lps = tokens[o.request_id]
-                toks += o.tokens
-                lps += o.logprobs
-                if o.finish_reason is not None:
-                    results[index[o.request_id]] = Completion(toks, lps, o.finish_reason)
-                    left -= 1
+        try:
+            while left:
+                for o in self.step():
+                    if o.request_id not in index:
+                        continue
+                    toks, lps = tokens[o.request_id]
+                    toks += o.tokens
+                    lps += o.logprobs
+                    if o.finish_reason is not None:
+                        results[index[o.request_id]] = Completion(toks, lps, o.finish_reason)
+                        left -= 1
+        except BaseException:          # interrupted: leave no request of this call behind in the engine
+            for rid in ids:
+                self.cancel(rid)
+            raise
         return results
 
 
