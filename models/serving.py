@@ -189,6 +189,11 @@ class ContinuousBatchingGenerator:
                                       "follow the sequence length); use generation.generate")
         weight = model.output.weight
         self.device, self.dtype = weight.device, weight.dtype
+        # Request lifecycle: FIFO queue -> a slot (with its pages) -> finished (or cancelled).
+        self._slots: list[_Request | None] = [None] * max_batch
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._zero_budget: list[_Request] = []       # finished on submission; reported by the next step
+        self._next_id = 0
         self.max_batch, self.max_seq_len, self.prefill_tokens = max_batch, max_seq_len, prefill_tokens
         self.pages_per_seq = -(-max_seq_len // page_size)
         num_pages = num_pages or max_batch * self.pages_per_seq + 1
@@ -202,11 +207,6 @@ class ContinuousBatchingGenerator:
         self.buckets = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        # Request lifecycle: FIFO queue -> a slot (with its pages) -> finished (or cancelled).
-        self._slots: list[_Request | None] = [None] * max_batch
-        self._queue: collections.deque[_Request] = collections.deque()
-        self._zero_budget: list[_Request] = []       # finished on submission; reported by the next step
-        self._next_id = 0
 
     # ----------------------------------------------------------------------------------------------
     # Model steps
