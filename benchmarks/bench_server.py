@@ -192,7 +192,7 @@ def main() -> None:
             print(backend, json.dumps(rows[backend]), flush=True)
     cols = list(next(iter(rows.values())))
     print(f"\n{PRESET}, {args.clients} concurrent streaming clients x {args.requests} requests, {args.new} tokens each,"
-          f" {card_name()}\n")
+          f" {card_name()} (client process), servers with {args.threads or 'default'} torch thread(s)\n")
     print("| server | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * len(cols))
     for backend, row in rows.items():
