@@ -14,7 +14,8 @@ class RMSNorm(torch.nn.Module):
     """RMSNorm over the last dim; ``forward(x, residual=None, prenorm=False)`` fuses the residual add.
 
     ``offset`` is added to the weight (Gemma: 1, the weight then starts at 0); ``casting_mode`` "gemma" (all
-    in fp32) or "llama" (normalized row rounded to x's dtype before the weight), as in ``ik.rms_norm``.
+    in fp32), "llama" (normalized row rounded to x's dtype before the weight) or "none" (Liger's: statistics and
+    scaling in x's dtype), as in ``ik.rms_norm``.
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None, offset: float = 0.0,
@@ -42,10 +43,24 @@ class Linear(torch.nn.Linear):
 
 
 class SwiGLU(torch.nn.Module):
-    """silu(gate) * up; called with one tensor, it holds [gate | up] halves on its last dim (fused w1/w3 output)."""
+    """silu(gate) * up; called with one tensor, it holds [gate | up] halves on its last dim (fused w1/w3 output).
+
+    ``gate_multiplier`` / ``down_multiplier`` (Liger's LigerSiLUMulFunction, Falcon-H1's ``mlp_multipliers``):
+    silu(gate_multiplier · gate) · up · down_multiplier; the packed form takes the defaults only."""
+
+    def __init__(self, gate_multiplier: float = 1.0, down_multiplier: float = 1.0):
+        super().__init__()
+        self.gate_multiplier, self.down_multiplier = float(gate_multiplier), float(down_multiplier)
 
     def forward(self, gate, up=None):
-        return swiglu_packed(gate) if up is None else swiglu(gate, up)
+        if up is None:
+            if (self.gate_multiplier, self.down_multiplier) != (1.0, 1.0):
+                raise NotImplementedError("gate/down multipliers with a packed [gate | up] tensor: pass gate and up")
+            return swiglu_packed(gate)
+        return swiglu(gate, up, self.gate_multiplier, self.down_multiplier)
+
+    def extra_repr(self) -> str:
+        return f"gate_multiplier={self.gate_multiplier}, down_multiplier={self.down_multiplier}"
 
 
 class RotaryEmbedding(torch.nn.Module):
@@ -87,10 +102,16 @@ class RotaryEmbedding(torch.nn.Module):
 
 
 class FusedLinearCrossEntropyLoss(torch.nn.Module):
-    """Cross-entropy of ``hidden @ weight.T`` without materializing logits (Liger's module signature)."""
+    """Cross-entropy of ``hidden @ weight.T`` without materializing logits: Liger's module's ``forward(lin_weight,
+    _input, target, bias=None)`` and its options, by keyword (the positional order of ours differs: Liger's first
+    is ``ce_weight``). ``softcap`` None means none. Returns the loss, or a tuple (loss[, z_loss][, token_accuracy]
+    [, predicted_tokens]) where Liger returns its CrossEntropyOutput dataclass."""
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 lse_square_scale: float = 0.0, softcap: float = 0.0, return_z_loss: bool = False):
+                 lse_square_scale: float = 0.0, softcap: float | None = 0.0, return_z_loss: bool = False, *,
+                 ce_weight: torch.Tensor | None = None, accum_dtype: torch.dtype | None = None,
+                 use_token_scaling: bool = False, return_token_accuracy: bool = False,
+                 return_predicted_tokens: bool = False):
         super().__init__()
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -98,8 +119,16 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
         self.lse_square_scale = lse_square_scale
         self.softcap = softcap
         self.return_z_loss = return_z_loss
+        self.ce_weight = ce_weight
+        self.accum_dtype = accum_dtype
+        self.use_token_scaling = use_token_scaling
+        self.return_token_accuracy = return_token_accuracy
+        self.return_predicted_tokens = return_predicted_tokens
 
     def forward(self, weight, hidden, target, bias=None):
         return fused_linear_cross_entropy(hidden, weight, target, bias, self.ignore_index, self.reduction,
                                           self.label_smoothing, self.lse_square_scale, self.softcap,
-                                          self.return_z_loss)
+                                          self.return_z_loss, ce_weight=self.ce_weight,
+                                          return_token_accuracy=self.return_token_accuracy,
+                                          return_predicted_tokens=self.return_predicted_tokens,
+                                          accum_dtype=self.accum_dtype, use_token_scaling=self.use_token_scaling)

@@ -222,8 +222,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
     With ``prenorm`` returns (y, h) where h is stored in residual.dtype if a residual was given, else
     float32 if ``residual_in_fp32`` else x.dtype — the carried residual stream of a pre-norm block.
     The weight is ``weight + offset`` (Gemma: offset 1). casting_mode "gemma": all in float32, rounded once;
-    "llama": the normalized row is rounded to x.dtype before the weight multiplies it (transformers' LlamaRMSNorm).
+    "llama": the normalized row is rounded to x.dtype before the weight multiplies it (transformers' LlamaRMSNorm);
+    "none" (Liger's): the statistics and the scaling in x.dtype, as plain torch code in that dtype computes them —
+    see ``rms_norm_low_precision``.
     """
+    if casting_mode == "none":
+        return rms_norm_low_precision(x, weight, eps, residual, prenorm, residual_in_fp32, offset)
     dt = _compute_dtype(x)
     h = x.to(dt)
     if residual is not None:
@@ -234,21 +238,54 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
     y = (n * (weight.to(dt) + offset)).to(x.dtype)
     if not prenorm:
         return y
+    return y, h.to(_carried_dtype(x, residual, residual_in_fp32))
+
+
+def _carried_dtype(x: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool) -> torch.dtype:
     if residual is not None:
-        res_dtype = residual.dtype
-    else:
-        res_dtype = torch.float32 if residual_in_fp32 else x.dtype
-    return y, h.to(res_dtype)
+        return residual.dtype
+    return torch.float32 if residual_in_fp32 else x.dtype
+
+
+def rms_norm_low_precision(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+                           residual: torch.Tensor | None = None, prenorm: bool = False,
+                           residual_in_fp32: bool = False, offset: float = 0.0):
+    """RMSNorm with casting_mode "none": every intermediate rounded to t = x.dtype (arithmetic in float32):
+
+        h = round_t(x + residual),  ms = round_t(mean(round_t(h²))),  r = round_t(1 / sqrt(round_t(ms + eps))),
+        n = round_t(h · r),  y = round_t(n · round_t(weight + offset))
+
+    — the statistics and the scaling in the input dtype (Liger's "none"), as ``h * torch.rsqrt(h.pow(2).mean(-1,
+    keepdim=True) + eps) * weight`` computes them in bf16 (ATen's mean rounds its sum before dividing: a second
+    rounding this definition does not have). In float32 it is the "gemma" result up to float32 rounding. The
+    gradient is autograd's through these roundings.
+    """
+    t = x.dtype
+    f = _compute_dtype(x)
+
+    def rnd(v: torch.Tensor) -> torch.Tensor:
+        return v.to(t).to(f)
+
+    summed = x.to(f) if residual is None else x.to(f) + residual.to(f)
+    h = rnd(summed)
+    ms = rnd(rnd(h * h).mean(dim=-1, keepdim=True))
+    r = rnd(torch.rsqrt(rnd(ms + eps)))
+    y = (rnd(h * r) * rnd(weight.to(f) + offset)).to(t)
+    if not prenorm:
+        return y
+    return y, summed.to(_carried_dtype(x, residual, residual_in_fp32))
 
 
 # --------------------------------------------------------------------------------------------------
 # SwiGLU
 # --------------------------------------------------------------------------------------------------
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) · up = gate · sigmoid(gate) · up, in float32, returned in gate.dtype."""
+def swiglu(gate: torch.Tensor, up: torch.Tensor, gate_multiplier: float = 1.0,
+           down_multiplier: float = 1.0) -> torch.Tensor:
+    """silu(m_g · gate) · up · m_d, in float32, returned in gate.dtype (m_g, m_d: the gate and down multipliers of
+    Liger's LigerSiLUMulFunction / Falcon-H1's MLP; silu(a) = a · sigmoid(a))."""
     dt = _compute_dtype(gate)
-    g = gate.to(dt)
-    return (g * torch.sigmoid(g) * up.to(dt)).to(gate.dtype)
+    g = gate.to(dt) * gate_multiplier
+    return (g * torch.sigmoid(g) * up.to(dt) * down_multiplier).to(gate.dtype)
 
 
 def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
@@ -371,29 +408,33 @@ def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                          bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
-                         softcap: float = 0.0, class_weight: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         softcap: float = 0.0, class_weight: torch.Tensor | None = None,
+                         token_scaling: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``target``; returns (loss, z_loss).
 
     hidden (N, H), weight (V, H), target (N,) int64: ``cross_entropy`` of the (softcapped) logits, computed in
     float32 (float64 for float64 inputs).
     """
     return cross_entropy(linear_logits(hidden, weight, bias), target, class_weight, ignore_index, reduction,
-                         label_smoothing, lse_square_scale, softcap)
+                         label_smoothing, lse_square_scale, softcap, token_scaling)
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None = None,
                   ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                  lse_square_scale: float = 0.0, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                  lse_square_scale: float = 0.0, softcap: float = 0.0,
+                  token_scaling: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of logits (N, V) against target (N,) int64; returns (loss, z_loss), fp32 (fp64 for fp64).
 
     Logits z in float32, softcapped when softcap > 0: c · tanh(z / c). Per token, with lse = log Σ_v exp(z_v),
     class weights w (all 1 when ``class_weight`` is None) and W = Σ_v w_v:
-      loss_t = (1 - ε) w_y (lse - z_y) + (ε / V) Σ_v w_v (lse - z_v) + λ lse²,   z_loss_t = λ lse²
+      ce_t = (1 - ε) w_y (lse - z_y) + (ε / V) Σ_v w_v (lse - z_v),   z_loss_t = λ lse²,   loss_t = ce_t + z_loss_t
     with ε = label_smoothing and λ = lse_square_scale (z-loss, PaLM): torch's ``cross_entropy`` for λ = 0.
-    Tokens whose target is ``ignore_index`` contribute 0. reduction ``mean`` divides the sum by the number of
-    counted tokens (by Σ_t w_{y_t} with class weights; the loss is 0 when that is 0), ``sum`` sums, ``none``
-    returns per-token values (N,).
+    ``token_scaling`` (Liger's ``use_token_scaling``) multiplies ce_t and z_loss_t by the token's predicted
+    probability of its target, p_t = exp(z_y - lse), taken as a constant (no gradient flows through it).
+    Tokens whose target is ``ignore_index`` contribute 0. reduction ``sum`` sums, ``none`` returns per-token
+    values (N,), ``mean`` divides Σ ce_t by Σ_t w_{y_t} (the number of counted tokens without class weights, as
+    torch's weighted cross_entropy) and Σ z_loss_t by the number of counted tokens (Liger's convention: the
+    z-loss is not class-weighted); a denominator of 0 is taken as 1, so an all-ignored batch has loss 0.
     """
     dt = _compute_dtype(logits)
     z = logits.to(dt)
@@ -404,20 +445,25 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, class_weight: torc
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     w = torch.ones(V, dtype=dt, device=z.device) if class_weight is None else class_weight.to(dt)
     lse = torch.logsumexp(z, dim=-1)
-    nll = lse - z.gather(-1, safe_target[:, None]).squeeze(-1)
+    z_target = z.gather(-1, safe_target[:, None]).squeeze(-1)
+    nll = lse - z_target
     smooth = (lse[:, None] - z).mul(w).sum(-1) / V
-    loss = (1.0 - label_smoothing) * w[safe_target] * nll + label_smoothing * smooth
+    ce = (1.0 - label_smoothing) * w[safe_target] * nll + label_smoothing * smooth
     z_loss = lse_square_scale * lse.pow(2)
-    loss = torch.where(valid, loss + z_loss, torch.zeros_like(loss))
-    z_loss = torch.where(valid, z_loss, torch.zeros_like(z_loss))
+    if token_scaling:
+        p = torch.exp(z_target - lse).detach()
+        ce, z_loss = ce * p, z_loss * p
+    zero = torch.zeros_like(ce)
+    ce, z_loss = torch.where(valid, ce, zero), torch.where(valid, z_loss, zero)
     if reduction == "none":
-        return loss, z_loss
+        return ce + z_loss, z_loss
     if reduction == "sum":
-        return loss.sum(), z_loss.sum()
+        return ce.sum() + z_loss.sum(), z_loss.sum()
     if reduction == "mean":
-        n = (w[safe_target] * valid).sum()
-        n = torch.where(n > 0, n, torch.ones_like(n))
-        return loss.sum() / n, z_loss.sum() / n
+        weight_total = (w[safe_target] * valid).sum()
+        weight_total = torch.where(weight_total > 0, weight_total, torch.ones_like(weight_total))
+        count = valid.sum().clamp(min=1).to(dt)
+        return ce.sum() / weight_total + z_loss.sum() / count, z_loss.sum() / count
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
@@ -483,7 +529,7 @@ def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Ten
 
 __all__ = [
     "attention_mask", "attention_one", "flash_attn_varlen", "rms_norm", "swiglu", "swiglu_packed",
-    "rotary_positions", "apply_rotary_emb", "rotary_cos_sin", "qkv_rotary", "linear", "linear_cross_entropy", "adamw_step",
+    "rms_norm_low_precision", "rotary_positions", "apply_rotary_emb", "rotary_cos_sin", "qkv_rotary", "linear", "linear_cross_entropy", "adamw_step",
     "linear_logits", "cross_entropy", "predicted_tokens",
     "total_norm",
     "paged_positions", "flash_attn_with_kvcache", "flash_attn_varlen_paged", "linear_logprobs",

@@ -4,6 +4,8 @@ Same math as internlm_kernels/triton/cross_entropy.py (see its docstring): for l
 c·tanh(z_raw / c)), lse = log Σ exp z, p = softmax z,
     loss_t = (1 - ε)(lse_t - z_ty) + ε (lse_t - mean_v z_tv) + λ lse_t²          (0 where y_t = ignore_index)
     dloss_t/dz_tv = p_tv (1 + 2λ lse_t) - ε / V - (1 - ε)·[v = y_t]
+With token scaling (Liger's ``use_token_scaling``) loss_t, its z-loss and its gradient are multiplied by
+p_ty = exp(z_ty - lse_t), taken as a constant.
 Rows are processed in chunks of at most ``LOGITS_CHUNK_ELEMENTS`` logits. For reduction mean/sum the gradients
 (for an upstream grad of 1) are computed chunk by chunk in the forward, while each chunk's logits exist, and the
 backward only scales them; reduction none keeps the inputs and recomputes per chunk with the per-token upstream
@@ -22,7 +24,7 @@ LOGITS_CHUNK_ELEMENTS = 1 << 22
 
 def _chunks(hidden, weight, bias, target, options, grad_scale, need):
     """Loss and z-loss per token; gradients (dh, dW, db) of Σ_t grad_scale_t · loss_t for those in ``need``."""
-    ignore_index, eps, lam, softcap = options
+    ignore_index, eps, lam, softcap, token_scaling = options
     N, V = hidden.shape[0], weight.shape[0]
     loss = hidden.new_empty(N)
     z_loss = hidden.new_empty(N)
@@ -42,11 +44,14 @@ def _chunks(hidden, weight, bias, target, options, grad_scale, need):
         lse = torch.logsumexp(capped, dim=-1)
         valid = t != ignore_index
         safe = torch.where(valid, t, 0)[:, None]
-        row_loss = (1.0 - eps) * (lse - capped.gather(1, safe).squeeze(1))
+        z_target = capped.gather(1, safe).squeeze(1)
+        row_loss = (1.0 - eps) * (lse - z_target)
         if eps > 0:
             row_loss += eps * (lse - capped.mean(dim=-1))
         row_z = lam * lse.square() if lam > 0 else torch.zeros_like(lse)
         validf = valid.to(z.dtype)
+        if token_scaling:
+            validf = validf * torch.exp(z_target - lse)   # p_ty as a per-row factor on loss, z-loss and gradient
         torch.mul(row_loss + row_z, validf, out=loss[start:stop])
         torch.mul(row_z, validf, out=z_loss[start:stop])
         if not any(need):
@@ -73,8 +78,8 @@ def _chunks(hidden, weight, bias, target, options, grad_scale, need):
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, bias, ignore_index, reduction, label_smoothing, lse_square_scale,
-                softcap):
-        options = (ignore_index, label_smoothing, lse_square_scale, softcap)
+                softcap, token_scaling=False):
+        options = (ignore_index, label_smoothing, lse_square_scale, softcap, token_scaling)
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3])
         ctx.ahead = reduction != "none"
         n_valid = (target != ignore_index).sum().clamp(min=1).to(hidden.dtype)
@@ -100,11 +105,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             hidden, weight, target, bias = ctx.saved_tensors
             _, _, grads = _chunks(hidden, weight, bias, target, ctx.options, dloss, ctx.need)
         dh, dw, db = grads
-        return dh, dw, None, db, None, None, None, None, None
+        return dh, dw, None, db, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, lse_square_scale,
-                         softcap):
+                         softcap, token_scaling=False):
     """(loss, z_loss) as reference.linear_cross_entropy; hidden (N, H), target (N,)."""
     return LinearCrossEntropyFunction.apply(hidden, weight, target, bias, ignore_index, reduction,
-                                            float(label_smoothing), float(lse_square_scale), float(softcap))
+                                            float(label_smoothing), float(lse_square_scale), float(softcap),
+                                            bool(token_scaling))

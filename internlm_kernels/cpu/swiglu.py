@@ -1,7 +1,9 @@
 """SwiGLU silu(gate) · up on CPU: one autograd node, ATen's fused silu and silu_backward kernels.
 
 Forward 2 ops; backward 4: du = dout · silu(g), dg = silu_backward(dout · u, g) (the reference's graph is
-sigmoid, two muls and their backwards). float32 tensors (``DTYPES``).
+sigmoid, two muls and their backwards). float32 tensors (``DTYPES``). With Liger's gate / down multipliers
+m_g, m_d (out = silu(m_g g) · u · m_d): g is scaled by m_g first, dout by m_d, and dg by m_g; multipliers of 1
+add no op.
 """
 from __future__ import annotations
 
@@ -13,23 +15,32 @@ DTYPES = (torch.float32,)
 
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate, up):
+    def forward(ctx, gate, up, gate_multiplier=1.0, down_multiplier=1.0):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate).mul_(up)
+        ctx.multipliers = gate_multiplier, down_multiplier
+        out = F.silu(gate if gate_multiplier == 1.0 else gate * gate_multiplier).mul_(up)
+        return out if down_multiplier == 1.0 else out.mul_(down_multiplier)
 
     @staticmethod
     def backward(ctx, dout):
         gate, up = ctx.saved_tensors
+        gate_multiplier, down_multiplier = ctx.multipliers
+        if gate_multiplier != 1.0:
+            gate = gate * gate_multiplier
+        if down_multiplier != 1.0:
+            dout = dout * down_multiplier
         dgate = dup = None
         if ctx.needs_input_grad[0]:
             dgate = torch.ops.aten.silu_backward(dout * up, gate)
+            if gate_multiplier != 1.0:
+                dgate.mul_(gate_multiplier)
         if ctx.needs_input_grad[1]:
             dup = F.silu(gate).mul_(dout)
-        return dgate, dup
+        return dgate, dup, None, None
 
 
-def swiglu(gate, up):
-    return SwiGLUFunction.apply(gate, up)
+def swiglu(gate, up, gate_multiplier=1.0, down_multiplier=1.0):
+    return SwiGLUFunction.apply(gate, up, gate_multiplier, down_multiplier)
 
 
 class SwiGLUPackedFunction(torch.autograd.Function):

@@ -1,8 +1,11 @@
 """Attention over a KV cache: drop-in for flash_attn.flash_attn_with_kvcache, and the paged path of
 flash_attn_varlen_func(..., block_table=...).
 
-Inference only: these ops have no backward (a decode step never needs one); calling them on tensors that require
-grad with grad mode on raises NotImplementedError.
+Inference only: these ops have no backward (a decode step never needs one). ``flash_attn_with_kvcache`` on tensors
+that require grad with grad mode on raises NotImplementedError; the paged ``flash_attn_varlen_func`` runs (as
+flash-attn's does) and raises NotImplementedError, naming block_table, only when a backward reaches it.
+A cache too small for the keys asked for raises ``KVCacheOverflowError``: a ValueError naming the argument that is
+also a RuntimeError, the type flash-attn's own check raises.
 
 Custom ops (torch.ops.internlm_kernels.*):
   flash_attn_with_kvcache(q, k_cache!, v_cache!, k?, v?, rotary_cos?, rotary_sin?, cache_seqlens, cache_batch_idx?,
@@ -96,6 +99,30 @@ def _(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes
 # --------------------------------------------------------------------------------------------------
 # Checks
 # --------------------------------------------------------------------------------------------------
+class KVCacheOverflowError(ValueError, RuntimeError):
+    """cache_seqlens / cu_seqlens_k ask for more positions than the cache (its block_table's pages) holds, or the
+    block_table points outside the page pool: a ValueError naming the argument (our convention) and a RuntimeError
+    (flash-attn raises one from its TORCH_CHECK), so code written for either catches it."""
+
+
+def _grad_wanted(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class _PagedNoBackward(torch.autograd.Function):
+    """Runs ``compute`` (the paged forward) without a graph and gives its (out, lse) a backward that raises: flash-attn
+    runs a paged forward on tensors that require grad, so ours refuses only once a backward actually reaches it."""
+
+    @staticmethod
+    def forward(ctx, compute, *inputs):
+        return compute()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("flash_attn_varlen_func with block_table (a paged KV cache) has no backward: the "
+                                  "paged path is inference only; run the unpaged call to train through attention")
+
+
 def _no_grad_wanted(*tensors) -> None:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         raise NotImplementedError("attention over a KV cache (block_table / flash_attn_with_kvcache) is inference "
@@ -195,9 +222,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise ValueError("cache_seqlens is needed to append k and v (None means the cache is full)")
         cache_seqlens = capacity
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        if not 0 <= cache_seqlens <= capacity - n_new:
-            raise ValueError(f"cache_seqlens={cache_seqlens} plus {n_new} new tokens exceeds the cache's "
-                             f"{capacity} positions")
+        if cache_seqlens < 0:
+            raise ValueError(f"cache_seqlens must be >= 0, got {cache_seqlens}")
+        if cache_seqlens > capacity - n_new:
+            raise KVCacheOverflowError(f"cache_seqlens={cache_seqlens} plus {n_new} new tokens exceeds the cache's "
+                                       f"{capacity} positions{_pages_note(paged)}")
         cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
     _check_seqlen_tensor("cache_seqlens", cache_seqlens, B, q.device)
     if cache_batch_idx is not None:
@@ -317,12 +346,13 @@ def _check_kvcache_values(k_cache, cache_seqlens, cache_batch_idx, cache_leftpad
         if bad[0]:
             raise ValueError("cache_seqlens must be >= 0")
         if bad[1]:
-            raise ValueError(f"cache_seqlens plus {n_new} new tokens exceeds the cache's {capacity} positions")
+            raise KVCacheOverflowError(f"cache_seqlens plus {n_new} new tokens exceeds the cache's {capacity} "
+                                       f"positions{_pages_note(block_table is not None)}")
         names = [n for n, t in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad),
                                 ("block_table", block_table)) if t is not None]
         for name, flag in zip(names, bad[2:]):
             if flag:
-                raise ValueError({
+                raise (KVCacheOverflowError if name == "block_table" else ValueError)({
                     "cache_batch_idx": f"cache_batch_idx must lie in [0, {k_cache.shape[0]})",
                     "cache_leftpad": "cache_leftpad must lie in [0, cache_seqlens]",
                     "block_table": f"block_table holds a page index outside [0, {k_cache.shape[0]}) among the pages "
@@ -351,7 +381,6 @@ def flash_attn_varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max
                                      False, batch)
     if causal:
         right = 0
-    _no_grad_wanted(q, k_cache, v_cache)
     capacity = block_table.shape[1] * k_cache.shape[1]
     if reads_values(cu_seqlens_k):
         def check():
@@ -363,10 +392,11 @@ def flash_attn_varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max
             if bad[0] or bad[1]:
                 raise ValueError("cu_seqlens_k must start at 0 and be non-decreasing")
             if bad[2]:
-                raise ValueError(f"cu_seqlens_k gives a sequence more keys than its block_table's {capacity} positions")
+                raise KVCacheOverflowError(f"cu_seqlens_k gives a sequence more keys than its block_table's "
+                                           f"{capacity} positions")
             if bad[3]:
-                raise ValueError(f"block_table holds a page index outside [0, {k_cache.shape[0]}) among the pages the "
-                                 "sequences use")
+                raise KVCacheOverflowError(f"block_table holds a page index outside [0, {k_cache.shape[0]}) among "
+                                           "the pages the sequences use")
             if bad[4]:
                 raise ValueError(f"max_seqlen_q={hint} is shorter than the longest query sequence (with a block_table "
                                  "it sizes the launch, as in flash-attn)")
@@ -378,11 +408,18 @@ def flash_attn_varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max
             raise NotImplementedError("the cpu kvcache backend covers flash_attn_with_kvcache, not the paged varlen "
                                       "path; use the reference or triton backend")
         backend = "reference"
-    if backend == "reference":
-        out, lse = reference.flash_attn_varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_table,
+
+    def compute():
+        if backend == "reference":
+            return reference.flash_attn_varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_table,
                                                      scale, False, (left, right), softcap, alibi_slopes)
-    else:
-        out, lse = torch.ops.internlm_kernels.flash_attn_varlen_paged(
+        return torch.ops.internlm_kernels.flash_attn_varlen_paged(
             q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes,
             hint if hint is not None else q.shape[0], scale, left, right, float(softcap), 0)
+
+    out, lse = _PagedNoBackward.apply(compute, q, k_cache, v_cache) if _grad_wanted(q, k_cache, v_cache) else compute()
     return (out, lse, None) if return_attn_probs else out
+
+
+def _pages_note(paged: bool) -> str:
+    return " (its block_table's pages)" if paged else ""

@@ -1,15 +1,17 @@
 """SwiGLU activation silu(gate) * up, on two tensors or on one packed [gate | up] tensor.
 
 Custom ops (torch.ops.internlm_kernels.*), any leading shape:
-  swiglu_fwd(gate, up) -> out                 swiglu_bwd(dout, gate, up) -> (dgate, dup)
+  swiglu_fwd(gate, up, m_g, m_d) -> out       swiglu_bwd(dout, gate, up, m_g, m_d) -> (dgate, dup)
   swiglu_packed_fwd(gate_up) -> out           swiglu_packed_bwd(dout, gate_up) -> dgate_up
 Packed layout: gate_up (..., 2I) holds gate in [..., :I] and up in [..., I:] (what one matmul with the w1 and w3
 weights stacked as rows [w1; w3] produces); out is (..., I), and the gradient comes back packed the same way.
+m_g / m_d are the gate and down multipliers of Liger's LigerSiLUMulFunction: silu(m_g · gate) · up · m_d.
 Kernels: internlm_kernels/triton/swiglu.py.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -37,38 +39,42 @@ def _new_like(t: torch.Tensor, shape=None) -> torch.Tensor:
 
 
 @torch.library.custom_op("internlm_kernels::swiglu_fwd", mutates_args=())
-def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, gate_multiplier: float = 1.0,
+               down_multiplier: float = 1.0) -> torch.Tensor:
     out = _new_like(gate)
     if out.numel():
-        _kernels().swiglu_forward(rows_of(gate), rows_of(up), rows_of(out))
+        _kernels().swiglu_forward(rows_of(gate), rows_of(up), rows_of(out), gate_multiplier, down_multiplier)
     return out
 
 
 @swiglu_fwd.register_fake
-def _(gate, up):
+def _(gate, up, gate_multiplier=1.0, down_multiplier=1.0):
     return _new_like(gate)
 
 
 @torch.library.custom_op("internlm_kernels::swiglu_bwd", mutates_args=())
-def swiglu_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate_multiplier: float = 1.0,
+               down_multiplier: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     dgate, dup = _new_like(gate), _new_like(up)
     if dgate.numel():
-        _kernels().swiglu_backward(rows_of(dout), rows_of(gate), rows_of(up), rows_of(dgate), rows_of(dup))
+        _kernels().swiglu_backward(rows_of(dout), rows_of(gate), rows_of(up), rows_of(dgate), rows_of(dup),
+                                   gate_multiplier, down_multiplier)
     return dgate, dup
 
 
 @swiglu_bwd.register_fake
-def _(dout, gate, up):
+def _(dout, gate, up, gate_multiplier=1.0, down_multiplier=1.0):
     return _new_like(gate), _new_like(up)
 
 
 def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.multipliers = inputs[2:]
 
 
 def _backward(ctx, dout):
     gate, up = ctx.saved_tensors
-    return eager.call(swiglu_bwd, dout, gate, up)
+    return (*eager.call(swiglu_bwd, dout, gate, up, *ctx.multipliers), None, None)
 
 
 swiglu_fwd.register_autograd(_backward, setup_context=_setup)
@@ -122,8 +128,11 @@ def _backward_packed(ctx, dout):
 swiglu_packed_fwd.register_autograd(_backward_packed, setup_context=_setup_packed)
 
 
-def swiglu(gate, up):
-    """silu(gate) * up, computed in float32 and returned in gate's dtype."""
+def swiglu(gate, up, gate_multiplier=1.0, down_multiplier=1.0):
+    """silu(gate_multiplier · gate) · up · down_multiplier, computed in float32 and returned in gate's dtype.
+
+    The multipliers are those of Liger's ``LigerSiLUMulFunction.apply(a, b, gate_multiplier, down_multiplier)``
+    (Falcon-H1's ``mlp_multipliers``); the defaults give plain SwiGLU."""
     check_tensor("gate", gate, dtypes=FLOAT_DTYPES)
     check_tensor("up", up, dtypes=FLOAT_DTYPES, device=gate.device)
     check_same_dtype("up", up, "gate", gate)
@@ -131,13 +140,17 @@ def swiglu(gate, up):
         raise ValueError(f"gate shape {tuple(gate.shape)} differs from up shape {tuple(up.shape)}")
     if gate.dim() == 0:
         raise ValueError("gate must have at least one dim")
+    for name, value in (("gate_multiplier", gate_multiplier), ("down_multiplier", down_multiplier)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    gate_multiplier, down_multiplier = float(gate_multiplier), float(down_multiplier)
     backend = choose("swiglu", gate.device)
     if backend == "cpu" and cpu.runs_here("swiglu", gate.dtype in cpu_swiglu.DTYPES and cpu.plain(gate, up),
                                           f"dtype {gate.dtype} or tensor subclasses"):
-        return cpu_swiglu.swiglu(gate, up)
+        return cpu_swiglu.swiglu(gate, up, gate_multiplier, down_multiplier)
     if backend != "triton":
-        return reference.swiglu(gate, up)
-    return eager.call(swiglu_fwd, gate, up)
+        return reference.swiglu(gate, up, gate_multiplier, down_multiplier)
+    return eager.call(swiglu_fwd, gate, up, gate_multiplier, down_multiplier)
 
 
 def swiglu_packed(gate_up):

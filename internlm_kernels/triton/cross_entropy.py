@@ -8,7 +8,11 @@ z_t = W x_t + b (softcapped: z = c·tanh(z_raw / c)), lse_t = log Σ_v exp(z_tv)
     dloss_t/dz_raw = dloss_t/dz · (1 - tanh²(z_raw / c))                          (softcap only)
 
 with ε = label smoothing, λ = the z-loss scale, w the per-class weights (all 1 without ``weight=``: then the
-smoothing term is ε (lse_t - mean_v z_tv)) and W = Σ_v w_v; torch's weighted cross_entropy for λ = 0. Pass 1 also
+smoothing term is ε (lse_t - mean_v z_tv)) and W = Σ_v w_v; torch's weighted cross_entropy for λ = 0.
+Reduction mean divides the cross-entropy part by Σ_t w_{y_t} but the z-loss part by the number of counted tokens
+(Liger's convention): the gradient scale s_t then applies to the z-loss term times ρ = Σ_t w_{y_t} / n_counted,
+read from the device (ρ = 1 without class weights, or for sum / none). With token scaling (Liger's
+``use_token_scaling``) the token's loss, z-loss and gradient are multiplied by p_ty = exp(z_ty - lse_t), a constant. Pass 1 also
 finds the row's argmax (first maximal class, on the softcapped logits) when predicted tokens are asked for. The (N, V) logits are never stored whole. Tokens are processed
 in chunks of rows; per chunk:
 
@@ -69,11 +73,13 @@ def _cross_entropy_rows_kernel(
     class_weight_ptr,    # (V,) per-class weights w (read only when HAS_WEIGHT)
     class_weight_sum_ptr,  # 0-d fp32 W = Σ_v w_v (read only when HAS_WEIGHT)
     argmax_ptr,          # (rows,) int64 out: the row's argmax, -1 for ignored tokens (written only when STORE_ARGMAX)
+    z_ratio_ptr,         # 0-d fp32 ρ: the z-loss term's gradient scale relative to the rest (read only when HAS_WEIGHT)
     BLOCK_V: tl.constexpr,      # vocab columns per loop step (power of two)
     HAS_SOFTCAP: tl.constexpr,  # apply z = c·tanh(z_raw / c)
     WRITE_GRAD: tl.constexpr,   # run pass 2 (training); False computes the loss only
     HAS_WEIGHT: tl.constexpr,   # per-class weights
     STORE_ARGMAX: tl.constexpr,  # write the argmax of each row
+    TOKEN_SCALING: tl.constexpr,  # multiply the row's loss, z-loss and gradient by p_ty (detached)
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * logits_row_stride
@@ -120,6 +126,10 @@ def _cross_entropy_rows_kernel(
         w_sum = V * 1.0
         smooth_loss = lse - sum_z / V
     loss = (1.0 - label_smoothing) * w_target * (lse - z_target) + label_smoothing * smooth_loss + z_loss
+    if TOKEN_SCALING:
+        p_target = tl.exp(z_target - lse)
+        loss = loss * p_target
+        z_loss = z_loss * p_target
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
     tl.store(z_loss_ptr + row, tl.where(valid, z_loss, 0.0))
     if STORE_ARGMAX:
@@ -128,8 +138,13 @@ def _cross_entropy_rows_kernel(
     if WRITE_GRAD:
         # Pass 2: dlogits in place. Ignored tokens get zeros (their logits must not reach dx / dW).
         scale = tl.load(grad_scale_ptr + row * grad_scale_stride).to(tl.float32)
+        if TOKEN_SCALING:
+            scale = scale * p_target
+        z_ratio = 1.0
+        if HAS_WEIGHT:
+            z_ratio = tl.load(z_ratio_ptr).to(tl.float32)
         hit = (1.0 - label_smoothing) * w_target
-        p_coef = hit + label_smoothing * w_sum / V + 2.0 * lse_square_scale * lse
+        p_coef = hit + label_smoothing * w_sum / V + 2.0 * lse_square_scale * lse * z_ratio
         smooth = label_smoothing / V
         for start in range(0, V, BLOCK_V):
             mask = start + cols < V
@@ -153,12 +168,15 @@ def _cross_entropy_rows_kernel(
 def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor, z_loss: torch.Tensor,
                        grad_scale: torch.Tensor | None, ignore_index: int, label_smoothing: float,
                        lse_square_scale: float, softcap: float, class_weight: torch.Tensor | None = None,
-                       class_weight_sum: torch.Tensor | None = None, argmax: torch.Tensor | None = None) -> None:
+                       class_weight_sum: torch.Tensor | None = None, argmax: torch.Tensor | None = None,
+                       z_ratio: torch.Tensor | None = None, token_scaling: bool = False) -> None:
     """Per-row loss of ``logits`` (rows, V) into ``loss``/``z_loss`` (rows,) fp32.
 
     With ``grad_scale`` (a 0-d or (rows,) fp32 tensor) the logits are overwritten in place with
     ``grad_scale · dloss/dlogits``; with None they are left untouched. ``class_weight`` (V,) contiguous with its
-    0-d fp32 sum weights the classes; ``argmax`` (rows,) int64 receives each row's argmax (-1 when ignored).
+    0-d fp32 sum weights the classes, and ``z_ratio`` (0-d fp32, None for 1) scales the z-loss term of the gradient
+    relative to the rest (see the module docstring); ``argmax`` (rows,) int64 receives each row's argmax (-1 when
+    ignored); ``token_scaling`` multiplies each row's loss, z-loss and gradient by its target's probability.
     """
     rows, V = logits.shape
     if rows == 0:
@@ -176,8 +194,9 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, loss: torch.T
         class_weight if class_weight is not None else loss,        # never read without HAS_WEIGHT
         class_weight_sum if class_weight is not None else loss,
         argmax if argmax is not None else target,                  # never written without STORE_ARGMAX
+        z_ratio if z_ratio is not None else loss.new_ones(()) if class_weight is not None and write_grad else loss,
         BLOCK_V=block_v, HAS_SOFTCAP=softcap > 0, WRITE_GRAD=write_grad, HAS_WEIGHT=class_weight is not None,
-        STORE_ARGMAX=argmax is not None, num_warps=8 if block_v >= 2048 else 4)
+        STORE_ARGMAX=argmax is not None, TOKEN_SCALING=bool(token_scaling), num_warps=8 if block_v >= 2048 else 4)
 
 
 @triton.jit
@@ -233,13 +252,15 @@ def linear_cross_entropy_chunked(hidden: torch.Tensor, weight: torch.Tensor, tar
                                  lse_square_scale: float, softcap: float, grad_scale: torch.Tensor | None,
                                  need_dhidden: bool, need_dweight: bool, need_dbias: bool,
                                  class_weight: torch.Tensor | None = None, want_argmax: bool = False,
-                                 accum_fp32: bool = False):
+                                 accum_fp32: bool = False, z_ratio: torch.Tensor | None = None,
+                                 token_scaling: bool = False):
     """Per-token loss and z-loss (N,) fp32 and, when ``grad_scale`` is given, the gradients of
     Σ_t grad_scale_t · loss_t (grad_scale 0-d or (N,) fp32) with respect to the inputs asked for.
 
     hidden (N, H), weight (V, H), target (N,), bias (V,) or None; all on one device, one float dtype.
     class_weight (V,) per-class weights or None; ``want_argmax``: also each token's argmax class; ``accum_fp32``:
-    dW accumulated in fp32 across chunks (see the module docstring).
+    dW accumulated in fp32 across chunks (see the module docstring); ``z_ratio`` and ``token_scaling`` as
+    ``cross_entropy_rows``.
     Returns (loss, z_loss, dhidden | None, dweight | None, dbias | None, argmax | None).
     """
     N, H = hidden.shape
@@ -274,7 +295,7 @@ def linear_cross_entropy_chunked(hidden: torch.Tensor, weight: torch.Tensor, tar
             scale = grad_scale[start:end] if grad_scale.dim() == 1 else grad_scale
         cross_entropy_rows(logits, target[start:end], loss[start:end], z_loss[start:end], scale,
                            ignore_index, label_smoothing, lse_square_scale, softcap, class_weight, weight_sum,
-                           argmax[start:end] if argmax is not None else None)
+                           argmax[start:end] if argmax is not None else None, z_ratio, token_scaling)
         if not write_grad:
             continue
         if dhidden is not None:

@@ -11,7 +11,10 @@ Rows are the last dim (N features) of a tensor viewed as (M, N). Per row, all in
 
 ``offset`` is Gemma's 1 (its weights are stored as w - 1). With CAST_BEFORE_WEIGHT (transformers' Llama casting)
 h · rstd is rounded to y's dtype before the weight multiplies it; else (Gemma casting) the product is float32 and
-rounded once. The backward is the same for both (the rounding has no derivative).
+rounded once. With LOW_PRECISION (Liger's casting mode "none") every step rounds to y's dtype, as plain torch code
+in that dtype does: h, h², mean(h²), mean(h²) + eps, rstd, h · rstd, w + offset and y (float32 arithmetic, then a
+rounding; see reference.rms_norm_low_precision). The backward is the same for all three (the rounding has no
+derivative), taken at the rounded h and rstd.
 
 One pass over memory each way: the forward reads x (and residual) once and writes y (and h); the backward reads dy and
 h (and dh_out) once and writes dx (and dresidual when its dtype differs from dx's). A whole row lives in registers
@@ -56,6 +59,7 @@ def _rms_norm_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr,
     STORE_H: tl.constexpr,
     CAST_BEFORE_WEIGHT: tl.constexpr,  # round h · rstd to y's dtype before multiplying by the weight
+    LOW_PRECISION: tl.constexpr,       # casting mode "none": round every intermediate to y's dtype
     BLOCK_M: tl.constexpr,   # rows per program
     BLOCK_N: tl.constexpr,   # power of two >= N
 ):
@@ -71,11 +75,18 @@ def _rms_norm_fwd_kernel(
     if STORE_H:
         tl.store(H + rows64 * stride_h + cols[None, :], h.to(H.dtype.element_ty), mask=mask)
 
-    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / N + eps)  # (BLOCK_M,); masked columns are 0 and add nothing
-    tl.store(RSTD + rows, rstd, mask=row_ok)
     w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32) + offset
+    if LOW_PRECISION:
+        low = Y.dtype.element_ty
+        h = h.to(low).to(tl.float32)
+        ms = (tl.sum((h * h).to(low).to(tl.float32), axis=1) / N).to(low).to(tl.float32)
+        rstd = (1.0 / tl.sqrt((ms + eps).to(low).to(tl.float32))).to(low).to(tl.float32)
+        w = w.to(low).to(tl.float32)
+    else:
+        rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / N + eps)  # (BLOCK_M,); masked columns are 0 and add nothing
+    tl.store(RSTD + rows, rstd, mask=row_ok)
     n = h * rstd[:, None]
-    if CAST_BEFORE_WEIGHT:
+    if CAST_BEFORE_WEIGHT or LOW_PRECISION:
         n = n.to(Y.dtype.element_ty).to(tl.float32)
     y = n * w[None, :]
     tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
@@ -102,6 +113,7 @@ def _rms_norm_bwd_kernel(
     offset,      # added to every weight, as in the forward
     HAS_DH_OUT: tl.constexpr,
     STORE_DRES: tl.constexpr,
+    LOW_PRECISION: tl.constexpr,  # casting mode "none": the forward's statistics were taken on h rounded to dx's dtype
     BLOCK_M: tl.constexpr,   # rows per step
     BLOCK_N: tl.constexpr,   # power of two >= N
 ):
@@ -109,6 +121,8 @@ def _rms_norm_bwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
+    if LOW_PRECISION:
+        w = w.to(DX.dtype.element_ty).to(tl.float32)
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     first_row = pid * rows_per_program
     for step in range(0, rows_per_program, BLOCK_M):
@@ -118,6 +132,8 @@ def _rms_norm_bwd_kernel(
         rows64 = rows.to(tl.int64)[:, None]
         dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         h = tl.load(H + rows64 * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if LOW_PRECISION:
+            h = h.to(DX.dtype.element_ty).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         n = h * rstd[:, None]                              # (BLOCK_M, BLOCK_N) normalized rows
         g = dy * w[None, :]
@@ -152,7 +168,7 @@ def _backward_programs(device: torch.device) -> int:
 @launches_on_input_device
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, y: torch.Tensor, rstd: torch.Tensor,
                      residual: torch.Tensor | None = None, h: torch.Tensor | None = None, offset: float = 0.0,
-                     cast_before_weight: bool = False) -> None:
+                     cast_before_weight: bool = False, low_precision: bool = False) -> None:
     """Write y (M, N), rstd (M,) and, when ``h`` is given, h = x + residual (M, N) for rows x (M, N)."""
     M, N = x.shape
     if M == 0:
@@ -165,14 +181,15 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, y: torch
         x.stride()[0], res.stride()[0], y.stride()[0], h_out.stride()[0],   # .stride()[0]: half of .stride(0)'s cost
         M, N, eps, float(offset),
         HAS_RESIDUAL=residual is not None, STORE_H=h is not None, CAST_BEFORE_WEIGHT=cast_before_weight,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        LOW_PRECISION=low_precision, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
 
 
 @launches_on_input_device
 def rms_norm_backward(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                       dx: torch.Tensor, dh_out: torch.Tensor | None = None,
-                      dres: torch.Tensor | None = None, offset: float = 0.0) -> torch.Tensor:
+                      dres: torch.Tensor | None = None, offset: float = 0.0,
+                      low_precision: bool = False) -> torch.Tensor:
     """Write dx (M, N) (and dres, the same values in another dtype, when given); return dw (N,) in weight's dtype."""
     M, N = h.shape
     if M == 0:
@@ -188,7 +205,7 @@ def rms_norm_backward(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, r
         dy, h, weight, rstd, dh_in, dx, dres_out, dw_partial,
         dy.stride()[0], h.stride()[0], dh_in.stride()[0], dx.stride()[0], dres_out.stride()[0],
         M, N, rows_per_program, float(offset),
-        HAS_DH_OUT=dh_out is not None, STORE_DRES=dres is not None,
+        HAS_DH_OUT=dh_out is not None, STORE_DRES=dres is not None, LOW_PRECISION=low_precision,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
     # One program (few rows) holds the sum already: no reduction (a torch op, ~1.5 µs of host time), and no cast

@@ -1,10 +1,11 @@
-"""SwiGLU, silu(gate) · up: Triton kernels and their launch helpers (no autograd here).
+"""SwiGLU, silu(m_g · gate) · up · m_d: Triton kernels and their launch helpers (no autograd here).
 
-With σ the logistic sigmoid, all in float32:
+With σ the logistic sigmoid, a = m_g · gate and the multipliers m_g, m_d (Liger's gate / down multipliers,
+Falcon-H1's MLP; both 1 for plain SwiGLU, where multiplying by them is exact), all in float32:
 
-    forward    out   = gate · σ(gate) · up
-    backward   dgate = dout · up · σ(gate) · (1 + gate · (1 - σ(gate)))
-               dup   = dout · gate · σ(gate)
+    forward    out   = a · σ(a) · up · m_d
+    backward   dgate = dout · m_d · up · σ(a) · (1 + a · (1 - σ(a))) · m_g
+               dup   = dout · m_d · a · σ(a)
 
 Elementwise and memory-bound: the forward reads gate and up once and writes out (3 element moves), the backward
 reads dout, gate and up once and writes dgate and dup (5), recomputing σ(gate) instead of saving it.
@@ -48,13 +49,15 @@ def _swiglu_fwd_kernel(
     stride_out,
     M,            # rows
     N,            # columns
+    gate_mult,    # m_g: gate scaled before the activation
+    down_mult,    # m_d: output scale
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     rows, cols, mask = _tile_offsets(M, N, BLOCK_M, BLOCK_N)
-    gate = tl.load(GATE + rows * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(GATE + rows * stride_gate + cols, mask=mask, other=0.0).to(tl.float32) * gate_mult
     up = tl.load(UP + rows * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
-    out = gate * tl.sigmoid(gate) * up
+    out = gate * tl.sigmoid(gate) * up * down_mult
     tl.store(OUT + rows * stride_out + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -72,16 +75,18 @@ def _swiglu_bwd_kernel(
     stride_dup,
     M,            # rows
     N,            # columns
+    gate_mult,    # m_g, as in the forward
+    down_mult,    # m_d, as in the forward
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     rows, cols, mask = _tile_offsets(M, N, BLOCK_M, BLOCK_N)
-    dout = tl.load(DOUT + rows * stride_dout + cols, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(GATE + rows * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+    dout = tl.load(DOUT + rows * stride_dout + cols, mask=mask, other=0.0).to(tl.float32) * down_mult
+    gate = tl.load(GATE + rows * stride_gate + cols, mask=mask, other=0.0).to(tl.float32) * gate_mult
     up = tl.load(UP + rows * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     silu = gate * sig
-    dgate = dout * up * sig * (1.0 + gate * (1.0 - sig))
+    dgate = dout * up * sig * (1.0 + gate * (1.0 - sig)) * gate_mult
     tl.store(DGATE + rows * stride_dgate + cols, dgate.to(DGATE.dtype.element_ty), mask=mask)
     tl.store(DUP + rows * stride_dup + cols, (dout * silu).to(DUP.dtype.element_ty), mask=mask)
 
@@ -95,20 +100,23 @@ def _tile(M: int, N: int) -> tuple[tuple[int, int], int, int]:
 
 
 @launches_on_input_device
-def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> None:
-    """out = silu(gate) · up over rows (M, N); each may be a strided row view (e.g. half of a packed tensor)."""
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, gate_multiplier: float = 1.0,
+                   down_multiplier: float = 1.0) -> None:
+    """out = silu(m_g · gate) · up · m_d over rows (M, N); each may be a strided row view (e.g. half of a packed
+    tensor)."""
     M, N = gate.shape  # both > 0: the ops layer skips empty tensors
     grid, block_m, block_n = _tile(M, N)
     # Row strides as .stride()[0]: the tuple costs half of what .stride(0) does (it parses its argument).
     _swiglu_fwd_kernel[grid](gate, up, out, gate.stride()[0], up.stride()[0], out.stride()[0], M, N,
-                             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+                             float(gate_multiplier), float(down_multiplier), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
 
 
 @launches_on_input_device
 def swiglu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dgate: torch.Tensor,
-                    dup: torch.Tensor) -> None:
+                    dup: torch.Tensor, gate_multiplier: float = 1.0, down_multiplier: float = 1.0) -> None:
     """Write dgate and dup (M, N); dgate and dup may be the two halves of one packed gradient."""
     M, N = gate.shape  # both > 0: the ops layer skips empty tensors
     grid, block_m, block_n = _tile(M, N)
     _swiglu_bwd_kernel[grid](dout, gate, up, dgate, dup, dout.stride()[0], gate.stride()[0], up.stride()[0],
-                             dgate.stride()[0], dup.stride()[0], M, N, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+                             dgate.stride()[0], dup.stride()[0], M, N, float(gate_multiplier), float(down_multiplier),
+                             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
