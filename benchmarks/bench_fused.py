@@ -7,11 +7,11 @@ Liger when installed. Figures are GB/s of the minimum traffic an implementation 
 activation, 2 bytes each), the same count for every implementation of a group, so ratios are ratios of time:
 
     rms_norm fwd           x in, y out                                   2E
-    rms_norm fwd+bwd       + dy, x in, dx out                            5E
+    rms_norm fwd+bwd       + dy, x in, dx out                            5E   (also casting_mode="none")
     add+rms_norm fwd       x, residual in, y, h out                      4E
     add+rms_norm fwd+bwd   + dy, dh, h in, dx out                        8E
     swiglu fwd             gate, up in, out                              3E
-    swiglu fwd+bwd         + dout, gate, up in, dgate, dup out           8E
+    swiglu fwd+bwd         + dout, gate, up in, dgate, dup out           8E   (also with gate/down multipliers)
     rotary q+k             q, k in and out                               2E
     wqkv rotary            wqkv output in, q, k, v out                   2E
 
@@ -127,6 +127,30 @@ def test_rms_norm_fwd_bwd(benchmark, impl):
            _fwd_bwd(lambda: fn(x, w), (x, w), torch.randn_like(x)))
 
 
+def _rms_none_eager(x, w):
+    """Liger's casting_mode "none": the same expression without an upcast (statistics and scaling in x's dtype)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * w
+
+
+def _rms_none_fn(impl):
+    if impl == OURS:
+        _ours_available()
+        return lambda x, w: ik.rms_norm(x, w, EPS, casting_mode="none")
+    if impl == "eager":
+        return _rms_none_eager
+    if impl == "torch.compile":
+        return _compiled(_rms_none_eager)
+    liger = _liger("rms_norm", "LigerRMSNormFunction")
+    return lambda x, w: liger.apply(x, w, EPS, 0.0, "none", False)
+
+
+@pytest.mark.parametrize("impl", [OURS, "eager", "torch.compile", "liger"])
+def test_rms_norm_casting_none_fwd_bwd(benchmark, impl):
+    fn, x, w = _rms_none_fn(impl), _randn(T_RMS, H_RMS), _randn(H_RMS)
+    _bench(benchmark, impl, f"rms_norm casting_mode=none fwd+bwd {RMS_SHAPE}", 5 * x.numel(),
+           _fwd_bwd(lambda: fn(x, w), (x, w), torch.randn_like(x)))
+
+
 @pytest.mark.parametrize("impl", [OURS, "eager", "torch.compile", "liger"])
 def test_add_rms_norm_fwd(benchmark, impl):
     fn, x, r, w = _add_rms_fn(impl), _randn(T_RMS, H_RMS), _randn(T_RMS, H_RMS), _randn(H_RMS)
@@ -184,6 +208,32 @@ def test_swiglu_fwd(benchmark, impl):
 def test_swiglu_fwd_bwd(benchmark, impl):
     fn, a, b = _swiglu_fn(impl), _randn(T_SWIGLU, I_SWIGLU), _randn(T_SWIGLU, I_SWIGLU)
     _bench(benchmark, impl, f"swiglu fwd+bwd {SWIGLU_SHAPE}", 8 * a.numel(),
+           _fwd_bwd(lambda: fn(a, b), (a, b), torch.randn_like(a)))
+
+
+GATE_MULT, DOWN_MULT = 0.5, 2.0   # Falcon-H1-style mlp_multipliers
+
+
+def _swiglu_mult_eager(a, b):
+    return torch.nn.functional.silu(a * GATE_MULT) * b * DOWN_MULT
+
+
+def _swiglu_mult_fn(impl):
+    if impl == OURS:
+        _ours_available()
+        return lambda a, b: ik.swiglu(a, b, GATE_MULT, DOWN_MULT)
+    if impl == "eager":
+        return _swiglu_mult_eager
+    if impl == "torch.compile":
+        return _compiled(_swiglu_mult_eager)
+    liger = _liger("swiglu", "LigerSiLUMulFunction")
+    return lambda a, b: liger.apply(a, b, GATE_MULT, DOWN_MULT)
+
+
+@pytest.mark.parametrize("impl", [OURS, "eager", "torch.compile", "liger"])
+def test_swiglu_multipliers_fwd_bwd(benchmark, impl):
+    fn, a, b = _swiglu_mult_fn(impl), _randn(T_SWIGLU, I_SWIGLU), _randn(T_SWIGLU, I_SWIGLU)
+    _bench(benchmark, impl, f"swiglu gate/down multipliers fwd+bwd {SWIGLU_SHAPE}", 8 * a.numel(),
            _fwd_bwd(lambda: fn(a, b), (a, b), torch.randn_like(a)))
 
 

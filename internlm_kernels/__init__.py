@@ -16,7 +16,7 @@ from .ops.attention_packed import (
     unpad_input,
 )
 from .ops.cross_entropy import cross_entropy, fused_linear_cross_entropy
-from .ops.kvcache import flash_attn_with_kvcache
+from .ops.kvcache import KVCacheOverflowError, flash_attn_with_kvcache
 from .ops.linear import linear
 from .ops.linear_logprobs import fused_linear_logprobs
 from .ops.rms_norm import rms_norm
@@ -36,5 +36,5 @@ __all__ = [
     # drop-in surfaces of flash-attn and Liger (issue 15)
     "cross_entropy", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
     "flash_attn_varlen_kvpacked_func", "unpad_input", "pad_input",
-    "linear",
+    "linear", "KVCacheOverflowError",
 ]

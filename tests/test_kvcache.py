@@ -215,8 +215,29 @@ def test_paged_varlen_matches_reference(page_size):
         assert_close(lse.nan_to_num(posinf=0.0), want_lse.nan_to_num(posinf=0.0))
     with pytest.raises(ValueError, match="max_seqlen_q"), torch.no_grad():
         ik.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 2, 40, block_table=table)
-    with pytest.raises(NotImplementedError, match="inference only"):
-        ik.flash_attn_varlen_func(q.requires_grad_(), k_cache, v_cache, cu_q, cu_k, 5, 40, block_table=table)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_paged_varlen_runs_with_grad_and_refuses_at_backward(backend):
+    """flash-attn's flash_attn_varlen_func(..., block_table=) runs on q/k/v that require grad (its autograd Function
+    only fails if a backward is called): ours returns the no-grad result, and the refusal, naming block_table, comes
+    when a backward reaches it."""
+    lens_k, page_size = [5, 19], 16
+    k_cache = torch.randn(5, page_size, 2, 32, device=DEV)
+    v_cache = torch.randn_like(k_cache)
+    table = torch.tensor([[3, 0], [1, 4]], dtype=torch.int32, device=DEV)
+    q = torch.randn(4, 4, 32, device=DEV)
+    cu_q = torch.tensor([0, 1, 4], dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0, 5, 24], dtype=torch.int32, device=DEV)
+    with ik.use_backend(backend):
+        with torch.no_grad():
+            want = ik.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 3, 19, causal=True, block_table=table)
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k_cache, v_cache))
+        out = ik.flash_attn_varlen_func(qg, kg, vg, cu_q, cu_k, 3, 19, causal=True, block_table=table)
+    assert out.requires_grad
+    assert torch.equal(out.detach(), want)
+    with pytest.raises(NotImplementedError, match="block_table"):
+        out.sum().backward()
 
 
 def test_varlen_accepts_block_table_none():
@@ -254,6 +275,30 @@ def _bad(name):
 def test_bad_input_raises_value_error_naming_it(name, match):
     with pytest.raises(ValueError, match=match), torch.no_grad(), ik.use_backend("triton"):
         ik.flash_attn_with_kvcache(**_bad(name))
+
+
+@pytest.mark.parametrize("name", ["block_table", "cache_seqlens", "cache_seqlens int"])
+def test_paged_overflow_is_also_the_runtime_error_flash_attn_raises(name):
+    """flash-attn's check of a paged cache too small (or pointing outside the page pool) raises RuntimeError (its
+    TORCH_CHECK) mentioning block_table; ours is a ValueError naming the argument and a RuntimeError too."""
+    args = _bad("cache_seqlens" if name == "cache_seqlens int" else name)
+    if name == "cache_seqlens int":
+        args["cache_seqlens"] = args["block_table"].shape[1] * args["k_cache"].shape[1]   # full: no room for k
+    with pytest.raises(RuntimeError, match="block_table") as caught, torch.no_grad(), ik.use_backend("triton"):
+        ik.flash_attn_with_kvcache(**args)
+    assert isinstance(caught.value, ValueError) and isinstance(caught.value, ik.KVCacheOverflowError)
+    assert name.split()[0] in str(caught.value)
+
+
+def test_paged_varlen_overflow_is_a_runtime_error():
+    k_cache = torch.randn(3, 16, 2, 32, device=DEV)
+    table = torch.tensor([[0], [2]], dtype=torch.int32, device=DEV)
+    q = torch.randn(2, 4, 32, device=DEV)
+    cu_q = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0, 5, 22], dtype=torch.int32, device=DEV)    # 17 keys in a one-page (16) table
+    with pytest.raises(RuntimeError, match="block_table") as caught, torch.no_grad():
+        ik.flash_attn_varlen_func(q, k_cache, k_cache, cu_q, cu_k, 1, 17, block_table=table)
+    assert isinstance(caught.value, ValueError) and "cu_seqlens_k" in str(caught.value)
 
 
 def test_unsupported_combinations_raise_not_implemented():

@@ -1,5 +1,6 @@
 """RMSNorm's ``offset`` (Gemma's x / rms · (1 + w)) and ``casting_mode`` ("gemma": all in fp32; "llama": the
-normalized row rounded to x's dtype before the weight): the Triton kernels against reference.rms_norm in float64,
+normalized row rounded to x's dtype before the weight; "none": Liger's, every step in x's dtype, tested in 16 bits in
+test_liger_parity.py): the Triton kernels against reference.rms_norm in float64,
 and in bf16 against transformers' own Gemma2RMSNorm and LlamaRMSNorm."""
 import pytest
 import torch
@@ -11,7 +12,7 @@ from internlm_kernels import reference
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("casting_mode", ["gemma", "llama"])
+@pytest.mark.parametrize("casting_mode", ["gemma", "llama", "none"])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_offset_and_casting_mode_match_reference(casting_mode, with_residual):
     torch.manual_seed(0)
@@ -59,8 +60,6 @@ def test_module_options_and_bad_arguments():
     assert torch.equal(norm.weight, torch.zeros(8)) and "casting_mode='llama'" in repr(norm)
     x = torch.randn(2, 8)
     assert_close(norm(x), reference.rms_norm(x, torch.ones(8)))
-    with pytest.raises(NotImplementedError, match="casting_mode"):
-        ik.rms_norm(x, norm.weight, casting_mode="none")
     with pytest.raises(ValueError, match="casting_mode"):
         ik.rms_norm(x, norm.weight, casting_mode="fp16")
     with pytest.raises(ValueError, match="offset"):
@@ -76,3 +75,8 @@ def test_inference_mode_and_opcheck():
     torch.library.opcheck(torch.ops.internlm_kernels.rms_norm_fwd.default, (xg, wg, 1e-6, 1.0, True))
     torch.library.opcheck(torch.ops.internlm_kernels.add_rms_norm_fwd.default,
                           (xg, torch.randn(4, 24), wg, 1e-6, torch.float32, 1.0, False))
+    # casting_mode "none" (low_precision) through the same ops
+    xh, wh = xg.detach().half().requires_grad_(), wg.detach().half().requires_grad_()
+    torch.library.opcheck(torch.ops.internlm_kernels.rms_norm_fwd.default, (xh, wh, 1e-6, 0.0, False, True))
+    torch.library.opcheck(torch.ops.internlm_kernels.add_rms_norm_fwd.default,
+                          (xh, torch.randn(4, 24), wh, 1e-6, torch.float32, 0.0, False, True))
