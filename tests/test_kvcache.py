@@ -219,10 +219,10 @@ def test_paged_varlen_matches_reference(page_size):
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_paged_varlen_runs_with_grad_and_refuses_at_backward(backend):
-    """flash-attn's flash_attn_varlen_func(..., block_table=) runs on q/k/v that require grad (its autograd Function
-    only fails if a backward is called): ours returns the no-grad result, and the refusal, naming block_table, comes
-    when a backward reaches it."""
-    lens_k, page_size = [5, 19], 16
+    """flash-attn's flash_attn_varlen_func(..., block_table=) runs on q/k/v that require grad: ours returns the same
+    values as without grad, and the refusal (no paged backward), naming block_table, comes when a backward reaches
+    it."""
+    page_size = 16                                            # keys: 5 and 19 (two pages)
     k_cache = torch.randn(5, page_size, 2, 32, device=DEV)
     v_cache = torch.randn_like(k_cache)
     table = torch.tensor([[3, 0], [1, 4]], dtype=torch.int32, device=DEV)

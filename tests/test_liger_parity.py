@@ -277,7 +277,8 @@ def test_reference_token_scaling_is_liger_formula():
     assert_close(torch.autograd.grad(loss, z)[0], torch.autograd.grad(want, z)[0])
 
 
-@pytest.mark.parametrize("backend, dtype", [("triton", F32), ("triton", F16), ("cpu", F32)], ids=str)
+@pytest.mark.parametrize("backend, dtype", [("triton", F32), ("triton", F16), ("triton", BF16), ("cpu", F32)],
+                         ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_token_scaling_matches_reference(backend, reduction, dtype, monkeypatch):
     """LigerFusedLinearCrossEntropyFunction(use_token_scaling=True). Odd shapes (13 tokens in chunks of 4, vocab 37
@@ -298,7 +299,7 @@ def test_token_scaling_matches_reference(backend, reduction, dtype, monkeypatch)
             loss_inf = ik.fused_linear_cross_entropy(hidden, weight, target, use_token_scaling=True, **kw)
     hd, wd = (t.detach().double().requires_grad_() for t in (hidden, weight))
     want, want_z = reference.linear_cross_entropy(hd, wd, target, None, -100, token_scaling=True, **kw)
-    # fp16: the logits are rounded to fp16 by the matmul (the oracle uses exact ones), ~1e-3 relative
+    # 16 bits: the logits are rounded by the matmul (the oracle uses exact ones), ~1e-3 (fp16) / ~4e-3 (bf16) relative
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     assert_close(loss.double(), want.detach(), **tol, msg="loss")
     assert_close(z_loss.double(), want_z.detach(), **tol, msg="z_loss")
@@ -369,3 +370,17 @@ def test_fullgraph_compile_token_scaling_and_multipliers():
     assert_close(got, want)
     for g, e in zip(got_grads, want_grads):
         assert_close(g, e)
+
+
+# --------------------------------------------------------------------------------------------------
+# bf16 on a GPU (benchmarks/gpu_check.sh): the casts round to nearest there, so "none" is within one ulp
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_bf16_rms_norm_none_and_swiglu_multipliers():
+    x = (torch.randn(4096, 4096, device="cuda") * 2).bfloat16()
+    w = (torch.rand(4096, device="cuda") + 0.5).bfloat16()
+    # one bf16 ulp: 1/sqrt against torch.rsqrt and the order of the float32 sum may move a rounding by one
+    assert_close(ik.rms_norm(x, w, 1e-6, casting_mode="none"), reference.rms_norm(x, w, 1e-6, casting_mode="none"),
+                 rtol=2.0 ** -8, atol=2.0 ** -8)
+    gate, up = torch.randn(2048, 14336, device="cuda").bfloat16(), torch.randn(2048, 14336, device="cuda").bfloat16()
+    assert_close(ik.swiglu(gate, up, 0.5, 2.0), reference.swiglu(gate, up, 0.5, 2.0))
