@@ -348,7 +348,8 @@ def test_opcheck_new_arguments():
 # --------------------------------------------------------------------------------------------------
 # torch.compile (fullgraph), one per new variant family
 # --------------------------------------------------------------------------------------------------
-def test_fullgraph_compile_token_scaling_and_multipliers():
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_fullgraph_compile_token_scaling_and_multipliers(backend):
     """One compiled function with both new variants, forward and backward, equal to eager."""
     torch.manual_seed(11)
     hidden = torch.randn(9, 16, device=DEV, requires_grad=True)
@@ -361,7 +362,7 @@ def test_fullgraph_compile_token_scaling_and_multipliers():
         act = ik.swiglu(hidden, up, 0.5, 1.5)
         return ik.fused_linear_cross_entropy(act, weight, target, lse_square_scale=1e-3, use_token_scaling=True)
 
-    with ik.use_backend("triton"):
+    with ik.use_backend(backend):
         compiled = torch.compile(step, fullgraph=True)
         got = compiled(hidden, up, weight, target)
         got_grads = torch.autograd.grad(got, (hidden, up, weight))
