@@ -223,8 +223,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
     float32 if ``residual_in_fp32`` else x.dtype — the carried residual stream of a pre-norm block.
     The weight is ``weight + offset`` (Gemma: offset 1). casting_mode "gemma": all in float32, rounded once;
     "llama": the normalized row is rounded to x.dtype before the weight multiplies it (transformers' LlamaRMSNorm);
-    "none" (Liger's): the statistics and the scaling in x.dtype, as plain torch code in that dtype computes them —
-    see ``rms_norm_low_precision``.
+    "none" (Liger's): the statistics and the scaling in x.dtype, each step rounded to it — see
+    ``rms_norm_low_precision``.
     """
     if casting_mode == "none":
         return rms_norm_low_precision(x, weight, eps, residual, prenorm, residual_in_fp32, offset)
@@ -255,10 +255,10 @@ def rms_norm_low_precision(x: torch.Tensor, weight: torch.Tensor, eps: float = 1
         h = round_t(x + residual),  ms = round_t(mean(round_t(h²))),  r = round_t(1 / sqrt(round_t(ms + eps))),
         n = round_t(h · r),  y = round_t(n · round_t(weight + offset))
 
-    — the statistics and the scaling in the input dtype (Liger's "none"), as ``h * torch.rsqrt(h.pow(2).mean(-1,
-    keepdim=True) + eps) * weight`` computes them in bf16 (ATen's mean rounds its sum before dividing: a second
-    rounding this definition does not have). In float32 it is the "gemma" result up to float32 rounding. The
-    gradient is autograd's through these roundings.
+    — the statistics and the scaling in the input dtype (Liger's "none"), the steps of ``h * torch.rsqrt(h.pow(2)
+    .mean(-1, keepdim=True) + eps) * weight`` run in bf16, with the roundings placed once and for all (ATen's 16-bit
+    ops may round at other points inside them, e.g. within the mean). In float32 it is the "gemma" result up to
+    float32 rounding. The gradient is autograd's through these roundings.
     """
     t = x.dtype
     f = _compute_dtype(x)

@@ -35,9 +35,9 @@ FP16_RTOL = 2.0 ** -10
 # --------------------------------------------------------------------------------------------------
 # RMSNorm casting_mode="none" (LigerRMSNorm)
 # --------------------------------------------------------------------------------------------------
-def test_reference_rms_norm_none_is_plain_low_precision_torch():
-    """reference.rms_norm_low_precision in fp16 equals the plain fp16 Llama-style expression with every rounding
-    written out (fp16's range is ample here), and its float32 result is the "gemma" one."""
+def test_reference_rms_norm_none_rounds_each_step_to_the_input_dtype():
+    """reference.rms_norm_low_precision in fp16 equals the Llama-style expression with every rounding to fp16 written
+    out (fp16's range is ample here), and its float32 result is the "gemma" one."""
     torch.manual_seed(0)
     x, w = torch.randn(6, 37, dtype=torch.float16) * 3, torch.rand(37, dtype=torch.float16) + 0.5
     f = torch.float32

@@ -124,7 +124,7 @@ class _PagedNoBackward(torch.autograd.Function):
 
 
 def _no_grad_wanted(*tensors) -> None:
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if _grad_wanted(*tensors):
         raise NotImplementedError("attention over a KV cache (block_table / flash_attn_with_kvcache) is inference "
                                   "only and has no backward; call it under torch.no_grad() or inference_mode()")
 
@@ -412,7 +412,7 @@ def flash_attn_varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max
     def compute():
         if backend == "reference":
             return reference.flash_attn_varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_table,
-                                                     scale, False, (left, right), softcap, alibi_slopes)
+                                                    scale, False, (left, right), softcap, alibi_slopes)
         return torch.ops.internlm_kernels.flash_attn_varlen_paged(
             q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes,
             hint if hint is not None else q.shape[0], scale, left, right, float(softcap), 0)

@@ -161,7 +161,7 @@ def rms_norm(x, weight, eps=1e-6, residual=None, prenorm=False, residual_in_fp32
     ``offset`` = 1 is Gemma's ``(1 + w)``. ``casting_mode`` "gemma" (default): everything in float32, rounded once
     to x's dtype; "llama": the normalized row is rounded to x's dtype before the weight multiplies it (transformers'
     LlamaRMSNorm); "none" (Liger's): the statistics and the scaling in x's dtype, every intermediate rounded to it
-    as plain torch code in that dtype does (reference.rms_norm_low_precision; in float32 it is "gemma").
+    (reference.rms_norm_low_precision; in float32 it is "gemma").
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=1, device=x.device)

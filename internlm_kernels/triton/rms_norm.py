@@ -11,9 +11,9 @@ Rows are the last dim (N features) of a tensor viewed as (M, N). Per row, all in
 
 ``offset`` is Gemma's 1 (its weights are stored as w - 1). With CAST_BEFORE_WEIGHT (transformers' Llama casting)
 h · rstd is rounded to y's dtype before the weight multiplies it; else (Gemma casting) the product is float32 and
-rounded once. With LOW_PRECISION (Liger's casting mode "none") every step rounds to y's dtype, as plain torch code
-in that dtype does: h, h², mean(h²), mean(h²) + eps, rstd, h · rstd, w + offset and y (float32 arithmetic, then a
-rounding; see reference.rms_norm_low_precision). The backward is the same for all three (the rounding has no
+rounded once. With LOW_PRECISION (Liger's casting mode "none") every step rounds to y's dtype: h, h², mean(h²),
+mean(h²) + eps, rstd, h · rstd, w + offset and y (float32 arithmetic, then a rounding; see
+reference.rms_norm_low_precision). The backward is the same for all three (the rounding has no
 derivative), taken at the rounded h and rstd.
 
 One pass over memory each way: the forward reads x (and residual) once and writes y (and h); the backward reads dy and
