@@ -3,6 +3,8 @@
 URL: datatrove's URLFilter with its shipped lists (4.5M blocked domains, ~20k URLs, banned and soft-banned URL
 words) plus our domains file. Its ``TLDExtract()`` fetches the public-suffix list over the network first; here it
 is built with ``suffix_list_urls=()`` so the snapshot inside tldextract is used. Documents without a URL pass.
+datatrove compares the registered domain and the full host with its list; ours also blocks every host under one of
+our entries.
 
 Word list: the terms of the language's list (``train/data/seed/blocked_words_<lang>.txt``) are counted with an
 Aho-Corasick automaton over the lower-cased text; English terms must match whole words (the characters around a
@@ -25,11 +27,21 @@ class OfflineURLFilter(URLFilter):
         super().__init__(soft_word_threshold=soft_word_threshold, extra_domains=extra_domains,
                          use_integrated_lists=use_integrated_lists)
         self.tldextractor = TLDExtract(suffix_list_urls=())
+        self.our_hosts = frozenset(d.strip().lower() for d in extra_domains or ())
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        if not doc.metadata.get("url"):
+        url = doc.metadata.get("url")
+        if not url:
             return True
-        return super().filter(doc)
+        verdict = super().filter(doc)
+        if verdict is not True:
+            return verdict
+        # datatrove matches the registered domain and the full host; our list also blocks every host under an
+        # entry (www.spam.example.net for spam.example.net, where example.net is the registered domain)
+        host = self.tldextractor(url).fqdn.lower().split(".")
+        if any(".".join(host[i:]) in self.our_hosts for i in range(len(host))):
+            return False, "host_under_blocked"
+        return True
 
 
 def read_terms(path: str) -> list[str]:
