@@ -80,9 +80,9 @@ class FilterStep(PipelineStep):
 
     def __init__(self, step: str, filt: BaseFilter, out_dir: str, applies: Callable[[Document], bool] | None = None,
                  edits: bool = False):
+        self.name = f"{step} ({type(filt).__name__})"   # before PipelineStep.__init__, which names the stats
         super().__init__()
         self.step = step
-        self.name = f"{step} ({type(filt).__name__})"
         self.filt = filt
         self.out_dir = out_dir
         self.applies = applies
@@ -121,9 +121,9 @@ class PassStep(PipelineStep):
     type = "🫂 - DEDUPS"
 
     def __init__(self, step: str, inner: PipelineStep, out_dir: str, reason: str):
+        self.name = f"{step} ({type(inner).__name__})"
         super().__init__()
         self.step = step
-        self.name = f"{step} ({type(inner).__name__})"
         self.inner = inner
         self.out_dir = out_dir
         self.reason = reason
