@@ -15,7 +15,6 @@ from datatrove.pipeline.filters.fasttext_filter import FastTextClassifierFilter
 
 from train.data.filters.normalise import normalise_text
 
-
 TRAIN_ATTEMPTS = 8
 
 
