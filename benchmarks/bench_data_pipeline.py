@@ -232,8 +232,11 @@ def _step_docs(logs: str) -> dict[str, int]:
     dropped of our FilterStep, which counts only the documents the step applies to, as its timer does)."""
     with open(os.path.join(logs, "stats.json")) as f:
         stats = json.load(f)
+    def n(v) -> int:   # a plain count, or (in a Ray run's merged stats) a summary with its total
+        return int(v["total"] if isinstance(v, dict) else v)
+
     out = {}
     for s in stats:
         c = s.get("stats", {})
-        out[_key(s["name"])] = c.get("total") or (c.get("forwarded", 0) + c.get("dropped", 0))
+        out[_key(s["name"])] = n(c["total"]) if "total" in c else n(c.get("forwarded", 0)) + n(c.get("dropped", 0))
     return out

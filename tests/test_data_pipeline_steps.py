@@ -16,7 +16,7 @@ from datatrove.data import Document  # noqa: E402
 from train.data.filters.classifier import classifier_filter, train_classifier  # noqa: E402
 from train.data.filters.code import dependency_order, javascript_imports, python_imports  # noqa: E402
 from train.data.filters.language import script_language  # noqa: E402
-from train.data.filters.normalise import normalise_text  # noqa: E402
+from train.data.filters.normalise import Normaliser, normalise_text  # noqa: E402
 from train.data.filters.reader import InputReader  # noqa: E402
 from train.data.filters.safety import OfflineURLFilter, WordListFilter, read_terms  # noqa: E402
 from train.data.packing import read_file  # noqa: E402
@@ -66,6 +66,9 @@ def test_normalise_nfkc_controls_whitespace():
     assert normalise_text(text) == "ABC123 file word\n\tindented code x\n\nend"
     assert normalise_text("  def f():\n      return  1") == "  def f():\n      return 1"   # indentation kept
     assert normalise_text("\u200b\u200c\x00 \n") == ""
+    code = Document(text='x  = "ａ  b"\r\n\n\n\ny = 2\u200b  ', id="c", metadata={"repo": "r", "path": "m.py"})
+    Normaliser(is_code=lambda d: "repo" in d.metadata).filter(code)   # source files keep their spacing
+    assert code.text == 'x  = "ａ  b"\n\n\ny = 2'
 
 
 # -------------------------------------------------------------------------------------------------- language

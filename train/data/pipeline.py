@@ -120,8 +120,8 @@ def filter_stage(cfg: PipelineConfig, folder: str, glob: str | None, out: str, m
 
     steps = {
         "read": (InputCheck(), None, False),
-        "normalise": (Normaliser(cfg.normalise.form, cfg.normalise.collapse_spaces, cfg.normalise.max_blank_lines),
-                      None, True),
+        "normalise": (Normaliser(cfg.normalise.form, cfg.normalise.collapse_spaces, cfg.normalise.max_blank_lines,
+                                 is_code=lambda doc: not prose(doc)), None, True),
         "language": (ScriptLanguageFilter(cfg.language.keep, cfg.language.zh_min_han, cfg.language.en_min_latin,
                                           cfg.language.min_letters), prose, True),
         "url": (OfflineURLFilter(read_terms(repo_path(cfg.url.extra_domains)) if cfg.url.extra_domains else None,

@@ -22,6 +22,7 @@ import heapq
 import os
 import posixpath
 import re
+import zlib
 from collections import defaultdict
 
 from datatrove.data import Document
@@ -144,8 +145,6 @@ def is_code(doc: Document, languages=("python", "javascript")) -> bool:
 
 def repo_shard(repo: str, shards: int) -> int:
     """A stable shard of a repository name (not Python's salted hash)."""
-    import zlib
-
     return zlib.crc32(repo.encode("utf-8")) % shards
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import Callable
 
 from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
@@ -42,14 +43,21 @@ def normalise_text(text: str, form: str = "NFKC", collapse_spaces: bool = True, 
 
 
 class Normaliser(BaseFilter):
+    """``is_code(doc)`` selects source files: they get NFC and keep their spacing (NFKC and collapsed spaces would
+    change string literals and alignment); line ends, control characters and trailing spaces are normalised."""
     name = "🔤 normalise"
 
-    def __init__(self, form: str = "NFKC", collapse_spaces: bool = True, max_blank_lines: int = 1):
+    def __init__(self, form: str = "NFKC", collapse_spaces: bool = True, max_blank_lines: int = 1,
+                 is_code: Callable[[Document], bool] | None = None):
         super().__init__()
         self.form = form
         self.collapse_spaces = collapse_spaces
         self.max_blank_lines = max_blank_lines
+        self.is_code = is_code
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        doc.text = normalise_text(doc.text, self.form, self.collapse_spaces, self.max_blank_lines)
+        if self.is_code is not None and self.is_code(doc):
+            doc.text = normalise_text(doc.text, "NFC", collapse_spaces=False, max_blank_lines=2)
+        else:
+            doc.text = normalise_text(doc.text, self.form, self.collapse_spaces, self.max_blank_lines)
         return (True if doc.text.strip() else (False, "empty"))
