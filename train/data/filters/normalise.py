@@ -16,8 +16,10 @@ from typing import Callable
 from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
+# Every Cc and Cf code point lies in planes 0-1 or in the tag block U+E0000-E007F; scanning only those keeps the
+# import at ~50 ms instead of ~450 ms for all 1.1M code points (every worker process imports this).
 _CONTROL = re.compile("[" + "".join(
-    re.escape(chr(c)) for c in range(0x110000)
+    re.escape(chr(c)) for c in (*range(0x20000), *range(0xE0000, 0xE0080))
     if unicodedata.category(chr(c)) in ("Cc", "Cf") and chr(c) not in "\n\t") + "]")
 _INNER_SPACES = re.compile(r"(?<=\S)[ \t]+")
 
