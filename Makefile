@@ -9,7 +9,7 @@ PYTEST_WORKERS ?= 2
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-gpu lint test demo serve bench gpu-check clean
+.PHONY: install install-gpu lint test demo serve data bench gpu-check clean
 
 install: $(STAMP)
 
@@ -50,6 +50,13 @@ SERVE_MODEL ?= $(or $(lastword $(sort $(wildcard runs/ppo_tiny/rounds/round_[0-9
 serve: $(STAMP)
 	@test -n "$(SERVE_MODEL)" || { echo "make serve: no chat model under runs/ (run make demo first)"; exit 1; }
 	$(PY) -m models.server --model $(SERVE_MODEL) --tokenizer byte --served-model-name internlm2-demo $(SERVE_ARGS)
+
+# The data pipeline on the shipped raw sample (docs/data.md); the kept set is runs/data/kept/, the long-context set
+# runs/data/long_context/, the accounting runs/data/stats.json. Reruns resume; DATA_ARGS="--overwrite" starts over.
+DATA_OUT ?= runs/data
+DATA_ARGS ?=
+data: $(STAMP)
+	$(PY) -m train.data.pipeline --input train/data/sample --output $(DATA_OUT) $(DATA_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks

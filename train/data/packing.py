@@ -20,6 +20,7 @@ size, and all ranks hold the same stream state, so rank 0's state is the checkpo
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 import os
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import torch
 
 from train.data.tokenizer import Tokenizer
 
-TEXT_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
+TEXT_EXTENSIONS = (".txt", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 IGNORE_INDEX = -100
 
 
@@ -97,7 +98,8 @@ def read_txt(path: str, mode: str = "line") -> Iterator[str]:
 
 
 def read_jsonl(path: str, text_field: str = "text") -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
+    """One document per line; ``.gz`` files (the data pipeline's output, train.data.pipeline) are decompressed."""
+    with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -132,7 +134,7 @@ def read_parquet(path: str, text_field: str = "text") -> Iterator[str]:
 def read_file(path: str, text_field: str = "text", txt_mode: str = "line") -> Iterator[str]:
     if path.endswith(".txt"):
         return read_txt(path, txt_mode)
-    if path.endswith((".jsonl", ".json")):
+    if path.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
         return read_jsonl(path, text_field)
     if path.endswith(".parquet"):
         return read_parquet(path, text_field)
