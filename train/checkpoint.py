@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from models.checkpoint import fsync_path, fsync_tree
 from train.parallel import Parallel, Runtime
 
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -44,28 +45,12 @@ def checkpoint_root(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
-def fsync_path(path) -> None:
-    """Flush a file's or a directory's entry to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def _quiet_dcp():
     """DCP warns that it runs without a process group, which is the one-process case, not a mistake."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def _fsync_tree(path: str) -> None:
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            fsync_path(os.path.join(dirpath, name))
-        fsync_path(dirpath)
 
 
 def list_checkpoints(run_dir: str) -> list[str]:
@@ -141,7 +126,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer: torch.optim.Optim
         meta = {k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str, bool))}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if os.path.exists(final):  # re-saving the same step (e.g. a resumed run that ends where it resumed)
             shutil.rmtree(final)
         os.rename(tmp, final)

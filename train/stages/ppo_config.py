@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from train.checkpoint import latest_checkpoint
-from train.config import ConfigError, _build, apply_override, parse_value, read_toml
+from train.config import ConfigError, _build, apply_override, parse_args, read_toml
 from train.data.chat import SYNTHETIC_CHAT_TASKS
 from train.rlhf.hacking import HackingConfig
 from train.rlhf.iteration import PPOConfig
@@ -179,26 +179,6 @@ def load_ppo_config(path: str | None = None, overrides: dict[str, Any] | None = 
 
 
 def parse_ppo_cli(argv: list[str], default_config: str | None = None) -> PPOStageConfig:
-    """``[--config PATH] [--resume] [--section.key=value | --section.key value ...]``"""
-    path, overrides = default_config, {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r} (options look like --config PATH or --ppo.kl_coef=0.02)")
-        key, eq, value = arg[2:].partition("=")
-        if not eq and key == "resume":
-            overrides["resume"] = True
-            i += 1
-            continue
-        if not eq:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"option --{key} needs a value")
-            value = argv[i + 1]
-            i += 1
-        i += 1
-        if key == "config":
-            path = value
-        else:
-            overrides[key] = parse_value(value)
+    """``train.config.parse_args`` (``--resume``: the top-level ``resume``) then ``load_ppo_config``."""
+    path, overrides = parse_args(argv, default_config, "resume")
     return load_ppo_config(path, overrides)

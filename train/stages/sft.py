@@ -14,27 +14,25 @@ The stage ends with a transformers-loadable export (``LlamaForCausalLM`` layout)
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from train.build import batch_flops, build_model, model_config
-from train.config import CHECKPOINTING, ConfigError, repo_config, to_dict
+from train.config import CHECKPOINTING, repo_config
 from train.data.chat import Conversation, SyntheticChats, read_conversations
 from train.data.corpus import SyntheticCorpus
 from train.data.items import ItemBatches, budget_groups, collate_items
 from train.data.packing import FileCorpus
 from train.data.sft_items import SFTItems
-from train.data.tokenizer import Tokenizer, describe, load_tokenizer
+from train.data.tokenizer import Tokenizer, load_tokenizer
 from train.eval.chat import chat_eval
 from train.parallel import ParallelDims, barrier, init_runtime
 from train.stages.align_config import SFTConfig, parse_sft_cli, resolve_init, stage_geometry
 from train.stages.pretrain import causal_lm_loss
-from train.trainer import Stage, Trainer
+from train.stages.runner import stage_main, stage_trainer
+from train.trainer import Stage
 
 DEFAULT_CONFIG = repo_config("sft_tiny.toml")
 LONG_CONTEXT_FILE_DOCS = 100_000   # data files: the long-context mix draws from (at most) this many documents, in memory
@@ -137,11 +135,6 @@ class SFTResult:
     eval: dict | None = None                            # chat_eval() after training (examples included)
 
 
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-
-
 def run_sft(cfg: SFTConfig) -> SFTResult:
     rt = init_runtime(cfg.run, cfg.parallel)
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.byte_vocab_size)
@@ -161,13 +154,8 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
                   describe=f" (whole conversations up to {micro} tokens per micro-batch, {accumulation} micro-batches"
                            f" x {rt.dims.dp} data-parallel ranks, long-context mix {cfg.sft.long_context_mix:g}, from "
                            f"{init_from or 'random init'})")
-    trainer = Trainer(model, rt, optim=cfg.optim, checkpoint=cfg.checkpoint, metrics=cfg.metrics,
-                      run_dir=cfg.run_dir, total_steps=stage_cfg.steps,
-                      signature=["sft", stage_cfg.name, stage_cfg.steps, seq_len], stop_at_step=cfg.run.stop_at_step,
-                      extra_writer=lambda d: _write_json(os.path.join(d, "tokenizer.json"), describe(tokenizer)),
-                      export_layout="llama")
-    if rt.is_main:
-        _write_json(os.path.join(cfg.run_dir, "config.json"), to_dict(cfg))
+    trainer = stage_trainer(cfg, rt, model, tokenizer, total_steps=stage_cfg.steps,
+                            signature=["sft", stage_cfg.name, stage_cfg.steps, seq_len])
     start_step = trainer.state.global_step        # > 0 when resumed
     finished = trainer.train(stage)
     trained = trainer.state.global_step > start_step
@@ -183,18 +171,13 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
                      counters, evaluator.last if finished else None)
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_sft_cli(sys.argv[1:] if argv is None else argv, DEFAULT_CONFIG)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    result = run_sft(cfg)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def _report(cfg: SFTConfig, result: SFTResult) -> None:
     state = "finished" if result.finished else f"stopped at step {cfg.run.stop_at_step} (continue with --resume)"
     print(f"[sft] {state}; checkpoint {result.checkpoint}; data {result.data}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(argv, lambda args: parse_sft_cli(args, DEFAULT_CONFIG), run_sft, _report)
 
 
 if __name__ == "__main__":
