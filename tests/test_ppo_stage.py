@@ -11,6 +11,7 @@ import torch
 
 from models import InternLM2Config, InternLM2ForCausalLM
 from models.internlm2 import InternLM2ForScore
+from train.checkpoint import read_saved_state
 from train.config import ConfigError
 from train.data.preference import DEFAULT_CONDITIONS
 from train.eval.ppo_report import write_ppo_report
@@ -219,13 +220,16 @@ def test_restart_loads_the_last_unflagged_rounds_policy_and_optimizer(tmp_path, 
     saved = latest_round(done.run_dir)
     stage = Stage(cfg)
     actor, reference, critic, _ = stage.load(model_dirs[0], model_dirs[1], model_dirs[1])
+    learner, _ = stage.learners(actor, critic)
     state = OnlineState(episodes=load_state(saved).episodes + [{"round": 2, "findings": [{"pattern": "x"}]}])
-    opt = _restart_actor(stage, cfg, state, actor, reference, 3)
+    _restart_actor(stage, cfg, state, learner, reference, 3)
+    opt = learner.optimizer
     assert state.restarts == [{"round": 3, "from": "round 1"}]
     want = InternLM2ForCausalLM.from_pretrained(os.path.join(saved, "actor")).state_dict()
     got = actor.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert not torch.equal(got["output.weight"], reference.state_dict()["output.weight"])
-    opt_saved = torch.load(os.path.join(saved, "optimizers.pt"))["actor"]["state"]
-    assert opt_saved and all(torch.equal(opt.state_dict()["state"][i]["exp_avg"], opt_saved[i]["exp_avg"])
-                             for i in opt_saved)
+    opt_saved = read_saved_state(saved)["actor"]["optimizer"]["state"]       # keyed by parameter name
+    names = [name for name, _ in actor.named_parameters()]
+    assert opt_saved and all(torch.equal(opt.state_dict()["state"][i]["exp_avg"], opt_saved[name]["exp_avg"])
+                             for i, name in enumerate(names))

@@ -18,8 +18,10 @@ The iteration (``ppo_iteration``):
         order = randperm(B, generator)                                    one permutation per epoch
         for each of the mini_batches slices of order:
             actor:  policy_loss(actor logp, old_logp, A) + ptx_coef * LM loss on the next pretraining batch
-                    -> clip_grad_norm_ -> FusedAdamW step                 (skipped while the actor is frozen)
-            critic: value_loss(critic values, old_values, returns)  -> clip_grad_norm_ -> FusedAdamW step
+                    -> Learner.step (clip, FusedAdamW)                    (skipped while the actor is frozen)
+            critic: value_loss(critic values, old_values, returns)  -> Learner.step
+The actor and the critic are ``train.learner.Learner``s: the optimizer step of every stage, whatever the parallel
+mode. Their losses are means over the mini-batch's action tokens, so each step's loss function returns n = 1.
 Statistics are accumulated on the device and read once at the end. When the rollout carries the generator's own
 log-probs, their gap to the trainer's (``train.rlhf.diagnostics.logprob_mismatch``) is reported as
 ``sampler_mismatch_*`` — a metric only, never used in the loss.
@@ -34,6 +36,9 @@ import torch
 
 import internlm_kernels as ik
 from models.internlm2 import PackedContext, pack_inputs, shift_labels
+from train.config import OptimConfig
+from train.learner import Learner
+from train.parallel import Runtime
 from train.rlhf.advantages import gae, whiten
 from train.rlhf.diagnostics import logprob_mismatch
 from train.rlhf.losses import masked_mean, policy_loss, value_loss
@@ -114,18 +119,15 @@ def make_experience(actor, reference, critic, rollout: Rollout, cfg: PPOConfig) 
     return Experience(rollout, old_logp, ref_logp, old_values, rewards, kl, advantages, returns)
 
 
-def _step(model, optimizer, loss: torch.Tensor, grad_clip: float) -> torch.Tensor:
-    loss.backward()
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = ik.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm
+def ppo_learner(model, runtime: Runtime, cfg: PPOConfig, lr: float) -> Learner:
+    """The actor's (``lr`` = ppo.actor_lr) or the critic's (ppo.critic_lr) Learner: a constant rate, ``ppo.betas``,
+    ``ppo.weight_decay``, clipped to ``ppo.grad_clip``."""
+    optim = OptimConfig(lr=lr, betas=list(cfg.betas), weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    return Learner(model, runtime, optim)
 
 
-def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience, cfg: PPOConfig,
-               generator: torch.Generator, ptx_batches: Callable[[], object] | None = None,
-               train_actor: bool = True) -> dict[str, torch.Tensor]:
+def ppo_update(actor: Learner, critic: Learner, exp: Experience, cfg: PPOConfig, generator: torch.Generator,
+               ptx_batches: Callable[[], object] | None = None, train_actor: bool = True) -> dict[str, torch.Tensor]:
     """The PPO epochs over ``exp``'s mini-batches (module docstring). Returns the per-update means of the losses
     and statistics as device tensors."""
     rollout = exp.rollout
@@ -143,42 +145,51 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
         order = torch.randperm(B, generator=generator).to(device)
         for index in order.tensor_split(cfg.mini_batches):
             mb = rollout.rows(index)
-            mask = mb.action_mask
-            if train_actor:
-                logp = action_logprobs(actor, mb.input_ids, mb.attention_mask, cfg.temperature)
-                loss, stats = policy_loss(logp, exp.old_logprobs[index], exp.advantages[index], mask, cfg.clip_eps)
-                add("policy_loss", loss)
-                for k, v in stats.items():
-                    add(k, v)
+
+            def actor_loss(model, mb: Rollout, index=index):
+                logp = action_logprobs(model, mb.input_ids, mb.attention_mask, cfg.temperature)
+                loss, stats = policy_loss(logp, exp.old_logprobs[index], exp.advantages[index], mb.action_mask,
+                                          cfg.clip_eps)
+                metrics = {"policy_loss": loss, **stats}
                 if ptx_batches is not None and cfg.ptx_coef > 0:
                     batch = ptx_batches().to(device)
-                    ptx = actor(batch.input_ids, batch.cu_seqlens, labels=batch.labels,
+                    ptx = model(batch.input_ids, batch.cu_seqlens, labels=batch.labels,
                                 max_seqlen=batch.max_seqlen).loss
-                    add("ptx_loss", ptx)
+                    metrics["ptx_loss"] = ptx
                     loss = loss + cfg.ptx_coef * ptx
-                add("actor_grad_norm", _step(actor, actor_optimizer, loss, cfg.grad_clip))
-            values = action_values(critic, mb.input_ids, mb.attention_mask)
-            vloss = value_loss(values, exp.old_values[index], exp.returns[index], mask,
-                               cfg.value_clip_eps if cfg.value_clip_eps > 0 else None)
-            add("value_loss", vloss)
-            add("critic_grad_norm", _step(critic, critic_optimizer, vloss, cfg.grad_clip))
+                return loss, 1, metrics
+
+            def critic_loss(model, mb: Rollout, index=index):
+                values = action_values(model, mb.input_ids, mb.attention_mask)
+                vloss = value_loss(values, exp.old_values[index], exp.returns[index], mb.action_mask,
+                                   cfg.value_clip_eps if cfg.value_clip_eps > 0 else None)
+                return vloss, 1, {}
+
+            if train_actor:
+                out = actor.step([mb], actor_loss)
+                for k, v in out.metrics.items():
+                    add(k, v)
+                add("actor_grad_norm", out.grad_norm)
+            out = critic.step([mb], critic_loss)
+            add("value_loss", out.loss)
+            add("critic_grad_norm", out.grad_norm)
             updates += 1
     return {k: v / updates for k, v in sums.items()}
 
 
-def ppo_iteration(actor, reference, critic, actor_optimizer, critic_optimizer, rollout: Rollout, cfg: PPOConfig,
+def ppo_iteration(actor: Learner, reference, critic: Learner, rollout: Rollout, cfg: PPOConfig,
                   generator: torch.Generator, ptx_batches: Callable[[], object] | None = None,
                   train_actor: bool = True) -> dict[str, float]:
     """``make_experience`` then ``ppo_update`` (module docstring), with the statistics read to the host once.
-    ``ptx_batches()`` returns the next packed pretraining batch (``train.data.packing.Batch``) for the actor's
+    ``actor`` and ``critic`` are Learners (``ppo_learner``). ``ptx_batches()`` returns the next packed pretraining batch (``train.data.packing.Batch``) for the actor's
     language-modelling term; None (or ``ptx_coef`` 0) leaves it out. ``train_actor=False`` is the critic warmup: the
     actor is neither stepped nor given gradients."""
     t0 = time.perf_counter()
-    exp = make_experience(actor, reference, critic, rollout, cfg)
+    exp = make_experience(actor.model, reference, critic.model, rollout, cfg)
     if rollout.input_ids.device.type == "cuda":     # only for the time split of the metrics
         torch.cuda.synchronize(rollout.input_ids.device)
     t1 = time.perf_counter()
-    means = ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp, cfg, generator, ptx_batches, train_actor)
+    means = ppo_update(actor, critic, exp, cfg, generator, ptx_batches, train_actor)
     out = {k: float(v) for k, v in means.items()}      # the iteration's device read
     t2 = time.perf_counter()
     mask = rollout.action_mask

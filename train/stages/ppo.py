@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
+import re
 import sys
 import time
 import zlib
@@ -40,20 +40,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-import internlm_kernels as ik
 from models import InternLM2ForCausalLM
 from models.internlm2 import InternLM2ForScore
-from train.checkpoint import fsync_path
+from train.checkpoint import read_state_dir, write_state_dir
 from train.config import repo_config
 from train.data.corpus import SyntheticCorpus
 from train.data.packing import PackedStream, collate
 from train.data.preference import reward_token_id
 from train.data.tokenizer import load_tokenizer
+from train.learner import Learner
+from train.parallel import Runtime
 from train.rlhf.advantages import gae
 from train.rlhf.hacking import Sample, detect_hacking, label_comparisons, load_comparisons, targeted_pairs, write_pairs
-from train.rlhf.iteration import action_logprobs, ppo_iteration
+from train.rlhf.iteration import action_logprobs, ppo_iteration, ppo_learner
 from train.rlhf.probe_pairs import length_biased_pairs, preference_pairs, probe_pairs
-from train.rlhf.reward_refresh import pair_accuracy, refresh_reward_model
+from train.rlhf.reward_refresh import pair_accuracy, refresh_reward_model, reward_learner
 from train.rlhf.rollouts import Generated, Sampler, SyntheticPrompts, generate_and_score, reward_ids, score
 from train.stages.ppo_config import PPOStageConfig, model_dir, parse_ppo_cli
 
@@ -101,6 +102,7 @@ class Stage:
         cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.dtype = torch.bfloat16 if cuda else torch.float32
+        self.runtime = Runtime(self.device, self.dtype)
         self.tokenizer = load_tokenizer(cfg.models.tokenizer, cfg.models.byte_vocab_size)
         self.reward_id = reward_token_id(self.tokenizer)
         self.stop_ids = (self.tokenizer.special_ids["<|im_end|>"], self.tokenizer.eos_id)
@@ -132,13 +134,13 @@ class Stage:
         reward_model = InternLM2ForScore.from_pretrained(reward_dir, dtype=dt, device=dev).eval()
         return actor, reference, critic, reward_model
 
-    def optimizer(self, model, lr: float):
-        p = self.cfg.ppo
-        return ik.FusedAdamW(model.parameters(), lr=lr, betas=tuple(p.betas), weight_decay=p.weight_decay,
-                             master_weights=self.dtype != torch.float32)
+    def reward_learner(self, reward_model) -> Learner:
+        return reward_learner(reward_model, self.runtime, self.cfg.reward_refresh)
 
-    def optimizers(self, actor, critic):
-        return self.optimizer(actor, self.cfg.ppo.actor_lr), self.optimizer(critic, self.cfg.ppo.critic_lr)
+    def learners(self, actor, critic) -> tuple[Learner, Learner]:
+        """The actor's and the critic's Learners (train.rlhf.iteration.ppo_learner)."""
+        p = self.cfg.ppo
+        return ppo_learner(actor, self.runtime, p, p.actor_lr), ppo_learner(critic, self.runtime, p, p.critic_lr)
 
     def next_ptx(self):
         return collate([self.ptx_stream.next_row() for _ in range(self.cfg.ptx.rows)])
@@ -188,15 +190,20 @@ class Stage:
     def rm_accuracy(self, reward_model) -> dict[str, float]:
         return pair_accuracy(reward_model, self.rm_probe, self.tokenizer, self.conditions, self.reward_id, self.device)
 
-    def refresh(self, reward_model, pairs: list[dict], seed: int, steps: int = 0) -> list[float]:
+    def refresh(self, reward: Learner, pairs: list[dict], seed: int, steps: int = 0) -> list[float]:
         """Fine-tune the reward model on ``pairs`` (``reward_refresh``; ``steps`` > 0 overrides its step count)."""
         cfg = self.cfg.reward_refresh
-        return refresh_reward_model(reward_model, pairs, self.tokenizer, self.conditions, self.reward_id,
-                                    dataclasses.replace(cfg, steps=steps or cfg.steps), seed, self.device)
+        return refresh_reward_model(reward, pairs, self.tokenizer, self.conditions, self.reward_id,
+                                    dataclasses.replace(cfg, steps=steps or cfg.steps), seed)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Round checkpoints: rounds/round_NN/{actor,critic,reward}/ (HF layout), optimizers.pt, state.json
+# Round checkpoints: rounds/round_NN/ written by train.checkpoint.write_state_dir, the writer of every stage:
+#     state/          torch.distributed.checkpoint of {"actor": {model, optimizer}, "critic": {model, optimizer},
+#                     "reward": {model}}: each rank writes its part, any number of ranks reads it back
+#     state.json      the OnlineState (rank 0)
+#     actor/ critic/ reward/   HF-layout exports (InternLM2 layout), for reading and later stages; never read to resume
+_ROUND = re.compile(r"^round_\d{2}$")
 
 
 def round_dir(run_dir: str, rounds_done: int) -> str:
@@ -207,29 +214,38 @@ def latest_round(run_dir: str) -> str | None:
     root = os.path.join(run_dir, "rounds")
     if not os.path.isdir(root):
         return None
-    done = sorted(d for d in os.listdir(root) if d.startswith("round_") and not d.endswith(".tmp"))
+    done = sorted(d for d in os.listdir(root) if _ROUND.match(d))
     return os.path.join(root, done[-1]) if done else None
 
 
-def save_round(run_dir: str, state: OnlineState, actor, critic, reward_model, actor_opt, critic_opt) -> str:
-    """Write to a temporary directory, then rename: a save killed midway leaves the previous round loadable."""
+def _round_state(actor: Learner, critic: Learner, reward: Learner) -> dict:
+    return {"actor": actor.state_dict(), "critic": critic.state_dict(), "reward": reward.state_dict(optimizer=False)}
+
+
+def save_round(run_dir: str, state: OnlineState, actor: Learner, critic: Learner, reward: Learner) -> str:
+    """Every rank calls it; atomic (a save killed midway leaves the previous round loadable)."""
     final = round_dir(run_dir, state.rounds_done)
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name, model in (("actor", actor), ("critic", critic), ("reward", reward_model)):
-        model.save_pretrained(os.path.join(tmp, name))
-    torch.save({"actor": actor_opt.state_dict(), "critic": critic_opt.state_dict()}, os.path.join(tmp, "optimizers.pt"))
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump(dataclasses.asdict(state), f)
-    for dirpath, _, files in os.walk(tmp):          # on disk before the rename publishes it
-        for name in files:
-            fsync_path(os.path.join(dirpath, name))
-        fsync_path(dirpath)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    fsync_path(os.path.dirname(final))
+
+    def exports(tmp: str) -> None:
+        for name, learner in (("actor", actor), ("critic", critic), ("reward", reward)):
+            learner.parallel.export(os.path.join(tmp, name), "internlm2")
+
+    def write_main(tmp: str) -> None:
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(dataclasses.asdict(state), f)
+
+    write_state_dir(final, actor.runtime.dims, lambda: _round_state(actor, critic, reward), write_main, exports)
     return final
+
+
+def load_round(path: str, actor: Learner, critic: Learner | None = None, reward: Learner | None = None) -> None:
+    """Restore the given Learners (models, and the actor's and critic's optimizers) from round checkpoint
+    ``path``, saved on any number of ranks."""
+    learners = {k: v for k, v in (("actor", actor), ("critic", critic), ("reward", reward)) if v is not None}
+    state = {k: v.state_dict(optimizer=k != "reward") for k, v in learners.items()}
+    read_state_dir(path, state)
+    for k, learner in learners.items():
+        learner.load_state_dict(state[k])
 
 
 def load_state(path: str) -> OnlineState:
@@ -283,12 +299,11 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
     resume_from = latest_round(run_dir) if cfg.resume else None
     if resume_from:
         state = load_state(resume_from)
-        actor, reference, critic, reward_model = stage.load(*(os.path.join(resume_from, n)
-                                                              for n in ("actor", "critic", "reward")))
-        actor_opt, critic_opt = stage.optimizers(actor, critic)
-        opt_state = torch.load(os.path.join(resume_from, "optimizers.pt"), map_location=stage.device)
-        actor_opt.load_state_dict(opt_state["actor"])
-        critic_opt.load_state_dict(opt_state["critic"])
+        rm_dir = model_dir(cfg.models.reward)
+        actor, reference, critic, reward_model = stage.load(model_dir(cfg.models.actor), rm_dir, rm_dir)
+        reward = stage.reward_learner(reward_model)
+        actor_l, critic_l = stage.learners(actor, critic)
+        load_round(resume_from, actor_l, critic_l, reward)
         stage.ptx_stream.load_state_dict(state.ptx)
         log = MetricsFile(os.path.join(run_dir, "metrics.jsonl"), state.rounds_done)
         print(f"[ppo] resumed after round {state.rounds_done} from {resume_from}")
@@ -297,13 +312,14 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         log = MetricsFile(os.path.join(run_dir, "metrics.jsonl"), -1)
         sft_dir, rm_dir = model_dir(cfg.models.actor), model_dir(cfg.models.reward)
         actor, reference, critic, reward_model = stage.load(sft_dir, rm_dir, rm_dir)
+        reward = stage.reward_learner(reward_model)
         if cfg.online.hackable_rm_pairs:
             pairs = length_biased_pairs(stage.train_prompts.take(10**6, cfg.online.hackable_rm_pairs), cfg.run.seed)
-            losses = stage.refresh(reward_model, pairs, seed_of(cfg, "hackable_rm"), cfg.online.hackable_rm_steps)
+            losses = stage.refresh(reward, pairs, seed_of(cfg, "hackable_rm"), cfg.online.hackable_rm_steps)
             log.write({"kind": "rm_refresh", "round": 0, "source": "hackable", "pairs": len(pairs),
                        "loss_first": losses[0], "loss_last": losses[-1]})
         critic.load_state_dict(reward_model.state_dict())      # the critic starts as the (first) reward model
-        actor_opt, critic_opt = stage.optimizers(actor, critic)
+        actor_l, critic_l = stage.learners(actor, critic)
         sft = stage.generate(actor, reward_model, stage.comparison, False, seed_of(cfg, "compare", 0))
         state.sft_samples = _samples(sft)
         ev = stage.evaluate(actor, reference, reward_model, "sft", seed_of(cfg, "eval", 0))
@@ -312,7 +328,7 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         state.history.append([ev["reward"], ev["accuracy"]])
         log.write({"kind": "eval", "round": 0, **ev})
         for w in range(cfg.online.critic_warmup_iterations):
-            stats, _ = _iteration(stage, cfg, actor, reference, critic, reward_model, actor_opt, critic_opt,
+            stats, _ = _iteration(stage, cfg, actor_l, reference, critic_l, reward_model,
                                   ("warmup", w), train_actor=False)
             log.write({"kind": "critic_warmup", "round": 0, "iteration": w, **stats})
 
@@ -321,7 +337,7 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
     for r in range(state.rounds_done, cfg.online.rounds):
         round_no = r + 1
         if state.episodes and state.episodes[-1]["findings"] and cfg.online.restart_after_hack == "last_clean":
-            actor_opt = _restart_actor(stage, cfg, state, actor, reference, round_no)
+            _restart_actor(stage, cfg, state, actor_l, reference, round_no)
             log.write({"kind": "restart", "round": round_no, **state.restarts[-1]})
             print(f"[ppo] round {round_no} starts from the policy of {state.restarts[-1]['from']} (the last round "
                   "the fast path did not flag)", flush=True)
@@ -329,14 +345,14 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
             # The values were fitted to the previous reward model: refit them to the refreshed one, actor frozen.
             for w in range(cfg.online.critic_rewarmup_iterations):
                 index = cfg.online.critic_warmup_iterations + r * cfg.online.critic_rewarmup_iterations + w
-                stats, _ = _iteration(stage, cfg, actor, reference, critic, reward_model, actor_opt, critic_opt,
+                stats, _ = _iteration(stage, cfg, actor_l, reference, critic_l, reward_model,
                                       ("warmup", index), train_actor=False)
                 log.write({"kind": "critic_warmup", "round": round_no, "iteration": index, **stats})
         early = None
         late_rollouts: list[Generated] = []       # the second half of the round's rollouts: more hacked replies
         for it in range(cfg.online.iterations_per_round):
             t0 = time.perf_counter()
-            stats, gen = _iteration(stage, cfg, actor, reference, critic, reward_model, actor_opt, critic_opt,
+            stats, gen = _iteration(stage, cfg, actor_l, reference, critic_l, reward_model,
                                     ("ppo", state.iterations_done))
             if 2 * it >= cfg.online.iterations_per_round - 1:
                 late_rollouts.append(gen)
@@ -375,7 +391,7 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         write_pairs(fast + slow, os.path.join(run_dir, f"online_pairs_round_{round_no}.jsonl"))
         if round_no < cfg.online.rounds and (fast or slow or state.online_pairs):
             state.online_pairs += fast + slow
-            losses = stage.refresh(reward_model, state.online_pairs + stage.rm_replay,
+            losses = stage.refresh(reward, state.online_pairs + stage.rm_replay,
                                    seed_of(cfg, "refresh", round_no))
             ev["rm_accuracy_after_refresh"] = stage.rm_accuracy(reward_model)
             # Does the refreshed RM still pay for this round's replies? Both rescored with it.
@@ -388,7 +404,7 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         log.write({"kind": "eval", "round": round_no, **ev})
         state.rounds_done = round_no
         state.ptx = stage.ptx_stream.state_dict()
-        path = save_round(run_dir, state, actor, critic, reward_model, actor_opt, critic_opt)
+        path = save_round(run_dir, state, actor_l, critic_l, reward)
         print(f"[ppo] round {round_no}: accuracy {ev['accuracy']:.2f} reward {ev['reward']:+.3f} kl {ev['kl']:.3f}; "
               f"findings {[f.pattern for f in findings]}, {len(fast)} fast + {len(slow)} slow pairs; {path}",
               flush=True)
@@ -398,26 +414,21 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
     return PPOResult(run_dir, state, actor, critic, reward_model, finished)
 
 
-def _restart_actor(stage: Stage, cfg: PPOStageConfig, state: OnlineState, actor, reference, round_no: int):
+def _restart_actor(stage: Stage, cfg: PPOStageConfig, state: OnlineState, actor: Learner, reference,
+                   round_no: int) -> None:
     """Load, in place, the policy of the last round the fast path did not flag (the SFT model, i.e. the reference,
-    when every round so far was flagged) and return the actor optimizer to continue with (that round's state, or a
-    fresh one from SFT). Recorded in ``state.restarts``."""
+    when every round so far was flagged) with the actor optimizer's state of that round (a fresh one from SFT).
+    Recorded in ``state.restarts``."""
     clean = max((ep["round"] for ep in state.episodes if not ep["findings"]), default=0)
     if clean == 0:
-        actor.load_state_dict(reference.state_dict())
-        actor_opt = stage.optimizer(actor, cfg.ppo.actor_lr)
+        actor.model.load_state_dict(reference.state_dict())
+        actor.reset_optimizer()
     else:
-        path = round_dir(cfg.run_dir, clean)
-        saved = InternLM2ForCausalLM.from_pretrained(os.path.join(path, "actor"), dtype=stage.dtype,
-                                                     device=stage.device)
-        actor.load_state_dict(saved.state_dict())
-        actor_opt = stage.optimizer(actor, cfg.ppo.actor_lr)
-        actor_opt.load_state_dict(torch.load(os.path.join(path, "optimizers.pt"), map_location=stage.device)["actor"])
+        load_round(round_dir(cfg.run_dir, clean), actor)
     state.restarts.append({"round": round_no, "from": f"round {clean}" if clean else "sft"})
-    return actor_opt
 
 
-def _iteration(stage: Stage, cfg: PPOStageConfig, actor, reference, critic, reward_model, actor_opt, critic_opt,
+def _iteration(stage: Stage, cfg: PPOStageConfig, actor: Learner, reference, critic: Learner, reward_model,
                key: tuple[str, int], train_actor: bool = True) -> tuple[dict, Generated]:
     """One rollout batch and one PPO iteration on it (``key`` names the batch: its prompts and seeds); returns the
     iteration's statistics and the batch."""
@@ -425,13 +436,13 @@ def _iteration(stage: Stage, cfg: PPOStageConfig, actor, reference, critic, rewa
     n = cfg.rollout.prompts_per_iteration
     start = index * n if what == "ppo" else 10**7 + index * n      # warmup prompts come from their own range
     t0 = time.perf_counter()
-    gen = stage.generate(actor, reward_model, stage.train_prompts.take(start, n), False, seed_of(cfg, what, index))
+    gen = stage.generate(actor.model, reward_model, stage.train_prompts.take(start, n), False,
+                         seed_of(cfg, what, index))
     t_generation = time.perf_counter() - t0
     ro = gen.rollout(stage.tokenizer.pad_id, stage.device)
     perm = torch.Generator().manual_seed(seed_of(cfg, f"{what}_minibatches", index))
     ptx = stage.next_ptx if cfg.ptx.rows and cfg.ppo.ptx_coef > 0 else None
-    stats = ppo_iteration(actor, reference, critic, actor_opt, critic_opt, ro, cfg.ppo, perm, ptx,
-                          train_actor=train_actor)
+    stats = ppo_iteration(actor, reference, critic, ro, cfg.ppo, perm, ptx, train_actor=train_actor)
     stats["accuracy"] = gen.accuracy()
     stats["time_generation_s"] = t_generation       # sampling and the reward model's scoring
     return stats, gen
