@@ -131,12 +131,9 @@ def run_pretraining(cfg: TrainConfig) -> PretrainResult:
     trainer.close()
     result = PretrainResult(cfg.run_dir, trainer.latest, model, tokenizer, finished=True,
                             metrics_path=trainer.metrics_path)
+    # rank 0 alone generates, on the plain model (a gathered copy when the model is sharded: every rank gathers)
+    probe = trainer.parallel.plain_model() if cfg.eval.passkey else None
     if cfg.eval.passkey and rt.is_main:
-        from models import InternLM2ForCausalLM
-
-        # rank 0 alone generates: from the HF export of the last checkpoint when the model is sharded (FSDP, tp)
-        probe = model if trainer.parallel.holds_full_model else InternLM2ForCausalLM.from_pretrained(
-            os.path.join(trainer.latest, "model"), dtype=rt.dtype, device=rt.device)
         result.passkey = passkey_probe(probe, tokenizer, cfg.eval.passkey_lengths, cfg.eval.passkey_depths,
                                        cfg.eval.passkey_trials, cfg.run.seed, cfg.eval.batch_tokens)
         result.passkey_paths = write_passkey(result.passkey, os.path.join(cfg.run_dir, "eval"))
