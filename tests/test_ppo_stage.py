@@ -124,14 +124,6 @@ def test_config_errors_name_the_key(tmp_path, model_dirs):
         micro_ppo_config(tmp_path, model_dirs, **{"ppo.kl": 0.1})
 
 
-def test_a_multi_rank_launch_is_refused_before_any_work(tmp_path, model_dirs, monkeypatch):
-    cfg = micro_ppo_config(tmp_path, model_dirs)
-    monkeypatch.setenv("WORLD_SIZE", "2")       # what torchrun sets in each worker
-    with pytest.raises(ValueError, match="WORLD_SIZE"):
-        run_ppo(cfg)
-    assert not os.path.exists(cfg.run_dir)
-
-
 def test_pipeline_appends_the_ppo_section(tmp_path, model_dirs):
     """train.pipeline.ppo.run_rlhf with the real configs/ppo_tiny.toml shrunk to micro sizes: the reward stage's
     condition prompts (read from its run's config.json) reach the reward side, the section lands in the report."""

@@ -82,7 +82,7 @@ class Learner:
     def reset_optimizer(self) -> None:
         """Fresh moments (and masters, from the current parameters): a reward-model refresh, or an actor that
         restarts from the SFT policy."""
-        self.optimizer.state.clear()
+        self.parallel.reset_optimizer(self.optimizer)
 
     def step(self, micro_batches: list, loss_fn: LossFn) -> StepResult:
         """One optimizer step over this rank's ``micro_batches`` (module docstring)."""

@@ -102,16 +102,24 @@ class Sampler:
         self.engine = None
 
     def __call__(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                 stop_ids: Sequence[int], generator: torch.Generator | None) -> list[Completion]:
+                 stop_ids: Sequence[int], generator: torch.Generator | list[torch.Generator] | None
+                 ) -> list[Completion]:
         """Completions (new tokens ending with a stop token when one was sampled, and each token's log-prob under
-        softmax(logits / temperature)). temperature 0 = greedy."""
+        softmax(logits / temperature)). temperature 0 = greedy. ``generator``: one for the batch, or one per
+        prompt: then each prompt's reply depends on its own generator alone, not on which prompts share its batch
+        (PPO's data-parallel ranks each sample a share of the prompts, and must sample what one process would).
+        The engine takes one generator per call, so per-prompt generators decode one prompt per call."""
         need = max(len(p) for p in prompt_ids) + max_new_tokens
         if self.engine is None or self.engine.max_seq_len < need:
             length = min(-(-need // 256) * 256, max(need, self.actor.config.max_position_embeddings))
             self.engine = ContinuousBatchingGenerator(self.actor, max_batch=self.max_batch, max_seq_len=length)
-        return self.engine.generate(prompt_ids, max_new_tokens, temperature=temperature,
-                                    top_p=top_p if temperature > 0 else 1.0, stop_token_ids=tuple(stop_ids),
-                                    generator=generator)
+        def run(prompts, gen):
+            return self.engine.generate(prompts, max_new_tokens, temperature=temperature,
+                                        top_p=top_p if temperature > 0 else 1.0, stop_token_ids=tuple(stop_ids),
+                                        generator=gen)
+        if isinstance(generator, list):
+            return [run([p], g)[0] for p, g in zip(prompt_ids, generator)]
+        return run(prompt_ids, generator)
 
 
 def build_rollout(prompt_ids: list[list[int]], responses: list[list[int]], scores: torch.Tensor, pad_id: int,
@@ -157,13 +165,21 @@ class Generated:
         return sum(checked) / len(checked) if checked else 0.0
 
 
+    @staticmethod
+    def concat(parts: list["Generated"]) -> "Generated":
+        """One batch of ``parts`` in order (the data-parallel ranks' shares of one batch)."""
+        return Generated(*(sum((getattr(g, f) for g in parts), []) for f in
+                           ("prompts", "prompt_ids", "responses", "sampler_logprobs", "texts", "correct")),
+                         torch.cat([g.scores for g in parts]))
+
     def rollout(self, pad_id: int, device: torch.device) -> Rollout:
         return build_rollout(self.prompt_ids, self.responses, self.scores, pad_id, device, self.sampler_logprobs)
 
 
 def generate_and_score(sampler: Sampler, reward_model, tokenizer, prompts: list[Prompt], *, max_new_tokens: int,
                        temperature: float, top_p: float, stop_ids: Sequence[int], conditions: Mapping[str, str],
-                       reward_id: int, generator: torch.Generator | None, device: torch.device) -> Generated:
+                       reward_id: int, generator: torch.Generator | list[torch.Generator] | None,
+                       device: torch.device) -> Generated:
     prompt_ids = [encode_prompt(list(p.messages), tokenizer) for p in prompts]
     completions = sampler(prompt_ids, max_new_tokens, temperature, top_p, stop_ids, generator)
     responses = [c.tokens for c in completions]
