@@ -89,8 +89,8 @@ class Trainer:
         self.extra_writer, self.export_layout = extra_writer, export_layout
         self.learner = Learner(model, runtime, optim, total_steps)
         self.model = model                                  # the plain model (evaluation, export, generation)
-        self.parallel, self.optimizer, self.schedule = self.learner.parallel, self.learner.optimizer, \
-            self.learner.schedule
+        learner = self.learner
+        self.parallel, self.optimizer, self.schedule = learner.parallel, learner.optimizer, learner.schedule
         self.state = TrainState()
         self.latest = latest_checkpoint(run_dir) if checkpoint.resume else None
         if runtime.is_main:
