@@ -1,6 +1,6 @@
 """The PPO stage under torchrun on real gloo ranks: 2 ranks in ``fsdp`` and in ``zero2`` sample the replies one
 process samples and their per-iteration metrics equal the 1-process run's; a round checkpoint saved on 2 ranks
-continues on 1 process (--resume) and ends where the uninterrupted 1-process run ends.
+continues on 1 process (--resume) and ends where the uninterrupted 1-process run ends, and the reverse.
 
 The micro run: 4 prompts per iteration (2 per rank), 2 mini-batches (1 row per rank each), 2 rounds of 1 PPO
 iteration with a reward-model refresh between them (slow-path comparisons), fp32 on the CPU.
@@ -112,3 +112,15 @@ def test_a_round_saved_on_two_ranks_resumes_on_one_process(setup):
     assert resumed.finished and resumed.state.rounds_done == 2
     assert_same_run(resumed.run_dir, one)
     assert [r["kind"] for r in records(resumed.run_dir)] == [r["kind"] for r in records(one.run_dir)]
+
+
+def test_a_round_saved_on_one_process_resumes_on_two_ranks(setup):
+    """The reverse, into ZeRO-2's sharded optimizer state (and the reward model's model-only state)."""
+    root, one, config = setup
+    from train.stages.ppo_config import load_ppo_config
+
+    first = run_ppo(load_ppo_config(config, {"run.name": "cut1", "run.stop_after_round": 1}))
+    assert not first.finished
+    run_torchrun("train.stages.ppo", ["--config", config, "--run.name=cut1", "--parallel.mode=zero2", "--resume"],
+                 timeout=600)
+    assert_same_run(os.path.join(root, "cut1"), one)

@@ -84,6 +84,11 @@ class Learner:
         restarts from the SFT policy."""
         self.parallel.reset_optimizer(self.optimizer)
 
+    def load_weights(self, state: dict) -> None:
+        """The model's parameters <- ``state`` (a state dict laid out like the model's: the reference's, for an
+        actor that restarts from the SFT policy)."""
+        self.parallel.load_weights(state)
+
     def step(self, micro_batches: list, loss_fn: LossFn) -> StepResult:
         """One optimizer step over this rank's ``micro_batches`` (module docstring)."""
         lr = self.schedule.apply() if self.schedule is not None else self.optimizer.param_groups[0]["lr"]

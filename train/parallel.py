@@ -237,6 +237,10 @@ class Parallel:
 
         set_model_state_dict(self.module, state)
 
+    def load_weights(self, state: dict) -> None:
+        """Copy a state dict of the same layout (e.g. another model sharded alike) into the module."""
+        self.module.load_state_dict(state)
+
     def reset_optimizer(self, optimizer) -> None:
         """Fresh optimizer state: moments from zero, fp32 masters from the current parameters (FusedAdamW creates
         its state lazily at the next step)."""

@@ -119,6 +119,11 @@ class _Zero(_ShardedMode):
             return super().load_model_state_dict(state)
         self.zero.optimizer.refresh_masters()          # DCP filled the live tensors; the masters follow them
 
+    def load_weights(self, state: dict) -> None:
+        if self.zero is None:
+            return super().load_weights(state)
+        self.zero.load_state_dict(state)       # after the pending all-gathers, which would overwrite it; masters follow
+
     def reset_optimizer(self, optimizer) -> None:
         if self.zero is None:
             return super().reset_optimizer(optimizer)

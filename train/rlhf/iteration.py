@@ -204,8 +204,8 @@ def ppo_update(actor: Learner, critic: Learner, exp: Experience, cfg: PPOConfig,
                     batch = ptx_batches().to(device)
                     ptx = model(batch.input_ids, batch.cu_seqlens, labels=batch.labels,
                                 max_seqlen=batch.max_seqlen).loss
-                    metrics["ptx_loss"] = ptx * share if dp > 1 else ptx
-                    loss = loss + cfg.ptx_coef * (ptx * share if dp > 1 else ptx)
+                    metrics["ptx_loss"] = ptx * share          # x 1.0 in one process: exact
+                    loss = loss + cfg.ptx_coef * metrics["ptx_loss"]
                 return loss, share, metrics
 
             def critic_loss(model, mb: Rollout, index=index, tokens=tokens):
@@ -231,8 +231,9 @@ def ppo_iteration(actor: Learner, reference, critic: Learner, rollout: Rollout, 
                   generator: torch.Generator, ptx_batches: Callable[[], object] | None = None,
                   train_actor: bool = True) -> dict[str, float]:
     """``make_experience`` then ``ppo_update`` (module docstring), with the statistics read to the host once.
-    ``actor`` and ``critic`` are Learners (``ppo_learner``). ``ptx_batches()`` returns the next packed pretraining batch (``train.data.packing.Batch``) for the actor's
-    language-modelling term; None (or ``ptx_coef`` 0) leaves it out. ``train_actor=False`` is the critic warmup: the
+    ``actor`` and ``critic`` are Learners (``ppo_learner``); ``rollout`` is this rank's rows. ``ptx_batches()``
+    returns the next packed pretraining batch (``train.data.packing.Batch``) for the actor's language-modelling
+    term; None (or ``ptx_coef`` 0) leaves it out. ``train_actor=False`` is the critic warmup: the
     actor is neither stepped nor given gradients."""
     t0 = time.perf_counter()
     exp = make_experience(actor.model, reference, critic.model, rollout, cfg, actor.parallel)

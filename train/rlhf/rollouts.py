@@ -14,7 +14,7 @@ refuse.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -74,21 +74,30 @@ def reward_ids(tokenizer, prompt: Prompt, response: str, conditions: Mapping[str
 
 
 @torch.no_grad()
-def score(reward_model, sequences: list[list[int]], device: torch.device, batch_tokens: int = 8192) -> torch.Tensor:
-    """(N,) float32 scores of packed sequences, in chunks of about ``batch_tokens`` tokens."""
-    out = []
-    start = 0
-    while start < len(sequences):
-        end, tokens = start, 0
-        while end < len(sequences) and (end == start or tokens + len(sequences[end]) <= batch_tokens):
+def score(reward_model, sequences: list[list[int]], device: torch.device, batch_tokens: int = 8192,
+          agree: Callable[[int], int] | None = None) -> torch.Tensor:
+    """(N,) float32 scores of packed sequences, in chunks of about ``batch_tokens`` tokens. ``agree(chunks)``
+    returns the number of chunks every rank must run (the maximum over the ranks: a sharded reward model's forward
+    is collective, so every rank calls it equally often); a rank with fewer then splits its sequences into that
+    many chunks of nearly equal counts."""
+    bounds = [0]
+    while bounds[-1] < len(sequences):
+        end, tokens = bounds[-1], 0
+        while end < len(sequences) and (end == bounds[-1] or tokens + len(sequences[end]) <= batch_tokens):
             tokens += len(sequences[end])
             end += 1
+        bounds.append(end)
+    if agree is not None:
+        chunks = agree(len(bounds) - 1)
+        if chunks > len(bounds) - 1:
+            bounds = [len(sequences) * i // chunks for i in range(chunks + 1)]
+    out = []
+    for start, end in zip(bounds, bounds[1:]):
         chunk = sequences[start:end]
         ids = torch.tensor([t for s in chunk for t in s], dtype=torch.long, device=device)
         lengths = torch.tensor([0] + [len(s) for s in chunk], device=device)
         cu = lengths.cumsum(0).to(torch.int32)
         out.append(reward_model(ids, cu).scores.float())
-        start = end
     return torch.cat(out)
 
 
@@ -179,12 +188,12 @@ class Generated:
 def generate_and_score(sampler: Sampler, reward_model, tokenizer, prompts: list[Prompt], *, max_new_tokens: int,
                        temperature: float, top_p: float, stop_ids: Sequence[int], conditions: Mapping[str, str],
                        reward_id: int, generator: torch.Generator | list[torch.Generator] | None,
-                       device: torch.device) -> Generated:
+                       device: torch.device, agree: Callable[[int], int] | None = None) -> Generated:
     prompt_ids = [encode_prompt(list(p.messages), tokenizer) for p in prompts]
     completions = sampler(prompt_ids, max_new_tokens, temperature, top_p, stop_ids, generator)
     responses = [c.tokens for c in completions]
     texts = [response_text(tokenizer, r, stop_ids) for r in responses]
     scores = score(reward_model, [reward_ids(tokenizer, p, t, conditions, reward_id) for p, t in zip(prompts, texts)],
-                   device)
+                   device, agree=agree)
     return Generated(prompts, prompt_ids, responses, [c.logprobs for c in completions], texts,
                      [p.check(t) for p, t in zip(prompts, texts)], scores)

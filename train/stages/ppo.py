@@ -153,9 +153,11 @@ class Stage:
         return collate([self.ptx_stream.next_row() for _ in range(self.cfg.ptx.rows)])
 
     # rollouts and evaluation ---------------------------------------------------------------------------------
-    def generate(self, actor, reward_model, prompts, greedy: bool, seed: int | list[int]) -> Generated:
+    def generate(self, actor, reward_model, prompts, greedy: bool, seed: int | list[int],
+                 share: bool = False) -> Generated:
         """Replies of the plain ``actor`` (one rank alone runs it), scored by ``reward_model``. ``seed``: one
-        generator for the batch, or a list: one generator per prompt."""
+        generator for the batch, or a list: one generator per prompt. ``share``: ``prompts`` are this rank's
+        share of a batch (the others score other replies, so the ranks agree on the number of scoring chunks)."""
         if greedy:
             gen = None
         elif isinstance(seed, list):
@@ -174,7 +176,13 @@ class Stage:
                                       temperature=0.0 if greedy else self.cfg.ppo.temperature,
                                       top_p=self.cfg.rollout.top_p, stop_ids=self.stop_ids,
                                       conditions=self.conditions, reward_id=self.reward_id, generator=gen,
-                                      device=self.device)
+                                      device=self.device, agree=self._most if share and self.dims.dp > 1 else None)
+
+    def _most(self, count: int) -> int:
+        """The largest ``count`` over the ranks."""
+        t = torch.tensor(count, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t)
 
     def evaluate(self, actor: Learner, reference, reward_model, name: str, seed: int) -> dict:
         """Held-out prompts: greedy accuracy, mean reward and length; KL to the reference on sampled replies. Every
@@ -445,7 +453,7 @@ def _restart_actor(stage: Stage, cfg: PPOStageConfig, state: OnlineState, actor:
     Recorded in ``state.restarts``."""
     clean = max((ep["round"] for ep in state.episodes if not ep["findings"]), default=0)
     if clean == 0:
-        actor.model.load_state_dict(reference.state_dict())
+        actor.load_weights(reference.state_dict())
         actor.reset_optimizer()
     else:
         load_round(round_dir(cfg.run_dir, clean), actor)
@@ -470,7 +478,7 @@ def _iteration(stage: Stage, cfg: PPOStageConfig, actor: Learner, reference, cri
              else seed_of(cfg, what, index))
     t0 = time.perf_counter()
     mine = stage.generate(actor.plain_model(), reward_model, stage.train_prompts.take(start + first, share), False,
-                          seeds)
+                          seeds, share=True)
     t_generation = time.perf_counter() - t0
     ro = mine.rollout(stage.tokenizer.pad_id, stage.device)
     gen = stage.gather(mine)
