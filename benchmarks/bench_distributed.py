@@ -52,13 +52,14 @@ def _wrap(mode: str, model, world: int):
     import internlm_kernels as ik
     from internlm_kernels.distributed import ZeroDataParallel
     from internlm_kernels.distributed.fsdp import fsdp_mesh, fully_shard_blocks, no_sync
+    from models.tensor_parallel import internlm2_blocks
 
     opts = dict(lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
     if mode.startswith("zero"):
         zero = ZeroDataParallel(model, stage=int(mode[4]), overlap=not mode.endswith("blocking"), **opts)
         return zero, zero.optimizer, zero.no_sync, lambda: zero.clip_grad_norm_(1.0)
     if mode == "fsdp2":
-        fully_shard_blocks(model, fsdp_mesh(None, "cuda"))
+        fully_shard_blocks(model, fsdp_mesh(None, "cuda"), blocks=internlm2_blocks(model))
         opt = ik.FusedAdamW(model.parameters(), master_weights=True, **opts)
         return model, opt, lambda: no_sync(model), lambda: ik.clip_grad_norm_(model.parameters(), 1.0)
     opt = ik.FusedAdamW(model.parameters(), master_weights=True, **opts)

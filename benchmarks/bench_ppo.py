@@ -25,7 +25,8 @@ import torch
 from benchmarks.common import OURS, device, record
 from models import InternLM2Config, InternLM2ForCausalLM
 from models.internlm2 import InternLM2ForScore
-from train.rlhf.iteration import PPOConfig, Rollout, make_experience, ppo_update
+from train.parallel import Runtime
+from train.rlhf.iteration import PPOConfig, Rollout, make_experience, ppo_learner, ppo_update
 from train.rlhf.losses import policy_loss, value_loss
 from train.rlhf.rollouts import Sampler
 
@@ -62,11 +63,10 @@ def _build(case: str, impl: str) -> dict:
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr)
     s = {"work": {"generation": B * N, "logprobs": B * (P + N), "training": B * (P + N)}}
     if impl == OURS:
-        import internlm_kernels as ik
-
         reference = copy.deepcopy(actor).eval()
-        actor_opt = ik.FusedAdamW(actor.parameters(), lr=cfg.actor_lr, master_weights=dtype != torch.float32)
-        critic_opt = ik.FusedAdamW(critic.parameters(), lr=cfg.critic_lr, master_weights=dtype != torch.float32)
+        rt = Runtime(dev, dtype)
+        actor_learner = ppo_learner(actor, rt, cfg, cfg.actor_lr)
+        critic_learner = ppo_learner(critic, rt, cfg, cfg.critic_lr)
         prompts = prompt.tolist()
         sampler = Sampler(actor, max_batch=B)
 
@@ -79,7 +79,7 @@ def _build(case: str, impl: str) -> dict:
         perm = torch.Generator().manual_seed(0)
         s["generation"] = generate
         s["logprobs"] = lambda: make_experience(actor, reference, critic, rollout, cfg)
-        s["training"] = lambda: ppo_update(actor, critic, actor_opt, critic_opt, exp, cfg, perm)
+        s["training"] = lambda: ppo_update(actor_learner, critic_learner, exp, cfg, perm)
     else:
         from transformers import LlamaForCausalLM
 

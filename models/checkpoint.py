@@ -332,13 +332,22 @@ def _shards(state: Mapping[str, torch.Tensor], max_shard_bytes: int) -> list[dic
     return shards
 
 
-def _fsync(path) -> None:
-    """fsync a file or a directory (a directory's fsync makes a rename inside it durable)."""
+def fsync_path(path) -> None:
+    """fsync a file or a directory (a directory's fsync makes a rename inside it durable). The one fsync of the
+    repository: the trainer's checkpoints (train/checkpoint.py) use it too."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(path) -> None:
+    """fsync every file and directory under ``path`` (before a rename publishes it)."""
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)
 
 
 def write_checkpoint(path, state: Mapping[str, torch.Tensor], config_dict: dict,
@@ -358,14 +367,14 @@ def write_checkpoint(path, state: Mapping[str, torch.Tensor], config_dict: dict,
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         for name, shard in zip(names, shards):
             save_file(shard, str(tmp / name), metadata={"format": "pt"})
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                      "weight_map": {n: name for name, shard in zip(names, shards) for n in shard}}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            _fsync(tmp / INDEX_FILE)
+            fsync_path(tmp / INDEX_FILE)
         (tmp / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2) + "\n")
-        _fsync(tmp / CONFIG_NAME)
+        fsync_path(tmp / CONFIG_NAME)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -383,7 +392,7 @@ def write_checkpoint(path, state: Mapping[str, torch.Tensor], config_dict: dict,
             shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync(path.parent)
+    fsync_path(path.parent)
     if old is not None:
         shutil.rmtree(old)
 

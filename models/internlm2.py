@@ -47,6 +47,7 @@ CHECKPOINTING_MODES = (False, True, "mlp")
 class CausalLMOutput:
     loss: torch.Tensor | None = None      # scalar (or (T,)/(B, S) per target token with loss_reduction="none")
     logits: torch.Tensor | None = None    # (T, V) packed or (B, S, V) padded; None when only the fused loss ran
+    logprobs: torch.Tensor | None = None  # (T,) / (B, S): log-prob of each target (0 where ignored), no loss
 
 
 @dataclass
@@ -121,7 +122,8 @@ class InternLM2ForCausalLM(_InternLM2Base):
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, loss_reduction: str = "mean",
-                return_logits: bool = False, max_seqlen: int | None = None) -> CausalLMOutput:
+                return_logits: bool = False, max_seqlen: int | None = None,
+                logprobs_temperature: float | None = None) -> CausalLMOutput:
         """Packed input_ids (T,) with cu_seqlens (B+1,) int32, or padded (B, S) with attention_mask (B, S).
 
         labels: same shape as input_ids, HF convention (-100 ignored); the shift by one happens inside each
@@ -129,6 +131,9 @@ class InternLM2ForCausalLM(_InternLM2Base):
         ``return_logits``. ``loss_reduction``: "mean" over non-ignored targets, "sum", or "none" (per token, in
         the layout of input_ids). ``max_seqlen``: the longest sequence of packed input when the caller knows it
         on the host (the trainer's packer does); None reads it from cu_seqlens, a device-to-host sync.
+        ``logprobs_temperature``: with labels, ``logprobs`` = log softmax(logits / temperature) of each target
+        (``ik.fused_linear_logprobs``, no logits) instead of the loss: PPO's action log-probs through the model's
+        own forward, so data-parallel wrappers (DDP, ZeRO, FSDP2) see the call.
         """
         if loss_reduction not in ("mean", "sum", "none"):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
@@ -141,6 +146,10 @@ class InternLM2ForCausalLM(_InternLM2Base):
                 raise ValueError(f"labels shape {tuple(labels.shape)} differs from input_ids shape "
                                  f"{tuple(input_ids.shape)}")
             targets = shift_labels(packed.pack(labels).long(), packed.cu_seqlens)   # (T,)
+            if logprobs_temperature is not None:
+                logp = ik.fused_linear_logprobs(hidden, self.output.weight, targets, logprobs_temperature)
+                out.logprobs = packed.unpack(logp)
+                return out
             loss = ik.fused_linear_cross_entropy(hidden, self.output.weight, targets, ignore_index=IGNORE_INDEX,
                                                  reduction=loss_reduction)
             out.loss = packed.unpack(loss) if loss_reduction == "none" else loss

@@ -21,7 +21,8 @@ import internlm_kernels as ik
 from internlm_kernels.distributed import ZeroDataParallel
 from internlm_kernels.distributed.fsdp import fully_shard_blocks, no_sync
 from internlm_kernels.distributed.mesh import data_parallel_mesh, parallel_mesh
-from internlm_kernels.distributed.tensor_parallel import full_state_dict, parallelize_internlm2
+from internlm_kernels.distributed.tensor_parallel import full_state_dict
+from models.tensor_parallel import internlm2_blocks, parallelize_internlm2
 
 TP, DP = 2, 2
 
@@ -65,7 +66,8 @@ def four_rank_cases(rank: int, world: int, out: str):
     for name, shard_size in (("fsdp_tp", None), ("replicate_tp", 1)):
         mesh = parallel_mesh(TP, shard_size)
         model = parallelize_internlm2(micro_model(), mesh["tp"])
-        fully_shard_blocks(model, data_parallel_mesh(mesh), reshard_after_forward=shard_size != 1)
+        fully_shard_blocks(model, data_parallel_mesh(mesh), blocks=internlm2_blocks(model),
+                           reshard_after_forward=shard_size != 1)
         opt = ik.FusedAdamW(model.parameters(), lr=LR, weight_decay=0.1)
         results[name], results[f"{name}_seen"] = _train_2d(model, opt, rank // TP, dp_group)
         results[f"{name}_placements"] = {n: tuple(map(str, p.placements)) for n, p in model.named_parameters()}
@@ -86,7 +88,8 @@ def four_rank_cases(rank: int, world: int, out: str):
     results["zero2_tp_moments"] = _optimizer_moments(state["optimizer"])
     # ... and its checkpoint loads into FSDP2 + TP (the same 2-D layout of every tensor).
     mesh = parallel_mesh(TP)
-    fsdp = fully_shard_blocks(parallelize_internlm2(micro_model(seed=1), mesh["tp"]), data_parallel_mesh(mesh))
+    tp_model = parallelize_internlm2(micro_model(seed=1), mesh["tp"])
+    fsdp = fully_shard_blocks(tp_model, data_parallel_mesh(mesh), blocks=internlm2_blocks(tp_model))
     fsdp_opt = ik.FusedAdamW(fsdp.parameters(), lr=LR, weight_decay=0.1)
     msd, osd = get_state_dict(fsdp, fsdp_opt)
     dcp.load({"model": msd, "optimizer": osd}, checkpoint_id=os.path.join(out, "zero2_tp"))

@@ -27,7 +27,8 @@ from torch.distributed.tensor import DTensor
 import internlm_kernels as ik
 from internlm_kernels.distributed import ZeroDataParallel
 from internlm_kernels.distributed.fsdp import fsdp_mesh, fully_shard_blocks, no_sync
-from internlm_kernels.distributed.tensor_parallel import full_state_dict, parallelize_internlm2
+from internlm_kernels.distributed.tensor_parallel import full_state_dict
+from models.tensor_parallel import internlm2_blocks, parallelize_internlm2
 
 
 def _full(t):
@@ -67,7 +68,8 @@ def two_rank_cases(rank: int, world: int, out: str):
 
     results = {}
     # FSDP2, one unit per block, explicit prefetch; FusedAdamW and clip_grad_norm_ on DTensor parameters.
-    model = fully_shard_blocks(micro_model(), fsdp_mesh())
+    model = micro_model()
+    fully_shard_blocks(model, fsdp_mesh(), blocks=internlm2_blocks(model))
     opt = ik.FusedAdamW(model.parameters(), lr=LR, weight_decay=0.1)
     results["fsdp"] = _train(model, opt, rank, world, lambda: no_sync(model), full_state_dict, world)
     assert all(isinstance(p, DTensor) for p in model.parameters())
@@ -90,7 +92,8 @@ def two_rank_cases(rank: int, world: int, out: str):
     dcp.save(state, checkpoint_id=os.path.join(out, "zero2"))
     results["zero2_moments"] = _optimizer_moments(state["optimizer"])
 
-    fsdp = fully_shard_blocks(micro_model(seed=1), fsdp_mesh())
+    fsdp = micro_model(seed=1)
+    fully_shard_blocks(fsdp, fsdp_mesh(), blocks=internlm2_blocks(fsdp))
     fsdp_opt = ik.FusedAdamW(fsdp.parameters(), lr=LR, weight_decay=0.1)
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -162,8 +165,8 @@ def test_two_rank_checkpoint_loads_in_one_process_and_exports(two_ranks, layout,
 
 
 def test_tp_must_split_whole_kv_groups():
-    from internlm_kernels.distributed.tensor_parallel import check_tp
     from models import InternLM2Config
+    from models.tensor_parallel import check_tp
 
     config = InternLM2Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                              num_attention_heads=8, num_key_value_heads=2)

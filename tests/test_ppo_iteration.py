@@ -15,7 +15,8 @@ import internlm_kernels as ik
 from models import InternLM2Config
 from models.internlm2 import InternLM2ForCausalLM, InternLM2ForScore
 from train.data.packing import Batch
-from train.rlhf.iteration import PPOConfig, Rollout, action_logprobs, make_experience, ppo_iteration
+from train.parallel import Runtime
+from train.rlhf.iteration import PPOConfig, Rollout, action_logprobs, make_experience, ppo_iteration, ppo_learner
 
 CFG = InternLM2Config.preset("micro")
 
@@ -119,9 +120,10 @@ def plain_iteration(actor, ref, critic, ro, cfg, gen, ptx, train_actor=True):
 
 
 # ------------------------------------------------------------------------------------------------ tests
-def optimizers(actor, critic, cfg):
-    return (ik.FusedAdamW(actor.parameters(), lr=cfg.actor_lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay),
-            ik.FusedAdamW(critic.parameters(), lr=cfg.critic_lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay))
+def learners(actor, critic, cfg):
+    """The production optimizer step: a Learner each (one process, fp32: FusedAdamW without master weights)."""
+    rt = Runtime(torch.device("cpu"), torch.float32)
+    return ppo_learner(actor, rt, cfg, cfg.actor_lr), ppo_learner(critic, rt, cfg, cfg.critic_lr)
 
 
 def test_action_logprobs_match_full_logits():
@@ -152,8 +154,8 @@ def test_iteration_equals_plain_torch(epochs, mini_batches):
                         linear_cross_entropy="reference"):
         exp = make_experience(actor, ref, critic, ro, cfg)
         assert float(exp.kl.abs().sum()) > 0
-        a_opt, c_opt = optimizers(actor, critic, cfg)
-        stats = ppo_iteration(actor, ref, critic, a_opt, c_opt, ro, cfg, torch.Generator().manual_seed(7),
+        a_learner, c_learner = learners(actor, critic, cfg)
+        stats = ppo_iteration(a_learner, ref, c_learner, ro, cfg, torch.Generator().manual_seed(7),
                               ptx_stream())
         adv, returns = plain_iteration(plain[0], ref, plain[1], ro, cfg, torch.Generator().manual_seed(7),
                                        ptx_stream())
@@ -174,14 +176,14 @@ def test_critic_warmup_leaves_the_actor_unchanged():
     actor, ref, critic = micro_models()
     before_actor = {k: v.clone() for k, v in actor.state_dict().items()}
     before_critic = {k: v.clone() for k, v in critic.state_dict().items()}
-    a_opt, c_opt = optimizers(actor, critic, cfg)
+    a_learner, c_learner = learners(actor, critic, cfg)
     ro = random_rollout()
-    stats = ppo_iteration(actor, ref, critic, a_opt, c_opt, ro, cfg, torch.Generator().manual_seed(0), ptx_stream(),
+    stats = ppo_iteration(a_learner, ref, c_learner, ro, cfg, torch.Generator().manual_seed(0), ptx_stream(),
                           train_actor=False)
     for k, v in actor.state_dict().items():
         assert torch.equal(v, before_actor[k]), k
     assert all(p.grad is None for p in actor.parameters())
-    assert not a_opt.state                              # no step, no moments
+    assert not a_learner.optimizer.state                              # no step, no moments
     assert any(not torch.equal(v, before_critic[k]) for k, v in critic.state_dict().items())
     assert "policy_loss" not in stats and stats["value_loss"] > 0
     # The warmup's own plain twin moves the critic the same way.

@@ -62,3 +62,28 @@ def test_probe_and_hackable_pairs():
     probes = probe_pairs(prompts, 0)
     assert {p["set"] for p in probes} == {"correct>wrong", "short>padded"}
     assert all(p["chosen"] == prompts[i // 2].answer for i, p in enumerate(probes))
+
+
+def test_score_runs_the_agreed_number_of_chunks():
+    """Data-parallel ranks score their own replies with a (possibly sharded, so collective) reward model: ``agree``
+    makes a rank with fewer token-budget chunks run as many forwards as the others; the scores do not change (each
+    sequence is its own packed document: fp32 rounding of other groupings only)."""
+    from models import InternLM2Config
+    from models.internlm2 import InternLM2ForScore
+    from train.rlhf.rollouts import score
+
+    torch.manual_seed(0)
+    rm = InternLM2ForScore(InternLM2Config.preset("micro"))
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(3, 100, (int(n),), generator=gen).tolist() for n in torch.randint(2, 9, (5,), generator=gen)]
+    calls = []
+    rm.register_forward_hook(lambda module, args, out: calls.append(len(out.scores)))
+    with torch.no_grad():
+        want = score(rm, seqs, torch.device("cpu"))
+        assert calls == [5]                                   # one chunk within the token budget
+        got = score(rm, seqs, torch.device("cpu"), agree=lambda chunks: 3)
+        assert calls[1:] == [1, 2, 2]                         # 3 chunks of nearly equal counts, in order
+        kept = score(rm, seqs, torch.device("cpu"), batch_tokens=10, agree=lambda chunks: 1)
+    assert len(calls) > 5                                     # more local chunks than agreed: kept as they are
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kept, want, rtol=1e-5, atol=1e-6)

@@ -45,12 +45,12 @@ def _score_step(model):
 def _on_tp_ranks(rank: int, world: int):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from internlm_kernels.distributed.tensor_parallel import parallelize_internlm2
-    from train.stages.sft import gathered_model
+    from models.tensor_parallel import parallelize_internlm2
+    from train.parallel import plain_copy
 
     mesh = init_device_mesh("cpu", (world,))
     score = _score_step(parallelize_internlm2(_score_model(), mesh))
-    lm = gathered_model(parallelize_internlm2(_lm(), mesh))
+    lm = plain_copy(parallelize_internlm2(_lm(), mesh))
     return score, {k: v.clone() for k, v in lm.state_dict().items()}, lm.generate(PROMPTS, max_new_tokens=12)
 
 

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
 
 import torch
 
-import internlm_kernels as ik
-from train.config import ModelConfig, OptimConfig
+from train.config import ModelConfig
 from train.data.packing import Batch
 from train.parallel import Runtime
 
@@ -48,14 +46,6 @@ def build_model(config, runtime: Runtime, seed: int, init_from: str = "", checkp
     if compile:
         model.compile()
     return model
-
-
-def optimizer_factory(optim: OptimConfig, runtime: Runtime):
-    """FusedAdamW over the given parameters; fp32 master weights and moments when the parameters are 16-bit."""
-    def make(params: Iterator[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return ik.FusedAdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                             weight_decay=optim.weight_decay, master_weights=runtime.dtype != torch.float32)
-    return make
 
 
 def batch_flops(config, micro_batches: list[Batch]) -> float:

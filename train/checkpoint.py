@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from models.checkpoint import fsync_path, fsync_tree
 from train.parallel import Parallel, Runtime
 
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -44,28 +45,12 @@ def checkpoint_root(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
-def fsync_path(path) -> None:
-    """Flush a file's or a directory's entry to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def _quiet_dcp():
     """DCP warns that it runs without a process group, which is the one-process case, not a mistake."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def _fsync_tree(path: str) -> None:
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            fsync_path(os.path.join(dirpath, name))
-        fsync_path(dirpath)
 
 
 def list_checkpoints(run_dir: str) -> list[str]:
@@ -103,6 +88,53 @@ def _single_process(model) -> Parallel:
     return Parallel(model, Runtime(param.device, param.dtype))
 
 
+def write_state_dir(final: str, dims, state: Callable[[], dict], write_main: Callable[[str], None],
+                    write_all: Callable[[str], None] | None = None) -> None:
+    """The one atomic checkpoint writer (the trainer's step checkpoints, PPO's round checkpoints); every rank of
+    ``dims`` calls it. Into ``<final>.tmp-<pid of rank 0>``: ``write_all(tmp)`` on every rank (HF exports, which
+    gather collectively), then ``state()`` through torch.distributed.checkpoint into ``state/`` (each rank its part),
+    ``write_main(tmp)`` on rank 0; then rank 0 fsyncs the tree, renames it over ``final`` and fsyncs the parent.
+    Leftover temporaries of ``final`` from a crashed save are removed first."""
+    import torch.distributed.checkpoint as dcp
+
+    root, name = os.path.split(final)
+    tmp = [f"{final}.tmp-{os.getpid()}"]
+    if dims.is_main:
+        os.makedirs(root, exist_ok=True)
+        for other in os.listdir(root):
+            if other.startswith(f"{name}.tmp-"):
+                shutil.rmtree(os.path.join(root, other), ignore_errors=True)
+        os.makedirs(tmp[0])
+    if dims.distributed:
+        dist.broadcast_object_list(tmp, src=0)
+    tmp = tmp[0]
+    if write_all is not None:
+        write_all(tmp)
+    with _quiet_dcp():
+        dcp.save(state(), checkpoint_id=os.path.join(tmp, "state"))
+    if dims.is_main:
+        write_main(tmp)
+        fsync_tree(tmp)
+        if os.path.exists(final):  # re-saving the same step (e.g. a resumed run that ends where it resumed)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fsync_path(root)
+    if dims.distributed:
+        dist.barrier()
+
+
+def read_state_dir(path: str, state: dict) -> None:
+    """Fill ``state`` (live tensors, any sharding, any number of ranks; a subset of the saved keys is fine) from
+    the ``state/`` of checkpoint directory ``path``."""
+    import torch.distributed.checkpoint as dcp
+
+    state_dir = os.path.join(path, "state")
+    if not os.path.isdir(state_dir):
+        raise ValueError(f"checkpoint {path!r} has no state/ directory (not a checkpoint of this trainer?)")
+    with _quiet_dcp():
+        dcp.load(state, checkpoint_id=state_dir)
+
+
 def save_checkpoint(run_dir: str, step: int, model, optimizer: torch.optim.Optimizer, trainer_state: dict,
                     keep_last: int = 2, extra_writer: Callable[[str], None] | None = None,
                     export: str | None = "llama", parallel: Parallel | None = None) -> str:
@@ -114,38 +146,29 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer: torch.optim.Optim
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    import torch.distributed.checkpoint as dcp
-
     parallel = parallel or _single_process(model)
     main = parallel.dims.is_main
     root = checkpoint_root(run_dir)
     final = os.path.join(root, f"step_{step:08d}")
-    tmp = [f"{final}.tmp-{os.getpid()}"]
-    if main:
-        os.makedirs(root, exist_ok=True)
-        for name in os.listdir(root):  # leftovers of a crashed save: never complete, safe to drop
+    if main and os.path.isdir(root):
+        for name in os.listdir(root):  # leftovers of a crashed save at any step: never complete, safe to drop
             if _TMP.match(name):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        os.makedirs(tmp[0])
-    if parallel.dims.distributed:
-        dist.broadcast_object_list(tmp, src=0)
-    tmp = tmp[0]
-    if export:
-        parallel.export(os.path.join(tmp, "model"), export)
-    with _quiet_dcp():
-        dcp.save(parallel.state_dict(optimizer), checkpoint_id=os.path.join(tmp, "state"))
-    if main:
+
+    def write_main(tmp: str) -> None:
         torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
         if extra_writer is not None:
             extra_writer(tmp)
         meta = {k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str, bool))}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        _fsync_tree(tmp)
-        if os.path.exists(final):  # re-saving the same step (e.g. a resumed run that ends where it resumed)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_path(root)
+
+    def write_all(tmp: str) -> None:
+        if export:
+            parallel.export(os.path.join(tmp, "model"), export)
+
+    write_state_dir(final, parallel.dims, lambda: parallel.state_dict(optimizer), write_main, write_all)
+    if main:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old)
     if parallel.dims.distributed:
@@ -157,15 +180,11 @@ def load_checkpoint(path: str, parallel: Parallel, optimizer: torch.optim.Optimi
     """Restore model and optimizer of checkpoint ``path`` into ``parallel``'s model and ``optimizer`` (built over
     the same parameters, on any number of ranks); returns the trainer state. FusedAdamW keeps fp32 master weights
     and moments fp32 when loaded onto bf16 parameters."""
-    import torch.distributed.checkpoint as dcp
-
-    state_dir = os.path.join(path, "state")
-    if not os.path.isdir(state_dir):
+    if not os.path.isdir(os.path.join(path, "state")):
         raise ValueError(f"checkpoint {path!r} has no state/ directory (not a checkpoint of this trainer?)")
     trainer_state = load_trainer_state(path)
     state = parallel.state_dict(optimizer)
-    with _quiet_dcp():
-        dcp.load(state, checkpoint_id=state_dir)
+    read_state_dir(path, state)
     parallel.load_state_dict(optimizer, state)
     return trainer_state
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
-
-import tomllib
 
 # train/ runs from the checkout: the repository root holds configs/ (and the packages train/ and models/).
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -396,19 +395,20 @@ def check_parallel(p: ParallelConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
-def parse_cli(argv: list[str], default_config: str | None = None, cls: type = TrainConfig):
-    """``[--config PATH] [--resume] [--section.key=value | --section.key value ...]``"""
+def parse_args(argv: list[str], default_config: str | None, resume_key: str) -> tuple[str | None, dict[str, Any]]:
+    """The one command line of every stage: ``[--config PATH] [--resume] [--section.key=value | --section.key
+    value ...]`` -> (config path, {dotted key: value}); ``--resume`` sets ``resume_key`` (the stage's own key)."""
     path = default_config
     overrides: dict[str, Any] = {}
     i = 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r} (options look like --config PATH or --optim.lr=1e-3)")
+            raise ConfigError(f"unexpected argument {arg!r} (options look like --config PATH or --section.key=value)")
         key, eq, value = arg[2:].partition("=")
         if not eq:
             if key == "resume":
-                overrides["checkpoint.resume"] = True
+                overrides[resume_key] = True
                 i += 1
                 continue
             if i + 1 >= len(argv):
@@ -418,8 +418,12 @@ def parse_cli(argv: list[str], default_config: str | None = None, cls: type = Tr
         i += 1
         if key == "config":
             path = value
-        elif key == "resume":
-            overrides["checkpoint.resume"] = parse_value(value)
         else:
-            overrides[key] = parse_value(value)
+            overrides[resume_key if key == "resume" else key] = parse_value(value)
+    return path, overrides
+
+
+def parse_cli(argv: list[str], default_config: str | None = None, cls: type = TrainConfig):
+    """``parse_args`` then ``load_config`` (``--resume``: checkpoint.resume)."""
+    path, overrides = parse_args(argv, default_config, "checkpoint.resume")
     return load_config(path, overrides, cls)

@@ -7,6 +7,7 @@ A stage never touches DDP, shards or process groups. The ``Trainer`` asks one ``
     build_optimizer(make)  the optimizer over what this rank updates (all parameters; a shard under ZeRO)
     no_sync()              a context for micro-batches whose gradients are not communicated yet
     all_reduce_(t)         sum a device tensor over the data-parallel ranks (loss sums, target counts)
+    plain_model()          a full, unsharded copy when the mode shards the model (generation), else the module
     finish_gradients(n)    after the last backward: turn whatever gradient the mode holds into the gradient of
                            (sum of the global batch's losses) / n, n a device tensor (no host read)
     clip_grad_norm_(c)     the global gradient norm (a device tensor), gradients clipped to ``c``
@@ -86,8 +87,8 @@ class Runtime:
 
 
 def init_runtime(run, parallel) -> Runtime:
-    """Device, dtype and (under torchrun) the process group: NCCL on CUDA, gloo on CPU. ``run`` is a RunConfig,
-    ``parallel`` a ParallelConfig."""
+    """Device, dtype and (under torchrun) the process group: NCCL on CUDA, gloo on CPU. ``run`` is a RunConfig
+    (or the PPO stage's, which has no ``dtype``: bf16 on CUDA, fp32 on CPU), ``parallel`` a ParallelConfig."""
     if run.threads:
         torch.set_num_threads(run.threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -101,7 +102,7 @@ def init_runtime(run, parallel) -> Runtime:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(run.dtype)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(getattr(run, "dtype", "auto"))
     if dtype is None:
         dtype = torch.bfloat16 if use_cuda else torch.float32
     dims = ParallelDims(parallel.mode, world, rank, local_rank, parallel.tp, parallel.shard_size, parallel.overlap)
@@ -114,6 +115,28 @@ def init_runtime(run, parallel) -> Runtime:
 def barrier(dims: ParallelDims) -> None:
     if dims.distributed:
         dist.barrier()
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """``model`` when it holds its parameters as plain tensors; else (FSDP, tensor parallel: DTensor parameters)
+    an unsharded copy of the model's own class built from the gathered full state (collective: every rank calls).
+    Generation runs on it: a decoding step of a sharded model would be a collective forward whose shapes the
+    sharding plan does not take (one token per sequence, a KV cache of all heads)."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return model
+    from torch.distributed.fsdp import FSDPModule
+
+    from internlm_kernels.distributed.tensor_parallel import full_state_dict
+
+    state = full_state_dict(model)
+    # The model's own class: FSDP2 swaps the module's class for a subclass of (FSDPModule, the class).
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        copy = cls(model.config)
+    copy.load_state_dict(state, strict=True, assign=True)
+    return copy.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -167,9 +190,10 @@ class Parallel:
     def no_sync(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
-    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+    def all_reduce_(self, t: torch.Tensor, max: bool = False) -> torch.Tensor:
+        """Sum (``max``: the maximum of) ``t`` over the data-parallel ranks, in place."""
         if self.dims.dp > 1:     # the tp ranks of a data-parallel group already hold the same sums
-            dist.all_reduce(t, group=self.dp_group)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if max else dist.ReduceOp.SUM, group=self.dp_group)
         return t
 
     def _grads(self) -> list[torch.Tensor]:
@@ -201,11 +225,31 @@ class Parallel:
 
         set_state_dict(self.module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
-    @property
-    def holds_full_model(self) -> bool:
-        """Whether each rank's module holds the whole model as plain tensors (so one rank alone can run it, e.g.
-        to generate); False under FSDP and tensor parallelism, whose forward is collective."""
-        return self.dims.tp == 1 and (not self.dims.distributed or self.name != "fsdp")
+    def model_state_dict(self) -> dict:
+        """The model's state alone, keyed by parameter name, for torch.distributed.checkpoint (a model trained
+        without carrying its optimizer across checkpoints: the refreshed reward model)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.module)
+
+    def load_model_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.module, state)
+
+    def load_weights(self, state: dict) -> None:
+        """Copy a state dict of the same layout (e.g. another model sharded alike) into the module."""
+        self.module.load_state_dict(state)
+
+    def reset_optimizer(self, optimizer) -> None:
+        """Fresh optimizer state: moments from zero, fp32 masters from the current parameters (FusedAdamW creates
+        its state lazily at the next step)."""
+        optimizer.state.clear()
+
+    def plain_model(self) -> nn.Module:
+        """The model as plain tensors that one rank alone can run (generation): ``plain_copy(module)``
+        (collective under FSDP and tensor parallelism: every rank calls)."""
+        return plain_copy(self.module)
 
     def export(self, path: str, layout: str) -> None:
         """The model's ``save_pretrained(path, layout=...)`` by rank 0 (every rank holds the full model)."""

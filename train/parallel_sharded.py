@@ -46,7 +46,7 @@ class _ShardedMode(Parallel):
         import torch.distributed as dist
 
         from internlm_kernels.distributed.mesh import parallel_mesh
-        from internlm_kernels.distributed.tensor_parallel import check_tp, parallelize_internlm2
+        from models.tensor_parallel import check_tp, parallelize_internlm2
 
         dims = self.dims
         check_tp(model.config, dims.tp, key="parallel.tp")
@@ -111,6 +111,31 @@ class _Zero(_ShardedMode):
             return super().load_state_dict(optimizer, state)
         optimizer.load_state_dict(state["optimizer"])    # DCP filled the live tensors; this syncs the masters
 
+    def model_state_dict(self) -> dict:
+        return self.zero.state_dict() if self.zero is not None else super().model_state_dict()
+
+    def load_model_state_dict(self, state: dict) -> None:
+        if self.zero is None:
+            return super().load_model_state_dict(state)
+        self.zero.optimizer.refresh_masters()          # DCP filled the live tensors; the masters follow them
+
+    def load_weights(self, state: dict) -> None:
+        if self.zero is None:
+            return super().load_weights(state)
+        self.zero.load_state_dict(state)       # after the pending all-gathers, which would overwrite it; masters follow
+
+    def reset_optimizer(self, optimizer) -> None:
+        if self.zero is None:
+            return super().reset_optimizer(optimizer)
+        if optimizer.inner is not None:
+            optimizer.inner.state.clear()
+        optimizer.refresh_masters()
+
+    def plain_model(self) -> nn.Module:
+        if self.zero is not None:
+            self.zero.wait_for_parameters()
+        return super().plain_model()
+
     def export(self, path: str, layout: str) -> None:
         if self.zero is not None:
             self.zero.wait_for_parameters()
@@ -154,15 +179,17 @@ class FullyShardedDataParallel(_ShardedMode):
     def __init__(self, model: nn.Module, runtime: Runtime):
         super().__init__(model, runtime)
         from internlm_kernels.distributed.fsdp import fsdp_mesh, fully_shard_blocks
+        from models.tensor_parallel import internlm2_blocks
 
         if self.dims.tp > 1:
             from internlm_kernels.distributed.mesh import data_parallel_mesh
 
             mesh = self._tensor_parallel(model, self._shard_size())
             if self.dims.dp > 1:
-                fully_shard_blocks(model, data_parallel_mesh(mesh), reshard_after_forward=self.reshard_after_forward)
+                fully_shard_blocks(model, data_parallel_mesh(mesh), blocks=internlm2_blocks(model),
+                                   reshard_after_forward=self.reshard_after_forward)
         elif self.dims.distributed:
-            fully_shard_blocks(model, fsdp_mesh(self._shard_size(), runtime.device.type),
+            fully_shard_blocks(model, fsdp_mesh(self._shard_size(), runtime.device.type), blocks=internlm2_blocks(model),
                                reshard_after_forward=self.reshard_after_forward)
 
     def no_sync(self) -> contextlib.AbstractContextManager:

@@ -1,15 +1,11 @@
-"""The Trainer shared by every stage: model, optimizer, schedule, data, checkpoints, metrics and evaluation.
+"""The Trainer shared by the pretraining, SFT and reward stages: stages, resume, data, checkpoints, metrics and
+evaluation around one ``Learner`` (train/learner.py: model + Parallel + optimizer + schedule + clipping, whose
+``step(micro_batches, loss_fn)`` is the one optimizer step of every stage, PPO's included).
 
-A stage is data + a loss + (optionally) an evaluator; it never copies the loop. One optimizer step:
-    lr = schedule(step)
-    for each micro-batch of this rank:  loss_sum, n, metrics = stage.loss_fn(model, batch);  loss_sum.backward()
-                                        (gradient communication only after the last one: parallel.no_sync)
-    totals = all-reduce(loss sums, n, metric sums)             one device tensor over the data-parallel ranks
-    gradients *= 1 / N (N = the global batch's targets)        parallel.finish_gradients, on the device
-    grad_norm = clip(grad_clip);  FusedAdamW.step()
-so the gradient is the mean over the global batch's targets whatever the accumulation and the world size.
-Nothing in a step reads a device value on the host: losses, counts and the gradient norm are summed on the
-device and read every ``metrics.log_every`` steps (a non-finite loss is reported at that read).
+A stage is data + a loss + (optionally) an evaluator; it never copies the loop. The gradient of a step is the mean
+over the global batch's targets whatever the accumulation and the world size. Nothing in a step reads a device
+value on the host: losses, counts and the gradient norm are summed on the device and read every
+``metrics.log_every`` steps (a non-finite loss is reported at that read).
 
 Stages chain on one Trainer (one optimizer and one LR schedule): ``train(stage)`` per stage, in order.
 ``prepare(model)`` runs at each stage's start (InternLM2's long-context stage raises the RoPE base there); a data
@@ -19,18 +15,16 @@ on any number of ranks, and the following losses equal an uninterrupted run's.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
-from train.build import optimizer_factory
 from train.checkpoint import (
     checkpoint_root,
     latest_checkpoint,
@@ -41,13 +35,9 @@ from train.checkpoint import (
     set_rng_state,
 )
 from train.config import CheckpointConfig, MetricsConfig, OptimConfig
+from train.learner import Learner, LossFn
 from train.metrics import MetricsLog, Progress, peak_tflops
-from train.parallel import Runtime, barrier, parallelize
-from train.schedule import WarmupCosine
-
-# (model, batch on the device) -> (summed loss: scalar tensor, its number of targets: tensor or int,
-# {name: summed value}: the trainer logs each sum over the global batch divided by the targets)
-LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, "torch.Tensor | int", dict[str, torch.Tensor]]]
+from train.parallel import Runtime, barrier
 
 
 class DataSource(Protocol):
@@ -97,11 +87,10 @@ class Trainer:
         self.runtime, self.run_dir, self.signature = runtime, run_dir, signature
         self.ckpt, self.metrics_cfg, self.stop_at_step = checkpoint, metrics, stop_at_step
         self.extra_writer, self.export_layout = extra_writer, export_layout
-        self.parallel = parallelize(model, runtime)
+        self.learner = Learner(model, runtime, optim, total_steps)
         self.model = model                                  # the plain model (evaluation, export, generation)
-        self.optimizer = self.parallel.build_optimizer(optimizer_factory(optim, runtime))
-        self.grad_clip = optim.grad_clip
-        self.schedule = WarmupCosine(self.optimizer, optim.lr, optim.warmup_steps, total_steps, optim.min_lr_ratio)
+        learner = self.learner
+        self.parallel, self.optimizer, self.schedule = learner.parallel, learner.optimizer, learner.schedule
         self.state = TrainState()
         self.latest = latest_checkpoint(run_dir) if checkpoint.resume else None
         if runtime.is_main:
@@ -165,32 +154,13 @@ class Trainer:
         """One optimizer step over this rank's next micro-batches (see the module docstring)."""
         micro = stage.data.next_step()
         flops = stage.flops(micro) * self.runtime.dims.dp if stage.flops else 0.0
-        lr = self.schedule.apply()
         device = self.runtime.device
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        targets = torch.zeros((), dtype=torch.float64, device=device)
-        sums: dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(micro):
-            sync = contextlib.nullcontext() if i + 1 == len(micro) else self.parallel.no_sync()
-            with sync:
-                loss, n, metrics = stage.loss_fn(self.parallel.model, batch.to(device))
-                loss.float().backward()
-            loss_sum += loss.detach().double()
-            targets += n
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value.detach().double()
-        totals = self.parallel.all_reduce_(torch.stack([loss_sum, targets, *sums.values()]))
-        self.parallel.finish_gradients(totals[1])
-        grad_norm = self.parallel.clip_grad_norm_(self.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.schedule.step()
-        self._last_loss = totals[0] / totals[1]
+        out = self.learner.step(micro, lambda model, batch: stage.loss_fn(model, batch.to(device)))
+        self._last_loss = out.loss
         self.state.global_step += 1
         self.state.stage_step += 1
         self.state.tokens_seen += stage.data.tokens_per_step
-        self._window.add(totals[0] / totals[1], {k: v / totals[1] for k, v in zip(sums, totals[2:])}, grad_norm,
-                         lr, stage.data.tokens_per_step, flops)
+        self._window.add(out.loss, out.metrics, out.grad_norm, out.lr, stage.data.tokens_per_step, flops)
         self.progress.step()
 
     def _log(self, stage: Stage) -> None:

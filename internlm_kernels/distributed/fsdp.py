@@ -1,4 +1,5 @@
-"""FSDP2 (ZeRO-3) for InternLM2-style models: ``fully_shard`` per block, explicit prefetch, our FusedAdamW.
+"""FSDP2 (ZeRO-3) for block-structured models: ``fully_shard`` per block (the model names its blocks:
+``models.tensor_parallel.internlm2_blocks`` for InternLM2), explicit prefetch, our FusedAdamW.
 
 Each block is one FSDP unit (its parameters are one all-gather / one reduce-scatter); the root unit holds what is
 left (embeddings, final norm, output head). Explicit prefetch: block i issues the all-gather of blocks
@@ -30,26 +31,17 @@ def fsdp_mesh(shard_size: int | None = None, device_type: str = "cpu"):
     return init_device_mesh(device_type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
 
 
-def blocks_of(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of an InternLM2 causal LM or score model (``model.model.layers``)."""
-    trunk = getattr(model, "model", None)
-    layers = getattr(trunk, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError("model has no model.layers ModuleList: pass blocks= explicitly")
-    return list(layers)
-
-
-def fully_shard_blocks(model: nn.Module, mesh=None, *, blocks: Sequence[nn.Module] | None = None,
+def fully_shard_blocks(model: nn.Module, mesh=None, *, blocks: Sequence[nn.Module],
                        prefetch: int = 1, reshard_after_forward: bool = True, mp_policy=None) -> nn.Module:
-    """Shard ``model`` in place with FSDP2: one unit per block (default: InternLM2's decoder layers), then the
-    root. ``prefetch``: how many blocks ahead (forward) / behind (backward) each block gathers; 0 leaves FSDP's
+    """Shard ``model`` in place with FSDP2: one unit per block of ``blocks`` (e.g. the decoder layers), then
+    the root. ``prefetch``: how many blocks ahead (forward) / behind (backward) each block gathers; 0 leaves FSDP's
     implicit prefetch. ``reshard_after_forward=False`` keeps gathered blocks until the backward (ZeRO-2-like
     memory, no second gather). ``mp_policy``: an FSDP2 MixedPrecisionPolicy. Returns ``model``."""
     from torch.distributed.fsdp import fully_shard
 
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")
-    blocks = list(blocks) if blocks is not None else blocks_of(model)
+    blocks = list(blocks)
     options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         options["mp_policy"] = mp_policy

@@ -1,25 +1,13 @@
-"""Tensor + sequence parallelism for InternLM2 through torch.distributed.tensor.parallel.
-
-The plan (tp ranks on a 1-D mesh; T packed tokens per micro-batch, padded to a multiple of tp with one document
-of ignored tokens when needed):
-    tok_embeddings      vocabulary-parallel (rows sharded), output reduce-scattered to token shards (T/tp, H)
-    attention_norm, ffn_norm, norm      sequence parallel: each rank normalizes its T/tp tokens with the full
-                        (replicated, plain-tensor) weight; the weight's gradient is summed over the tp ranks by an
-                        autograd identity in the norm's forward (SequenceParallelRMSNorm), so it survives FSDP2
-                        (which re-creates the unsharded weight every forward) and DDP-style replication
-    attention           input all-gathered to all T tokens; wqkv column-parallel: InternLM2 packs wqkv per KV
-                        group ([g query heads, k, v] x n_kv_heads), so a dim-0 shard is n_kv_heads/tp whole GQA
-                        groups and each rank attends with its own heads; wo row-parallel, output reduce-scattered
-    feed_forward        input all-gathered; w1, w3 column-parallel, w2 row-parallel, reduce-scattered
-    output (the head)   vocabulary-parallel fused linear cross-entropy (vocab_parallel_ce.py): the final norm's
-                        output is marked sequence-sharded and ``ik.fused_linear_cross_entropy`` dispatches on the
-                        DTensor weight, so the model code is unchanged and no rank holds full logits
-    score_head          (InternLM2ForScore) replicated, a plain tensor: its input is all-gathered to all T tokens,
-                        so every rank computes the same values and scores and the same head gradient (no reduction;
-                        the all-gather's backward hands each rank its token slice of the identical input gradient);
-                        the padding document's value and score are dropped from the output
-Every sharded weight is a DTensor whose global tensor is the HF tensor (wqkv stays packed), so state dicts and
-torch.distributed.checkpoint files keep the HF layout.
+"""Generic tensor + sequence parallel machinery for packed models (``input_ids`` (T,) with ``cu_seqlens``), on
+torch.distributed.tensor.parallel. The plan of a particular model (which attribute is column- or row-parallel) lives
+beside the model: ``models.tensor_parallel.parallelize_internlm2`` for InternLM2, built from these pieces:
+    SequenceParallelRMSNorm / make_sequence_parallel   norms over this rank's T/tp tokens with the replicated
+                        (plain-tensor) weight; its gradient is summed over the tp ranks by an autograd identity in
+                        the norm's forward, so it survives FSDP2 (which re-creates the unsharded weight every
+                        forward) and DDP-style replication
+    register_token_padding   sequence parallelism splits the tokens evenly: a packed batch whose length is not a
+                        multiple of tp gets one more document of ignored tokens (and a score model's output drops it)
+    full_state_dict     every tensor gathered to a full plain tensor
 """
 from __future__ import annotations
 
@@ -31,16 +19,6 @@ from torch import nn
 
 from ..nn import RMSNorm
 from ..ops.rms_norm import rms_norm
-
-
-def check_tp(config, tp: int, key: str = "tp") -> None:
-    """ValueError naming ``key`` when ``tp`` cannot split this InternLM2Config."""
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"{key} must be an int >= 1, got {tp!r}")
-    for name in ("num_key_value_heads", "intermediate_size", "vocab_size"):
-        if getattr(config, name) % tp:
-            raise ValueError(f"{key} ({tp}) must divide {name} ({getattr(config, name)}): each rank owns whole "
-                             f"{'GQA groups' if name == 'num_key_value_heads' else 'slices'}")
 
 
 class _SumGradOverGroup(torch.autograd.Function):
@@ -63,7 +41,7 @@ class _SumGradOverGroup(torch.autograd.Function):
 class SequenceParallelRMSNorm(RMSNorm):
     """An ``internlm_kernels.nn.RMSNorm`` whose input is this rank's T/tp tokens (sequence parallel): the same
     parameters and state dict, the weight replicated on the tp ranks, its gradient (a sum over tokens) summed over
-    ``tp_group``. ``parallelize_internlm2`` turns the model's norms into it in place (``__class__``)."""
+    ``tp_group``. ``make_sequence_parallel`` turns a model's norms into it in place (``__class__``)."""
     tp_group = None
 
     def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
@@ -71,57 +49,22 @@ class SequenceParallelRMSNorm(RMSNorm):
         return rms_norm(x, weight, self.eps, residual, prenorm, residual_in_fp32, self.offset, self.casting_mode)
 
 
-def parallelize_internlm2(model: nn.Module, tp_mesh) -> nn.Module:
-    """Apply the plan above in place to an InternLM2ForCausalLM or InternLM2ForScore on ``tp_mesh`` (a
-    1-D mesh, or the "tp" dimension of a ``mesh.parallel_mesh``: data parallelism over the other dimensions is
-    then applied on top, e.g. ``fully_shard_blocks(model, data_parallel_mesh(mesh))``)."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        PrepareModuleInput,
-        RowwiseParallel,
-        parallelize_module,
-    )
+def make_sequence_parallel(norms, tp_group) -> None:
+    """Turn each ``internlm_kernels.nn.RMSNorm`` of ``norms`` into a ``SequenceParallelRMSNorm`` over
+    ``tp_group``, in place (same parameters and state dict)."""
+    for module in norms:
+        if type(module) is not RMSNorm:
+            raise NotImplementedError(f"sequence parallelism takes internlm_kernels.nn.RMSNorm norms, got "
+                                      f"{type(module).__name__}")
+        module.__class__ = SequenceParallelRMSNorm
+        module.tp_group = tp_group
 
-    tp = tp_mesh.size()
-    check_tp(model.config, tp)
-    tokens_to_all = dict(desired_input_layouts=(Replicate(),), use_local_output=True)
-    plan = {
-        "model.tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0)),
-        "model.layers.*.attention": PrepareModuleInput(input_layouts=(Shard(0), None),
-                                                       desired_input_layouts=(Replicate(), None),
-                                                       use_local_output=True),
-        "model.layers.*.attention.wqkv": ColwiseParallel(),
-        "model.layers.*.attention.wo": RowwiseParallel(output_layouts=Shard(0)),
-        "model.layers.*.feed_forward": PrepareModuleInput(input_layouts=(Shard(0),), **tokens_to_all),
-        "model.layers.*.feed_forward.w1": ColwiseParallel(),
-        "model.layers.*.feed_forward.w3": ColwiseParallel(),
-        "model.layers.*.feed_forward.w2": RowwiseParallel(output_layouts=Shard(0)),
-    }
-    if hasattr(model, "score_head"):
-        plan["score_head"] = PrepareModuleInput(input_layouts=(Shard(0),), **tokens_to_all)
-    parallelize_module(model, tp_mesh, plan)
-    for layer in model.model.layers:
-        layer.attention.n_heads //= tp
-        layer.attention.n_kv_heads //= tp
-    for name, module in model.named_modules():
-        if name.endswith("norm"):
-            if type(module) is not RMSNorm:
-                raise NotImplementedError(f"{name}: sequence parallelism takes internlm_kernels.nn.RMSNorm norms, "
-                                          f"got {type(module).__name__}")
-            module.__class__ = SequenceParallelRMSNorm
-            module.tp_group = tp_mesh.get_group()
-    if hasattr(model, "output"):
-        model.output.weight = nn.Parameter(distribute_tensor(model.output.weight.detach(), tp_mesh, [Shard(0)]))
 
-    def tokens_sharded(module, args, out):
-        return DTensor.from_local(out, tp_mesh, [Shard(0)], run_check=False)
-
-    model.model.norm.register_forward_hook(tokens_sharded)
+def register_token_padding(model: nn.Module, tp: int) -> None:
+    """Pad every packed batch of ``model``'s forward to a multiple of ``tp`` tokens (hooks; see ``_pad_tokens``)."""
     pad, unpad = _pad_tokens(model, tp)
     model.register_forward_pre_hook(pad, with_kwargs=True)
     model.register_forward_hook(unpad)
-    return model
 
 
 def _pad_tokens(model: nn.Module, tp: int):

@@ -38,9 +38,9 @@ import random
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+from models.packing import IGNORE_INDEX
 from train.data.tokenizer import BOS, Tokenizer
 
-IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "environment")
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 ACTION_START, ACTION_END = "<|action_start|>", "<|action_end|>"

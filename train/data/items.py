@@ -26,7 +26,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from train.data.packing import IGNORE_INDEX, Batch
+from models.packing import IGNORE_INDEX
+from train.data.packing import Batch
 
 OVERLONG_RULES = ("drop", "truncate")
 MAX_CONSECUTIVE_DROPS = 1000   # more over-long items in a row than this: max_seq_len is wrong, not the data

@@ -28,10 +28,10 @@ from typing import Iterator, Protocol, Sequence
 
 import torch
 
+from models.packing import IGNORE_INDEX
 from train.data.tokenizer import Tokenizer
 
 TEXT_EXTENSIONS = (".txt", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -18,8 +18,10 @@ The iteration (``ppo_iteration``):
         order = randperm(B, generator)                                    one permutation per epoch
         for each of the mini_batches slices of order:
             actor:  policy_loss(actor logp, old_logp, A) + ptx_coef * LM loss on the next pretraining batch
-                    -> clip_grad_norm_ -> FusedAdamW step                 (skipped while the actor is frozen)
-            critic: value_loss(critic values, old_values, returns)  -> clip_grad_norm_ -> FusedAdamW step
+                    -> Learner.step (clip, FusedAdamW)                    (skipped while the actor is frozen)
+            critic: value_loss(critic values, old_values, returns)  -> Learner.step
+The actor and the critic are ``train.learner.Learner``s: the optimizer step of every stage, whatever the parallel
+mode. Their losses are means over the mini-batch's action tokens, so each step's loss function returns n = 1.
 Statistics are accumulated on the device and read once at the end. When the rollout carries the generator's own
 log-probs, their gap to the trainer's (``train.rlhf.diagnostics.logprob_mismatch``) is reported as
 ``sampler_mismatch_*`` — a metric only, never used in the loss.
@@ -32,8 +34,9 @@ from typing import Callable
 
 import torch
 
-import internlm_kernels as ik
-from models.internlm2 import PackedContext, pack_inputs, shift_labels
+from train.config import OptimConfig
+from train.learner import Learner
+from train.parallel import Runtime
 from train.rlhf.advantages import gae, whiten
 from train.rlhf.diagnostics import logprob_mismatch
 from train.rlhf.losses import masked_mean, policy_loss, value_loss
@@ -88,12 +91,10 @@ class Experience:
 
 def action_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     temperature: float = 1.0) -> torch.Tensor:
-    """(B, S-1) float32: log-prob of token t+1 at position t (0 where token t+1 is padding)."""
-    packed = pack_inputs(input_ids, attention_mask=attention_mask, vocab_size=model.config.vocab_size)
-    hidden = model.model(packed.input_ids, PackedContext(packed, model.model.rotary))          # (T, hidden)
-    targets = shift_labels(packed.input_ids, packed.cu_seqlens)                               # (T,)
-    logp = ik.fused_linear_logprobs(hidden, model.output.weight, targets, temperature)       # (T,), no logits
-    return packed.unpack(logp)[:, :-1]
+    """(B, S-1) float32: log-prob of token t+1 at position t (0 where token t+1 is padding), through the model's
+    forward (``logprobs_temperature``: fused, no logits), so ``model`` may be a DDP / ZeRO / FSDP2 module."""
+    out = model(input_ids, attention_mask=attention_mask, labels=input_ids, logprobs_temperature=temperature)
+    return out.logprobs[:, :-1]
 
 
 def action_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -102,37 +103,80 @@ def action_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor)
 
 
 @torch.no_grad()
-def make_experience(actor, reference, critic, rollout: Rollout, cfg: PPOConfig) -> Experience:
+def make_experience(actor, reference, critic, rollout: Rollout, cfg: PPOConfig, parallel=None) -> Experience:
+    """The experience of ``rollout`` (this rank's rows). With a data-parallel ``parallel`` (the actor's), every
+    rank's rows are then gathered, in rank order, so every rank holds the whole batch's experience (the rows of
+    the 1-process batch, in its order); advantages are whitened over the whole batch."""
     ids, attn, mask = rollout.input_ids, rollout.attention_mask, rollout.action_mask
     old_logp = action_logprobs(actor, ids, attn, cfg.temperature)
     ref_logp = action_logprobs(reference, ids, attn, cfg.temperature)
     old_values = action_values(critic, ids, attn)
     rewards, kl = shape_rewards(rollout.scores, old_logp, ref_logp, mask, cfg.kl_coef)
     advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+    exp = Experience(rollout, old_logp, ref_logp, old_values, rewards, kl, advantages, returns)
+    if parallel is not None and parallel.dims.dp > 1:
+        exp = gather_experience(exp, parallel.dp_group, parallel.dims.dp)
     if cfg.normalize_advantages:
-        advantages = whiten(advantages, mask)
-    return Experience(rollout, old_logp, ref_logp, old_values, rewards, kl, advantages, returns)
+        exp.advantages = whiten(exp.advantages, exp.rollout.action_mask)
+    return exp
 
 
-def _step(model, optimizer, loss: torch.Tensor, grad_clip: float) -> torch.Tensor:
-    loss.backward()
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = ik.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm
+def _gather_rows(t: torch.Tensor | None, width: int, pad, group, world: int) -> torch.Tensor | None:
+    """Every rank's ``t`` (same row count everywhere), right-padded to ``width`` columns, concatenated in rank
+    order."""
+    import torch.distributed as dist
+
+    if t is None:
+        return None
+    if t.dim() == 2 and t.shape[1] < width:
+        t = torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad)
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)
 
 
-def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience, cfg: PPOConfig,
-               generator: torch.Generator, ptx_batches: Callable[[], object] | None = None,
-               train_actor: bool = True) -> dict[str, torch.Tensor]:
+def gather_experience(exp: Experience, group, world: int, pad_id: int = 0) -> Experience:
+    """All ranks' experience rows (right-padded to the longest row of any rank: padding is masked out of every
+    loss, so a row's values do not depend on the width)."""
+    import torch.distributed as dist
+
+    ro = exp.rollout
+    width = torch.tensor(ro.input_ids.shape[1], device=ro.input_ids.device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX, group=group)
+    S = int(width)                                   # one host read per iteration: the gathered tensors' width
+
+    def rows(t, pad=0, full=False):
+        return _gather_rows(t, S if full else S - 1, pad, group, world)
+
+    rollout = Rollout(rows(ro.input_ids, pad_id, True), rows(ro.attention_mask, 0, True), rows(ro.action_mask),
+                      rows(ro.scores), rows(ro.sampler_logprobs))
+    return Experience(rollout, rows(exp.old_logprobs), rows(exp.ref_logprobs), rows(exp.old_values),
+                      rows(exp.rewards), rows(exp.kl), rows(exp.advantages), rows(exp.returns))
+
+
+def ppo_learner(model, runtime: Runtime, cfg: PPOConfig, lr: float) -> Learner:
+    """The actor's (``lr`` = ppo.actor_lr) or the critic's (ppo.critic_lr) Learner: a constant rate, ``ppo.betas``,
+    ``ppo.weight_decay``, clipped to ``ppo.grad_clip``."""
+    optim = OptimConfig(lr=lr, betas=list(cfg.betas), weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    return Learner(model, runtime, optim)
+
+
+def ppo_update(actor: Learner, critic: Learner, exp: Experience, cfg: PPOConfig, generator: torch.Generator,
+               ptx_batches: Callable[[], object] | None = None, train_actor: bool = True) -> dict[str, torch.Tensor]:
     """The PPO epochs over ``exp``'s mini-batches (module docstring). Returns the per-update means of the losses
-    and statistics as device tensors."""
+    and statistics as device tensors.
+
+    Data parallel (``exp`` holds the whole batch on every rank): each mini-batch's rows are split over the
+    data-parallel ranks; each rank's losses are its share of the mini-batch's token means (the sums over its rows
+    divided by the whole mini-batch's action tokens, and 1/dp of the pretraining term, whose batch every rank
+    draws alike) with n = 1/dp, so the Learner's sum over the ranks is the 1-process loss and gradient."""
     rollout = exp.rollout
     B = rollout.input_ids.shape[0]
     if cfg.mini_batches > B:
         raise ValueError(f"ppo.mini_batches ({cfg.mini_batches}) exceeds the rollout batch ({B})")
     device = rollout.input_ids.device
+    dims = actor.parallel.dims
+    dp, share = dims.dp, 1.0 / dims.dp
     sums: dict[str, torch.Tensor] = {}
 
     def add(name: str, value: torch.Tensor) -> None:
@@ -142,43 +186,62 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(B, generator=generator).to(device)
         for index in order.tensor_split(cfg.mini_batches):
+            if len(index) < dp:
+                raise ValueError(f"ppo.mini_batches: a mini-batch of {len(index)} rows cannot be split over {dp} "
+                                 "data-parallel ranks (rollout.prompts_per_iteration / ppo.mini_batches >= ranks)")
+            tokens = rollout.action_mask[index].float().sum().clamp_min(1.0)   # the whole mini-batch's actions
+            index = index.tensor_split(dp)[dims.dp_rank]                       # this rank's rows of it
             mb = rollout.rows(index)
-            mask = mb.action_mask
-            if train_actor:
-                logp = action_logprobs(actor, mb.input_ids, mb.attention_mask, cfg.temperature)
-                loss, stats = policy_loss(logp, exp.old_logprobs[index], exp.advantages[index], mask, cfg.clip_eps)
-                add("policy_loss", loss)
-                for k, v in stats.items():
-                    add(k, v)
+            ratio_max = []
+
+            def actor_loss(model, mb: Rollout, index=index, tokens=tokens, ratio_max=ratio_max):
+                logp = action_logprobs(model, mb.input_ids, mb.attention_mask, cfg.temperature)
+                loss, stats = policy_loss(logp, exp.old_logprobs[index], exp.advantages[index], mb.action_mask,
+                                          cfg.clip_eps, num_tokens=tokens)
+                ratio_max.append(stats.pop("ratio_max"))     # a maximum, not a share: reduced on its own
+                metrics = {"policy_loss": loss, **stats}
                 if ptx_batches is not None and cfg.ptx_coef > 0:
                     batch = ptx_batches().to(device)
-                    ptx = actor(batch.input_ids, batch.cu_seqlens, labels=batch.labels,
+                    ptx = model(batch.input_ids, batch.cu_seqlens, labels=batch.labels,
                                 max_seqlen=batch.max_seqlen).loss
-                    add("ptx_loss", ptx)
-                    loss = loss + cfg.ptx_coef * ptx
-                add("actor_grad_norm", _step(actor, actor_optimizer, loss, cfg.grad_clip))
-            values = action_values(critic, mb.input_ids, mb.attention_mask)
-            vloss = value_loss(values, exp.old_values[index], exp.returns[index], mask,
-                               cfg.value_clip_eps if cfg.value_clip_eps > 0 else None)
-            add("value_loss", vloss)
-            add("critic_grad_norm", _step(critic, critic_optimizer, vloss, cfg.grad_clip))
+                    metrics["ptx_loss"] = ptx * share          # x 1.0 in one process: exact
+                    loss = loss + cfg.ptx_coef * metrics["ptx_loss"]
+                return loss, share, metrics
+
+            def critic_loss(model, mb: Rollout, index=index, tokens=tokens):
+                values = action_values(model, mb.input_ids, mb.attention_mask)
+                vloss = value_loss(values, exp.old_values[index], exp.returns[index], mb.action_mask,
+                                   cfg.value_clip_eps if cfg.value_clip_eps > 0 else None, num_tokens=tokens)
+                return vloss, share, {}
+
+            if train_actor:
+                out = actor.step([mb], actor_loss)
+                for k, v in out.metrics.items():
+                    add(k, v)
+                add("ratio_max", actor.parallel.all_reduce_(ratio_max[0].detach().clone(), max=True))
+                add("actor_grad_norm", out.grad_norm)
+            out = critic.step([mb], critic_loss)
+            add("value_loss", out.loss)
+            add("critic_grad_norm", out.grad_norm)
             updates += 1
     return {k: v / updates for k, v in sums.items()}
 
 
-def ppo_iteration(actor, reference, critic, actor_optimizer, critic_optimizer, rollout: Rollout, cfg: PPOConfig,
+def ppo_iteration(actor: Learner, reference, critic: Learner, rollout: Rollout, cfg: PPOConfig,
                   generator: torch.Generator, ptx_batches: Callable[[], object] | None = None,
                   train_actor: bool = True) -> dict[str, float]:
     """``make_experience`` then ``ppo_update`` (module docstring), with the statistics read to the host once.
-    ``ptx_batches()`` returns the next packed pretraining batch (``train.data.packing.Batch``) for the actor's
-    language-modelling term; None (or ``ptx_coef`` 0) leaves it out. ``train_actor=False`` is the critic warmup: the
+    ``actor`` and ``critic`` are Learners (``ppo_learner``); ``rollout`` is this rank's rows. ``ptx_batches()``
+    returns the next packed pretraining batch (``train.data.packing.Batch``) for the actor's language-modelling
+    term; None (or ``ptx_coef`` 0) leaves it out. ``train_actor=False`` is the critic warmup: the
     actor is neither stepped nor given gradients."""
     t0 = time.perf_counter()
-    exp = make_experience(actor, reference, critic, rollout, cfg)
+    exp = make_experience(actor.model, reference, critic.model, rollout, cfg, actor.parallel)
+    rollout = exp.rollout                               # the whole batch (every rank's rows)
     if rollout.input_ids.device.type == "cuda":     # only for the time split of the metrics
         torch.cuda.synchronize(rollout.input_ids.device)
     t1 = time.perf_counter()
-    means = ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp, cfg, generator, ptx_batches, train_actor)
+    means = ppo_update(actor, critic, exp, cfg, generator, ptx_batches, train_actor)
     out = {k: float(v) for k, v in means.items()}      # the iteration's device read
     t2 = time.perf_counter()
     mask = rollout.action_mask

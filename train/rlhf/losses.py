@@ -42,7 +42,8 @@ def _check_clip(name: str, value) -> None:
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip_eps: float = 0.2, num_tokens=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate (a loss: minimize it). Stats: clip_fraction (share of tokens where the clipped term won),
-    approx_kl (k1 of the update, mean of log pi_old - log pi), ratio_max."""
+    approx_kl (k1 of the update, mean of log pi_old - log pi), both over ``num_tokens`` like the loss (so the parts
+    of a split mini-batch add up), and ratio_max (of these tokens)."""
     _check_same(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
     _check_clip("clip_eps", clip_eps)
     log_ratio = logprobs.float() - old_logprobs.float()
@@ -53,8 +54,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     loss = masked_mean(-torch.minimum(unclipped, clipped), mask, num_tokens)
     with torch.no_grad():
         m = mask.bool()
-        stats = {"clip_fraction": masked_mean((clipped < unclipped).float(), mask),
-                 "approx_kl": masked_mean(-log_ratio, mask),
+        stats = {"clip_fraction": masked_mean((clipped < unclipped).float(), mask, num_tokens),
+                 "approx_kl": masked_mean(-log_ratio, mask, num_tokens),
                  "ratio_max": torch.where(m, ratio, 0.0).amax()}
     return loss, stats
 

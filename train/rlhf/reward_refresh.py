@@ -4,8 +4,9 @@ barrier, ``train.rlhf.reward_losses``), and measure its pair accuracy per domain
 
 Pairs are the jsonl records of ``train.rlhf.hacking`` (``prompt`` as chat messages, ``chosen``/``rejected`` as reply
 texts); each is scored as ``train.rlhf.rollouts.reward_ids`` builds it (condition prompt on the reward side).
-A refresh starts a fresh AdamW state (the reward model's optimizer is not carried across rounds); its batches are a
-seeded shuffle of the pairs, so a refresh is a pure function of (model, pairs, seed).
+The reward model trains through a ``train.learner.Learner`` (``reward_learner``), the optimizer step of every
+stage. A refresh starts a fresh AdamW state (the reward model's optimizer is not carried across rounds); its
+batches are a seeded shuffle of the pairs, so a refresh is a pure function of (model, pairs, seed).
 """
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from typing import Mapping
 
 import torch
 
-import internlm_kernels as ik
+from train.config import OptimConfig
 from train.data.chat import Message
+from train.learner import Learner
+from train.parallel import Runtime
 from train.rlhf.reward_losses import reward_loss
 from train.rlhf.rollouts import Prompt, reward_ids
 
@@ -51,28 +54,36 @@ def _pair_scores(model, pairs: list[dict], tokenizer, conditions, reward_id, dev
     return scores[0::2], scores[1::2]
 
 
-def refresh_reward_model(model, pairs: list[dict], tokenizer, conditions: Mapping[str, str], reward_id: int,
-                         cfg: RewardRefreshConfig, seed: int, device: torch.device) -> list[float]:
-    """Fine-tune ``model`` in place on ``pairs`` for ``cfg.steps`` steps; returns the loss per step."""
+def reward_learner(model, runtime: Runtime, cfg: RewardRefreshConfig) -> Learner:
+    """The reward model's Learner: a constant ``reward_refresh.lr``, AdamW's default betas (0.9, 0.999),
+    ``reward_refresh.weight_decay``, clipped to ``reward_refresh.grad_clip``."""
+    optim = OptimConfig(lr=cfg.lr, betas=[0.9, 0.999], weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    return Learner(model, runtime, optim)
+
+
+def refresh_reward_model(learner: Learner, pairs: list[dict], tokenizer, conditions: Mapping[str, str],
+                         reward_id: int, cfg: RewardRefreshConfig, seed: int) -> list[float]:
+    """Fine-tune ``learner``'s model in place on ``pairs`` for ``cfg.steps`` steps from a fresh optimizer state;
+    returns the loss per step."""
     if not pairs:
         raise ValueError("pairs: the reward model refresh needs at least one preference pair")
-    model.train()
-    opt = ik.FusedAdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    device = learner.runtime.device
+    learner.model.train()
+    learner.reset_optimizer()
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     losses = []
+
+    def loss_fn(model, batch: list[dict]):
+        r_c, r_r = _pair_scores(model, batch, tokenizer, conditions, reward_id, device)
+        return reward_loss(r_c, r_r, cfg.loss, cfg.gamma, cfg.penalty), 1, {}
+
     for _ in range(cfg.steps):
         if len(order) < cfg.pairs_per_step:
             order += torch.randperm(len(pairs), generator=gen).tolist()
         batch, order = [pairs[i] for i in order[:cfg.pairs_per_step]], order[cfg.pairs_per_step:]
-        r_c, r_r = _pair_scores(model, batch, tokenizer, conditions, reward_id, device)
-        loss = reward_loss(r_c, r_r, cfg.loss, cfg.gamma, cfg.penalty)
-        loss.backward()
-        ik.clip_grad_norm_(list(model.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    model.eval()
+        losses.append(float(learner.step([batch], loss_fn).loss))
+    learner.model.eval()
     return losses
 
 

@@ -14,7 +14,7 @@ refuse.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -74,21 +74,30 @@ def reward_ids(tokenizer, prompt: Prompt, response: str, conditions: Mapping[str
 
 
 @torch.no_grad()
-def score(reward_model, sequences: list[list[int]], device: torch.device, batch_tokens: int = 8192) -> torch.Tensor:
-    """(N,) float32 scores of packed sequences, in chunks of about ``batch_tokens`` tokens."""
-    out = []
-    start = 0
-    while start < len(sequences):
-        end, tokens = start, 0
-        while end < len(sequences) and (end == start or tokens + len(sequences[end]) <= batch_tokens):
+def score(reward_model, sequences: list[list[int]], device: torch.device, batch_tokens: int = 8192,
+          agree: Callable[[int], int] | None = None) -> torch.Tensor:
+    """(N,) float32 scores of packed sequences, in chunks of about ``batch_tokens`` tokens. ``agree(chunks)``
+    returns the number of chunks every rank must run (the maximum over the ranks: a sharded reward model's forward
+    is collective, so every rank calls it equally often); a rank with fewer then splits its sequences into that
+    many chunks of nearly equal counts."""
+    bounds = [0]
+    while bounds[-1] < len(sequences):
+        end, tokens = bounds[-1], 0
+        while end < len(sequences) and (end == bounds[-1] or tokens + len(sequences[end]) <= batch_tokens):
             tokens += len(sequences[end])
             end += 1
+        bounds.append(end)
+    if agree is not None:
+        chunks = agree(len(bounds) - 1)
+        if chunks > len(bounds) - 1:
+            bounds = [len(sequences) * i // chunks for i in range(chunks + 1)]
+    out = []
+    for start, end in zip(bounds, bounds[1:]):
         chunk = sequences[start:end]
         ids = torch.tensor([t for s in chunk for t in s], dtype=torch.long, device=device)
         lengths = torch.tensor([0] + [len(s) for s in chunk], device=device)
         cu = lengths.cumsum(0).to(torch.int32)
         out.append(reward_model(ids, cu).scores.float())
-        start = end
     return torch.cat(out)
 
 
@@ -102,16 +111,24 @@ class Sampler:
         self.engine = None
 
     def __call__(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                 stop_ids: Sequence[int], generator: torch.Generator | None) -> list[Completion]:
+                 stop_ids: Sequence[int], generator: torch.Generator | list[torch.Generator] | None
+                 ) -> list[Completion]:
         """Completions (new tokens ending with a stop token when one was sampled, and each token's log-prob under
-        softmax(logits / temperature)). temperature 0 = greedy."""
+        softmax(logits / temperature)). temperature 0 = greedy. ``generator``: one for the batch, or one per
+        prompt: then each prompt's reply depends on its own generator alone, not on which prompts share its batch
+        (PPO's data-parallel ranks each sample a share of the prompts, and must sample what one process would).
+        The engine takes one generator per call, so per-prompt generators decode one prompt per call."""
         need = max(len(p) for p in prompt_ids) + max_new_tokens
         if self.engine is None or self.engine.max_seq_len < need:
             length = min(-(-need // 256) * 256, max(need, self.actor.config.max_position_embeddings))
             self.engine = ContinuousBatchingGenerator(self.actor, max_batch=self.max_batch, max_seq_len=length)
-        return self.engine.generate(prompt_ids, max_new_tokens, temperature=temperature,
-                                    top_p=top_p if temperature > 0 else 1.0, stop_token_ids=tuple(stop_ids),
-                                    generator=generator)
+        def run(prompts, gen):
+            return self.engine.generate(prompts, max_new_tokens, temperature=temperature,
+                                        top_p=top_p if temperature > 0 else 1.0, stop_token_ids=tuple(stop_ids),
+                                        generator=gen)
+        if isinstance(generator, list):
+            return [run([p], g)[0] for p, g in zip(prompt_ids, generator)]
+        return run(prompt_ids, generator)
 
 
 def build_rollout(prompt_ids: list[list[int]], responses: list[list[int]], scores: torch.Tensor, pad_id: int,
@@ -157,18 +174,26 @@ class Generated:
         return sum(checked) / len(checked) if checked else 0.0
 
 
+    @staticmethod
+    def concat(parts: list["Generated"]) -> "Generated":
+        """One batch of ``parts`` in order (the data-parallel ranks' shares of one batch)."""
+        return Generated(*(sum((getattr(g, f) for g in parts), []) for f in
+                           ("prompts", "prompt_ids", "responses", "sampler_logprobs", "texts", "correct")),
+                         torch.cat([g.scores for g in parts]))
+
     def rollout(self, pad_id: int, device: torch.device) -> Rollout:
         return build_rollout(self.prompt_ids, self.responses, self.scores, pad_id, device, self.sampler_logprobs)
 
 
 def generate_and_score(sampler: Sampler, reward_model, tokenizer, prompts: list[Prompt], *, max_new_tokens: int,
                        temperature: float, top_p: float, stop_ids: Sequence[int], conditions: Mapping[str, str],
-                       reward_id: int, generator: torch.Generator | None, device: torch.device) -> Generated:
+                       reward_id: int, generator: torch.Generator | list[torch.Generator] | None,
+                       device: torch.device, agree: Callable[[int], int] | None = None) -> Generated:
     prompt_ids = [encode_prompt(list(p.messages), tokenizer) for p in prompts]
     completions = sampler(prompt_ids, max_new_tokens, temperature, top_p, stop_ids, generator)
     responses = [c.tokens for c in completions]
     texts = [response_text(tokenizer, r, stop_ids) for r in responses]
     scores = score(reward_model, [reward_ids(tokenizer, p, t, conditions, reward_id) for p, t in zip(prompts, texts)],
-                   device)
+                   device, agree=agree)
     return Generated(prompts, prompt_ids, responses, [c.logprobs for c in completions], texts,
                      [p.check(t) for p, t in zip(prompts, texts)], scores)

@@ -2,6 +2,7 @@
 
     python -m train.stages.ppo --config configs/ppo_tiny.toml              # models.actor = SFT dir, models.reward = RM dir
     python -m train.stages.ppo --config configs/ppo_tiny.toml --resume     # continue after the last finished round
+    torchrun --nproc_per_node 8 -m train.stages.ppo --config configs/ppo_tiny.toml --parallel.mode=fsdp
 
 Models: actor and reference from the SFT checkpoint; reward model and critic from the RM checkpoint (the critic is
 the reward model's copy, then warmed up with the actor frozen). The reference and the reward model only run
@@ -32,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
+import re
 import sys
 import time
 import zlib
@@ -40,22 +41,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-import internlm_kernels as ik
 from models import InternLM2ForCausalLM
 from models.internlm2 import InternLM2ForScore
-from train.checkpoint import fsync_path
+from train.checkpoint import read_state_dir, write_state_dir
 from train.config import repo_config
 from train.data.corpus import SyntheticCorpus
 from train.data.packing import PackedStream, collate
 from train.data.preference import reward_token_id
 from train.data.tokenizer import load_tokenizer
+from train.learner import Learner
+from train.parallel import init_runtime, parallelize
 from train.rlhf.advantages import gae
 from train.rlhf.hacking import Sample, detect_hacking, label_comparisons, load_comparisons, targeted_pairs, write_pairs
-from train.rlhf.iteration import action_logprobs, ppo_iteration
+from train.rlhf.iteration import action_logprobs, ppo_iteration, ppo_learner
 from train.rlhf.probe_pairs import length_biased_pairs, preference_pairs, probe_pairs
-from train.rlhf.reward_refresh import pair_accuracy, refresh_reward_model
+from train.rlhf.reward_refresh import pair_accuracy, refresh_reward_model, reward_learner
 from train.rlhf.rollouts import Generated, Sampler, SyntheticPrompts, generate_and_score, reward_ids, score
 from train.stages.ppo_config import PPOStageConfig, model_dir, parse_ppo_cli
+from train.stages.runner import stage_main
 
 __all__ = ["gae", "run_ppo", "PPOResult"]
 
@@ -96,11 +99,15 @@ class Stage:
 
     def __init__(self, cfg: PPOStageConfig):
         self.cfg = cfg
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
-        cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-        self.dtype = torch.bfloat16 if cuda else torch.float32
+        self.runtime = init_runtime(cfg.run, cfg.parallel)
+        self.device, self.dtype, self.dims = self.runtime.device, self.runtime.dtype, self.runtime.dims
+        self.is_main = self.runtime.is_main
+        if self.dims.dp > 1 and not cfg.rollout.seed_per_prompt:
+            raise ValueError(f"rollout.seed_per_prompt must be true with {self.dims.dp} data-parallel ranks: each "
+                             "rank samples a share of the prompts, which must not change the replies")
+        if cfg.rollout.prompts_per_iteration % self.dims.dp:
+            raise ValueError(f"rollout.prompts_per_iteration ({cfg.rollout.prompts_per_iteration}) must be a multiple "
+                             f"of the data-parallel ranks ({self.dims.dp}): each rank samples an equal share")
         self.tokenizer = load_tokenizer(cfg.models.tokenizer, cfg.models.byte_vocab_size)
         self.reward_id = reward_token_id(self.tokenizer)
         self.stop_ids = (self.tokenizer.special_ids["<|im_end|>"], self.tokenizer.eos_id)
@@ -128,24 +135,35 @@ class Stage:
         reference = InternLM2ForCausalLM.from_pretrained(model_dir(self.cfg.models.actor), dtype=dt,
                                                          device=dev).eval()
         reference.requires_grad_(False)
+        if self.dims.distributed and self.cfg.parallel.mode == "fsdp":
+            parallelize(reference, self.runtime)   # sharded like the trained models; forward only (no optimizer)
         critic = InternLM2ForScore.from_pretrained(critic_dir, dtype=dt, device=dev)
         reward_model = InternLM2ForScore.from_pretrained(reward_dir, dtype=dt, device=dev).eval()
         return actor, reference, critic, reward_model
 
-    def optimizer(self, model, lr: float):
-        p = self.cfg.ppo
-        return ik.FusedAdamW(model.parameters(), lr=lr, betas=tuple(p.betas), weight_decay=p.weight_decay,
-                             master_weights=self.dtype != torch.float32)
+    def reward_learner(self, reward_model) -> Learner:
+        return reward_learner(reward_model, self.runtime, self.cfg.reward_refresh)
 
-    def optimizers(self, actor, critic):
-        return self.optimizer(actor, self.cfg.ppo.actor_lr), self.optimizer(critic, self.cfg.ppo.critic_lr)
+    def learners(self, actor, critic) -> tuple[Learner, Learner]:
+        """The actor's and the critic's Learners (train.rlhf.iteration.ppo_learner)."""
+        p = self.cfg.ppo
+        return ppo_learner(actor, self.runtime, p, p.actor_lr), ppo_learner(critic, self.runtime, p, p.critic_lr)
 
     def next_ptx(self):
         return collate([self.ptx_stream.next_row() for _ in range(self.cfg.ptx.rows)])
 
     # rollouts and evaluation ---------------------------------------------------------------------------------
-    def generate(self, actor, reward_model, prompts, greedy: bool, seed: int) -> Generated:
-        gen = None if greedy else torch.Generator(device=self.device).manual_seed(seed)
+    def generate(self, actor, reward_model, prompts, greedy: bool, seed: int | list[int],
+                 share: bool = False) -> Generated:
+        """Replies of the plain ``actor`` (one rank alone runs it), scored by ``reward_model``. ``seed``: one
+        generator for the batch, or a list: one generator per prompt. ``share``: ``prompts`` are this rank's
+        share of a batch (the others score other replies, so the ranks agree on the number of scoring chunks)."""
+        if greedy:
+            gen = None
+        elif isinstance(seed, list):
+            gen = [torch.Generator(device=self.device).manual_seed(s) for s in seed]
+        else:
+            gen = torch.Generator(device=self.device).manual_seed(seed)
         # no_grad, not inference_mode: the sampled tokens and the scores feed the PPO update's autograd graph, and
         # inference tensors cannot be saved for backward (the library's ops themselves run under inference_mode).
         with torch.no_grad():
@@ -158,15 +176,23 @@ class Stage:
                                       temperature=0.0 if greedy else self.cfg.ppo.temperature,
                                       top_p=self.cfg.rollout.top_p, stop_ids=self.stop_ids,
                                       conditions=self.conditions, reward_id=self.reward_id, generator=gen,
-                                      device=self.device)
+                                      device=self.device, agree=self._most if share and self.dims.dp > 1 else None)
 
-    def evaluate(self, actor, reference, reward_model, name: str, seed: int) -> dict:
-        """Held-out prompts: greedy accuracy, mean reward and length; KL to the reference on sampled replies."""
-        greedy = self.generate(actor, reward_model, self.heldout, True, 0)
-        sampled = self.generate(actor, reward_model, self.heldout, False, seed)
+    def _most(self, count: int) -> int:
+        """The largest ``count`` over the ranks."""
+        t = torch.tensor(count, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t)
+
+    def evaluate(self, actor: Learner, reference, reward_model, name: str, seed: int) -> dict:
+        """Held-out prompts: greedy accuracy, mean reward and length; KL to the reference on sampled replies. Every
+        rank evaluates the whole set (the replies from the actor's plain copy)."""
+        plain = actor.plain_model()
+        greedy = self.generate(plain, reward_model, self.heldout, True, 0)
+        sampled = self.generate(plain, reward_model, self.heldout, False, seed)
         ro = sampled.rollout(self.tokenizer.pad_id, self.device)
         with torch.no_grad():
-            kl = ((action_logprobs(actor, ro.input_ids, ro.attention_mask, self.cfg.ppo.temperature)
+            kl = ((action_logprobs(actor.model, ro.input_ids, ro.attention_mask, self.cfg.ppo.temperature)
                    - action_logprobs(reference, ro.input_ids, ro.attention_mask, self.cfg.ppo.temperature))
                   * ro.action_mask).sum(1).mean()
         by_task: dict[str, list[bool]] = {}
@@ -185,18 +211,33 @@ class Stage:
         seqs = [reward_ids(self.tokenizer, p, t, self.conditions, self.reward_id) for p, t in zip(self.heldout, replies)]
         return float(score(reward_model, seqs, self.device).mean())
 
+    def gather(self, share: Generated) -> Generated:
+        """Every data-parallel rank's share of one batch, in rank order (the whole batch, as one process has it)."""
+        if self.dims.dp == 1:
+            return share
+        parts = [None] * self.dims.dp
+        cpu = dataclasses.replace(share, scores=share.scores.cpu())
+        torch.distributed.all_gather_object(parts, cpu)
+        whole = Generated.concat(parts)
+        return dataclasses.replace(whole, scores=whole.scores.to(self.device))
+
     def rm_accuracy(self, reward_model) -> dict[str, float]:
         return pair_accuracy(reward_model, self.rm_probe, self.tokenizer, self.conditions, self.reward_id, self.device)
 
-    def refresh(self, reward_model, pairs: list[dict], seed: int, steps: int = 0) -> list[float]:
+    def refresh(self, reward: Learner, pairs: list[dict], seed: int, steps: int = 0) -> list[float]:
         """Fine-tune the reward model on ``pairs`` (``reward_refresh``; ``steps`` > 0 overrides its step count)."""
         cfg = self.cfg.reward_refresh
-        return refresh_reward_model(reward_model, pairs, self.tokenizer, self.conditions, self.reward_id,
-                                    dataclasses.replace(cfg, steps=steps or cfg.steps), seed, self.device)
+        return refresh_reward_model(reward, pairs, self.tokenizer, self.conditions, self.reward_id,
+                                    dataclasses.replace(cfg, steps=steps or cfg.steps), seed)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Round checkpoints: rounds/round_NN/{actor,critic,reward}/ (HF layout), optimizers.pt, state.json
+# Round checkpoints: rounds/round_NN/ written by train.checkpoint.write_state_dir, the writer of every stage:
+#     state/          torch.distributed.checkpoint of {"actor": {model, optimizer}, "critic": {model, optimizer},
+#                     "reward": {model}}: each rank writes its part, any number of ranks reads it back
+#     state.json      the OnlineState (rank 0)
+#     actor/ critic/ reward/   HF-layout exports (InternLM2 layout), for reading and later stages; never read to resume
+_ROUND = re.compile(r"^round_\d{2}$")
 
 
 def round_dir(run_dir: str, rounds_done: int) -> str:
@@ -207,29 +248,38 @@ def latest_round(run_dir: str) -> str | None:
     root = os.path.join(run_dir, "rounds")
     if not os.path.isdir(root):
         return None
-    done = sorted(d for d in os.listdir(root) if d.startswith("round_") and not d.endswith(".tmp"))
+    done = sorted(d for d in os.listdir(root) if _ROUND.match(d))
     return os.path.join(root, done[-1]) if done else None
 
 
-def save_round(run_dir: str, state: OnlineState, actor, critic, reward_model, actor_opt, critic_opt) -> str:
-    """Write to a temporary directory, then rename: a save killed midway leaves the previous round loadable."""
+def _round_state(actor: Learner, critic: Learner, reward: Learner) -> dict:
+    return {"actor": actor.state_dict(), "critic": critic.state_dict(), "reward": reward.state_dict(optimizer=False)}
+
+
+def save_round(run_dir: str, state: OnlineState, actor: Learner, critic: Learner, reward: Learner) -> str:
+    """Every rank calls it; atomic (a save killed midway leaves the previous round loadable)."""
     final = round_dir(run_dir, state.rounds_done)
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name, model in (("actor", actor), ("critic", critic), ("reward", reward_model)):
-        model.save_pretrained(os.path.join(tmp, name))
-    torch.save({"actor": actor_opt.state_dict(), "critic": critic_opt.state_dict()}, os.path.join(tmp, "optimizers.pt"))
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump(dataclasses.asdict(state), f)
-    for dirpath, _, files in os.walk(tmp):          # on disk before the rename publishes it
-        for name in files:
-            fsync_path(os.path.join(dirpath, name))
-        fsync_path(dirpath)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    fsync_path(os.path.dirname(final))
+
+    def exports(tmp: str) -> None:
+        for name, learner in (("actor", actor), ("critic", critic), ("reward", reward)):
+            learner.parallel.export(os.path.join(tmp, name), "internlm2")
+
+    def write_main(tmp: str) -> None:
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(dataclasses.asdict(state), f)
+
+    write_state_dir(final, actor.runtime.dims, lambda: _round_state(actor, critic, reward), write_main, exports)
     return final
+
+
+def load_round(path: str, actor: Learner, critic: Learner | None = None, reward: Learner | None = None) -> None:
+    """Restore the given Learners (models, and the actor's and critic's optimizers) from round checkpoint
+    ``path``, saved on any number of ranks."""
+    learners = {k: v for k, v in (("actor", actor), ("critic", critic), ("reward", reward)) if v is not None}
+    state = {k: v.state_dict(optimizer=k != "reward") for k, v in learners.items()}
+    read_state_dir(path, state)
+    for k, learner in learners.items():
+        learner.load_state_dict(state[k])
 
 
 def load_state(path: str) -> OnlineState:
@@ -245,8 +295,11 @@ class MetricsFile:
     """metrics.jsonl: one record per PPO iteration / evaluation / refresh. On resume, records after the round
     boundary being resumed are dropped, so the file reads as one uninterrupted run."""
 
-    def __init__(self, path: str, keep_rounds_upto: int | None):
-        self.path = path
+    def __init__(self, path: str, keep_rounds_upto: int | None, enabled: bool = True):
+        """``enabled``: False on every rank but the first (which alone writes)."""
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
         kept = []
         if keep_rounds_upto is not None and os.path.exists(path):
             with open(path) as f:
@@ -255,6 +308,8 @@ class MetricsFile:
             f.writelines(kept)
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -262,57 +317,47 @@ class MetricsFile:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def check_single_process() -> None:
-    """The PPO stage keeps its four models in one process. Under torchrun every rank would run the whole job and
-    write the same run directory, so a multi-rank launch is refused before any work."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = max(world, torch.distributed.get_world_size())
-    if world > 1:
-        raise ValueError(f"WORLD_SIZE: the PPO stage runs in one process, got a launch of {world} ranks "
-                         f"(run `python -m train.stages.ppo`, not torchrun)")
-
-
 def run_ppo(cfg: PPOStageConfig) -> PPOResult:
-    check_single_process()
     stage = Stage(cfg)
-    run_dir = cfg.run_dir
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "ppo_config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    run_dir, main = cfg.run_dir, stage.is_main
+    if main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "ppo_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    say = print if main else (lambda *args, **kwargs: None)
     resume_from = latest_round(run_dir) if cfg.resume else None
     if resume_from:
         state = load_state(resume_from)
-        actor, reference, critic, reward_model = stage.load(*(os.path.join(resume_from, n)
-                                                              for n in ("actor", "critic", "reward")))
-        actor_opt, critic_opt = stage.optimizers(actor, critic)
-        opt_state = torch.load(os.path.join(resume_from, "optimizers.pt"), map_location=stage.device)
-        actor_opt.load_state_dict(opt_state["actor"])
-        critic_opt.load_state_dict(opt_state["critic"])
+        rm_dir = model_dir(cfg.models.reward)
+        actor, reference, critic, reward_model = stage.load(model_dir(cfg.models.actor), rm_dir, rm_dir)
+        reward = stage.reward_learner(reward_model)
+        actor_l, critic_l = stage.learners(actor, critic)
+        load_round(resume_from, actor_l, critic_l, reward)
         stage.ptx_stream.load_state_dict(state.ptx)
-        log = MetricsFile(os.path.join(run_dir, "metrics.jsonl"), state.rounds_done)
-        print(f"[ppo] resumed after round {state.rounds_done} from {resume_from}")
+        log = MetricsFile(os.path.join(run_dir, "metrics.jsonl"), state.rounds_done, main)
+        say(f"[ppo] resumed after round {state.rounds_done} from {resume_from}")
     else:
         state = OnlineState()
-        log = MetricsFile(os.path.join(run_dir, "metrics.jsonl"), -1)
+        log = MetricsFile(os.path.join(run_dir, "metrics.jsonl"), -1, main)
         sft_dir, rm_dir = model_dir(cfg.models.actor), model_dir(cfg.models.reward)
         actor, reference, critic, reward_model = stage.load(sft_dir, rm_dir, rm_dir)
+        reward = stage.reward_learner(reward_model)
         if cfg.online.hackable_rm_pairs:
             pairs = length_biased_pairs(stage.train_prompts.take(10**6, cfg.online.hackable_rm_pairs), cfg.run.seed)
-            losses = stage.refresh(reward_model, pairs, seed_of(cfg, "hackable_rm"), cfg.online.hackable_rm_steps)
+            losses = stage.refresh(reward, pairs, seed_of(cfg, "hackable_rm"), cfg.online.hackable_rm_steps)
             log.write({"kind": "rm_refresh", "round": 0, "source": "hackable", "pairs": len(pairs),
                        "loss_first": losses[0], "loss_last": losses[-1]})
-        critic.load_state_dict(reward_model.state_dict())      # the critic starts as the (first) reward model
-        actor_opt, critic_opt = stage.optimizers(actor, critic)
-        sft = stage.generate(actor, reward_model, stage.comparison, False, seed_of(cfg, "compare", 0))
+        critic.load_state_dict(reward.plain_model().state_dict())   # the critic starts as the (first) reward model
+        actor_l, critic_l = stage.learners(actor, critic)
+        sft = stage.generate(actor_l.plain_model(), reward_model, stage.comparison, False, seed_of(cfg, "compare", 0))
         state.sft_samples = _samples(sft)
-        ev = stage.evaluate(actor, reference, reward_model, "sft", seed_of(cfg, "eval", 0))
+        ev = stage.evaluate(actor_l, reference, reward_model, "sft", seed_of(cfg, "eval", 0))
         ev["rm_accuracy"] = stage.rm_accuracy(reward_model)
         state.evals.append(ev)
         state.history.append([ev["reward"], ev["accuracy"]])
         log.write({"kind": "eval", "round": 0, **ev})
         for w in range(cfg.online.critic_warmup_iterations):
-            stats, _ = _iteration(stage, cfg, actor, reference, critic, reward_model, actor_opt, critic_opt,
+            stats, _ = _iteration(stage, cfg, actor_l, reference, critic_l, reward_model,
                                   ("warmup", w), train_actor=False)
             log.write({"kind": "critic_warmup", "round": 0, "iteration": w, **stats})
 
@@ -321,22 +366,22 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
     for r in range(state.rounds_done, cfg.online.rounds):
         round_no = r + 1
         if state.episodes and state.episodes[-1]["findings"] and cfg.online.restart_after_hack == "last_clean":
-            actor_opt = _restart_actor(stage, cfg, state, actor, reference, round_no)
+            _restart_actor(stage, cfg, state, actor_l, reference, round_no)
             log.write({"kind": "restart", "round": round_no, **state.restarts[-1]})
-            print(f"[ppo] round {round_no} starts from the policy of {state.restarts[-1]['from']} (the last round "
+            say(f"[ppo] round {round_no} starts from the policy of {state.restarts[-1]['from']} (the last round "
                   "the fast path did not flag)", flush=True)
         if state.evals and "rm_accuracy_after_refresh" in state.evals[-1]:
             # The values were fitted to the previous reward model: refit them to the refreshed one, actor frozen.
             for w in range(cfg.online.critic_rewarmup_iterations):
                 index = cfg.online.critic_warmup_iterations + r * cfg.online.critic_rewarmup_iterations + w
-                stats, _ = _iteration(stage, cfg, actor, reference, critic, reward_model, actor_opt, critic_opt,
+                stats, _ = _iteration(stage, cfg, actor_l, reference, critic_l, reward_model,
                                       ("warmup", index), train_actor=False)
                 log.write({"kind": "critic_warmup", "round": round_no, "iteration": index, **stats})
         early = None
         late_rollouts: list[Generated] = []       # the second half of the round's rollouts: more hacked replies
         for it in range(cfg.online.iterations_per_round):
             t0 = time.perf_counter()
-            stats, gen = _iteration(stage, cfg, actor, reference, critic, reward_model, actor_opt, critic_opt,
+            stats, gen = _iteration(stage, cfg, actor_l, reference, critic_l, reward_model,
                                     ("ppo", state.iterations_done))
             if 2 * it >= cfg.online.iterations_per_round - 1:
                 late_rollouts.append(gen)
@@ -344,13 +389,15 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
             log.write({"kind": "ppo", "round": round_no, "iteration": state.iterations_done,
                        "time_s": time.perf_counter() - t0, **stats})
             if cfg.metrics.progress:
-                print(f"[ppo] round {round_no} iteration {it + 1}/{cfg.online.iterations_per_round}: "
+                say(f"[ppo] round {round_no} iteration {it + 1}/{cfg.online.iterations_per_round}: "
                       f"score {stats['score']:+.3f} kl {stats['kl']:.3f} accuracy {stats['accuracy']:.2f} "
                       f"length {stats['response_length']:.1f}", flush=True)
             if it == 0:
-                early = stage.generate(actor, reward_model, stage.comparison, False, seed_of(cfg, "compare", 2 * r + 1))
-        late = stage.generate(actor, reward_model, stage.comparison, False, seed_of(cfg, "compare", 2 * r + 2))
-        ev = stage.evaluate(actor, reference, reward_model, f"round {round_no}", seed_of(cfg, "eval", round_no))
+                early = stage.generate(actor_l.plain_model(), reward_model, stage.comparison, False,
+                                       seed_of(cfg, "compare", 2 * r + 1))
+        late = stage.generate(actor_l.plain_model(), reward_model, stage.comparison, False,
+                              seed_of(cfg, "compare", 2 * r + 2))
+        ev = stage.evaluate(actor_l, reference, reward_model, f"round {round_no}", seed_of(cfg, "eval", round_no))
         ev["rm_accuracy"] = stage.rm_accuracy(reward_model)
         ev["sft_reward"] = stage.heldout_reward(reward_model, state.evals[0]["replies"])   # SFT's, same RM
         state.history.append([ev["reward"], ev["accuracy"]])
@@ -372,10 +419,11 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         state.episodes.append({"round": round_no, "findings": [dataclasses.asdict(f) for f in findings],
                                "fast_pairs": len(fast), "slow_pairs": len(slow),
                                "examples": [pool[i].response for f in findings for i in f.sample_indices[:2]]})
-        write_pairs(fast + slow, os.path.join(run_dir, f"online_pairs_round_{round_no}.jsonl"))
+        if main:
+            write_pairs(fast + slow, os.path.join(run_dir, f"online_pairs_round_{round_no}.jsonl"))
         if round_no < cfg.online.rounds and (fast or slow or state.online_pairs):
             state.online_pairs += fast + slow
-            losses = stage.refresh(reward_model, state.online_pairs + stage.rm_replay,
+            losses = stage.refresh(reward, state.online_pairs + stage.rm_replay,
                                    seed_of(cfg, "refresh", round_no))
             ev["rm_accuracy_after_refresh"] = stage.rm_accuracy(reward_model)
             # Does the refreshed RM still pay for this round's replies? Both rescored with it.
@@ -388,8 +436,8 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         log.write({"kind": "eval", "round": round_no, **ev})
         state.rounds_done = round_no
         state.ptx = stage.ptx_stream.state_dict()
-        path = save_round(run_dir, state, actor, critic, reward_model, actor_opt, critic_opt)
-        print(f"[ppo] round {round_no}: accuracy {ev['accuracy']:.2f} reward {ev['reward']:+.3f} kl {ev['kl']:.3f}; "
+        path = save_round(run_dir, state, actor_l, critic_l, reward)
+        say(f"[ppo] round {round_no}: accuracy {ev['accuracy']:.2f} reward {ev['reward']:+.3f} kl {ev['kl']:.3f}; "
               f"findings {[f.pattern for f in findings]}, {len(fast)} fast + {len(slow)} slow pairs; {path}",
               flush=True)
         if cfg.run.stop_after_round and round_no >= cfg.run.stop_after_round and round_no < cfg.online.rounds:
@@ -398,58 +446,66 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
     return PPOResult(run_dir, state, actor, critic, reward_model, finished)
 
 
-def _restart_actor(stage: Stage, cfg: PPOStageConfig, state: OnlineState, actor, reference, round_no: int):
+def _restart_actor(stage: Stage, cfg: PPOStageConfig, state: OnlineState, actor: Learner, reference,
+                   round_no: int) -> None:
     """Load, in place, the policy of the last round the fast path did not flag (the SFT model, i.e. the reference,
-    when every round so far was flagged) and return the actor optimizer to continue with (that round's state, or a
-    fresh one from SFT). Recorded in ``state.restarts``."""
+    when every round so far was flagged) with the actor optimizer's state of that round (a fresh one from SFT).
+    Recorded in ``state.restarts``."""
     clean = max((ep["round"] for ep in state.episodes if not ep["findings"]), default=0)
     if clean == 0:
-        actor.load_state_dict(reference.state_dict())
-        actor_opt = stage.optimizer(actor, cfg.ppo.actor_lr)
+        actor.load_weights(reference.state_dict())
+        actor.reset_optimizer()
     else:
-        path = round_dir(cfg.run_dir, clean)
-        saved = InternLM2ForCausalLM.from_pretrained(os.path.join(path, "actor"), dtype=stage.dtype,
-                                                     device=stage.device)
-        actor.load_state_dict(saved.state_dict())
-        actor_opt = stage.optimizer(actor, cfg.ppo.actor_lr)
-        actor_opt.load_state_dict(torch.load(os.path.join(path, "optimizers.pt"), map_location=stage.device)["actor"])
+        load_round(round_dir(cfg.run_dir, clean), actor)
     state.restarts.append({"round": round_no, "from": f"round {clean}" if clean else "sft"})
-    return actor_opt
 
 
-def _iteration(stage: Stage, cfg: PPOStageConfig, actor, reference, critic, reward_model, actor_opt, critic_opt,
+def _iteration(stage: Stage, cfg: PPOStageConfig, actor: Learner, reference, critic: Learner, reward_model,
                key: tuple[str, int], train_actor: bool = True) -> tuple[dict, Generated]:
     """One rollout batch and one PPO iteration on it (``key`` names the batch: its prompts and seeds); returns the
-    iteration's statistics and the batch."""
+    iteration's statistics and the batch (every rank's share).
+
+    Each data-parallel rank samples its share of the batch's prompts (rank r: the r-th of dp equal slices) from the
+    actor's plain copy, each prompt from its own generator seeded from (run seed, batch, prompt index)
+    (``rollout.seed_per_prompt``), so the replies are those one process samples; the PPO iteration gathers the
+    experience over the ranks."""
     what, index = key
     n = cfg.rollout.prompts_per_iteration
     start = index * n if what == "ppo" else 10**7 + index * n      # warmup prompts come from their own range
+    share = n // stage.dims.dp
+    first = stage.dims.dp_rank * share                              # this rank's prompts: first .. first + share
+    seeds = ([seed_of(cfg, f"{what}:{index}", i) for i in range(first, first + share)] if cfg.rollout.seed_per_prompt
+             else seed_of(cfg, what, index))
     t0 = time.perf_counter()
-    gen = stage.generate(actor, reward_model, stage.train_prompts.take(start, n), False, seed_of(cfg, what, index))
+    mine = stage.generate(actor.plain_model(), reward_model, stage.train_prompts.take(start + first, share), False,
+                          seeds, share=True)
     t_generation = time.perf_counter() - t0
-    ro = gen.rollout(stage.tokenizer.pad_id, stage.device)
+    ro = mine.rollout(stage.tokenizer.pad_id, stage.device)
+    gen = stage.gather(mine)
     perm = torch.Generator().manual_seed(seed_of(cfg, f"{what}_minibatches", index))
     ptx = stage.next_ptx if cfg.ptx.rows and cfg.ppo.ptx_coef > 0 else None
-    stats = ppo_iteration(actor, reference, critic, actor_opt, critic_opt, ro, cfg.ppo, perm, ptx,
-                          train_actor=train_actor)
+    stats = ppo_iteration(actor, reference, critic, ro, cfg.ppo, perm, ptx, train_actor=train_actor)
     stats["accuracy"] = gen.accuracy()
     stats["time_generation_s"] = t_generation       # sampling and the reward model's scoring
     return stats, gen
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_ppo_cli(sys.argv[1:] if argv is None else argv, default_config=DEFAULT_CONFIG)
-    result = run_ppo(cfg)
+def _report(cfg: PPOStageConfig, result: PPOResult) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if not result.finished:
         print(f"[ppo] stopped after round {result.state.rounds_done}; continue with --resume")
-        return 0
+        return
     from train.eval.ppo_report import write_ppo_report
 
     path = write_ppo_report(result, cfg.metrics.plots)
     with open(path) as f:
         print(f.read())
     print(f"[ppo] report: {path}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(argv, lambda args: parse_ppo_cli(args, default_config=DEFAULT_CONFIG), run_ppo, _report)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from train.checkpoint import latest_checkpoint
-from train.config import ConfigError, _build, apply_override, parse_value, read_toml
+from train.config import ConfigError, ParallelConfig, _build, apply_override, check_parallel, parse_args, read_toml
 from train.data.chat import SYNTHETIC_CHAT_TASKS
 from train.rlhf.hacking import HackingConfig
 from train.rlhf.iteration import PPOConfig
@@ -42,6 +42,10 @@ class RolloutConfig:
     domain: str = "helpful"            # the reward model's condition for the PPO prompts
     heldout_prompts: int = 32          # evaluation prompts (greedy accuracy, mean reward, KL)
     comparison_prompts: int = 16       # prompts answered by SFT / early / late PPO (slow path, hacking baseline)
+    seed_per_prompt: bool = False      # training rollouts: one generator per prompt, seeded from (run seed, batch,
+                                       # prompt index), so replies do not depend on the batch: required with more
+                                       # than one data-parallel rank (each samples a share); false: one generator
+                                       # per batch, decoded together (faster in one process)
 
 
 @dataclass
@@ -85,6 +89,7 @@ class PPOStageConfig:
     reward_refresh: RewardRefreshConfig = field(default_factory=RewardRefreshConfig)
     conditions: dict[str, str] = field(default_factory=dict)   # domain -> condition prompt (reward side only)
     metrics: PPOMetricsConfig = field(default_factory=PPOMetricsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)   # actor, critic, reference, reward model
     resume: bool = False
 
     @property
@@ -157,6 +162,9 @@ def validate(c: PPOStageConfig, check_paths: bool = True) -> None:
     _check(h.length_ratio > 1 and h.ngram >= 1 and h.repeat_margin > 0,
            "hacking.length_ratio must be > 1, hacking.ngram >= 1, hacking.repeat_margin > 0")
     _check(1 <= h.min_pairs <= h.max_pairs, "hacking: need 1 <= min_pairs <= max_pairs")
+    check_parallel(c.parallel)
+    _check(c.parallel.tp == 1, f"parallel.tp: the PPO stage runs data parallel only (tp = 1), got {c.parallel.tp} "
+           "(the actor's log-probs have no vocabulary-parallel kernel yet)")
     f = c.reward_refresh
     _check(f.steps >= 1 and f.pairs_per_step >= 1 and f.lr > 0,
            "reward_refresh.steps and pairs_per_step must be >= 1, reward_refresh.lr > 0")
@@ -179,26 +187,6 @@ def load_ppo_config(path: str | None = None, overrides: dict[str, Any] | None = 
 
 
 def parse_ppo_cli(argv: list[str], default_config: str | None = None) -> PPOStageConfig:
-    """``[--config PATH] [--resume] [--section.key=value | --section.key value ...]``"""
-    path, overrides = default_config, {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r} (options look like --config PATH or --ppo.kl_coef=0.02)")
-        key, eq, value = arg[2:].partition("=")
-        if not eq and key == "resume":
-            overrides["resume"] = True
-            i += 1
-            continue
-        if not eq:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"option --{key} needs a value")
-            value = argv[i + 1]
-            i += 1
-        i += 1
-        if key == "config":
-            path = value
-        else:
-            overrides[key] = parse_value(value)
+    """``train.config.parse_args`` (``--resume``: the top-level ``resume``) then ``load_ppo_config``."""
+    path, overrides = parse_args(argv, default_config, "resume")
     return load_ppo_config(path, overrides)

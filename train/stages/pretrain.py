@@ -15,22 +15,21 @@ the newest checkpoint of the run directory with the same losses as an uninterrup
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from train.build import batch_flops, build_model, model_config
-from train.config import CHECKPOINTING, ConfigError, TrainConfig, parse_cli, to_dict
+from train.config import CHECKPOINTING, TrainConfig, parse_cli
 from train.data.corpus import SyntheticCorpus
 from train.data.packing import Batch, FileCorpus, PackedStream, ShardedBatches
-from train.data.tokenizer import Tokenizer, describe, load_tokenizer
+from train.data.tokenizer import Tokenizer, load_tokenizer
 from train.eval.pretrain import check_passkey_lengths, heldout_loss, heldout_rows, passkey_probe, write_passkey
 from train.parallel import Runtime, barrier, init_runtime
-from train.trainer import Stage, Trainer
+from train.stages.runner import stage_main, stage_trainer
+from train.trainer import Stage
 
 
 @dataclass
@@ -64,11 +63,6 @@ def heldout_texts(cfg: TrainConfig) -> list[str]:
                                  num_people=cfg.data.num_people)
         return [corpus[i] for i in range(n)]
     return list(FileCorpus(cfg.data.paths, cfg.data.text_field, cfg.data.txt_mode, limit=n).iter_from(0))
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: Batch):
@@ -127,12 +121,8 @@ def run_pretraining(cfg: TrainConfig) -> PretrainResult:
     model = build_model(config, rt, cfg.run.seed, init_from=cfg.model.init_from,
                         checkpointing=CHECKPOINTING[cfg.model.gradient_checkpointing], compile=cfg.model.compile)
     stages = pretraining_stages(cfg, rt, tokenizer, model)
-    trainer = Trainer(model, rt, optim=cfg.optim, checkpoint=cfg.checkpoint, metrics=cfg.metrics,
-                      run_dir=cfg.run_dir, total_steps=cfg.total_steps,
-                      signature=[[s.name, s.steps, s.seq_len] for s in cfg.stages], stop_at_step=cfg.run.stop_at_step,
-                      extra_writer=lambda d: _write_json(os.path.join(d, "tokenizer.json"), describe(tokenizer)))
-    if rt.is_main:
-        _write_json(os.path.join(cfg.run_dir, "config.json"), to_dict(cfg))
+    trainer = stage_trainer(cfg, rt, model, tokenizer, total_steps=cfg.total_steps,
+                            signature=[[s.name, s.steps, s.seq_len] for s in cfg.stages])
     for i, stage in enumerate(stages):
         if not trainer.train(stage) or (trainer.stopped and i + 1 < len(stages)):
             trainer.close()
@@ -141,12 +131,9 @@ def run_pretraining(cfg: TrainConfig) -> PretrainResult:
     trainer.close()
     result = PretrainResult(cfg.run_dir, trainer.latest, model, tokenizer, finished=True,
                             metrics_path=trainer.metrics_path)
+    # rank 0 alone generates, on the plain model (a gathered copy when the model is sharded: every rank gathers)
+    probe = trainer.parallel.plain_model() if cfg.eval.passkey else None
     if cfg.eval.passkey and rt.is_main:
-        from models import InternLM2ForCausalLM
-
-        # rank 0 alone generates: from the HF export of the last checkpoint when the model is sharded (FSDP, tp)
-        probe = model if trainer.parallel.holds_full_model else InternLM2ForCausalLM.from_pretrained(
-            os.path.join(trainer.latest, "model"), dtype=rt.dtype, device=rt.device)
         result.passkey = passkey_probe(probe, tokenizer, cfg.eval.passkey_lengths, cfg.eval.passkey_depths,
                                        cfg.eval.passkey_trials, cfg.run.seed, cfg.eval.batch_tokens)
         result.passkey_paths = write_passkey(result.passkey, os.path.join(cfg.run_dir, "eval"))
@@ -157,18 +144,13 @@ def run_pretraining(cfg: TrainConfig) -> PretrainResult:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_cli(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    result = run_pretraining(cfg)
+def _report(cfg: TrainConfig, result: PretrainResult) -> None:
     if result.checkpoint and int(os.environ.get("RANK", "0")) == 0:
         print(f"[train] checkpoint: {result.checkpoint}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(argv, parse_cli, run_pretraining, _report)
 
 
 if __name__ == "__main__":

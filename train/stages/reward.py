@@ -17,19 +17,17 @@ with an export of the score model in InternLM2's layout (``InternLM2ForScore.fro
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from train.build import model_config
-from train.config import CHECKPOINTING, ConfigError, repo_config, to_dict
+from train.config import CHECKPOINTING, repo_config
 from train.data.items import Item, ItemBatch, ItemBatches
 from train.data.preference import SYNTHETIC_DOMAINS, SyntheticPreferences, pair_item, read_preferences, reward_token_id
-from train.data.tokenizer import Tokenizer, describe, load_tokenizer
+from train.data.tokenizer import Tokenizer, load_tokenizer
 from train.eval.reward import histogram_table, pair_accuracy, pair_scores, plot_score_histogram
 from train.parallel import Runtime, barrier, init_runtime
 from train.rlhf.reward_losses import (  # noqa: F401  (the losses are part of this module's API)
@@ -39,7 +37,8 @@ from train.rlhf.reward_losses import (  # noqa: F401  (the losses are part of th
     reward_loss,
 )
 from train.stages.align_config import RewardConfig, parse_reward_cli, resolve_init, stage_geometry
-from train.trainer import Stage, Trainer
+from train.stages.runner import stage_main, stage_trainer
+from train.trainer import Stage
 
 DEFAULT_CONFIG = repo_config("reward_tiny.toml")
 
@@ -125,11 +124,6 @@ class RewardResult:
     histogram: str = ""                       # PNG of the held-out score histogram
 
 
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-
-
 def run_reward(cfg: RewardConfig) -> RewardResult:
     rt = init_runtime(cfg.run, cfg.parallel)
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.byte_vocab_size)
@@ -162,14 +156,9 @@ def run_reward(cfg: RewardConfig) -> RewardResult:
                   describe=f" (pairs packed up to {micro} tokens per micro-batch, {accumulation} micro-batches x "
                            f"{rt.dims.dp} data-parallel ranks, {r.loss} loss, conditions on {', '.join(conditions) or 'none'}, from "
                            f"{init_from or 'random init'})")
-    trainer = Trainer(model, rt, optim=cfg.optim, checkpoint=cfg.checkpoint, metrics=cfg.metrics,
-                      run_dir=cfg.run_dir, total_steps=stage_cfg.steps,
-                      signature=["reward", stage_cfg.name, stage_cfg.steps, seq_len],
-                      stop_at_step=cfg.run.stop_at_step,
-                      extra_writer=lambda d: _write_json(os.path.join(d, "tokenizer.json"), describe(tokenizer)),
-                      export_layout="internlm2")    # a score model has no transformers Llama class
-    if rt.is_main:
-        _write_json(os.path.join(cfg.run_dir, "config.json"), to_dict(cfg))
+    trainer = stage_trainer(cfg, rt, model, tokenizer, total_steps=stage_cfg.steps,
+                            signature=["reward", stage_cfg.name, stage_cfg.steps, seq_len],
+                            export_layout="internlm2")    # a score model has no transformers Llama class
     start_step = trainer.state.global_step        # > 0 when resumed
     finished = trainer.train(stage)
     trained = trainer.state.global_step > start_step
@@ -191,20 +180,15 @@ def run_reward(cfg: RewardConfig) -> RewardResult:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_reward_cli(sys.argv[1:] if argv is None else argv, DEFAULT_CONFIG)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    result = run_reward(cfg)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def _report(cfg: RewardConfig, result: RewardResult) -> None:
     if result.finished and result.scores is not None:
         print(histogram_table(result.scores, result.domains))
     state = "finished" if result.finished else f"stopped at step {cfg.run.stop_at_step} (continue with --resume)"
     print(f"[reward] {state}; checkpoint {result.checkpoint}; held-out {result.eval}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(argv, lambda args: parse_reward_cli(args, DEFAULT_CONFIG), run_reward, _report)
 
 
 if __name__ == "__main__":
