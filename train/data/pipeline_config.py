@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tomllib
 from dataclasses import dataclass, field
 from typing import Any
-
-import tomllib
 
 from train.config import REPO_ROOT
 
