@@ -48,7 +48,7 @@ from train.config import repo_config
 from train.data.corpus import SyntheticCorpus
 from train.data.packing import PackedStream, collate
 from train.data.preference import reward_token_id
-from train.data.tokenizer import load_tokenizer
+from train.data.tokenizer import load_tokenizer, save_hf_tokenizer
 from train.rlhf.advantages import gae
 from train.rlhf.hacking import Sample, detect_hacking, label_comparisons, load_comparisons, targeted_pairs, write_pairs
 from train.rlhf.iteration import action_logprobs, ppo_iteration
@@ -211,14 +211,18 @@ def latest_round(run_dir: str) -> str | None:
     return os.path.join(root, done[-1]) if done else None
 
 
-def save_round(run_dir: str, state: OnlineState, actor, critic, reward_model, actor_opt, critic_opt) -> str:
-    """Write to a temporary directory, then rename: a save killed midway leaves the previous round loadable."""
+def save_round(run_dir: str, state: OnlineState, actor, critic, reward_model, actor_opt, critic_opt,
+               tokenizer=None) -> str:
+    """Write to a temporary directory, then rename: a save killed midway leaves the previous round loadable.
+    With ``tokenizer`` the actor's export also gets the transformers tokenizer files (``save_hf_tokenizer``)."""
     final = round_dir(run_dir, state.rounds_done)
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     for name, model in (("actor", actor), ("critic", critic), ("reward", reward_model)):
         model.save_pretrained(os.path.join(tmp, name))
+    if tokenizer is not None:
+        save_hf_tokenizer(tokenizer, os.path.join(tmp, "actor"))
     torch.save({"actor": actor_opt.state_dict(), "critic": critic_opt.state_dict()}, os.path.join(tmp, "optimizers.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(dataclasses.asdict(state), f)
@@ -388,7 +392,7 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         log.write({"kind": "eval", "round": round_no, **ev})
         state.rounds_done = round_no
         state.ptx = stage.ptx_stream.state_dict()
-        path = save_round(run_dir, state, actor, critic, reward_model, actor_opt, critic_opt)
+        path = save_round(run_dir, state, actor, critic, reward_model, actor_opt, critic_opt, stage.tokenizer)
         print(f"[ppo] round {round_no}: accuracy {ev['accuracy']:.2f} reward {ev['reward']:+.3f} kl {ev['kl']:.3f}; "
               f"findings {[f.pattern for f in findings]}, {len(fast)} fast + {len(slow)} slow pairs; {path}",
               flush=True)

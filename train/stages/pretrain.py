@@ -27,7 +27,7 @@ from train.build import batch_flops, build_model, model_config
 from train.config import CHECKPOINTING, ConfigError, TrainConfig, parse_cli, to_dict
 from train.data.corpus import SyntheticCorpus
 from train.data.packing import Batch, FileCorpus, PackedStream, ShardedBatches
-from train.data.tokenizer import Tokenizer, describe, load_tokenizer
+from train.data.tokenizer import Tokenizer, load_tokenizer, write_checkpoint_tokenizer
 from train.eval.pretrain import check_passkey_lengths, heldout_loss, heldout_rows, passkey_probe, write_passkey
 from train.parallel import Runtime, barrier, init_runtime
 from train.trainer import Stage, Trainer
@@ -130,7 +130,7 @@ def run_pretraining(cfg: TrainConfig) -> PretrainResult:
     trainer = Trainer(model, rt, optim=cfg.optim, checkpoint=cfg.checkpoint, metrics=cfg.metrics,
                       run_dir=cfg.run_dir, total_steps=cfg.total_steps,
                       signature=[[s.name, s.steps, s.seq_len] for s in cfg.stages], stop_at_step=cfg.run.stop_at_step,
-                      extra_writer=lambda d: _write_json(os.path.join(d, "tokenizer.json"), describe(tokenizer)))
+                      extra_writer=lambda d: write_checkpoint_tokenizer(tokenizer, d))
     if rt.is_main:
         _write_json(os.path.join(cfg.run_dir, "config.json"), to_dict(cfg))
     for i, stage in enumerate(stages):

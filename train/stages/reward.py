@@ -29,7 +29,7 @@ from train.build import model_config
 from train.config import CHECKPOINTING, ConfigError, repo_config, to_dict
 from train.data.items import Item, ItemBatch, ItemBatches
 from train.data.preference import SYNTHETIC_DOMAINS, SyntheticPreferences, pair_item, read_preferences, reward_token_id
-from train.data.tokenizer import Tokenizer, describe, load_tokenizer
+from train.data.tokenizer import Tokenizer, load_tokenizer, write_checkpoint_tokenizer
 from train.eval.reward import histogram_table, pair_accuracy, pair_scores, plot_score_histogram
 from train.parallel import Runtime, barrier, init_runtime
 from train.rlhf.reward_losses import (  # noqa: F401  (the losses are part of this module's API)
@@ -166,7 +166,7 @@ def run_reward(cfg: RewardConfig) -> RewardResult:
                       run_dir=cfg.run_dir, total_steps=stage_cfg.steps,
                       signature=["reward", stage_cfg.name, stage_cfg.steps, seq_len],
                       stop_at_step=cfg.run.stop_at_step,
-                      extra_writer=lambda d: _write_json(os.path.join(d, "tokenizer.json"), describe(tokenizer)),
+                      extra_writer=lambda d: write_checkpoint_tokenizer(tokenizer, d),
                       export_layout="internlm2")    # a score model has no transformers Llama class
     if rt.is_main:
         _write_json(os.path.join(cfg.run_dir, "config.json"), to_dict(cfg))

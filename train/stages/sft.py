@@ -29,7 +29,7 @@ from train.data.corpus import SyntheticCorpus
 from train.data.items import ItemBatches, budget_groups, collate_items
 from train.data.packing import FileCorpus
 from train.data.sft_items import SFTItems
-from train.data.tokenizer import Tokenizer, describe, load_tokenizer
+from train.data.tokenizer import Tokenizer, load_tokenizer, write_checkpoint_tokenizer
 from train.eval.chat import chat_eval
 from train.parallel import ParallelDims, barrier, init_runtime
 from train.stages.align_config import SFTConfig, parse_sft_cli, resolve_init, stage_geometry
@@ -164,7 +164,7 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
     trainer = Trainer(model, rt, optim=cfg.optim, checkpoint=cfg.checkpoint, metrics=cfg.metrics,
                       run_dir=cfg.run_dir, total_steps=stage_cfg.steps,
                       signature=["sft", stage_cfg.name, stage_cfg.steps, seq_len], stop_at_step=cfg.run.stop_at_step,
-                      extra_writer=lambda d: _write_json(os.path.join(d, "tokenizer.json"), describe(tokenizer)),
+                      extra_writer=lambda d: write_checkpoint_tokenizer(tokenizer, d),
                       export_layout="llama")
     if rt.is_main:
         _write_json(os.path.join(cfg.run_dir, "config.json"), to_dict(cfg))
