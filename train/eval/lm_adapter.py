@@ -219,6 +219,17 @@ def score_requests(model: InternLM2ForCausalLM, requests: Sequence[tuple[Sequenc
     return list(zip(sums, greedy))
 
 
+def rolling_windows(ids: Sequence[int], prefix: int, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """lm-eval's disjoint rolling windows of a text's ids: (context, continuation) pairs whose continuations
+    concatenate to ``ids`` (every token scored once, the first predicted from ``prefix``), each window at most
+    ``max_length`` model inputs, later windows conditioned on up to max_length - n preceding tokens.
+
+    The text is encoded without ``<s>``: the prefix token is the ``<s>``. (lm-eval's ``hf`` encodes it with its
+    ``add_bos_token`` setting, so with add_bos_token=True it also scores ``<s>`` after ``<s>``.)"""
+    return [lm_utils.make_disjoint_window(w) for w in lm_utils.get_rolling_token_windows(
+        token_list=list(ids), prefix_token=prefix, max_seq_len=max_length, context_len=1)]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The lm-eval model
 # --------------------------------------------------------------------------------------------------------------
@@ -319,10 +330,8 @@ class InternLMKernelsLM(TemplateLM):
         """Sum of log p over each whole text, in lm-eval's disjoint rolling windows of at most max_length."""
         windows, owner = [], []
         for i, (string,) in enumerate(req.args for req in requests):
-            ids = self.tok_encode(string, add_special_tokens=False)
-            for ctx, cont in map(lm_utils.make_disjoint_window,
-                                 lm_utils.get_rolling_token_windows(token_list=ids, prefix_token=self.prefix_token_id,
-                                                                    max_seq_len=self.max_length, context_len=1)):
+            for ctx, cont in rolling_windows(self.tok_encode(string, add_special_tokens=False), self.prefix_token_id,
+                                             self.max_length):
                 windows.append((None, ctx, cont))
                 owner.append(i)
         scores = self._loglikelihood_tokens(windows)
