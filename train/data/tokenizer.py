@@ -235,7 +235,7 @@ def _sentencepiece_tokenizer_json(tok: SentencePieceTokenizer) -> dict:
     SentencePiece does to every part ``encode`` hands it). The specials the model has are added tokens, split out
     first, as ``encode`` does. Normalization other than ``identity`` (or a precompiled charsmap) and
     ``remove_extra_whitespaces`` are refused: they would change ids silently."""
-    from sentencepiece import sentencepiece_model_pb2   # needs protobuf
+    from sentencepiece import sentencepiece_model_pb2  # needs protobuf
 
     proto = sentencepiece_model_pb2.ModelProto()
     with open(tok.path, "rb") as f:

@@ -19,8 +19,9 @@ import os
 def main() -> None:
     for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
         os.environ.setdefault(var, "1")
-    import train.eval.lm_adapter  # noqa: F401  (registers internlm_kernels)
     from lm_eval.__main__ import cli_evaluate
+
+    import train.eval.lm_adapter  # noqa: F401  (registers internlm_kernels)
 
     cli_evaluate()
 

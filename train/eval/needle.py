@@ -27,7 +27,6 @@ writes ``needle.json`` (the grid) and ``needle.png`` (one heatmap per kind and l
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
 import os
 import random
@@ -151,7 +150,8 @@ def build_prompt(tokenizer: Tokenizer, length: int, intro: str, needles: Sequenc
     fixed = len(tokenizer.encode(intro + "".join(joiner + n for n in needles) + question, add_bos=True))
     if length < fixed:
         raise ValueError(f"length {length} is shorter than the prompt without filler ({fixed} tokens)")
-    chars_per_token = 3.0 if not tokenizer.encode("a") else max(1.0, len(sentences[0]) / len(tokenizer.encode(sentences[0])))
+    sample = joiner.join(sentences)
+    chars_per_token = len(sample) / max(1, len(tokenizer.encode(sample)))
     filler, starts = _filler(rng, sentences, joiner, int((length - fixed) * chars_per_token * 1.2) + 64)
 
     def assemble(n: int) -> tuple[str, list[int]]:
@@ -350,7 +350,10 @@ def plot_suite(result: dict, path: str, title: str = "") -> str:
     fig, axes = plt.subplots(len(kinds), len(langs), figsize=(w * len(langs) + 1, h * len(kinds) + 0.6), squeeze=False)
     for r, kind in enumerate(kinds):
         for c, lang in enumerate(langs):
-            ax, grid = axes[r][c], result[kind][lang]
+            ax, grid = axes[r][c], result[kind].get(lang)
+            if grid is None:           # a kind run in one language only (the passkey format)
+                ax.axis("off")
+                continue
             acc = torch.tensor(grid["accuracy"]).T     # (depths, lengths)
             im = ax.imshow(acc.numpy(), vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
             ax.set_xticks(range(acc.shape[1]), [str(n) for n in grid["lengths"]], fontsize=7)
@@ -384,7 +387,7 @@ def _ints(s: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    from train.eval.lm_adapter import load_export
+    from train.eval.loading import load_export
 
     p = argparse.ArgumentParser(prog="python -m train.eval.needle", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="an exported model directory (config.json + safetensors)")
