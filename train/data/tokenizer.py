@@ -200,17 +200,13 @@ def _byte_tokenizer_json(tok: ByteTokenizer) -> dict:
     pieces ``<0xXX>`` at 3..258 with ``byte_fallback``, so every character falls back to its UTF-8 bytes (the
     same ids as ``_encode_plain``); the specials are added tokens (split out of the text before the model, as
     ``encode`` does). No normalizer and no pre-tokenizer: the text is taken as it is. Decoding fuses the byte
-    pieces back into UTF-8 (ByteFallback + Fuse). Unused ids (259..V-7) get special placeholder tokens
-    ``<|unused_N|>`` so every id below ``vocab_size`` exists, and decoding with skip_special_tokens drops them
-    as ``decode`` does."""
+    pieces back into UTF-8 (ByteFallback + Fuse). The unused ids (259..V-7, never produced by ``encode``) have
+    no token: decoding skips them, as ``decode`` does, and a 92544-entry layout stays a 265-entry file."""
     vocab = {UNK: 0, BOS: 1, EOS: 2}
     vocab.update({f"<0x{b:02X}>": b + BYTE_OFFSET for b in range(256)})
-    used = set(vocab.values()) | set(tok.special_ids.values())
-    specials = dict(tok.special_ids)
-    specials.update({f"<|unused_{i}|>": i for i in range(tok.vocab_size) if i not in used})
-    vocab.update(specials)
+    vocab.update(tok.special_ids)
     added = [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for name, i in sorted(specials.items(), key=lambda x: x[1])]
+              "normalized": False, "special": True} for name, i in sorted(tok.special_ids.items(), key=lambda x: x[1])]
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
         "normalizer": None, "pre_tokenizer": None,
