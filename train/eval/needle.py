@@ -346,8 +346,9 @@ def plot_suite(result: dict, path: str, title: str = "") -> str:
     kinds = list(result)
     langs = sorted({lang for k in kinds for lang in result[k]})
     first = result[kinds[0]][langs[0]]
-    w, h = 1.0 + 0.7 * len(first["lengths"]), 0.8 + 0.45 * len(first["depths"])
-    fig, axes = plt.subplots(len(kinds), len(langs), figsize=(w * len(langs) + 1, h * len(kinds) + 0.6), squeeze=False)
+    w, h = 2.2 + 0.7 * len(first["lengths"]), 1.3 + 0.4 * len(first["depths"])
+    fig, axes = plt.subplots(len(kinds), len(langs), figsize=(w * len(langs) + 1, h * len(kinds) + 0.6), squeeze=False,
+                             constrained_layout=True)
     for r, kind in enumerate(kinds):
         for c, lang in enumerate(langs):
             ax, grid = axes[r][c], result[kind].get(lang)
@@ -361,12 +362,12 @@ def plot_suite(result: dict, path: str, title: str = "") -> str:
             for i in range(acc.shape[0]):
                 for j in range(acc.shape[1]):
                     ax.text(j, i, f"{acc[i, j]:.0%}", ha="center", va="center", fontsize=6)
-            ax.set_title(f"{kind} ({lang}), mean {grid.get('mean', acc.mean().item()):.0%}", fontsize=8)
+            ax.set_title(f"{kind} ({lang}): {grid.get('mean', acc.mean().item()):.0%}", fontsize=8)
             if r == len(kinds) - 1:
                 ax.set_xlabel("context length (tokens)", fontsize=7)
             if c == 0:
                 ax.set_ylabel("needle depth", fontsize=7)
-    fig.colorbar(im, ax=axes, fraction=0.03)
+    fig.colorbar(im, ax=axes, fraction=0.03, label="accuracy")
     if title:
         fig.suptitle(title, fontsize=9)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
