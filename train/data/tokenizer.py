@@ -207,14 +207,13 @@ def _byte_tokenizer_json(tok: ByteTokenizer) -> dict:
     vocab.update(tok.special_ids)
     added = [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True} for name, i in sorted(tok.special_ids.items(), key=lambda x: x[1])]
+    bos, text_a, text_b = ({"SpecialToken": {"id": BOS, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                           {"Sequence": {"id": "B", "type_id": 1}})
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
         "normalizer": None, "pre_tokenizer": None,
         # add_special_tokens=True prepends <s> (transformers' default; ``encode(..., add_bos=True)``).
-        "post_processor": {"type": "TemplateProcessing",
-                           "single": [{"SpecialToken": {"id": BOS, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                           "pair": [{"SpecialToken": {"id": BOS, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                                    {"Sequence": {"id": "B", "type_id": 1}}],
+        "post_processor": {"type": "TemplateProcessing", "single": [bos, text_a], "pair": [bos, text_a, text_b],
                            "special_tokens": {BOS: {"id": BOS, "ids": [tok.bos_id], "tokens": [BOS]}}},
         "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]},
         "model": {"type": "BPE", "dropout": None, "unk_token": UNK, "continuing_subword_prefix": None,
@@ -263,7 +262,8 @@ def _sentencepiece_tokenizer_json(tok: SentencePieceTokenizer) -> dict:
     if norm.name != "identity":
         import base64
 
-        steps.append({"type": "Precompiled", "precompiled_charsmap": base64.b64encode(norm.precompiled_charsmap).decode()})
+        charsmap = base64.b64encode(norm.precompiled_charsmap).decode()
+        steps.append({"type": "Precompiled", "precompiled_charsmap": charsmap})
     if norm.add_dummy_prefix:
         steps.append({"type": "Prepend", "prepend": "\u2581"})
     steps.append({"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"})
@@ -306,7 +306,8 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> lis
     if UNK in tokenizer.special_ids:
         specials["unk_token"] = UNK
     extra = [n for n in INTERNLM2_SPECIALS if n in tokenizer.special_ids]
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False,
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30,
+              "clean_up_tokenization_spaces": False,
               "add_bos_token": True, "add_eos_token": False, "additional_special_tokens": extra, **specials,
               EXPORT_RECORD_KEY: record}
     for name, obj in ((HF_TOKENIZER_FILE, definition), (HF_CONFIG_FILE, config),
@@ -335,8 +336,8 @@ def load_export_tokenizer(model_dir: str | os.PathLike, vocab_size: int, spec: s
                 spec = json.load(f).get("spec")
         if spec is None:
             if not os.path.isfile(os.path.join(model_dir, SP_MODEL_FILE)):
-                raise ValueError(f"tokenizer: {model_dir!r} has no tokenizer record and no {SP_MODEL_FILE}, nor has its "
-                                 "checkpoint directory; pass 'byte' or a SentencePiece model")
+                raise ValueError(f"tokenizer: {model_dir!r} has no tokenizer record and no {SP_MODEL_FILE}, nor has "
+                                 "its checkpoint directory; pass 'byte' or a SentencePiece model")
             spec = model_dir
     tokenizer = load_tokenizer(spec, byte_vocab_size=vocab_size)
     if tokenizer.vocab_size > vocab_size:

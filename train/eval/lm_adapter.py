@@ -209,7 +209,8 @@ class InternLMKernelsLM(TemplateLM):
     dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16; max_length: the longest input
     (default: the config's max_position_embeddings, as hf); batch_tokens: packed tokens per forward;
     share_contexts: run a context shared by several requests once; threads: torch CPU threads.
-    lm-eval's CLI also passes device, batch_size (generation slots when an int) and max_batch_size."""
+    lm-eval's CLI also passes device, batch_size (checked, otherwise unused: batches are packed by tokens) and
+    max_batch_size (the generator's decode slots, default 64)."""
 
     ARGS = ("pretrained", "dtype", "max_length", "tokenizer", "batch_tokens", "add_bos_token", "share_contexts",
             "max_gen_toks", "threads", "device", "batch_size", "max_batch_size")
@@ -217,12 +218,24 @@ class InternLMKernelsLM(TemplateLM):
     def __init__(self, pretrained: str | InternLM2ForCausalLM | None = None, dtype: str = "auto",
                  max_length: int | None = None, tokenizer: str | Tokenizer | None = None, batch_tokens: int = 8192,
                  add_bos_token: bool = True, share_contexts: bool = True, max_gen_toks: int = 256,
-                 threads: int | None = None, device: str | None = None, batch_size: int | str | None = None, max_batch_size: int | None = None,
+                 threads: int | None = None, device: str | None = None, batch_size: int | str | None = None,
+                 max_batch_size: int | None = None,
                  **unknown):
         if unknown:
             names = ", ".join(sorted(unknown))
             raise ValueError(f"model_args: unknown key(s) {names} for internlm_kernels (known: {', '.join(self.ARGS)})")
         super().__init__()
+        for name, value in (("max_length", max_length), ("batch_tokens", batch_tokens), ("max_gen_toks", max_gen_toks)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name, value in (("add_bos_token", add_bos_token), ("share_contexts", share_contexts)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        if batch_size is not None and not (str(batch_size).startswith("auto") or str(batch_size).isdigit()):
+            raise ValueError(f"batch_size must be an int or 'auto', got {batch_size!r}")
+        if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
+                                           or max_batch_size < 1):
+            raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
         if threads is not None:
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
                 raise ValueError(f"threads must be an int >= 1, got {threads!r}")
@@ -241,18 +254,12 @@ class InternLMKernelsLM(TemplateLM):
             if tokenizer is not None and not isinstance(tokenizer, str):
                 raise ValueError("tokenizer: 'byte' or a SentencePiece model path with pretrained=DIR")
             self.model, self.tok, self._device = load_export(pretrained, tokenizer, device, str(dtype))
-        for name, value in (("max_length", max_length), ("batch_tokens", batch_tokens), ("max_gen_toks", max_gen_toks)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        for name, value in (("add_bos_token", add_bos_token), ("share_contexts", share_contexts)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False, got {value!r}")
-        if batch_size is not None and not (str(batch_size).startswith("auto") or str(batch_size).isdigit()):
-            raise ValueError(f"batch_size must be an int or 'auto', got {batch_size!r}")
         self._max_length = max_length or self.model.config.max_position_embeddings
         self.batch_tokens, self.add_bos_token, self.share_contexts = batch_tokens, add_bos_token, share_contexts
         self.max_gen_toks = max_gen_toks
-        self.gen_batch = int(batch_size) if batch_size is not None and str(batch_size).isdigit() else 64
+        # Requests are packed by tokens (batch_tokens), so lm-eval's batch_size (1 unless given) sizes nothing here;
+        # max_batch_size bounds the generator's decode slots.
+        self.gen_batch = max_batch_size or 64
         self.special = set(self.tok.special_ids.values())
 
     # lm-eval's interface ------------------------------------------------------------------------------------
@@ -336,12 +343,13 @@ class InternLMKernelsLM(TemplateLM):
             stop = {self.eot_token_id}
             stop |= {ids[0] for s in until if len(ids := self.tok.encode(s)) == 1}
             longest = max(len(prompts[i]) + budgets[i] for i in members)
+            seeded = torch.Generator(self.device).manual_seed(0)   # sampled tasks: reproducible runs
             gen = ContinuousBatchingGenerator(self.model, max_batch=min(self.gen_batch, len(members)),
                                               max_seq_len=max(longest, 2), page_size=64)
             completions = gen.generate([prompts[i] for i in members], [budgets[i] for i in members],
                                        temperature=temperature, top_p=top_p, top_k=top_k,
                                        stop_token_ids=tuple(sorted(stop)),
-                                       generator=None if temperature == 0 else torch.Generator(self.device).manual_seed(0))
+                                       generator=None if temperature == 0 else seeded)
             for i, c in zip(members, completions):
                 text = self.tok_decode(c.tokens)
                 for s in until:
