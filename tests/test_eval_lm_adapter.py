@@ -4,6 +4,7 @@ context packing against the unshared one and against a direct forward; bad --mod
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -127,12 +128,13 @@ def test_shared_contexts_equal_direct_forward(ours):
             logp = torch.log_softmax(logits[-len(k):], -1).gather(1, torch.tensor(k)[:, None]).sum().item()
             greedy = bool((logits[-len(k):].argmax(-1) == torch.tensor(k)).all())
             assert abs(s[0] - logp) < TOL and abs(p[0] - logp) < TOL and s[1] == p[1] == greedy
+    for bad in ([([], conts[0])], [(ctx, [])]):
+        with pytest.raises(ValueError, match="empty"):
+            score_requests(model, bad, MAX_LEN, torch.device("cpu"))
 
 
 def test_simple_evaluate_on_shipped_task_equals_hf(ours, hf):
     """A shipped multiple-choice task through lm-eval's own evaluator: identical accuracies."""
-    import os
-
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -165,3 +167,16 @@ def test_cuda_device_falls_back_to_cpu(export, capsys):
     lm = get_model("internlm_kernels").create_from_arg_string(f"pretrained={export}", {"device": "cuda:0"})
     assert lm.device.type == "cpu" and "CUDA is not available" in capsys.readouterr().err
     assert lm.prefix_token_id == lm.tok.bos_id == 1
+
+
+def test_registry_keeps_lm_eval_models():
+    """Registering ours must not hide lm-eval's own models (its registry imports them only while it is empty), so
+    ``python -m train.eval.lm_eval --model hf`` still works. A fresh process: here other tests imported them."""
+    import subprocess
+    import sys
+
+    code = ("import train.eval.lm_adapter\nfrom lm_eval.api.registry import get_model\n"
+            "print(get_model('hf').__name__, get_model('internlm_kernels').__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert out.stdout.split() == ["HFLM", "InternLMKernelsLM"], out.stderr[-2000:]

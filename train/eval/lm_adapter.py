@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+import lm_eval.models  # noqa: F401  (lm-eval's own models first: its registry loads them only while empty)
 import torch
 import torch.nn.functional as F
 from lm_eval import utils as lm_utils
@@ -127,9 +128,10 @@ def score_requests(model: InternLM2ForCausalLM, requests: Sequence[tuple[Sequenc
     groups: dict[tuple[int, ...], list[int]] = {}
     single: list[int] = []
     for i, (ctx, cont) in enumerate(requests):
-        if not cont:
-            raise ValueError(f"requests[{i}]: empty continuation")
-        if share_contexts and len(ctx) + len(cont) <= max_length + 1 and len(ctx) > 0:
+        if not cont or not ctx:
+            raise ValueError(f"requests[{i}]: empty {'continuation' if not cont else 'context'} (lm-eval replaces an "
+                             "empty context by prefix_token_id)")
+        if share_contexts and len(ctx) + len(cont) <= max_length + 1:
             groups.setdefault(tuple(ctx), []).append(i)
         else:
             single.append(i)
