@@ -21,7 +21,7 @@ character's tokens, well inside 1%. A needle goes in at the sentence boundary of
 The demo's passkey probe is this suite's smallest grid: ``PASSKEY`` is the pretraining corpus's passkey format as a
 ``NeedleFormat`` and ``passkey_grid`` returns the probe's result dict, so train/eval/pretrain.py can call it.
 
-    python -m train.eval.needle --model runs/.../model --lengths 256,512,1024 --out runs/eval/needle
+    python -m train.eval.needle --model runs/.../model --lengths 512,768,1024 --out runs/eval/needle
 writes ``needle.json`` (the grid) and ``needle.png`` (one heatmap per kind and language).
 """
 from __future__ import annotations
@@ -393,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m train.eval.needle", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="an exported model directory (config.json + safetensors)")
     p.add_argument("--tokenizer", default=None, help="'byte' or a SentencePiece model (default: the export's)")
-    p.add_argument("--lengths", type=_ints, default=[256, 512, 1024])
+    p.add_argument("--lengths", type=_ints, default=[512, 768, 1024])
     p.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--langs", default=",".join(LANGS))

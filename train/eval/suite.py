@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--runs", default="runs", help="the demo's output root (default: runs)")
     p.add_argument("--checkpoint", action="append", default=[], help="NAME=DIR, added to or replacing the found ones")
     p.add_argument("--limit", type=int, default=None, help="documents per lm-eval task (default: all)")
-    p.add_argument("--lengths", default="256,512,1024")
+    p.add_argument("--lengths", default="512,768,1024")   # 3 English needles + question need ~350 byte tokens
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     p.add_argument("--trials", type=int, default=2)
     p.add_argument("--device", default=None)
