@@ -319,30 +319,41 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> lis
 
 def load_export_tokenizer(model_dir: str | os.PathLike, vocab_size: int, spec: str | None = None) -> Tokenizer:
     """The tokenizer of an exported model directory: ``spec`` when given (``byte`` or a SentencePiece model);
-    else the record ``save_hf_tokenizer`` puts in the export's ``tokenizer_config.json``; else the trainer's
-    record (a ``tokenizer.json`` with a ``spec`` key) beside the export, in the checkpoint directory; else the
-    export's ``tokenizer.model``. ``vocab_size`` is the model's (the byte tokenizer's id layout depends on it)."""
+    else a tokenizer record (``describe``'s dict, with a ``spec`` key) found first in the export's
+    ``tokenizer_config.json`` (``save_hf_tokenizer`` puts it there), then as a ``tokenizer.json`` in the export
+    or beside it in the checkpoint directory (the trainer's; a transformers ``tokenizer.json`` has no ``spec`` and
+    is passed over); else the export's ``tokenizer.model``. ``vocab_size`` is the model's (the byte tokenizer's id
+    layout depends on it)."""
     model_dir = os.fspath(model_dir)
     if spec is None:
-        config = os.path.join(model_dir, HF_CONFIG_FILE)
-        trainer_record = os.path.join(os.path.dirname(os.path.abspath(model_dir)), HF_TOKENIZER_FILE)
-        if os.path.isfile(config):
-            with open(config, encoding="utf-8") as f:
-                record = json.load(f).get(EXPORT_RECORD_KEY)
-            if record is not None:
-                spec = record["spec"] if record["kind"] == "byte" else os.path.join(model_dir, record["spec"])
-        if spec is None and os.path.isfile(trainer_record):
-            with open(trainer_record, encoding="utf-8") as f:
-                spec = json.load(f).get("spec")
-        if spec is None:
-            if not os.path.isfile(os.path.join(model_dir, SP_MODEL_FILE)):
-                raise ValueError(f"tokenizer: {model_dir!r} has no tokenizer record and no {SP_MODEL_FILE}, nor has "
-                                 "its checkpoint directory; pass 'byte' or a SentencePiece model")
-            spec = model_dir
+        spec = _recorded_spec(model_dir)
+    if spec is None:
+        if not os.path.isfile(os.path.join(model_dir, SP_MODEL_FILE)):
+            raise ValueError(f"tokenizer: {model_dir!r} has no tokenizer record and no {SP_MODEL_FILE}, nor has "
+                             "its checkpoint directory; pass 'byte' or a SentencePiece model")
+        spec = model_dir
     tokenizer = load_tokenizer(spec, byte_vocab_size=vocab_size)
     if tokenizer.vocab_size > vocab_size:
         raise ValueError(f"tokenizer: {tokenizer.vocab_size} tokens, the model has {vocab_size}")
     return tokenizer
+
+
+def _recorded_spec(model_dir: str) -> str | None:
+    """``load_tokenizer``'s spec from the first tokenizer record of an export (``load_export_tokenizer``)."""
+    config = os.path.join(model_dir, HF_CONFIG_FILE)
+    if os.path.isfile(config):
+        with open(config, encoding="utf-8") as f:
+            record = json.load(f).get(EXPORT_RECORD_KEY)
+        if record is not None:   # a SentencePiece spec is the model file's name inside the export
+            return record["spec"] if record["kind"] == "byte" else os.path.join(model_dir, record["spec"])
+    for where in (model_dir, os.path.dirname(os.path.abspath(model_dir))):
+        path = os.path.join(where, HF_TOKENIZER_FILE)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                spec = json.load(f).get("spec")
+            if spec is not None:
+                return spec
+    return None
 
 
 def write_checkpoint_tokenizer(tokenizer: Tokenizer, checkpoint_dir: str | os.PathLike) -> None:
