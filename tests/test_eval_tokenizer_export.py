@@ -103,3 +103,19 @@ def test_checkpoint_writer_keeps_the_record_and_adds_the_export_files(tmp_path):
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="tokenizer"):
         load_export_tokenizer(tmp_path / "nowhere", 272)
+
+
+def test_server_resolves_the_tokenizer_of_an_export_with_transformers_files(tmp_path):
+    """models.server's loader on the trainer's layout now that model/ holds a transformers tokenizer.json (no
+    ``spec`` key): it finds the record; a PPO actor export (no checkpoint record beside it) works too."""
+    pytest.importorskip("starlette")
+    from models.server import resolve_tokenizer
+
+    (tmp_path / "model").mkdir()
+    write_checkpoint_tokenizer(ByteTokenizer(), tmp_path)
+    assert isinstance(resolve_tokenizer(str(tmp_path / "model"), None, 272), ByteTokenizer)
+    actor = tmp_path / "actor"
+    save_hf_tokenizer(ByteTokenizer(), actor)
+    assert isinstance(resolve_tokenizer(str(actor), None, 272), ByteTokenizer)
+    with pytest.raises(ValueError, match="--tokenizer"):
+        resolve_tokenizer(str(tmp_path / "model" / "nothing" / "here"), None, 272)
