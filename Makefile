@@ -9,7 +9,7 @@ PYTEST_WORKERS ?= 2
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-gpu lint test demo serve data bench gpu-check clean
+.PHONY: install install-gpu lint test demo serve data eval bench gpu-check clean
 
 install: $(STAMP)
 
@@ -57,6 +57,11 @@ DATA_OUT ?= runs/data
 DATA_ARGS ?=
 data: $(STAMP)
 	$(PY) -m train.data.pipeline --input train/data/sample --output $(DATA_OUT) $(DATA_ARGS)
+
+# The shipped lm-eval tasks and the long-context suite on the demo's final checkpoints (run `make demo` first):
+# runs/eval/report.md, runs/eval/<checkpoint>/, and "eval" in runs/summary.json.
+eval: $(STAMP)
+	$(PY) -m train.eval.suite
 
 bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks

@@ -53,26 +53,16 @@ from .openai_api import (
 
 
 def resolve_tokenizer(model_dir: str, spec: str | None, vocab_size: int):
-    """``spec`` (``byte`` or a SentencePiece path), else the ``tokenizer.json`` that train/ writes beside a
-    checkpoint's ``model/`` export (in DIR or its parent), else DIR's ``tokenizer.model``."""
-    from train.data.tokenizer import load_tokenizer
+    """``spec`` (``byte`` or a SentencePiece path), else the export's own tokenizer
+    (``train.data.tokenizer.load_export_tokenizer``: the record in its tokenizer_config.json, the ``tokenizer.json``
+    record that train/ writes beside a checkpoint's ``model/`` export (in DIR or its parent; an export's transformers
+    ``tokenizer.json`` is passed over), else DIR's ``tokenizer.model``)."""
+    from train.data.tokenizer import load_export_tokenizer
 
-    if spec is None:
-        for where in (model_dir, os.path.dirname(os.path.abspath(model_dir))):
-            path = os.path.join(where, "tokenizer.json")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    spec = json.load(f)["spec"]
-                break
-        else:
-            if os.path.isfile(os.path.join(model_dir, "tokenizer.model")):
-                spec = model_dir
-            else:
-                raise ValueError(f"--tokenizer: no tokenizer.json beside {model_dir!r} and no tokenizer.model in it; "
-                                 "pass --tokenizer byte or a SentencePiece model")
-    tokenizer = load_tokenizer(spec, byte_vocab_size=vocab_size)
-    if tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"--tokenizer: {tokenizer.vocab_size} tokens, the model has {vocab_size}")
+    try:
+        tokenizer = load_export_tokenizer(model_dir, vocab_size, spec)
+    except ValueError as e:
+        raise ValueError(f"--tokenizer: {e}") from None
     for name in ("<|im_end|>", "<|im_start|>"):
         if name not in tokenizer.special_ids:
             raise ValueError(f"--tokenizer: has no {name} token; the InternLM2 chat template needs it")

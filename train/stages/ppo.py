@@ -48,7 +48,7 @@ from train.config import repo_config
 from train.data.corpus import SyntheticCorpus
 from train.data.packing import PackedStream, collate
 from train.data.preference import reward_token_id
-from train.data.tokenizer import load_tokenizer
+from train.data.tokenizer import load_tokenizer, save_hf_tokenizer
 from train.learner import Learner
 from train.parallel import init_runtime, parallelize
 from train.rlhf.advantages import gae
@@ -256,8 +256,11 @@ def _round_state(actor: Learner, critic: Learner, reward: Learner) -> dict:
     return {"actor": actor.state_dict(), "critic": critic.state_dict(), "reward": reward.state_dict(optimizer=False)}
 
 
-def save_round(run_dir: str, state: OnlineState, actor: Learner, critic: Learner, reward: Learner) -> str:
-    """Every rank calls it; atomic (a save killed midway leaves the previous round loadable)."""
+def save_round(run_dir: str, state: OnlineState, actor: Learner, critic: Learner, reward: Learner,
+               tokenizer=None) -> str:
+    """Every rank calls it; atomic (a save killed midway leaves the previous round loadable). With ``tokenizer`` the
+    actor's export also gets the transformers tokenizer files (``save_hf_tokenizer``), so it serves and evaluates
+    as it is."""
     final = round_dir(run_dir, state.rounds_done)
 
     def exports(tmp: str) -> None:
@@ -267,6 +270,8 @@ def save_round(run_dir: str, state: OnlineState, actor: Learner, critic: Learner
     def write_main(tmp: str) -> None:
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(dataclasses.asdict(state), f)
+        if tokenizer is not None:
+            save_hf_tokenizer(tokenizer, os.path.join(tmp, "actor"))
 
     write_state_dir(final, actor.runtime.dims, lambda: _round_state(actor, critic, reward), write_main, exports)
     return final
@@ -436,7 +441,7 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         log.write({"kind": "eval", "round": round_no, **ev})
         state.rounds_done = round_no
         state.ptx = stage.ptx_stream.state_dict()
-        path = save_round(run_dir, state, actor_l, critic_l, reward)
+        path = save_round(run_dir, state, actor_l, critic_l, reward, stage.tokenizer)
         say(f"[ppo] round {round_no}: accuracy {ev['accuracy']:.2f} reward {ev['reward']:+.3f} kl {ev['kl']:.3f}; "
               f"findings {[f.pattern for f in findings]}, {len(fast)} fast + {len(slow)} slow pairs; {path}",
               flush=True)

@@ -15,7 +15,7 @@ from typing import Callable, TypeVar
 import torch.distributed as dist
 
 from train.config import ConfigError, to_dict
-from train.data.tokenizer import Tokenizer, describe
+from train.data.tokenizer import Tokenizer, write_checkpoint_tokenizer
 from train.trainer import Trainer
 
 C = TypeVar("C")
@@ -33,7 +33,7 @@ def stage_trainer(cfg, rt, model, tokenizer: Tokenizer, *, total_steps: int, sig
     trainer = Trainer(model, rt, optim=cfg.optim, checkpoint=cfg.checkpoint, metrics=cfg.metrics,
                       run_dir=cfg.run_dir, total_steps=total_steps, signature=signature,
                       stop_at_step=cfg.run.stop_at_step,
-                      extra_writer=lambda d: write_json(os.path.join(d, "tokenizer.json"), describe(tokenizer)),
+                      extra_writer=lambda d: write_checkpoint_tokenizer(tokenizer, d),
                       export_layout=export_layout)
     if rt.is_main:
         write_json(os.path.join(cfg.run_dir, "config.json"), to_dict(cfg))
