@@ -43,12 +43,22 @@ def test_schedule_rejects_bad_values():
     assert WarmupCosine(None, 1e-3, 0, 1).lr_at(0) == 1e-3  # no warmup, single step: the peak
 
 
-def _load_shipped(path: str):
-    """Each stage's config through its own loader (the SFT, reward and PPO stages add sections of their own)."""
+def _load_shipped(path: str, tmp_path):
+    """Each stage's config through its own loader (the SFT, reward and PPO stages add sections of their own; the
+    data pipeline has its own schema, and the configs that train on its output read a folder the pipeline writes,
+    stood in for here by one jsonl document)."""
+    from train.data.pipeline_config import load_pipeline_config
     from train.stages.align_config import parse_reward_cli, parse_sft_cli
     from train.stages.ppo_config import load_ppo_config
 
     name = os.path.basename(path)
+    if name == "data_pipeline.toml":
+        return load_pipeline_config(path)
+    if name.startswith("data_"):
+        doc = tmp_path / "pipeline_output" / "part.jsonl"
+        doc.parent.mkdir(exist_ok=True)
+        doc.write_text('{"text": "a kept document"}\n')
+        return load_config(path, {"data.paths": [str(doc.parent)]})
     if name.startswith("ppo_"):
         return load_ppo_config(path, check_paths=False)      # its model directories come from earlier stages
     if name.startswith("sft_"):
@@ -58,11 +68,11 @@ def _load_shipped(path: str):
     return load_config(path)
 
 
-def test_shipped_configs_load():
+def test_shipped_configs_load(tmp_path):
     paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*.toml")))
     assert {os.path.basename(p) for p in paths} >= {"tiny_cpu.toml", "internlm2_1_8b.toml", "internlm2_7b.toml"}
     for path in paths:
-        c = _load_shipped(path)
+        c = _load_shipped(path, tmp_path)
         assert not isinstance(c, TrainConfig) or c.stages
     tiny = load_config(os.path.join(ROOT, "configs", "tiny_cpu.toml"))
     assert [s.rope_theta for s in tiny.stages] == [50_000.0, 1_000_000.0]  # InternLM2's long-context base raise
