@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import internlm_kernels as ik
 
 from .context import PackedContext
+from .decode_step import CpuDecodeStep
 from .packing import PackedInputs
 
 
@@ -172,6 +173,9 @@ class ContinuousBatchingGenerator:
         self.buckets = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # float32 on CPU: the whole decode step as one function of plain ATen calls (models/decode_step.py).
+        self._cpu_step = (CpuDecodeStep(model, self.pool, self.cos, self.sin)
+                          if self.device.type == "cpu" and self.dtype == torch.float32 else None)
 
     # ----------------------------------------------------------------------------------------------
     # Model steps
@@ -195,6 +199,8 @@ class ContinuousBatchingGenerator:
         return self.model.output(hidden[cu_seqlens[1:].long() - 1]).float()
 
     def _decode_eager(self, rows: int) -> torch.Tensor:
+        if self._cpu_step is not None:
+            return self._cpu_step.logits(rows, self.tokens, self.block_table, self.cache_seqlens)
         ctx = PagedDecodeContext(self.pool, self.block_table[:rows], self.cache_seqlens[:rows], self.cos, self.sin)
         hidden = self.model.model(self.tokens[:rows], ctx)
         return self.model.output(hidden).float()

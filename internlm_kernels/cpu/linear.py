@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from . import gemm_choice
+
 DTYPES = (torch.float32,)
 # Read once at import: the build does not change, and torch.compile does not trace torch.backends queries.
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()
@@ -28,11 +30,12 @@ def available() -> str | None:
 
 
 def inner_product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a (M, K) @ b (N, K)ᵀ (+ bias (N,)) -> (M, N) by oneDNN. Traced by torch.compile it is a plain matmul:
-    Inductor lowers mkldnn._linear_pointwise only for frozen (constant) weights, and picks its own CPU GEMM."""
+    """a (M, K) @ b (N, K)ᵀ (+ bias (N,)) -> (M, N) by oneDNN or ATen's mm, whichever measured faster for this shape
+    class on this CPU (gemm_choice.py; pinned by INTERNLM_KERNELS_CPU_GEMM). Traced by torch.compile it is a plain
+    matmul: Inductor lowers mkldnn._linear_pointwise only for frozen (constant) weights, and picks its own CPU GEMM."""
     if torch.compiler.is_compiling():
         return torch.nn.functional.linear(a, b, bias)
-    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+    return gemm_choice.product(a, b, bias)
 
 
 class LinearFunction(torch.autograd.Function):
