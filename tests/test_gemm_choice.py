@@ -22,9 +22,13 @@ def test_pinned_choice_is_that_implementation(mode, monkeypatch):
     want = gemm_choice.onednn(a, b, None) if mode == "onednn" else torch.nn.functional.linear(a, b)
     monkeypatch.setenv(gemm_choice.ENV_VAR, mode)
     assert torch.equal(gemm_choice.product(a, b), want)
+    dy, x = torch.randn(37, 19), torch.randn(37, 33)     # the weight gradient dyᵀ x
+    want_tn = gemm_choice.onednn(dy.t().contiguous(), x.t(), None) if mode == "onednn" else torch.mm(dy.t(), x)
+    assert torch.equal(gemm_choice.product_tn(dy, x), want_tn)
     gemm_choice.pin(mode)   # the same in code, over whatever the environment says
     monkeypatch.setenv(gemm_choice.ENV_VAR, "measure")
     assert torch.equal(gemm_choice.product(a, b), want)
+    assert torch.equal(gemm_choice.product_tn(dy, x), want_tn)
 
 
 def test_measured_choice_is_cached_per_shape_class(monkeypatch):
@@ -41,6 +45,10 @@ def test_measured_choice_is_cached_per_shape_class(monkeypatch):
     assert len(gemm_choice._cache) == 1
     gemm_choice.product(a, torch.randn(48, 40).t())                     # b a transposed view: another class
     assert len(gemm_choice._cache) == 2
+    dy, x = torch.randn(300, 19), torch.randn(300, 33)
+    got = gemm_choice.product_tn(dy, x)
+    assert len(gemm_choice._cache) == 3 and (*gemm_choice.cpu_id(), "tn", 32, 64, 512) in gemm_choice._cache
+    torch.testing.assert_close(got, dy.t() @ x, rtol=1e-5, atol=1e-5)   # 300-term fp32 sums, another order
     assert all(v in ("onednn", "aten") for v in gemm_choice.choices().values())
 
 

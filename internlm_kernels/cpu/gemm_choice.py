@@ -7,7 +7,8 @@ step ATen's call is cheaper on either (docs/kernels/cpu.md). So the first produc
 runs both candidates on its own operands (one warm-up each, then ``_ROUNDS`` interleaved timed calls; the smaller
 minimum wins) and the winner is cached for the process under (CPU model, ATen ISA, shape class). A shape class is
 (M, N, K) each rounded up to a power of two, plus whether each operand is contiguous (a transposed view takes a
-different kernel). The result is the same product either way, up to float32 summation order.
+different kernel); the weight gradient dyᵀ·x is its own class (``product_tn``: oneDNN needs dyᵀ copied contiguous,
+ATen's BLAS takes the transpose as a flag, so the copy is part of what is timed). The result is the same product either way, up to float32 summation order.
 
 ``INTERNLM_KERNELS_CPU_GEMM`` pins the choice for reproducibility (bit-identical runs across processes, e.g. the
 test suite and multi-process equality checks): ``onednn``, ``aten``, or ``measure`` (the default). ``pin(mode)``
@@ -71,19 +72,36 @@ def mode() -> str:
 
 
 def choices() -> dict[str, str]:
-    """The measured choices of this process, as {"cpu | isa | M×N×K contiguity": impl}."""
-    return {" | ".join([*k[:2], "x".join(map(str, k[2:5])) + f" a{'c' if k[5] else 't'}b{'c' if k[6] else 't'}"]): v
-            for k, v in sorted(_cache.items())}
+    """The measured choices of this process, as {"cpu | isa | M×N×K layout": impl} (layout: c/t per operand for
+    a·bᵀ, "tn" for the weight gradient aᵀ·b)."""
+    def shape(k):
+        if k[2] == "tn":
+            return "x".join(map(str, k[3:6])) + " tn"
+        return "x".join(map(str, k[2:5])) + f" a{'c' if k[5] else 't'}b{'c' if k[6] else 't'}"
+    return {f"{k[0]} | {k[1]} | {shape(k)}": v for k, v in sorted(_cache.items(), key=str)}
 
 
 def _bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _time(fn, a, b, bias) -> float:
+def _time(fn, *args) -> float:
     t0 = time.perf_counter()
-    fn(a, b, bias)
+    fn(*args)
     return time.perf_counter() - t0
+
+
+def _choose(key: tuple, impls: dict, *args) -> str:
+    name = _cache.get(key)
+    if name is None:
+        best = {}
+        for impl in impls.values():
+            impl(*args)                                             # warm-up: oneDNN JITs its kernel here
+        for _ in range(_ROUNDS):                                    # interleaved, so machine load hits both
+            for n, impl in impls.items():
+                best[n] = min(best.get(n, float("inf")), _time(impl, *args))
+        name = _cache[key] = min(best, key=best.get)
+    return name
 
 
 def product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,13 +111,25 @@ def product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) 
         return _IMPLS[m](a, b, bias)
     key = (*cpu_id(), _bucket(a.shape[0]), _bucket(b.shape[0]), _bucket(a.shape[1]), a.is_contiguous(),
            b.is_contiguous())
-    name = _cache.get(key)
-    if name is None:
-        best = {}
-        for impl in _IMPLS.values():
-            impl(a, b, bias)                                        # warm-up: oneDNN JITs its kernel here
-        for _ in range(_ROUNDS):                                    # interleaved, so machine load hits both
-            for n, impl in _IMPLS.items():
-                best[n] = min(best.get(n, float("inf")), _time(impl, a, b, bias))
-        name = _cache[key] = min(best, key=best.get)
-    return _IMPLS[name](a, b, bias)
+    return _IMPLS[_choose(key, _IMPLS, a, b, bias)](a, b, bias)
+
+
+def _onednn_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return onednn(a.t().contiguous(), b.t(), None)        # oneDNN's fast path wants the reduced-over rows of aᵀ
+
+
+def _aten_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.mm(a.t(), b)                               # BLAS takes the transpose as a flag: no copy
+
+
+_TN_IMPLS = {"onednn": _onednn_tn, "aten": _aten_tn}
+
+
+def product_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (R, M)ᵀ · b (R, N) -> (M, N), the weight gradient dyᵀ x (a reduction over the R rows): oneDNN needs aᵀ made
+    contiguous first, ATen's mm does not, so the copy is part of what is measured. Shape class ("tn", M, N, R)."""
+    m = mode()
+    if m != "measure":
+        return _TN_IMPLS[m](a, b)
+    key = (*cpu_id(), "tn", _bucket(a.shape[1]), _bucket(b.shape[1]), _bucket(a.shape[0]))
+    return _TN_IMPLS[_choose(key, _TN_IMPLS, a, b)](a, b)

@@ -1,4 +1,4 @@
-"""y = x @ W.T (+ b) on CPU through oneDNN, forward and backward.
+"""y = x @ W.T (+ b) on CPU through oneDNN or ATen's BLAS (chosen by measurement, gemm_choice.py), forward and backward.
 
 torch's ``aten::mm`` on CPU calls the BLAS it was built with (MKL in the PyPI wheels). On AMD CPUs MKL does not use
 its AVX-512 kernels: on the development machine (AMD EPYC, Zen 5) a (2048 × 256)·(256 × 704)ᵀ fp32 product took
@@ -6,8 +6,8 @@ its AVX-512 kernels: on the development machine (AMD EPYC, Zen 5) a (2048 × 256
 inner product as ``torch.ops.mkldnn._linear_pointwise`` (the op Inductor's CPU backend emits for linear layers); it
 has no autograd, so the backward is written here with the same op:
     dx = dy @ W        = inner_product(dy, Wᵀ)           Wᵀ a strided view, no copy
-    dW = dyᵀ @ x       = inner_product(dyᵀ, xᵀ)          dyᵀ made contiguous (oneDNN's fast path for the
-                                                          reduction over tokens), xᵀ a strided view
+    dW = dyᵀ @ x       = weight_grad(dy, x)              oneDNN on dyᵀ made contiguous (its fast path for the
+                                                          reduction over tokens), or ATen's mm on the views
     db = Σ_rows dy
 fp32 accumulation throughout (oneDNN's default strict fp32 math mode: no implicit bf16/tf32).
 """
@@ -38,6 +38,13 @@ def inner_product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = 
     return gemm_choice.product(a, b, bias)
 
 
+def weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dyᵀ (N, M) · x (M, K) -> (N, K) by the GEMM measured faster for it (gemm_choice.product_tn)."""
+    if torch.compiler.is_compiling():
+        return dy.t() @ x
+    return gemm_choice.product_tn(dy, x)
+
+
 class LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -56,7 +63,7 @@ class LinearFunction(torch.autograd.Function):
         if need_x:
             dx = inner_product(dy2, weight.t()).view(*dy.shape[:-1], weight.shape[1])
         if need_w:
-            dw = inner_product(dy2.t().contiguous(), x2.t())                     # (N, K)
+            dw = weight_grad(dy2, x2)                                            # (N, K)
         if need_b and ctx.has_bias:
             db = dy2.sum(0)
         return dx, dw, db
