@@ -32,7 +32,8 @@ lint: $(STAMP)
 # The suite runs with ATen's best ISA for this CPU (AVX-512 where present); the distributed-equality and CPU-path
 # tests run once more as on an AVX2-only CPU, so a comparison that holds for one ISA only fails here, not elsewhere.
 # That pass compiles into its own inductor cache, so no compiled kernel of the first pass is reused under the other ISA.
-ISA_TESTS := tests/test_cpu_fused.py tests/test_linear_cpu.py tests/test_attention_cpu.py tests/test_cross_entropy_cpu.py \
+ISA_TESTS := tests/test_cpu_fused.py tests/test_linear_cpu.py tests/test_gemm_choice.py tests/test_decode_step.py \
+	tests/test_attention_cpu.py tests/test_cross_entropy_cpu.py \
 	tests/test_distributed_2d.py tests/test_distributed_zero.py tests/test_tensor_parallel_stages.py tests/test_reward.py
 
 test: $(STAMP)

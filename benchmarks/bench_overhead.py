@@ -39,7 +39,7 @@ if not torch.cuda.is_available():  # before any @triton.jit is defined: the no-o
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import OURS, card_name, device  # noqa: E402
+from common import OURS, card_name, cpu_info, device  # noqa: E402
 
 import internlm_kernels as ik  # noqa: E402
 from internlm_kernels import reference  # noqa: E402
@@ -176,4 +176,4 @@ def test_overhead(benchmark, op, pass_, impl):
     ms = _timed[op, pass_][impl]
     benchmark.pedantic(fns[impl], rounds=3, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(group=f"overhead {op} {pass_} ({'no-op kernels' if not ON_GPU else 'tiny shapes'})",
-                                impl=names[impl], metric="ms", value=ms, ms=ms, card=card_name())
+                                impl=names[impl], metric="ms", value=ms, ms=ms, card=card_name(), **cpu_info())

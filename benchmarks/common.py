@@ -29,6 +29,21 @@ def card_name() -> str:
     return f"cpu {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
+def cpu_info() -> dict[str, str]:
+    """What a CPU figure depends on beyond the code: the CPU model, the ISA ATen dispatches to
+    (``ATEN_CPU_CAPABILITY`` lowers it), and the cpu GEMM mode with what it measured (internlm_kernels/cpu/
+    gemm_choice.py). Empty on a GPU run."""
+    if torch.cuda.is_available():
+        return {}
+    from internlm_kernels.cpu import gemm_choice
+
+    model, isa = gemm_choice.cpu_id()
+    info = {"cpu_model": model, "isa": isa, "gemm_mode": gemm_choice.mode()}
+    if gemm_choice.choices():
+        info["gemm_choices"] = "; ".join(f"{k.split(' | ')[-1]}={v}" for k, v in gemm_choice.choices().items())
+    return info
+
+
 def time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 20) -> float:
     """Median milliseconds of ``fn()``; CUDA work is synchronized (triton.testing.do_bench on GPU)."""
     if torch.cuda.is_available():
@@ -73,7 +88,8 @@ def record(benchmark, fn: Callable[[], object], *, group: str, impl: str, metric
         ms = time_ms(fn)
     benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)
     value = work * unit_scale / (ms * 1e-3)
-    benchmark.extra_info.update(group=group, impl=impl, metric=metric, value=value, ms=ms, card=card_name(), **extra)
+    benchmark.extra_info.update(group=group, impl=impl, metric=metric, value=value, ms=ms, card=card_name(),
+                                **cpu_info(), **extra)
     return value
 
 

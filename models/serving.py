@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 
 import internlm_kernels as ik
+from internlm_kernels.backend import requested
 
 from .context import PackedContext
+from .decode_step import CpuDecodeStep
 from .packing import PackedInputs
 
 
@@ -47,12 +49,13 @@ class PagedKVPool:
     """Keys and values of every layer in pages: ``k[layer]`` / ``v[layer]`` is (num_pages, page_size, Hkv, D)."""
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, storage: bool = True):
         if num_pages < 2:
             raise ValueError(f"num_pages must be >= 2 (page 0 is scratch), got {num_pages}")
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
-        shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+        # storage=False: page bookkeeping only (the CPU decode path keeps keys/values per slot).
+        shape = (num_layers, num_pages if storage else 0, page_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.page_size = page_size
@@ -197,8 +200,13 @@ class ContinuousBatchingGenerator:
         self.max_batch, self.max_seq_len, self.prefill_tokens = max_batch, max_seq_len, prefill_tokens
         self.pages_per_seq = -(-max_seq_len // page_size)
         num_pages = num_pages or max_batch * self.pages_per_seq + 1
+        # float32 on CPU under the cpu (or auto) attention/kvcache backend, as chosen when the generator is built:
+        # keys/values per slot and the whole decode step as one function of plain ATen calls
+        # (models/decode_step.py); the pool then only keeps the page bookkeeping.
+        cpu_path = (self.device.type == "cpu" and self.dtype == torch.float32
+                    and all(requested(op) in ("auto", "cpu") for op in ("attention", "kvcache")))
         self.pool = PagedKVPool(config.num_hidden_layers, num_pages, page_size, config.num_key_value_heads,
-                                config.head_dim, self.dtype, self.device)
+                                config.head_dim, self.dtype, self.device, storage=not cpu_path)
         self.cos, self.sin = model.model.rotary(self.pages_per_seq * page_size, self.device)
         # Decode-step inputs at fixed addresses (row r = slot r); padding rows point at the scratch page 0.
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
@@ -207,29 +215,35 @@ class ContinuousBatchingGenerator:
         self.buckets = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._cpu_step = (CpuDecodeStep(model, max_batch, self.pages_per_seq * page_size, self.cos, self.sin)
+                          if cpu_path else None)
 
     # ----------------------------------------------------------------------------------------------
     # Model steps
     # ----------------------------------------------------------------------------------------------
     def _prefill(self, batch: list[tuple[int, _Request]]) -> torch.Tensor:
         """Run the prompts of (slot, request) pairs packed; returns logits (n, V) float32 at their last tokens."""
-        ps = self.pool.page_size
-        ids, pages, offsets, lengths = [], [], [], []
+        ids, lengths = [], []
         for _, req in batch:
             ids.extend(req.prompt)
             lengths.append(len(req.prompt))
-            for p in range(len(req.prompt)):
-                pages.append(req.pages[p // ps])
-                offsets.append(p % ps)
         dev = self.device
         ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
         cu_seqlens = F.pad(torch.tensor(lengths, device=dev).cumsum(0).to(torch.int32), (1, 0))
-        writer = _PrefillWriter(self.pool, torch.tensor(pages, device=dev), torch.tensor(offsets, device=dev))
+        if self._cpu_step is not None:
+            writer = self._cpu_step.writer([slot for slot, _ in batch], lengths)
+        else:
+            ps = self.pool.page_size
+            pages = [req.pages[p // ps] for _, req in batch for p in range(len(req.prompt))]
+            offsets = [p % ps for _, req in batch for p in range(len(req.prompt))]
+            writer = _PrefillWriter(self.pool, torch.tensor(pages, device=dev), torch.tensor(offsets, device=dev))
         packed = PackedInputs(ids_t, cu_seqlens, max(lengths), None, None, None)
         hidden = self.model.model(ids_t, PackedContext(packed, self.model.model.rotary, writer))
         return self.model.output(hidden[cu_seqlens[1:].long() - 1]).float()
 
     def _decode_eager(self, rows: int) -> torch.Tensor:
+        if self._cpu_step is not None:
+            return self._cpu_step.logits(rows, self.tokens, self.cache_seqlens)
         ctx = PagedDecodeContext(self.pool, self.block_table[:rows], self.cache_seqlens[:rows], self.cos, self.sin)
         hidden = self.model.model(self.tokens[:rows], ctx)
         return self.model.output(hidden).float()

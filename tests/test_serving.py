@@ -35,11 +35,13 @@ def test_greedy_equals_generate_and_the_uncached_forward(model):
 
 def test_triton_kernels_match_the_reference_backend(model):
     # Every kernel of the model runs under the interpreter here: kept short (2 prompts, 3 tokens, pages of 8).
-    gen = ContinuousBatchingGenerator(model, max_batch=2, page_size=8)
+    # The backend is read when the generator is built (under auto/cpu a float32 CPU model gets the fused decode step).
     with ik.use_backend("reference"):
-        want = gen.generate([PROMPTS[0], PROMPTS[2]], 3, stop_token_ids=())
+        want = ContinuousBatchingGenerator(model, max_batch=2, page_size=8).generate([PROMPTS[0], PROMPTS[2]], 3,
+                                                                                     stop_token_ids=())
     with ik.use_backend("triton"):
-        got = gen.generate([PROMPTS[0], PROMPTS[2]], 3, stop_token_ids=())
+        got = ContinuousBatchingGenerator(model, max_batch=2, page_size=8).generate([PROMPTS[0], PROMPTS[2]], 3,
+                                                                                    stop_token_ids=())
     assert tokens(got) == tokens(want)
     for g, w in zip(got, want):
         torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), rtol=1e-4, atol=1e-4)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .linear import inner_product
+from .linear import inner_product, weight_grad
 
 DTYPES = (torch.float32,)
 # 16 MiB of float32 logits per chunk: one chunk for the demo (2048 tokens × 272), ~45 rows at vocab 92544.
@@ -69,7 +69,7 @@ def _chunks(hidden, weight, bias, target, options, grad_scale, need):
         if need[0]:
             dh[start:stop] = inner_product(dz, weight.t())
         if need[1]:
-            dw += inner_product(dz.t().contiguous(), h.t())
+            dw += weight_grad(dz, h)
         if need[2]:
             db += dz.sum(0)
     return loss, z_loss, (dh, dw, db)

@@ -1,4 +1,4 @@
-"""y = x @ W.T (+ b) on CPU through oneDNN, forward and backward.
+"""y = x @ W.T (+ b) on CPU through oneDNN or ATen's BLAS (chosen by measurement, gemm_choice.py), forward and backward.
 
 torch's ``aten::mm`` on CPU calls the BLAS it was built with (MKL in the PyPI wheels). On AMD CPUs MKL does not use
 its AVX-512 kernels: on the development machine (AMD EPYC, Zen 5) a (2048 × 256)·(256 × 704)ᵀ fp32 product took
@@ -6,14 +6,16 @@ its AVX-512 kernels: on the development machine (AMD EPYC, Zen 5) a (2048 × 256
 inner product as ``torch.ops.mkldnn._linear_pointwise`` (the op Inductor's CPU backend emits for linear layers); it
 has no autograd, so the backward is written here with the same op:
     dx = dy @ W        = inner_product(dy, Wᵀ)           Wᵀ a strided view, no copy
-    dW = dyᵀ @ x       = inner_product(dyᵀ, xᵀ)          dyᵀ made contiguous (oneDNN's fast path for the
-                                                          reduction over tokens), xᵀ a strided view
+    dW = dyᵀ @ x       = weight_grad(dy, x)              oneDNN on dyᵀ made contiguous (its fast path for the
+                                                          reduction over tokens), or ATen's mm on the views
     db = Σ_rows dy
 fp32 accumulation throughout (oneDNN's default strict fp32 math mode: no implicit bf16/tf32).
 """
 from __future__ import annotations
 
 import torch
+
+from . import gemm_choice
 
 DTYPES = (torch.float32,)
 # Read once at import: the build does not change, and torch.compile does not trace torch.backends queries.
@@ -28,11 +30,19 @@ def available() -> str | None:
 
 
 def inner_product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a (M, K) @ b (N, K)ᵀ (+ bias (N,)) -> (M, N) by oneDNN. Traced by torch.compile it is a plain matmul:
-    Inductor lowers mkldnn._linear_pointwise only for frozen (constant) weights, and picks its own CPU GEMM."""
+    """a (M, K) @ b (N, K)ᵀ (+ bias (N,)) -> (M, N) by oneDNN or ATen's mm, whichever measured faster for this shape
+    class on this CPU (gemm_choice.py; pinned by INTERNLM_KERNELS_CPU_GEMM). Traced by torch.compile it is a plain
+    matmul: Inductor lowers mkldnn._linear_pointwise only for frozen (constant) weights, and picks its own CPU GEMM."""
     if torch.compiler.is_compiling():
         return torch.nn.functional.linear(a, b, bias)
-    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+    return gemm_choice.product(a, b, bias)
+
+
+def weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dyᵀ (N, M) · x (M, K) -> (N, K) by the GEMM measured faster for it (gemm_choice.product_tn)."""
+    if torch.compiler.is_compiling():
+        return dy.t() @ x
+    return gemm_choice.product_tn(dy, x)
 
 
 class LinearFunction(torch.autograd.Function):
@@ -53,7 +63,7 @@ class LinearFunction(torch.autograd.Function):
         if need_x:
             dx = inner_product(dy2, weight.t()).view(*dy.shape[:-1], weight.shape[1])
         if need_w:
-            dw = inner_product(dy2.t().contiguous(), x2.t())                     # (N, K)
+            dw = weight_grad(dy2, x2)                                            # (N, K)
         if need_b and ctx.has_bias:
             db = dy2.sum(0)
         return dx, dw, db

@@ -1,0 +1,135 @@
+"""Which CPU GEMM computes a (M, K) · (N, K)ᵀ product: oneDNN's inner product or ATen's ``mm`` (the BLAS torch was
+built with, MKL in the PyPI wheels), chosen by measurement on the running CPU.
+
+Neither wins everywhere. On an AMD EPYC (Zen 5) MKL does not take its AVX-512 path and oneDNN's JIT kernels are ~2×
+faster for training-sized products; on Intel Xeons MKL does use AVX-512; and for the few-row products of a decode
+step ATen's call is cheaper on either (docs/kernels/cpu.md). So the first product of each *shape class* in a process
+runs both candidates on its own operands (one warm-up each, then ``_ROUNDS`` interleaved timed calls; the smaller
+minimum wins) and the winner is cached for the process under (CPU model, ATen ISA, shape class). A shape class is
+(M, N, K) each rounded up to a power of two, plus whether each operand is contiguous (a transposed view takes a
+different kernel); the weight gradient dyᵀ·x is its own class (``product_tn``: oneDNN needs dyᵀ copied contiguous,
+ATen's BLAS takes the transpose as a flag, so the copy is part of what is timed). The result is the same product either way, up to float32 summation order.
+
+``INTERNLM_KERNELS_CPU_GEMM`` pins the choice for reproducibility (bit-identical runs across processes, e.g. the
+test suite and multi-process equality checks): ``onednn``, ``aten``, or ``measure`` (the default). ``pin(mode)``
+does the same in code; ``choices()`` returns what was measured (benchmarks record it).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import torch
+
+ENV_VAR = "INTERNLM_KERNELS_CPU_GEMM"
+MODES = ("measure", "onednn", "aten")
+_ROUNDS = 3
+
+_pinned: str | None = None
+_cache: dict[tuple, str] = {}
+
+
+def onednn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+def aten(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.nn.functional.linear(a, b, bias)
+
+
+_IMPLS = {"onednn": onednn, "aten": aten}
+
+
+@functools.cache
+def cpu_id() -> tuple[str, str]:
+    """(CPU model name, the ISA ATen dispatches to): the scope a measured choice is valid for."""
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return model, torch.backends.cpu.get_cpu_capability()
+
+
+def pin(mode: str | None) -> None:
+    """Force ``onednn`` / ``aten`` for every product, or ``measure``; None returns to the environment's setting."""
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
+    global _pinned
+    _pinned = mode
+
+
+def mode() -> str:
+    m = _pinned or os.environ.get(ENV_VAR, "measure") or "measure"
+    if m not in MODES:
+        raise ValueError(f"{ENV_VAR} must be one of {MODES}, got {m!r}")
+    return m
+
+
+def choices() -> dict[str, str]:
+    """The measured choices of this process, as {"cpu | isa | M×N×K layout": impl} (layout: c/t per operand for
+    a·bᵀ, "tn" for the weight gradient aᵀ·b)."""
+    def shape(k):
+        if k[2] == "tn":
+            return "x".join(map(str, k[3:6])) + " tn"
+        return "x".join(map(str, k[2:5])) + f" a{'c' if k[5] else 't'}b{'c' if k[6] else 't'}"
+    return {f"{k[0]} | {k[1]} | {shape(k)}": v for k, v in sorted(_cache.items(), key=str)}
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _time(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def _choose(key: tuple, impls: dict, *args) -> str:
+    name = _cache.get(key)
+    if name is None:
+        best = {}
+        for impl in impls.values():
+            impl(*args)                                             # warm-up: oneDNN JITs its kernel here
+        for _ in range(_ROUNDS):                                    # interleaved, so machine load hits both
+            for n, impl in impls.items():
+                best[n] = min(best.get(n, float("inf")), _time(impl, *args))
+        name = _cache[key] = min(best, key=best.get)
+    return name
+
+
+def product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, K) · b (N, K)ᵀ (+ bias) through the chosen GEMM."""
+    m = mode()
+    if m != "measure":
+        return _IMPLS[m](a, b, bias)
+    key = (*cpu_id(), _bucket(a.shape[0]), _bucket(b.shape[0]), _bucket(a.shape[1]), a.is_contiguous(),
+           b.is_contiguous())
+    return _IMPLS[_choose(key, _IMPLS, a, b, bias)](a, b, bias)
+
+
+def _onednn_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return onednn(a.t().contiguous(), b.t(), None)        # oneDNN's fast path wants the reduced-over rows of aᵀ
+
+
+def _aten_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.mm(a.t(), b)                               # BLAS takes the transpose as a flag: no copy
+
+
+_TN_IMPLS = {"onednn": _onednn_tn, "aten": _aten_tn}
+
+
+def product_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (R, M)ᵀ · b (R, N) -> (M, N), the weight gradient dyᵀ x (a reduction over the R rows): oneDNN needs aᵀ made
+    contiguous first, ATen's mm does not, so the copy is part of what is measured. Shape class ("tn", M, N, R)."""
+    m = mode()
+    if m != "measure":
+        return _TN_IMPLS[m](a, b)
+    key = (*cpu_id(), "tn", _bucket(a.shape[1]), _bucket(b.shape[1]), _bucket(a.shape[0]))
+    return _TN_IMPLS[_choose(key, _TN_IMPLS, a, b)](a, b)

@@ -1,0 +1,60 @@
+"""The CPU decode step (models/decode_step.py: keys/values per slot, one function of ATen calls for the layer stack)
+against the generic paged path (the reference kvcache backend over the paged pool): same tokens and log-probs on
+ragged prompts with unequal budgets (slots free at different steps, so the decode runs a trimmed batch with free
+rows between live ones), greedy and sampled; and greedy equal to the uncached forward."""
+import dataclasses
+
+import pytest
+import torch
+from test_generation import uncached_greedy
+
+import internlm_kernels as ik
+from models import InternLM2Config, InternLM2ForCausalLM
+from models.serving import ContinuousBatchingGenerator
+
+PROMPTS = [[5, 17, 3], [9], [4, 4, 8, 15, 16, 23, 42, 7, 1, 60, 33], [2, 99, 100, 0, 50], [7] * 20, [11, 12]]
+BUDGETS = [9, 3, 14, 6, 11, 5]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return InternLM2ForCausalLM(InternLM2Config.preset("micro")).eval()
+
+
+def run(model, fused: bool, **kw):
+    # kvcache=reference builds the generic path (paged pool, ik.flash_attn_with_kvcache per layer).
+    with ik.use_backend() if fused else ik.use_backend(kvcache="reference"):
+        gen = ContinuousBatchingGenerator(model, max_batch=4, page_size=8, max_seq_len=40)
+    assert (gen._cpu_step is not None) == fused
+    return gen.generate(PROMPTS, BUDGETS, stop_token_ids=(), **kw)
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_k": 50}])
+def test_fused_decode_step_equals_the_paged_path(model, sampling):
+    got = run(model, True, generator=torch.Generator().manual_seed(1), **sampling)
+    want = run(model, False, generator=torch.Generator().manual_seed(1), **sampling)
+    assert [c.tokens for c in got] == [c.tokens for c in want]
+    assert [len(c.tokens) for c in got] == BUDGETS
+    for g, w in zip(got, want):
+        # float32 log-softmax over the vocabulary of logits that differ in summation order only: ~1e-6 absolute.
+        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_decode_step_greedy_equals_the_uncached_forward(model):
+    got = run(model, True)
+    assert [c.tokens for c in got] == [uncached_greedy(model, p, n, ()) for p, n in zip(PROMPTS, BUDGETS)]
+
+
+def test_gqa_groups_and_weight_updates_are_seen():
+    # 4 query heads per KV head (micro has another ratio), and a weight change between calls reaches the next call.
+    cfg = dataclasses.replace(InternLM2Config.preset("micro"), num_attention_heads=8, num_key_value_heads=2)
+    torch.manual_seed(1)
+    m = InternLM2ForCausalLM(cfg).eval()
+    gen = ContinuousBatchingGenerator(m, max_batch=4, page_size=8, max_seq_len=40)
+    assert [c.tokens for c in gen.generate(PROMPTS[:3], 6, stop_token_ids=())] == \
+        [uncached_greedy(m, p, 6, ()) for p in PROMPTS[:3]]
+    with torch.no_grad():
+        m.model.layers[0].feed_forward.w2.weight.mul_(3.0)
+    assert [c.tokens for c in gen.generate(PROMPTS[:3], 6, stop_token_ids=())] == \
+        [uncached_greedy(m, p, 6, ()) for p in PROMPTS[:3]]

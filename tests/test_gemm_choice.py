@@ -1,0 +1,77 @@
+"""The run-time GEMM choice of the cpu linear path (internlm_kernels/cpu/gemm_choice.py): pinned, every product is the
+pinned implementation's (bit for bit, so runs are reproducible); measured, the choice is made once per shape class and
+then fixed for the process; either way the cpu linear forward and backward equal the reference."""
+import pytest
+import torch
+from conftest import assert_close, oracle_leaf
+
+import internlm_kernels as ik
+from internlm_kernels import reference
+from internlm_kernels.cpu import gemm_choice
+
+
+@pytest.fixture(autouse=True)
+def unpinned():
+    yield
+    gemm_choice.pin(None)
+
+
+@pytest.mark.parametrize("mode", ["onednn", "aten"])
+def test_pinned_choice_is_that_implementation(mode, monkeypatch):
+    a, b = torch.randn(37, 33), torch.randn(19, 33)
+    want = gemm_choice.onednn(a, b, None) if mode == "onednn" else torch.nn.functional.linear(a, b)
+    monkeypatch.setenv(gemm_choice.ENV_VAR, mode)
+    assert torch.equal(gemm_choice.product(a, b), want)
+    dy, x = torch.randn(37, 19), torch.randn(37, 33)     # the weight gradient dyᵀ x
+    want_tn = gemm_choice.onednn(dy.t().contiguous(), x.t(), None) if mode == "onednn" else torch.mm(dy.t(), x)
+    assert torch.equal(gemm_choice.product_tn(dy, x), want_tn)
+    gemm_choice.pin(mode)   # the same in code, over whatever the environment says
+    monkeypatch.setenv(gemm_choice.ENV_VAR, "measure")
+    assert torch.equal(gemm_choice.product(a, b), want)
+    assert torch.equal(gemm_choice.product_tn(dy, x), want_tn)
+
+
+def test_measured_choice_is_cached_per_shape_class(monkeypatch):
+    monkeypatch.setenv(gemm_choice.ENV_VAR, "measure")
+    monkeypatch.setattr(gemm_choice, "_cache", {})
+    a, b = torch.randn(200, 48), torch.randn(40, 48)
+    first = gemm_choice.product(a, b)
+    (key, name), = gemm_choice._cache.items()
+    assert key[:2] == gemm_choice.cpu_id() and key[2:] == (256, 64, 64, True, True)
+    assert torch.equal(first, getattr(gemm_choice, name)(a, b, None))
+    # Same class (each size rounds up to the same power of two): no new measurement, the same implementation.
+    a2, b2 = torch.randn(130, 40), torch.randn(63, 40)
+    assert torch.equal(gemm_choice.product(a2, b2), getattr(gemm_choice, name)(a2, b2, None))
+    assert len(gemm_choice._cache) == 1
+    gemm_choice.product(a, torch.randn(48, 40).t())                     # b a transposed view: another class
+    assert len(gemm_choice._cache) == 2
+    dy, x = torch.randn(300, 19), torch.randn(300, 33)
+    got = gemm_choice.product_tn(dy, x)
+    assert len(gemm_choice._cache) == 3 and (*gemm_choice.cpu_id(), "tn", 32, 64, 512) in gemm_choice._cache
+    torch.testing.assert_close(got, dy.t() @ x, rtol=1e-5, atol=1e-5)   # 300-term fp32 sums, another order
+    assert all(v in ("onednn", "aten") for v in gemm_choice.choices().values())
+
+
+def test_bad_mode_names_the_variable(monkeypatch):
+    monkeypatch.setenv(gemm_choice.ENV_VAR, "mkl")
+    with pytest.raises(ValueError, match=gemm_choice.ENV_VAR):
+        gemm_choice.product(torch.randn(2, 3), torch.randn(4, 3))
+    with pytest.raises(ValueError, match="mode"):
+        gemm_choice.pin("fastest")
+
+
+@pytest.mark.parametrize("mode", ["onednn", "aten", "measure"])
+def test_cpu_linear_matches_reference_under_each_choice(mode):
+    gemm_choice.pin(mode)
+    x = torch.randn(3, 29, 65, requires_grad=True)
+    w = torch.randn(23, 65, requires_grad=True)
+    b = torch.randn(23, requires_grad=True)
+    with ik.use_backend(linear="cpu"):
+        y = ik.linear(x, w, b)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w, b), dy)
+    leaves = [oracle_leaf(t, torch.float32) for t in (x, w, b)]
+    expect = reference.linear(*leaves)
+    assert_close(y, expect)
+    for g, e in zip(grads, torch.autograd.grad(expect, leaves, dy.double())):
+        assert_close(g, e)
