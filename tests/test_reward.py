@@ -8,9 +8,13 @@ import torch
 from train.data.chat import render
 from train.data.items import ItemBatches
 from train.data.preference import (
+    CORRECT_OVER_WRONG,
     DEFAULT_CONDITIONS,
+    MixedPreferences,
     SyntheticPreferences,
+    TaskPreferences,
     conditioned,
+    corrupt,
     pair_item,
     read_preferences,
     reward_token_id,
@@ -126,6 +130,59 @@ def test_synthetic_preferences_flip_between_domains():
     assert tok.decode(plain.sequences[0][0]).startswith("<s><|im_start|>user\n")
     with pytest.raises(ValueError, match="no condition prompt for domain 'concise'"):
         pair_item(prefs[0], tok, rid, {"helpful": "x"}, SyntheticPreferences.domains)
+
+
+def test_corrupt_is_a_near_miss_never_the_answer():
+    import random
+
+    rng = random.Random(0)
+    for answer in ("7", "0", "18", "Vesk", "ab", "x", "NCS", "522 * 53 = 27666", "Toka Mi lives in Ormel."):
+        outs = [corrupt(rng, answer) for _ in range(200)]
+        assert all(o != answer and o.strip() for o in outs)
+        assert all(abs(len(o) - len(answer)) <= max(3, len(answer)) for o in outs)
+    nums = [corrupt(rng, "12") for _ in range(200)]
+    assert sum(n.isdigit() and abs(int(n) - 12) <= 3 for n in nums) >= 100      # mostly off by 1-3
+    assert {corrupt(random.Random(k), "abcdef")[:1] for k in range(50)} >= {"a"}   # character-level edits
+
+
+def test_task_preferences_chosen_passes_the_checker_rejected_fails():
+    from train.rlhf.rollouts import SyntheticPrompts
+
+    tasks = ["arithmetic", "recall", "echo"]
+    prefs = TaskPreferences(seed=4, split="train", tasks=tasks, domain="concise")
+    prompts = SyntheticPrompts(4, "pref-train", tasks, "concise")    # the same conversations, as PPO prompts
+    for i in range(60):
+        pair, prompt = prefs[i], prompts[i]
+        assert pair.domain == "concise" and pair.prompt == prompt.messages
+        assert prompt.check(pair.chosen[-1].content) is True
+        assert prompt.check(pair.rejected[-1].content) is False
+    assert prefs[3] == TaskPreferences(seed=4, split="train", tasks=tasks)[3]               # random access
+    assert prefs[3] != TaskPreferences(seed=4, split="heldout", tasks=tasks)[3]
+
+
+def test_mixed_preferences_share_and_reward_stage_groups():
+    from train.config import repo_config
+    from train.stages.align_config import parse_reward_cli
+    from train.stages.reward import preference_sets
+
+    flipped, tasks = SyntheticPreferences(1), TaskPreferences(1, "train", ["arithmetic"])
+    mixed = MixedPreferences(flipped, tasks, 0.25, seed=1)
+    picks = [mixed.from_second(i) for i in range(2000)]
+    assert 0.2 < sum(picks) / len(picks) < 0.3
+    assert all(mixed[i] == (tasks[i] if p else flipped[i]) for i, p in enumerate(picks[:50]))
+    assert not any(MixedPreferences(flipped, tasks, 0.0, 1).from_second(i) for i in range(100))
+    with pytest.raises(ValueError, match="task_pairs_share"):
+        MixedPreferences(flipped, tasks, 1.5, 1)
+    cfg = parse_reward_cli(["--config", repo_config("reward_tiny.toml"), "--reward.heldout=6", "--reward.task_pairs_share=0.5", "--reward.task_pairs_heldout=4",
+                            '--reward.task_pairs_tasks=["arithmetic"]'])
+    train, held, groups, names = preference_sets(cfg)
+    assert names == SyntheticPreferences.domains + (CORRECT_OVER_WRONG,)
+    assert groups == [p.domain for p in held[:6]] + [CORRECT_OVER_WRONG] * 4
+    assert all(p.domain == "concise" for p in held[6:]) and isinstance(train, MixedPreferences)
+    tok = ByteTokenizer()
+    item = pair_item(held[-1], tok, reward_token_id(tok), DEFAULT_CONDITIONS, names, groups[-1])
+    assert item.group == names.index(CORRECT_OVER_WRONG)
+    assert tok.decode(item.sequences[0][0]).startswith(f"<s><|im_start|>system\n{DEFAULT_CONDITIONS['concise']}")
 
 
 def test_read_preferences(tmp_path):

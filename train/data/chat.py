@@ -278,12 +278,23 @@ CALCULATOR = {"name": "calculator", "description": "Evaluate an arithmetic expre
 LOOKUP = {"name": "lookup", "description": "Look up a fact about a person: field is city, job, pet or colour.",
           "parameters": {"type": "object", "properties": {"person": {"type": "string"}, "field": {"type": "string"}},
                          "required": ["person", "field"]}}
-SYNTHETIC_CHAT_TASKS = ("arithmetic", "calculator", "lookup", "multiturn", "system")
+SYNTHETIC_CHAT_TASKS = ("arithmetic", "calculator", "lookup", "multiturn", "system", "echo", "recall")
 _FIELDS = {"city": "lives in {}", "job": "works as a {}", "pet": "has a {}", "colour": "likes the colour {}"}
+_VALUES = {"city": ("Vesk", "Ormel", "Tandra", "Quillon", "Baseth", "Korvi", "Lunmar", "Pellica", "Ystra", "Dovrin"),
+           "job": ("baker", "potter", "pilot", "gardener", "tailor", "doctor", "painter", "sailor", "miner", "teacher"),
+           "pet": ("cat", "dog", "parrot", "goat", "rabbit", "turtle", "owl", "horse"),
+           "colour": ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")}
+_SYLLABLES = ("ka", "lo", "mi", "ra", "to", "ve", "zu", "ne", "shi", "da", "por", "fen", "gal", "mur", "tes", "bri")
 
 
-def _word(rng: random.Random) -> str:
-    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6)))
+def _word(rng: random.Random, lo: int = 3, hi: int = 6) -> str:
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(lo, hi)))
+
+
+def _name(rng: random.Random) -> str:
+    """A fresh two-part name drawn per conversation: the model must copy it, it cannot have memorized it."""
+    parts = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize() for _ in range(2)]
+    return " ".join(parts)
 
 
 def _expression(rng: random.Random) -> tuple[str, int]:
@@ -326,7 +337,7 @@ class SyntheticChats:
 
     @staticmethod
     def _arithmetic(rng: random.Random) -> Conversation:
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
         answer = str(a + b)
         return Conversation([Message("user", f"What is {a} + {b}?"), Message("assistant", answer)], "arithmetic",
                             answer)
@@ -340,29 +351,47 @@ class SyntheticChats:
                 Message("environment", json.dumps({"result": value}), "plugin"), Message("assistant", answer)]
         return Conversation(msgs, "calculator", answer)
 
-    def _lookup(self, rng: random.Random) -> Conversation:
-        person = rng.choice(self.world)
+    @staticmethod
+    def _lookup(rng: random.Random) -> Conversation:
+        name = _name(rng)
         field = rng.choice(tuple(_FIELDS))
-        value = {"city": person.city, "job": person.job, "pet": person.pet, "colour": person.color}[field]
-        answer = f"{person.name} {_FIELDS[field].format(value)}."
-        msgs = [plugin_declaration([LOOKUP]), Message("user", f"What is the {field} of {person.name}?"),
-                Message("assistant", plugin_call("lookup", {"person": person.name, "field": field})),
+        value = rng.choice(_VALUES[field])
+        answer = f"{name} {_FIELDS[field].format(value)}."
+        msgs = [plugin_declaration([LOOKUP]), Message("user", f"What is the {field} of {name}?"),
+                Message("assistant", plugin_call("lookup", {"person": name, "field": field})),
                 Message("environment", json.dumps({field: value}), "plugin"), Message("assistant", answer)]
         return Conversation(msgs, "lookup", answer)
 
     @staticmethod
     def _multiturn(rng: random.Random) -> Conversation:
         w = _word(rng)
-        answer = "".join(sorted(w[::-1]))
-        msgs = [Message("user", f"reverse: {w}"), Message("assistant", w[::-1]),
-                Message("user", "now sort its letters"), Message("assistant", answer)]
-        return Conversation(msgs, "multiturn", answer)
+        msgs = [Message("user", f"repeat: {w}"), Message("assistant", w),
+                Message("user", "now in upper case"), Message("assistant", w.upper())]
+        return Conversation(msgs, "multiturn", w.upper())
 
     @staticmethod
     def _system(rng: random.Random) -> Conversation:
         w = _word(rng)
         upper = rng.random() < 0.5
-        answer = w[::-1].upper() if upper else w[::-1]
+        answer = w.upper() if upper else w
         system = "Answer in upper case." if upper else "You are a helpful assistant."
-        msgs = [Message("system", system), Message("user", f"reverse: {w}"), Message("assistant", answer)]
+        msgs = [Message("system", system), Message("user", f"repeat: {w}"), Message("assistant", answer)]
         return Conversation(msgs, "system", answer)
+
+    @staticmethod
+    def _echo(rng: random.Random) -> Conversation:
+        phrase = " ".join(_word(rng) for _ in range(rng.randint(1, 3)))
+        return Conversation([Message("user", f"repeat: {phrase}"), Message("assistant", phrase)], "echo", phrase)
+
+    @staticmethod
+    def _recall(rng: random.Random) -> Conversation:
+        people: list[tuple[str, str]] = []
+        count = rng.randint(2, 3)
+        while len(people) < count:
+            name = _name(rng)
+            if name not in (p for p, _ in people):
+                people.append((name, _word(rng, 4, 7).capitalize()))
+        who, where = rng.choice(people)
+        facts = " ".join(f"{n} lives in {c}." for n, c in people)
+        return Conversation([Message("user", f"{facts} Where does {who} live?"), Message("assistant", where)],
+                            "recall", where)
