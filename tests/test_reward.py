@@ -514,3 +514,31 @@ def test_reward_stage_tensor_parallel_equals_one_process(tmp_path):
     assert set(exported) == set(one.model.state_dict())
     for k, v in one.model.state_dict().items():
         torch.testing.assert_close(exported[k], v, rtol=1e-4, atol=1e-4, msg=k)
+
+
+def test_alignment_summary_and_the_unconditional_control_from_hand_made_results(tmp_path):
+    """summary.json's sft and reward parts: before/after exact match and tool-call exactness from the SFT metrics,
+    the conditional RM's per-domain accuracy and correct>wrong, and the control's accuracy on the flipped pairs only
+    (its correct>wrong group left out)."""
+    from train.pipeline.align import alignment_summary, flipped_accuracy
+    from train.stages.reward import RewardResult
+    from train.stages.sft import SFTResult
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in [
+        {"kind": "eval", "step": 0, "exact_match": 0.02, "tool_call_exact": 0.0},
+        {"kind": "train", "step": 1, "loss": 1.0},
+        {"kind": "eval", "step": 9, "exact_match": 0.75, "tool_call_exact": 0.8}]) + "\n")
+    sft = SFTResult(str(tmp_path), None, None, None, True, str(metrics), "")
+    names = SyntheticPreferences.domains + (CORRECT_OVER_WRONG,)
+    rm = RewardResult("", None, None, None, True, "", "", names,
+                      eval={"pair_acc_concise": 0.95, "pair_acc_helpful": 0.9, f"pair_acc_{CORRECT_OVER_WRONG}": 0.88})
+    # control: flipped pairs (groups 0, 1) right 1 of 4; its correct>wrong pairs (group 2) all right: not counted
+    control = RewardResult("", None, None, None, True, "", "", names, scores={
+        "chosen": torch.tensor([1.0, 0.0, 0.0, 0.0, 5.0, 5.0]), "rejected": torch.tensor([0.0, 1.0, 0.0, 2.0, 1.0, 1.0]),
+        "group": torch.tensor([0, 0, 1, 1, 2, 2])})
+    assert flipped_accuracy(control) == 0.25
+    assert alignment_summary(sft, rm, control) == {
+        "sft": {"exact_match_before": 0.02, "exact_match_after": 0.75, "tool_call_exact_after": 0.8},
+        "reward": {"pair_accuracy": {"concise": 0.95, "helpful": 0.9}, "unconditional_pair_accuracy": 0.25,
+                   "correct_over_wrong": 0.88}}

@@ -58,7 +58,7 @@ def _mark(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
-def sft_section(result: SFTResult, plots: dict, summary: dict) -> list[str]:
+def sft_section(result: SFTResult, plots: dict, summary: dict, root: str = "") -> list[str]:
     records = read_jsonl(result.metrics_path)
     before, after = _evals(records)
     tasks = sorted(k[3:] for k in after if k.startswith("em_"))
@@ -74,7 +74,7 @@ def sft_section(result: SFTResult, plots: dict, summary: dict) -> list[str]:
              "formed), and it is wrong before SFT because the base model does not know the chat format.", "",
              f"From the pretraining checkpoint `{result.init_from}`; checkpoint `{result.checkpoint}` (its "
              "`model/` loads with `transformers.LlamaForCausalLM`). " + _loss_rows(records) + ".",
-             f"Loss curve: `{_rel(plots.get('loss', '-'))}`.", "",
+             f"Loss curve: `{_rel(plots.get('loss', '-'), root)}`.", "",
              f"Data: {data.get('items', 0)} items (conversations and long-context pretraining documents), "
              f"{data.get('dropped', 0)} over-long dropped, {data.get('truncated', 0)} truncated.", "",
              "Held-out, greedy decoding (exact match of the whole final reply; a tool call is valid when it is "
@@ -97,7 +97,7 @@ def sft_section(result: SFTResult, plots: dict, summary: dict) -> list[str]:
 
 
 def reward_section(result: RewardResult, plots: dict, conditions: dict, unconditional: RewardResult,
-                   summary: dict) -> list[str]:
+                   summary: dict, root: str = "") -> list[str]:
     records = read_jsonl(result.metrics_path)
     before, after = _evals(records)
     r = summary["reward"]
@@ -112,7 +112,7 @@ def reward_section(result: RewardResult, plots: dict, conditions: dict, uncondit
              f"the PPO tasks (held-out prompts, a near-miss wrong reply): {r['correct_over_wrong']:.1%} (bar >= 85%, "
              f"{_mark(r['correct_over_wrong'] >= 0.85)}): the reward PPO optimizes points at task accuracy.", "",
              f"`InternLM2ForScore` from the SFT checkpoint `{result.init_from}` with a fresh head; checkpoint "
-             f"`{result.checkpoint}`. " + _loss_rows(records) + f". Loss curve: `{_rel(plots.get('loss', '-'))}`. "
+             f"`{result.checkpoint}`. " + _loss_rows(records) + f". Loss curve: `{_rel(plots.get('loss', '-'), root)}`. "
              "(The loss can go below 0: the log-barrier term is negative inside the bound, at least "
              "-lambda * 2 log(bound) = -0.064 with the defaults.) The unconditional control: "
              + _loss_rows(read_jsonl(unconditional.metrics_path)) + ".", "",
@@ -126,16 +126,13 @@ def reward_section(result: RewardResult, plots: dict, conditions: dict, uncondit
     if result.scores is not None:
         lines += ["", f"Held-out scores: mean {after['score_mean']:.2f}, std {after['score_std']:.2f}, max |score| "
                   f"{after['score_abs_max']:.2f} (the log barrier keeps them inside (-5, 5)); histogram "
-                  f"`{_rel(result.histogram)}`:", "", histogram_table(result.scores, result.domains)]
+                  f"`{_rel(result.histogram, root)}`:", "", histogram_table(result.scores, result.domains)]
     return lines + [""]
 
 
-def _rel(path: str) -> str:
-    """Paths in the report relative to the output root (the report's own folder's parent), so they survive a move."""
-    return path if path in ("", "-") else os.path.relpath(path, _rel.root) if _rel.root else path
-
-
-_rel.root = ""
+def _rel(path: str, root: str) -> str:
+    """A path as the report links it: relative to the report's folder, so the links survive moving the folder."""
+    return path if path in ("", "-") or not root else os.path.relpath(path, root)
 
 
 @dataclass
@@ -199,8 +196,9 @@ def run_alignment(cfg: TrainConfig, pretrain_checkpoint: str, report_path: str,
         return None
     wall["reward_unconditional"] = time.time() - t0
     summary = alignment_summary(sft, rm, uncond)
-    _rel.root = os.path.dirname(report_path)
-    lines = sft_section(sft, sft_plots, summary) + reward_section(rm, rm_plots, rm_cfg.reward.conditions, uncond, summary)
+    root = os.path.dirname(report_path)
+    lines = (sft_section(sft, sft_plots, summary, root)
+             + reward_section(rm, rm_plots, rm_cfg.reward.conditions, uncond, summary, root))
     lines.append(f"Wall time of the whole pipeline (pretraining, SFT, reward models, evaluations): "
                  f"{(time.time() - start_time) / 60:.1f} min; SFT {wall['sft']:.0f} s, reward model "
                  f"{wall['reward']:.0f} s, its unconditional control {wall['reward_unconditional']:.0f} s.")
