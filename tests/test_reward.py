@@ -351,8 +351,11 @@ def test_reward_stage_from_sft_checkpoint_resumes_exactly(tmp_path):
     resumed = run_reward(_rm_cfg(tmp_path, "cut", str(sft), "--checkpoint.every=2", "--resume"))
     assert records(resumed.metrics_path) == records(full.metrics_path)
     from train.pipeline.align import reward_section
-    report = "\n".join(reward_section(resumed, {}, {"concise": "c", "helpful": "h"}))
-    assert "| concise | c |" in report and "| helpful | chosen |" in report
+    summary = {"reward": {"pair_accuracy": {"concise": 0.95, "helpful": 0.5}, "unconditional_pair_accuracy": 0.5,
+                          "correct_over_wrong": 0.9}}
+    report = "\n".join(reward_section(resumed, {}, {"concise": "c", "helpful": "h"}, resumed, summary))
+    assert "| concise | c |" in report and "| helpful | chosen |" in report and "| correct>wrong | c |" in report
+    assert report.count("**not met**") == 1                             # helpful 50% < 90%; the other bars met
     # the export is the score model in InternLM2's layout
     from models import InternLM2ForScore
     exported = InternLM2ForScore.from_pretrained(tmp_path / "full" / "checkpoints" / "step_00000004" / "model")
