@@ -305,22 +305,20 @@ def _expression(rng: random.Random) -> tuple[str, int]:
 
 class SyntheticChats:
     """Random-access synthetic conversations with verifiable answers: ``chats[i]`` is a pure function of
-    (seed, split, i). Tasks: ``arithmetic`` (direct answer), ``calculator`` and ``lookup`` (a tool call through
-    the environment role, then the answer), ``multiturn`` (reverse a word, then sort its letters), ``system``
-    (a system prompt that changes the answer: upper case). ``lookup`` asks about the pretraining corpus's world
-    of people (train.data.corpus.make_world), so the tool's answers are consistent with what pretraining saw."""
+    (seed, split, i). Tasks (issue 21: each one a small model can learn once it copies from its context; names,
+    words and numbers are drawn per conversation, so a held-out conversation is new): ``echo`` (repeat 1-3 words),
+    ``system`` (a system prompt that asks for upper case, or not, then repeat a word), ``multiturn`` (repeat a word,
+    then the same in upper case), ``recall`` (2-3 facts "{name} lives in {place}." then "Where does {name} live?"),
+    ``lookup`` and ``calculator`` (a tool call whose arguments are copied from the question, the environment's
+    result, then an answer copied from both), ``arithmetic`` (a sum of two digits: a 100-entry table)."""
 
-    def __init__(self, seed: int = 0, split: str = "train", tasks: Sequence[str] = SYNTHETIC_CHAT_TASKS,
-                 num_people: int = 24):
-        from train.data.corpus import make_world
-
+    def __init__(self, seed: int = 0, split: str = "train", tasks: Sequence[str] = SYNTHETIC_CHAT_TASKS):
         for t in tasks:
             if t not in SYNTHETIC_CHAT_TASKS:
                 raise ValueError(f"tasks: unknown synthetic chat task {t!r} ({', '.join(SYNTHETIC_CHAT_TASKS)})")
         if not tasks:
             raise ValueError("tasks: need at least one synthetic chat task")
         self.seed, self.split, self.tasks = seed, split, tuple(tasks)
-        self.world = make_world(seed, num_people)
 
     def __getitem__(self, i: int) -> Conversation:
         if i < 0:

@@ -211,7 +211,7 @@ def corrupt(rng: random.Random, answer: str) -> str:
 
 class TaskPreferences:
     """Random-access pairs ``(task prompt, correct reply) > (same prompt, wrong reply)`` under ``domain``: the
-    prompts are ``train.chat.SyntheticChats(seed, split, tasks)`` conversations without their final reply, the
+    prompts are ``train.data.chat.SyntheticChats(seed, split, tasks)`` conversations without their final reply, the
     chosen reply is the task's reference answer, the rejected one ``corrupt(answer)``. These are the checker's
     labels (correct beats incorrect) that the slow path of the online rounds produces, available before PPO."""
 
