@@ -170,7 +170,9 @@ def test_shipped_rules_fire_on_a_hacked_round_and_not_on_a_clean_one():
     pairs = targeted_pairs(findings, hacked, sft, {p.prompt_id: p.answer for p in prompts}, cfg.hacking)
     assert cfg.hacking.min_pairs <= len(pairs) <= cfg.hacking.max_pairs
     assert {p["rejected"] for p in pairs} == {hacked[i].response for i in findings[0].sample_indices}
-    assert all(len(tok.encode(p["chosen"])) <= findings[0].bound for p in pairs)
+    # every pair prefers a shorter reply to the same prompt (a correct echo of three words can itself be longer than
+    # the round's bound, which is 1.5x the mean over all prompts, so the bound is not the test)
+    assert all(len(tok.encode(p["chosen"])) < len(tok.encode(p["rejected"])) for p in pairs)
 
 
 def test_ppo_summary_from_a_hand_made_state():
