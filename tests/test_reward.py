@@ -467,8 +467,10 @@ def test_reward_stage_reads_jsonl_pairs_with_a_heldout_split(tmp_path):
     recs = [{"domain": d, "prompt": f"q{i}", "chosen": "a", "rejected": "b"}
             for i, d in enumerate(["math", "code", "math", "code", "math"])]
     path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-    train, held, domains = preference_sets(_rm_cfg(tmp_path, "j", "", f"--reward.pairs={path}", "--reward.heldout=2"))
+    train, held, groups, domains = preference_sets(_rm_cfg(tmp_path, "j", "", f"--reward.pairs={path}",
+                                                           "--reward.heldout=2"))
     assert domains == ("math", "code") and [p.prompt[0].content for p in held] == ["q0", "q1"]
+    assert groups == ["math", "code"]
     assert [p.prompt[0].content for p in train] == ["q2", "q3", "q4"]
     with pytest.raises(ValueError, match="leaves no training pairs"):
         preference_sets(_rm_cfg(tmp_path, "j", "", f"--reward.pairs={path}", "--reward.heldout=5"))
