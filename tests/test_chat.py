@@ -240,3 +240,38 @@ def test_synthetic_chats_random_access_and_splits():
         assert tok.decode([t for t in labels if t != IGNORE_INDEX]).endswith(conv.answer + "<|im_end|>")
     with pytest.raises(ValueError, match="unknown synthetic chat task 'poetry'"):
         SyntheticChats(tasks=["poetry"])
+
+
+def test_synthetic_answers_are_copied_from_the_conversation():
+    """Every task's final reply is built from what the conversation states (a fresh name, a word, a tool result,
+    the facts given), so a model that copies from its context can answer held-out conversations it never saw; only
+    ``arithmetic`` needs a memorized sum (of two digits). Checked on the held-out split."""
+    chats = SyntheticChats(seed=5, split="heldout")
+    train_names = {json.loads(m.content.split("\n", 1)[1].split("<|action_end|>")[0])["parameters"]["person"]
+                   for c in (SyntheticChats(seed=5)[i] for i in range(300)) if c.task == "lookup"
+                   for m in c.messages if m.role == "assistant" and m.call_kind}
+    seen = set()
+    for i in range(200):
+        c = chats[i]
+        seen.add(c.task)
+        context = "\n".join(m.content for m in c.messages[:-1])
+        if c.task == "arithmetic":
+            a, b = map(int, c.messages[0].content[len("What is "):-1].split(" + "))
+            assert 0 <= a <= 9 and 0 <= b <= 9 and c.answer == str(a + b)
+        elif c.task == "lookup":
+            call = json.loads(c.messages[2].content.split("\n", 1)[1][:-len("<|action_end|>")])
+            field, result = call["parameters"]["field"], json.loads(c.messages[3].content)
+            assert call["parameters"]["person"] in c.messages[1].content and field in c.messages[1].content
+            assert c.answer.startswith(call["parameters"]["person"]) and result[field] in c.answer
+            assert call["parameters"]["person"] not in train_names   # drawn per conversation, not memorizable
+        elif c.task == "calculator":
+            expr = json.loads(c.messages[2].content.split("\n", 1)[1][:-len("<|action_end|>")])["parameters"]["expression"]
+            assert expr in c.messages[1].content and c.answer == f"{expr} = {json.loads(c.messages[3].content)['result']}"
+        elif c.task == "recall":
+            who = c.messages[0].content.rsplit("Where does ", 1)[1][:-len(" live?")]
+            assert f"{who} lives in {c.answer}." in c.messages[0].content
+        elif c.task in ("multiturn", "system") and c.answer.isupper():
+            assert c.answer.lower() in context
+        else:
+            assert c.answer in context
+    assert seen == set(SYNTHETIC_CHAT_TASKS)

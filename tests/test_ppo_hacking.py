@@ -170,4 +170,30 @@ def test_shipped_rules_fire_on_a_hacked_round_and_not_on_a_clean_one():
     pairs = targeted_pairs(findings, hacked, sft, {p.prompt_id: p.answer for p in prompts}, cfg.hacking)
     assert cfg.hacking.min_pairs <= len(pairs) <= cfg.hacking.max_pairs
     assert {p["rejected"] for p in pairs} == {hacked[i].response for i in findings[0].sample_indices}
-    assert all(len(tok.encode(p["chosen"])) <= findings[0].bound for p in pairs)
+    # every pair prefers a shorter reply to the same prompt (a correct echo of three words can itself be longer than
+    # the round's bound, which is 1.5x the mean over all prompts, so the bound is not the test)
+    assert all(len(tok.encode(p["chosen"])) < len(tok.encode(p["rejected"])) for p in pairs)
+
+
+def test_ppo_summary_from_a_hand_made_state():
+    """summary.json's ppo part: SFT's and the final evaluation's greedy accuracy and length, the flagged rounds."""
+    from train.eval.ppo_report import effect_lines, ppo_summary
+    from train.stages.ppo import OnlineState
+
+    def ev(name, acc, length):
+        return {"name": name, "accuracy": acc, "length": length}
+
+    finding = {"pattern": "length_explosion", "evidence": "", "sample_indices": [0]}
+    st = OnlineState(evals=[ev("sft", 0.4, 4.0), ev("round 1", 0.3, 9.0), ev("round 2", 0.5, 4.4),
+                            ev("round 3", 0.55, 4.8)],
+                     episodes=[{"round": 1, "findings": [finding]}, {"round": 2, "findings": []},
+                               {"round": 3, "findings": []}])
+    s = ppo_summary(st)
+    assert s == {"accuracy": {"sft": 0.4, "final": 0.55}, "length": {"sft": 4.0, "final": 4.8},
+                 "flagged_rounds": [1], "final_flagged": False}
+    text = " ".join(effect_lines(s))
+    assert "+15.0%" in text and "1.20x" in text and "**not met**" not in text
+    st.episodes[2]["findings"] = [finding]
+    s = ppo_summary(st)
+    assert s["flagged_rounds"] == [1, 3] and s["final_flagged"] is True
+    assert " ".join(effect_lines(s)).count("**not met**") == 1          # only the final-round bar fails

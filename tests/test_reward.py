@@ -8,9 +8,13 @@ import torch
 from train.data.chat import render
 from train.data.items import ItemBatches
 from train.data.preference import (
+    CORRECT_OVER_WRONG,
     DEFAULT_CONDITIONS,
+    MixedPreferences,
     SyntheticPreferences,
+    TaskPreferences,
     conditioned,
+    corrupt,
     pair_item,
     read_preferences,
     reward_token_id,
@@ -126,6 +130,59 @@ def test_synthetic_preferences_flip_between_domains():
     assert tok.decode(plain.sequences[0][0]).startswith("<s><|im_start|>user\n")
     with pytest.raises(ValueError, match="no condition prompt for domain 'concise'"):
         pair_item(prefs[0], tok, rid, {"helpful": "x"}, SyntheticPreferences.domains)
+
+
+def test_corrupt_is_a_near_miss_never_the_answer():
+    import random
+
+    rng = random.Random(0)
+    for answer in ("7", "0", "18", "Vesk", "ab", "x", "NCS", "522 * 53 = 27666", "Toka Mi lives in Ormel."):
+        outs = [corrupt(rng, answer) for _ in range(200)]
+        assert all(o != answer and o.strip() for o in outs)
+        assert all(abs(len(o) - len(answer)) <= max(3, len(answer)) for o in outs)
+    nums = [corrupt(rng, "12") for _ in range(200)]
+    assert sum(n.isdigit() and abs(int(n) - 12) <= 3 for n in nums) >= 100      # mostly off by 1-3
+    assert {corrupt(random.Random(k), "abcdef")[:1] for k in range(50)} >= {"a"}   # character-level edits
+
+
+def test_task_preferences_chosen_passes_the_checker_rejected_fails():
+    from train.rlhf.rollouts import SyntheticPrompts
+
+    tasks = ["arithmetic", "recall", "echo"]
+    prefs = TaskPreferences(seed=4, split="train", tasks=tasks, domain="concise")
+    prompts = SyntheticPrompts(4, "pref-train", tasks, "concise")    # the same conversations, as PPO prompts
+    for i in range(60):
+        pair, prompt = prefs[i], prompts[i]
+        assert pair.domain == "concise" and pair.prompt == prompt.messages
+        assert prompt.check(pair.chosen[-1].content) is True
+        assert prompt.check(pair.rejected[-1].content) is False
+    assert prefs[3] == TaskPreferences(seed=4, split="train", tasks=tasks)[3]               # random access
+    assert prefs[3] != TaskPreferences(seed=4, split="heldout", tasks=tasks)[3]
+
+
+def test_mixed_preferences_share_and_reward_stage_groups():
+    from train.config import repo_config
+    from train.stages.align_config import parse_reward_cli
+    from train.stages.reward import preference_sets
+
+    flipped, tasks = SyntheticPreferences(1), TaskPreferences(1, "train", ["arithmetic"])
+    mixed = MixedPreferences(flipped, tasks, 0.25, seed=1)
+    picks = [mixed.from_second(i) for i in range(2000)]
+    assert 0.2 < sum(picks) / len(picks) < 0.3
+    assert all(mixed[i] == (tasks[i] if p else flipped[i]) for i, p in enumerate(picks[:50]))
+    assert not any(MixedPreferences(flipped, tasks, 0.0, 1).from_second(i) for i in range(100))
+    with pytest.raises(ValueError, match="task_pairs_share"):
+        MixedPreferences(flipped, tasks, 1.5, 1)
+    cfg = parse_reward_cli(["--config", repo_config("reward_tiny.toml"), "--reward.heldout=6", "--reward.task_pairs_share=0.5", "--reward.task_pairs_heldout=4",
+                            '--reward.task_pairs_tasks=["arithmetic"]'])
+    train, held, groups, names = preference_sets(cfg)
+    assert names == SyntheticPreferences.domains + (CORRECT_OVER_WRONG,)
+    assert groups == [p.domain for p in held[:6]] + [CORRECT_OVER_WRONG] * 4
+    assert all(p.domain == "concise" for p in held[6:]) and isinstance(train, MixedPreferences)
+    tok = ByteTokenizer()
+    item = pair_item(held[-1], tok, reward_token_id(tok), DEFAULT_CONDITIONS, names, groups[-1])
+    assert item.group == names.index(CORRECT_OVER_WRONG)
+    assert tok.decode(item.sequences[0][0]).startswith(f"<s><|im_start|>system\n{DEFAULT_CONDITIONS['concise']}")
 
 
 def test_read_preferences(tmp_path):
@@ -294,8 +351,11 @@ def test_reward_stage_from_sft_checkpoint_resumes_exactly(tmp_path):
     resumed = run_reward(_rm_cfg(tmp_path, "cut", str(sft), "--checkpoint.every=2", "--resume"))
     assert records(resumed.metrics_path) == records(full.metrics_path)
     from train.pipeline.align import reward_section
-    report = "\n".join(reward_section(resumed, {}, {"concise": "c", "helpful": "h"}))
-    assert "| concise | c |" in report and "| helpful | chosen |" in report
+    summary = {"reward": {"pair_accuracy": {"concise": 0.95, "helpful": 0.5}, "unconditional_pair_accuracy": 0.5,
+                          "correct_over_wrong": 0.9}}
+    report = "\n".join(reward_section(resumed, {}, {"concise": "c", "helpful": "h"}, resumed, summary))
+    assert "| concise | c |" in report and "| helpful | chosen |" in report and "| correct>wrong | c |" in report
+    assert report.count("**not met**") == 1                             # helpful 50% < 90%; the other bars met
     # the export is the score model in InternLM2's layout
     from models import InternLM2ForScore
     exported = InternLM2ForScore.from_pretrained(tmp_path / "full" / "checkpoints" / "step_00000004" / "model")
@@ -407,8 +467,10 @@ def test_reward_stage_reads_jsonl_pairs_with_a_heldout_split(tmp_path):
     recs = [{"domain": d, "prompt": f"q{i}", "chosen": "a", "rejected": "b"}
             for i, d in enumerate(["math", "code", "math", "code", "math"])]
     path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-    train, held, domains = preference_sets(_rm_cfg(tmp_path, "j", "", f"--reward.pairs={path}", "--reward.heldout=2"))
+    train, held, groups, domains = preference_sets(_rm_cfg(tmp_path, "j", "", f"--reward.pairs={path}",
+                                                           "--reward.heldout=2"))
     assert domains == ("math", "code") and [p.prompt[0].content for p in held] == ["q0", "q1"]
+    assert groups == ["math", "code"]
     assert [p.prompt[0].content for p in train] == ["q2", "q3", "q4"]
     with pytest.raises(ValueError, match="leaves no training pairs"):
         preference_sets(_rm_cfg(tmp_path, "j", "", f"--reward.pairs={path}", "--reward.heldout=5"))
@@ -457,3 +519,31 @@ def test_reward_stage_tensor_parallel_equals_one_process(tmp_path):
     assert set(exported) == set(one.model.state_dict())
     for k, v in one.model.state_dict().items():
         torch.testing.assert_close(exported[k], v, rtol=1e-4, atol=1e-4, msg=k)
+
+
+def test_alignment_summary_and_the_unconditional_control_from_hand_made_results(tmp_path):
+    """summary.json's sft and reward parts: before/after exact match and tool-call exactness from the SFT metrics,
+    the conditional RM's per-domain accuracy and correct>wrong, and the control's accuracy on the flipped pairs only
+    (its correct>wrong group left out)."""
+    from train.pipeline.align import alignment_summary, flipped_accuracy
+    from train.stages.reward import RewardResult
+    from train.stages.sft import SFTResult
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in [
+        {"kind": "eval", "step": 0, "exact_match": 0.02, "tool_call_exact": 0.0},
+        {"kind": "train", "step": 1, "loss": 1.0},
+        {"kind": "eval", "step": 9, "exact_match": 0.75, "tool_call_exact": 0.8}]) + "\n")
+    sft = SFTResult(str(tmp_path), None, None, None, True, str(metrics), "")
+    names = SyntheticPreferences.domains + (CORRECT_OVER_WRONG,)
+    rm = RewardResult("", None, None, None, True, "", "", names,
+                      eval={"pair_acc_concise": 0.95, "pair_acc_helpful": 0.9, f"pair_acc_{CORRECT_OVER_WRONG}": 0.88})
+    # control: flipped pairs (groups 0, 1) right 1 of 4; its correct>wrong pairs (group 2) all right: not counted
+    control = RewardResult("", None, None, None, True, "", "", names, scores={
+        "chosen": torch.tensor([1.0, 0.0, 0.0, 0.0, 5.0, 5.0]), "rejected": torch.tensor([0.0, 1.0, 0.0, 2.0, 1.0, 1.0]),
+        "group": torch.tensor([0, 0, 1, 1, 2, 2])})
+    assert flipped_accuracy(control) == 0.25
+    assert alignment_summary(sft, rm, control) == {
+        "sft": {"exact_match_before": 0.02, "exact_match_after": 0.75, "tool_call_exact_after": 0.8},
+        "reward": {"pair_accuracy": {"concise": 0.95, "helpful": 0.9}, "unconditional_pair_accuracy": 0.25,
+                   "correct_over_wrong": 0.88}}

@@ -191,8 +191,10 @@ def test_sft_stage_starts_from_pretraining_exports_and_resumes_exactly(tmp_path,
     assert _records(resumed.metrics_path, "data")[-1] == data
 
     from train.pipeline.align import sft_section
-    report = "\n".join(sft_section(resumed, {}))
+    summary = {"sft": {"exact_match_before": 0.0, "exact_match_after": 0.7, "tool_call_exact_after": 0.5}}
+    report = "\n".join(sft_section(resumed, {}, summary))
     assert "| exact match, all |" in report and "| tool-call format valid |" in report
+    assert report.count("**not met**") == 1 and "tool call exactly right (name and arguments) 50.0%" in report
     assert "<|action_start|><|plugin|>" in report      # the example conversation with a tool call
 
 

@@ -278,12 +278,23 @@ CALCULATOR = {"name": "calculator", "description": "Evaluate an arithmetic expre
 LOOKUP = {"name": "lookup", "description": "Look up a fact about a person: field is city, job, pet or colour.",
           "parameters": {"type": "object", "properties": {"person": {"type": "string"}, "field": {"type": "string"}},
                          "required": ["person", "field"]}}
-SYNTHETIC_CHAT_TASKS = ("arithmetic", "calculator", "lookup", "multiturn", "system")
+SYNTHETIC_CHAT_TASKS = ("arithmetic", "calculator", "lookup", "multiturn", "system", "echo", "recall")
 _FIELDS = {"city": "lives in {}", "job": "works as a {}", "pet": "has a {}", "colour": "likes the colour {}"}
+_VALUES = {"city": ("Vesk", "Ormel", "Tandra", "Quillon", "Baseth", "Korvi", "Lunmar", "Pellica", "Ystra", "Dovrin"),
+           "job": ("baker", "potter", "pilot", "gardener", "tailor", "doctor", "painter", "sailor", "miner", "teacher"),
+           "pet": ("cat", "dog", "parrot", "goat", "rabbit", "turtle", "owl", "horse"),
+           "colour": ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")}
+_SYLLABLES = ("ka", "lo", "mi", "ra", "to", "ve", "zu", "ne", "shi", "da", "por", "fen", "gal", "mur", "tes", "bri")
 
 
-def _word(rng: random.Random) -> str:
-    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6)))
+def _word(rng: random.Random, lo: int = 3, hi: int = 6) -> str:
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(lo, hi)))
+
+
+def _name(rng: random.Random) -> str:
+    """A fresh two-part name drawn per conversation: the model must copy it, it cannot have memorized it."""
+    parts = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize() for _ in range(2)]
+    return " ".join(parts)
 
 
 def _expression(rng: random.Random) -> tuple[str, int]:
@@ -294,22 +305,20 @@ def _expression(rng: random.Random) -> tuple[str, int]:
 
 class SyntheticChats:
     """Random-access synthetic conversations with verifiable answers: ``chats[i]`` is a pure function of
-    (seed, split, i). Tasks: ``arithmetic`` (direct answer), ``calculator`` and ``lookup`` (a tool call through
-    the environment role, then the answer), ``multiturn`` (reverse a word, then sort its letters), ``system``
-    (a system prompt that changes the answer: upper case). ``lookup`` asks about the pretraining corpus's world
-    of people (train.data.corpus.make_world), so the tool's answers are consistent with what pretraining saw."""
+    (seed, split, i). Tasks (issue 21: each one a small model can learn once it copies from its context; names,
+    words and numbers are drawn per conversation, so a held-out conversation is new): ``echo`` (repeat 1-3 words),
+    ``system`` (a system prompt that asks for upper case, or not, then repeat a word), ``multiturn`` (repeat a word,
+    then the same in upper case), ``recall`` (2-3 facts "{name} lives in {place}." then "Where does {name} live?"),
+    ``lookup`` and ``calculator`` (a tool call whose arguments are copied from the question, the environment's
+    result, then an answer copied from both), ``arithmetic`` (a sum of two digits: a 100-entry table)."""
 
-    def __init__(self, seed: int = 0, split: str = "train", tasks: Sequence[str] = SYNTHETIC_CHAT_TASKS,
-                 num_people: int = 24):
-        from train.data.corpus import make_world
-
+    def __init__(self, seed: int = 0, split: str = "train", tasks: Sequence[str] = SYNTHETIC_CHAT_TASKS):
         for t in tasks:
             if t not in SYNTHETIC_CHAT_TASKS:
                 raise ValueError(f"tasks: unknown synthetic chat task {t!r} ({', '.join(SYNTHETIC_CHAT_TASKS)})")
         if not tasks:
             raise ValueError("tasks: need at least one synthetic chat task")
         self.seed, self.split, self.tasks = seed, split, tuple(tasks)
-        self.world = make_world(seed, num_people)
 
     def __getitem__(self, i: int) -> Conversation:
         if i < 0:
@@ -326,7 +335,7 @@ class SyntheticChats:
 
     @staticmethod
     def _arithmetic(rng: random.Random) -> Conversation:
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
         answer = str(a + b)
         return Conversation([Message("user", f"What is {a} + {b}?"), Message("assistant", answer)], "arithmetic",
                             answer)
@@ -340,29 +349,47 @@ class SyntheticChats:
                 Message("environment", json.dumps({"result": value}), "plugin"), Message("assistant", answer)]
         return Conversation(msgs, "calculator", answer)
 
-    def _lookup(self, rng: random.Random) -> Conversation:
-        person = rng.choice(self.world)
+    @staticmethod
+    def _lookup(rng: random.Random) -> Conversation:
+        name = _name(rng)
         field = rng.choice(tuple(_FIELDS))
-        value = {"city": person.city, "job": person.job, "pet": person.pet, "colour": person.color}[field]
-        answer = f"{person.name} {_FIELDS[field].format(value)}."
-        msgs = [plugin_declaration([LOOKUP]), Message("user", f"What is the {field} of {person.name}?"),
-                Message("assistant", plugin_call("lookup", {"person": person.name, "field": field})),
+        value = rng.choice(_VALUES[field])
+        answer = f"{name} {_FIELDS[field].format(value)}."
+        msgs = [plugin_declaration([LOOKUP]), Message("user", f"What is the {field} of {name}?"),
+                Message("assistant", plugin_call("lookup", {"person": name, "field": field})),
                 Message("environment", json.dumps({field: value}), "plugin"), Message("assistant", answer)]
         return Conversation(msgs, "lookup", answer)
 
     @staticmethod
     def _multiturn(rng: random.Random) -> Conversation:
         w = _word(rng)
-        answer = "".join(sorted(w[::-1]))
-        msgs = [Message("user", f"reverse: {w}"), Message("assistant", w[::-1]),
-                Message("user", "now sort its letters"), Message("assistant", answer)]
-        return Conversation(msgs, "multiturn", answer)
+        msgs = [Message("user", f"repeat: {w}"), Message("assistant", w),
+                Message("user", "now in upper case"), Message("assistant", w.upper())]
+        return Conversation(msgs, "multiturn", w.upper())
 
     @staticmethod
     def _system(rng: random.Random) -> Conversation:
         w = _word(rng)
         upper = rng.random() < 0.5
-        answer = w[::-1].upper() if upper else w[::-1]
+        answer = w.upper() if upper else w
         system = "Answer in upper case." if upper else "You are a helpful assistant."
-        msgs = [Message("system", system), Message("user", f"reverse: {w}"), Message("assistant", answer)]
+        msgs = [Message("system", system), Message("user", f"repeat: {w}"), Message("assistant", answer)]
         return Conversation(msgs, "system", answer)
+
+    @staticmethod
+    def _echo(rng: random.Random) -> Conversation:
+        phrase = " ".join(_word(rng) for _ in range(rng.randint(1, 3)))
+        return Conversation([Message("user", f"repeat: {phrase}"), Message("assistant", phrase)], "echo", phrase)
+
+    @staticmethod
+    def _recall(rng: random.Random) -> Conversation:
+        people: list[tuple[str, str]] = []
+        count = rng.randint(2, 3)
+        while len(people) < count:
+            name = _name(rng)
+            if name not in (p for p, _ in people):
+                people.append((name, _word(rng, 4, 7).capitalize()))
+        who, where = rng.choice(people)
+        facts = " ".join(f"{n} lives in {c}." for n, c in people)
+        return Conversation([Message("user", f"{facts} Where does {who} live?"), Message("assistant", where)],
+                            "recall", where)

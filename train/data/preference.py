@@ -128,15 +128,17 @@ def score_ids(messages, tokenizer: Tokenizer, reward_id: int) -> list[int]:
 
 
 def pair_item(pair: PreferencePair, tokenizer: Tokenizer, reward_id: int, conditions: Mapping[str, str],
-              domains: tuple[str, ...]) -> Item:
-    """Chosen then rejected, as one packing item (labels unused by the reward loss: all -100)."""
+              domains: tuple[str, ...], group: str | None = None) -> Item:
+    """Chosen then rejected, as one packing item (labels unused by the reward loss: all -100); its group (what the
+    evaluation reports it under) is ``group`` or else the pair's domain, an index into ``domains``."""
     seqs = []
     for response in (pair.chosen, pair.rejected):
         ids = score_ids(conditioned(pair, response, conditions), tokenizer, reward_id)
         seqs.append((ids, [-100] * len(ids)))
-    if pair.domain not in domains:
-        raise ValueError(f"domain {pair.domain!r} is not in the evaluated domains {domains}")
-    return Item(seqs, domains.index(pair.domain))
+    group = group or pair.domain
+    if group not in domains:
+        raise ValueError(f"domain {group!r} is not in the evaluated domains {domains}")
+    return Item(seqs, domains.index(group))
 
 
 def _word(rng: random.Random) -> str:
@@ -169,3 +171,75 @@ class SyntheticPreferences:
         short, long = (Message("assistant", bare),), (Message("assistant", explained),)
         chosen, rejected = (short, long) if domain == "concise" else (long, short)
         return PreferencePair(domain, (Message("user", prompt),), chosen, rejected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Correct-vs-wrong pairs on the verifiable chat tasks (the PPO prompts' tasks)
+
+CORRECT_OVER_WRONG = "correct>wrong"    # the evaluation group of these pairs (beside the domains)
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+
+
+def corrupt(rng: random.Random, answer: str) -> str:
+    """A wrong reply close to ``answer``, of the kinds a small policy produces: a number off by 1-3 (or another
+    small number), one character replaced, dropped or doubled, two characters swapped, the reply cut short. Never
+    equal to ``answer``."""
+    for _ in range(16):
+        if answer.lstrip("-").isdigit() and rng.random() < 0.7:
+            out = str(max(0, int(answer) + rng.choice((-3, -2, -1, 1, 2, 3))))
+        else:
+            chars = list(answer)
+            i = rng.randrange(len(chars))
+            kind = rng.choice(("replace", "drop", "double", "swap", "cut"))
+            if kind == "replace":
+                pool = "0123456789" if chars[i].isdigit() else _ALPHABET.upper() if chars[i].isupper() else _ALPHABET
+                chars[i] = rng.choice(pool)
+            elif kind == "drop" and len(chars) > 1:
+                del chars[i]
+            elif kind == "double":
+                chars.insert(i, chars[i])
+            elif kind == "swap" and len(chars) > 1:
+                j = min(i + 1, len(chars) - 1) if i + 1 < len(chars) else i - 1
+                chars[i], chars[j] = chars[j], chars[i]
+            elif kind == "cut" and len(chars) > 2:
+                chars = chars[:rng.randint(1, len(chars) - 1)]
+            out = "".join(chars)
+        if out != answer and out.strip():
+            return out
+    return answer + "x"
+
+
+class TaskPreferences:
+    """Random-access pairs ``(task prompt, correct reply) > (same prompt, wrong reply)`` under ``domain``: the
+    prompts are ``train.data.chat.SyntheticChats(seed, split, tasks)`` conversations without their final reply, the
+    chosen reply is the task's reference answer, the rejected one ``corrupt(answer)``. These are the checker's
+    labels (correct beats incorrect) that the slow path of the online rounds produces, available before PPO."""
+
+    def __init__(self, seed: int, split: str, tasks, domain: str = "concise"):
+        from train.data.chat import SyntheticChats
+
+        self.chats = SyntheticChats(seed, f"pref-{split}", tasks)
+        self.seed, self.split, self.domain = seed, split, domain
+
+    def __getitem__(self, i: int) -> PreferencePair:
+        conv = self.chats[i]
+        rng = random.Random(f"task-pref:{self.seed}:{self.split}:{i}")
+        prompt = tuple(conv.messages[:-1])
+        return PreferencePair(self.domain, prompt, (Message("assistant", conv.answer),),
+                              (Message("assistant", corrupt(rng, conv.answer)),))
+
+
+class MixedPreferences:
+    """Item i from ``second`` with probability ``share`` (drawn from (seed, i)), else from ``first``; each source
+    indexed by its own running count is not needed: sources are random access, so item i of a source is used."""
+
+    def __init__(self, first, second, share: float, seed: int):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"reward.task_pairs_share must be in [0, 1], got {share!r}")
+        self.first, self.second, self.share, self.seed = first, second, share, seed
+
+    def from_second(self, i: int) -> bool:
+        return self.share > 0 and random.Random(f"pref-mix:{self.seed}:{i}").random() < self.share
+
+    def __getitem__(self, i: int) -> PreferencePair:
+        return self.second[i] if self.from_second(i) else self.first[i]

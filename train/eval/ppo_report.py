@@ -56,10 +56,40 @@ def plot_ppo(records: list[dict], out_dir: str) -> dict[str, str]:
     return paths
 
 
-def report_lines(result: PPOResult, plots: dict[str, str]) -> list[str]:
+def ppo_summary(state) -> dict:
+    """The ``ppo`` part of runs/summary.json: held-out greedy accuracy and reply length (tokens) of the SFT model and
+    of the final policy, the rounds the fast path flagged, and whether the final round is one of them."""
+    flagged = [ep["round"] for ep in state.episodes if ep["findings"]]
+    sft, final = state.evals[0], state.evals[-1]
+    return {"accuracy": {"sft": sft["accuracy"], "final": final["accuracy"]},
+            "length": {"sft": sft["length"], "final": final["length"]},
+            "flagged_rounds": flagged, "final_flagged": bool(state.episodes) and state.episodes[-1]["round"] in flagged}
+
+
+def _mark(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def effect_lines(summary: dict) -> list[str]:
+    """The section's lead: the effect PPO exists for, and the demo's bars."""
+    acc, length = summary["accuracy"], summary["length"]
+    gain = acc["final"] - acc["sft"]
+    ratio = length["final"] / max(length["sft"], 1e-9)
+    flagged = summary["flagged_rounds"]
+    return [f"**Effect:** held-out greedy task accuracy {acc['sft']:.1%} (SFT) -> {acc['final']:.1%} after the last "
+            f"round ({gain:+.1%}; bar >= +10 points, {_mark(gain >= 0.10)}): the reward model scores right answers "
+            "above wrong ones, so PPO reinforces the right answers the SFT policy samples. A reward-hacking episode: "
+            f"the fast path flagged round(s) {flagged or 'none'} (bar: at least one, {_mark(bool(flagged))}); the "
+            f"final round {'was flagged' if summary['final_flagged'] else 'was not flagged'} (bar: not flagged, "
+            f"{_mark(not summary['final_flagged'])}); final reply length {length['final']:.1f} tokens vs SFT's "
+            f"{length['sft']:.1f} ({ratio:.2f}x; bar <= 1.3x, {_mark(ratio <= 1.3)}).", ""]
+
+
+def report_lines(result: PPOResult, plots: dict[str, str], root: str = "") -> list[str]:
     st = result.state
     records = read_records(result.run_dir)
-    lines = ["## PPO in rounds (COOL RLHF)", "",
+    lines = ["## PPO in rounds (COOL RLHF): accuracy rises, a reward hack is caught and patched", "",
+             *effect_lines(ppo_summary(st)),
              "Held-out prompts (the synthetic chat tasks, exact-match checkers). Accuracy and reward from greedy "
              "replies, reward under the reward model the policy was trained against in that round; KL to the "
              "reference is the mean over sampled replies of the summed per-token log-ratio (k1).", "",
@@ -103,7 +133,8 @@ def report_lines(result: PPOResult, plots: dict[str, str]) -> list[str]:
                   "| generation + scoring | log-probs / values (experience) | training | total |", "|---|---|---|---|",
                   f"| {gen:.2f} s | {logp:.2f} s | {train:.2f} s | {gen + logp + train:.2f} s |"]
     if plots:
-        lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots.values())]
+        lines += ["", "Plots: " + ", ".join(f"![{k}]({os.path.relpath(p, root) if root else p})"
+                                            for k, p in plots.items())]
     lines.append("")
     return lines
 

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     report = write_report(cfg, result, plots, check, samples, time.time() - start, device)
     aligned = run_alignment(cfg, result.checkpoint, report, start)
     if aligned is not None:
-        sft, rm = aligned
+        sft, rm = aligned.sft, aligned.reward
         run_rlhf(cfg, os.path.join(sft.checkpoint, "model"), os.path.join(rm.checkpoint, "model"), rm.run_dir, report,
                  start)
     print()

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
+
+import torch
 
 from train.config import TrainConfig, repo_config
 from train.data.chat import render
+from train.data.preference import CORRECT_OVER_WRONG, SYNTHETIC_DOMAINS
 from train.eval.reward import histogram_table, plot_reward_training
 from train.metrics import plot_training, read_jsonl
 from train.stages.align_config import parse_reward_cli, parse_sft_cli
@@ -50,18 +54,32 @@ def _loss_rows(records: list[dict]) -> str:
             f"{first:.3f} (mean of the first {k} steps) -> {last:.3f} (last {k})")
 
 
-def sft_section(result: SFTResult, plots: dict) -> list[str]:
+def _mark(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def sft_section(result: SFTResult, plots: dict, summary: dict, root: str = "") -> list[str]:
     records = read_jsonl(result.metrics_path)
     before, after = _evals(records)
     tasks = sorted(k[3:] for k in after if k.startswith("em_"))
     data = next((r for r in reversed(records) if r["kind"] == "data"), result.data)   # logged at the stage end
-    lines = ["## SFT", f"From the pretraining checkpoint `{result.init_from}`; checkpoint `{result.checkpoint}` (its "
+    s = summary["sft"]
+    lines = ["## SFT: the model answers the tasks and calls tools with the right arguments",
+             f"**Effect:** held-out exact match {s['exact_match_before']:.1%} before SFT -> "
+             f"{s['exact_match_after']:.1%} after (bars: <= 5% before, {_mark(s['exact_match_before'] <= 0.05)}; "
+             f">= 60% after, {_mark(s['exact_match_after'] >= 0.6)}); tool call exactly right (name and arguments) "
+             f"{s['tool_call_exact_after']:.1%} after (bar >= 70%, {_mark(s['tool_call_exact_after'] >= 0.7)}). "
+             "Every held-out conversation has new names, words and numbers, so a reply is right only when the model "
+             "copies them from the user message, the facts given or the tool result (the copy circuit pretraining "
+             "formed), and it is wrong before SFT because the base model does not know the chat format.", "",
+             f"From the pretraining checkpoint `{result.init_from}`; checkpoint `{result.checkpoint}` (its "
              "`model/` loads with `transformers.LlamaForCausalLM`). " + _loss_rows(records) + ".",
-             f"Loss curve: `{plots.get('loss', '-')}`.", "",
+             f"Loss curve: `{_rel(plots.get('loss', '-'), root)}`.", "",
              f"Data: {data.get('items', 0)} items (conversations and long-context pretraining documents), "
              f"{data.get('dropped', 0)} over-long dropped, {data.get('truncated', 0)} truncated.", "",
              "Held-out, greedy decoding (exact match of the whole final reply; a tool call is valid when it is "
-             "well-formed JSON naming a declared tool with its required parameters):", "",
+             "well-formed JSON naming a declared tool with its required parameters, exact when it equals the "
+             "reference call):", "",
              "| metric | before SFT | after SFT |", "|---|---|---|",
              f"| assistant-token loss | {before['heldout_loss']:.3f} | {after['heldout_loss']:.3f} |",
              f"| exact match, all | {before['exact_match']:.1%} | {after['exact_match']:.1%} |"]
@@ -69,11 +87,6 @@ def sft_section(result: SFTResult, plots: dict) -> list[str]:
     if "tool_call_valid" in after:
         lines += [f"| tool-call format valid | {before['tool_call_valid']:.1%} | {after['tool_call_valid']:.1%} |",
                   f"| tool call exact | {before['tool_call_exact']:.1%} | {after['tool_call_exact']:.1%} |"]
-    if after["exact_match"] == 0.0:
-        lines += ["", "No final answer matched exactly: the answers need the base model's own skills (adding two "
-                  "numbers, copying a name or a tool result from the context), which the tiny pretraining run does "
-                  "not have (see its sample completions above); SFT taught the format (turns closed with "
-                  "`<|im_end|>`, tool calls of the declared shape) but cannot add the skills."]
     examples = (result.eval or {}).get("examples") or []
     if examples:
         ex = examples[0]
@@ -83,47 +96,112 @@ def sft_section(result: SFTResult, plots: dict) -> list[str]:
     return lines + [""]
 
 
-def reward_section(result: RewardResult, plots: dict, conditions: dict) -> list[str]:
+def reward_section(result: RewardResult, plots: dict, conditions: dict, unconditional: RewardResult,
+                   summary: dict, root: str = "") -> list[str]:
     records = read_jsonl(result.metrics_path)
     before, after = _evals(records)
-    lines = ["## Conditional reward model (COOL RLHF)",
+    r = summary["reward"]
+    acc = r["pair_accuracy"]
+    lines = ["## Conditional reward model (COOL RLHF): the condition carries the preference, and right beats wrong",
+             "**Effect:** held-out pair accuracy on the domain-flipped pairs "
+             + ", ".join(f"{d} {a:.1%}" for d, a in acc.items())
+             + f" (bar >= 90% each, {_mark(min(acc.values()) >= 0.9)}); the same recipe trained on the same pairs "
+             f"without condition prompts: {r['unconditional_pair_accuracy']:.1%} (bar <= 65%, "
+             f"{_mark(r['unconditional_pair_accuracy'] <= 0.65)}): the flipped pairs hold the same two replies with "
+             "opposite preferences, so only the condition prompt can separate them. Correct over wrong answers to "
+             f"the PPO tasks (held-out prompts, a near-miss wrong reply): {r['correct_over_wrong']:.1%} (bar >= 85%, "
+             f"{_mark(r['correct_over_wrong'] >= 0.85)}): the reward PPO optimizes points at task accuracy.", "",
              f"`InternLM2ForScore` from the SFT checkpoint `{result.init_from}` with a fresh head; checkpoint "
-             f"`{result.checkpoint}`. " + _loss_rows(records) + f". Loss curve: `{plots.get('loss', '-')}`. "
+             f"`{result.checkpoint}`. " + _loss_rows(records) + f". Loss curve: `{_rel(plots.get('loss', '-'), root)}`. "
              "(The loss can go below 0: the log-barrier term is negative inside the bound, at least "
-             "-lambda * 2 log(bound) = -0.064 with the defaults.)", "",
-             "The preference set flips between two domains (the same two replies, opposite preference), so only the "
-             "condition system prompt can separate them; a model that ignores it gets at most 50%.", "",
-             "| domain | condition prompt | held-out pair accuracy before | after |", "|---|---|---|---|"]
+             "-lambda * 2 log(bound) = -0.064 with the defaults.) The unconditional control: "
+             + _loss_rows(read_jsonl(unconditional.metrics_path)) + ".", "",
+             "| group | condition prompt | held-out pair accuracy before | after | unconditional control |",
+             "|---|---|---|---|---|"]
+    uncond = unconditional.eval or {}
     for d in result.domains:
-        lines.append(f"| {d} | {conditions.get(d, '(none)')} | {before.get('pair_acc_' + d, 0.0):.1%} | "
-                     f"{after.get('pair_acc_' + d, 0.0):.1%} |")
-    lines.append(f"| all | | {before['pair_acc']:.1%} | {after['pair_acc']:.1%} |")
+        cond = conditions.get(d, "(none)") if d != CORRECT_OVER_WRONG else conditions.get("concise", "(none)")
+        lines.append(f"| {d} | {cond} | {before.get('pair_acc_' + d, 0.0):.1%} | "
+                     f"{after.get('pair_acc_' + d, 0.0):.1%} | {uncond.get('pair_acc_' + d, 0.0):.1%} |")
     if result.scores is not None:
         lines += ["", f"Held-out scores: mean {after['score_mean']:.2f}, std {after['score_std']:.2f}, max |score| "
                   f"{after['score_abs_max']:.2f} (the log barrier keeps them inside (-5, 5)); histogram "
-                  f"`{result.histogram}`:", "", histogram_table(result.scores, result.domains)]
+                  f"`{_rel(result.histogram, root)}`:", "", histogram_table(result.scores, result.domains)]
     return lines + [""]
 
 
+def _rel(path: str, root: str) -> str:
+    """A path as the report links it: relative to the report's folder, so the links survive moving the folder."""
+    return path if path in ("", "-") or not root else os.path.relpath(path, root)
+
+
+@dataclass
+class Alignment:
+    """The alignment half's results: the SFT run, the conditional reward model, the unconditional control (the
+    same recipe and pairs without condition prompts), their ``summary.json`` part and each run's wall time."""
+    sft: SFTResult
+    reward: RewardResult
+    unconditional: RewardResult
+    summary: dict          # {"sft": {...}, "reward": {...}} (alignment_summary)
+    wall_s: dict           # {"sft": s, "reward": s, "reward_unconditional": s}
+
+
+def flipped_accuracy(result: RewardResult) -> float:
+    """Held-out pair accuracy over the domain-flipped pairs (every domain, not the correct>wrong group)."""
+    s = result.scores
+    keep = [k for k, d in enumerate(result.domains) if d != CORRECT_OVER_WRONG]
+    sel = torch.zeros_like(s["group"], dtype=torch.bool)
+    for k in keep:
+        sel |= s["group"] == k
+    return float((s["chosen"][sel] > s["rejected"][sel]).float().mean())
+
+
+def alignment_summary(sft: SFTResult, rm: RewardResult, unconditional: RewardResult) -> dict:
+    """The ``sft`` and ``reward`` parts of runs/summary.json (held-out, fractions in [0, 1])."""
+    before, after = _evals(read_jsonl(sft.metrics_path))
+    return {"sft": {"exact_match_before": before["exact_match"], "exact_match_after": after["exact_match"],
+                    "tool_call_exact_after": after.get("tool_call_exact", 0.0)},
+            "reward": {"pair_accuracy": {d: rm.eval[f"pair_acc_{d}"] for d in SYNTHETIC_DOMAINS},
+                       "unconditional_pair_accuracy": flipped_accuracy(unconditional),
+                       "correct_over_wrong": rm.eval.get(f"pair_acc_{CORRECT_OVER_WRONG}", 0.0)}}
+
+
 def run_alignment(cfg: TrainConfig, pretrain_checkpoint: str, report_path: str,
-                  start_time: float) -> tuple[SFTResult, RewardResult] | None:
-    """SFT then the reward model after pretraining; their sections go to the end of ``report_path``. Returns both
-    results for the PPO stage (None when a stage stopped early)."""
+                  start_time: float) -> Alignment | None:
+    """SFT, then the conditional reward model and its unconditional control after pretraining; their sections go
+    to the end of ``report_path``. None when a stage stopped early."""
+    t0 = time.time()
     sft_cfg = parse_sft_cli(["--config", SFT_CONFIG, *_carried(cfg),
                              f"--sft.init_from={os.path.join(pretrain_checkpoint, 'model')}"])
     sft = run_sft(sft_cfg)
     if not sft.finished:
         return None
     sft_plots = plot_training(read_jsonl(sft.metrics_path), sft.run_dir) if sft_cfg.metrics.plots else {}
-    rm_cfg = parse_reward_cli(["--config", REWARD_CONFIG, *_carried(cfg),
-                               f"--reward.init_from={os.path.join(sft.checkpoint, 'model')}"])
+    wall = {"sft": time.time() - t0}
+    rm_args = ["--config", REWARD_CONFIG, *_carried(cfg), f"--reward.init_from={os.path.join(sft.checkpoint, 'model')}"]
+    t0 = time.time()
+    rm_cfg = parse_reward_cli(rm_args)
     rm = run_reward(rm_cfg)
     if not rm.finished:
         return None
+    wall["reward"] = time.time() - t0
     rm_plots = plot_reward_training(read_jsonl(rm.metrics_path), rm.run_dir) if rm_cfg.metrics.plots else {}
-    lines = sft_section(sft, sft_plots) + reward_section(rm, rm_plots, rm_cfg.reward.conditions)
-    lines.append(f"Wall time of the whole pipeline (pretraining, SFT, reward model, evaluations): "
-                 f"{(time.time() - start_time) / 60:.1f} min.")
+    t0 = time.time()
+    # The control: the same recipe on the same pairs with no condition prompt. The flipped pairs then contradict
+    # each other, so it must stay near 50% on them: the conditions, not the replies, carry the preference.
+    uncond_cfg = parse_reward_cli(rm_args + [f"--run.name={rm_cfg.run.name}_unconditional", "--reward.conditions={}",
+                                             "--metrics.plots=false"])
+    uncond = run_reward(uncond_cfg)
+    if not uncond.finished:
+        return None
+    wall["reward_unconditional"] = time.time() - t0
+    summary = alignment_summary(sft, rm, uncond)
+    root = os.path.dirname(report_path)
+    lines = (sft_section(sft, sft_plots, summary, root)
+             + reward_section(rm, rm_plots, rm_cfg.reward.conditions, uncond, summary, root))
+    lines.append(f"Wall time of the whole pipeline (pretraining, SFT, reward models, evaluations): "
+                 f"{(time.time() - start_time) / 60:.1f} min; SFT {wall['sft']:.0f} s, reward model "
+                 f"{wall['reward']:.0f} s, its unconditional control {wall['reward_unconditional']:.0f} s.")
     with open(report_path, "a") as f:
         f.write("\n" + "\n".join(lines) + "\n")
-    return sft, rm
+    return Alignment(sft, rm, uncond, summary, wall)

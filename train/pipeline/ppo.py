@@ -12,7 +12,7 @@ import os
 import time
 
 from train.config import TrainConfig, repo_config
-from train.eval.ppo_report import plot_ppo, read_records, report_lines
+from train.eval.ppo_report import plot_ppo, ppo_summary, read_records, report_lines
 from train.stages.ppo import PPOResult, run_ppo
 from train.stages.ppo_config import load_ppo_config
 
@@ -38,10 +38,15 @@ def run_rlhf(cfg: TrainConfig, sft_model: str, reward_model: str, reward_run_dir
     if not result.finished:
         return None
     plots = plot_ppo(read_records(result.run_dir), result.run_dir) if ppo_cfg.metrics.plots else {}
-    lines = report_lines(result, plots)
+    lines = report_lines(result, plots, os.path.dirname(report_path))
     lines.append(f"Wall time of the whole pipeline (pretraining, SFT, reward model, PPO, evaluations): "
                  f"{(time.time() - start_time) / 60:.1f} min.")
     with open(report_path, "a") as f:
         f.write("\n" + "\n".join(lines) + "\n")
     return result
 
+
+
+def rlhf_summary(result: PPOResult) -> dict:
+    """The ``ppo`` part of runs/summary.json (``train.eval.ppo_report.ppo_summary``)."""
+    return {"ppo": ppo_summary(result.state)}

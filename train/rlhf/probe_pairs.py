@@ -8,6 +8,8 @@ measuring the reward model on held-out prompts.
   (longer is better), half "correct beats wrong" (so it also rewards correctness).
 - ``probe_pairs``: held-out pairs in two sets, ``correct>wrong`` and ``short>padded`` (the fix the fast path should
   teach), labelled with the key ``set`` so ``pair_accuracy`` reports each.
+- ``task_pairs``: records of ``train.data.preference.TaskPreferences`` (correct beats a near-miss wrong reply on the
+  PPO prompts' tasks: what the reward stage trained on), replayed at each refresh so it keeps checking answers.
 - ``preference_pairs``: records of ``train.data.preference.SyntheticPreferences`` (the conditional RM's own synthetic
   domains): the held-out split for its per-domain accuracy, the train split replayed at each refresh.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import random
 
-from train.data.preference import SyntheticPreferences
+from train.data.preference import SyntheticPreferences, TaskPreferences
 from train.rlhf.rollouts import Prompt
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -74,4 +76,15 @@ def preference_pairs(seed: int, count: int, split: str = "heldout") -> list[dict
         pair = prefs[i]
         out.append({"domain": pair.domain, "prompt": [{"role": m.role, "content": m.content} for m in pair.prompt],
                     "chosen": pair.chosen[-1].content, "rejected": pair.rejected[-1].content, "source": "probe"})
+    return out
+
+
+def task_pairs(seed: int, tasks, domain: str, count: int, split: str = "train") -> list[dict]:
+    prefs = TaskPreferences(seed, split, tasks, domain)
+    out = []
+    for i in range(count):
+        pair = prefs[i]
+        out.append({"domain": pair.domain, "prompt": [{k: v for k, v in vars(m).items() if v is not None}
+                                                      for m in pair.prompt],
+                    "chosen": pair.chosen[-1].content, "rejected": pair.rejected[-1].content, "source": "replay:task"})
     return out

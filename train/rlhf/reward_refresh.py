@@ -34,6 +34,7 @@ class RewardRefreshConfig:
     penalty: float = 0.02              # lambda of the log barrier
     grad_clip: float = 1.0
     replay_pairs: int = 64             # pairs of the RM's own training data mixed into every refresh (no forgetting)
+    replay_task_pairs: int = 0         # ... and of its correct-vs-wrong pairs on the PPO tasks
 
 
 def _prompt_of(pair: dict) -> Prompt:

@@ -43,8 +43,8 @@ class SyntheticPrompts:
     """Random-access prompts of ``train.data.chat.SyntheticChats(seed, split, tasks)``: conversation i without its final
     assistant reply, whose text is the answer."""
 
-    def __init__(self, seed: int, split: str, tasks: Sequence[str], domain: str, num_people: int = 24):
-        self.chats = SyntheticChats(seed, split, tasks, num_people)
+    def __init__(self, seed: int, split: str, tasks: Sequence[str], domain: str):
+        self.chats = SyntheticChats(seed, split, tasks)
         self.split, self.domain = split, domain
 
     def __getitem__(self, i: int) -> Prompt:

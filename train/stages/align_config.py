@@ -43,6 +43,10 @@ class RewardSection:
     bound: float = 5.0                 # the barrier keeps scores in (-bound, bound)
     conditions: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_CONDITIONS))   # domain -> system
                                        # prompt on the reward side; {} = an unconditional reward model
+    task_pairs_share: float = 0.0      # synthetic: share of correct-vs-wrong pairs on the chat tasks below
+    task_pairs_tasks: list[str] = field(default_factory=lambda: ["arithmetic"])   # train.chat tasks of those pairs
+    task_pairs_domain: str = "concise" # their condition (the PPO prompts' domain)
+    task_pairs_heldout: int = 64       # held-out correct-vs-wrong pairs (the correct>wrong evaluation group)
 
 
 @dataclass
@@ -94,6 +98,13 @@ def check_reward(c: RewardConfig) -> None:
     _check(r.gamma >= 0, f"reward.gamma must be >= 0, got {r.gamma}")
     _check(r.penalty >= 0, f"reward.penalty must be >= 0, got {r.penalty}")
     _check(r.bound > 0, f"reward.bound must be > 0, got {r.bound}")
+    _check(0 <= r.task_pairs_share <= 1, f"reward.task_pairs_share must be in [0, 1], got {r.task_pairs_share}")
+    for t in r.task_pairs_tasks:
+        _check(t in SYNTHETIC_CHAT_TASKS, f"reward.task_pairs_tasks: unknown task {t!r} ({', '.join(SYNTHETIC_CHAT_TASKS)})")
+    _check(r.task_pairs_share == 0 or (bool(r.task_pairs_tasks) and r.task_pairs_heldout >= 1),
+           "reward.task_pairs_tasks and reward.task_pairs_heldout >= 1 are needed when reward.task_pairs_share > 0")
+    _check(r.task_pairs_share == 0 or not r.conditions or r.task_pairs_domain in r.conditions,
+           f"reward.task_pairs_domain {r.task_pairs_domain!r} has no condition in reward.conditions")
     for domain, prompt in r.conditions.items():
         _check(isinstance(prompt, str) and bool(prompt), f"reward.conditions.{domain} must be a non-empty string")
 

@@ -54,7 +54,7 @@ from train.parallel import init_runtime, parallelize
 from train.rlhf.advantages import gae
 from train.rlhf.hacking import Sample, detect_hacking, label_comparisons, load_comparisons, targeted_pairs, write_pairs
 from train.rlhf.iteration import action_logprobs, ppo_iteration, ppo_learner
-from train.rlhf.probe_pairs import length_biased_pairs, preference_pairs, probe_pairs
+from train.rlhf.probe_pairs import length_biased_pairs, preference_pairs, probe_pairs, task_pairs
 from train.rlhf.reward_refresh import pair_accuracy, refresh_reward_model, reward_learner
 from train.rlhf.rollouts import Generated, Sampler, SyntheticPrompts, generate_and_score, reward_ids, score
 from train.stages.ppo_config import PPOStageConfig, model_dir, parse_ppo_cli
@@ -124,6 +124,8 @@ class Stage:
         # domains it was trained on are not forgotten.
         self.rm_replay = [p for p in preference_pairs(cfg.run.seed, cfg.reward_refresh.replay_pairs, "train")
                           if p["domain"] in domains]
+        # ... and of its correct-vs-wrong pairs on the PPO tasks, so a refresh keeps it checking answers.
+        self.rm_replay += task_pairs(cfg.run.seed, r.tasks, r.domain, cfg.reward_refresh.replay_task_pairs)
         self.sampler: Sampler | None = None
         self.ptx_stream = PackedStream(SyntheticCorpus(seed=cfg.run.seed, split="train"), self.tokenizer,
                                        cfg.ptx.seq_len)

@@ -168,7 +168,8 @@ def validate(c: PPOStageConfig, check_paths: bool = True) -> None:
     f = c.reward_refresh
     _check(f.steps >= 1 and f.pairs_per_step >= 1 and f.lr > 0,
            "reward_refresh.steps and pairs_per_step must be >= 1, reward_refresh.lr > 0")
-    _check(f.replay_pairs >= 0, f"reward_refresh.replay_pairs must be >= 0, got {f.replay_pairs}")
+    _check(f.replay_pairs >= 0 and f.replay_task_pairs >= 0,
+           f"reward_refresh.replay_pairs and replay_task_pairs must be >= 0, got {f.replay_pairs}, {f.replay_task_pairs}")
     _check(f.loss in ("focal", "bradley_terry"), f"reward_refresh.loss must be focal or bradley_terry, got {f.loss!r}")
 
 

@@ -26,7 +26,16 @@ import torch
 from train.build import model_config
 from train.config import CHECKPOINTING, repo_config
 from train.data.items import Item, ItemBatch, ItemBatches
-from train.data.preference import SYNTHETIC_DOMAINS, SyntheticPreferences, pair_item, read_preferences, reward_token_id
+from train.data.preference import (
+    CORRECT_OVER_WRONG,
+    SYNTHETIC_DOMAINS,
+    MixedPreferences,
+    SyntheticPreferences,
+    TaskPreferences,
+    pair_item,
+    read_preferences,
+    reward_token_id,
+)
 from train.data.tokenizer import Tokenizer, load_tokenizer
 from train.eval.reward import histogram_table, pair_accuracy, pair_scores, plot_score_histogram
 from train.parallel import Runtime, barrier, init_runtime
@@ -64,16 +73,30 @@ def pair_loss_fn(kind: str = "focal", gamma: float = 2.0, penalty: float = 0.02,
 
 
 def preference_sets(cfg: RewardConfig):
-    """(training pairs: random-access stream or list, held-out pairs, the evaluated domains)."""
+    """(training pairs: a random-access stream or a list, held-out pairs, the evaluation group of each held-out
+    pair, the evaluated groups). The groups are the domains; with ``reward.task_pairs_share`` the synthetic stream
+    mixes in correct-vs-wrong pairs on the chat tasks (``TaskPreferences``, under ``reward.task_pairs_domain``),
+    whose held-out pairs form one more group, ``correct>wrong``."""
     r = cfg.reward
+    seed = cfg.run.seed
     if r.pairs == "synthetic":
-        held = SyntheticPreferences(cfg.run.seed, "heldout")
-        return SyntheticPreferences(cfg.run.seed, "train"), [held[i] for i in range(r.heldout)], SYNTHETIC_DOMAINS
+        flipped = SyntheticPreferences(seed, "heldout")
+        held = [flipped[i] for i in range(r.heldout)]
+        groups = [p.domain for p in held]
+        train = SyntheticPreferences(seed, "train")
+        if r.task_pairs_share == 0:
+            return train, held, groups, SYNTHETIC_DOMAINS
+        tasks = TaskPreferences(seed, "heldout", r.task_pairs_tasks, r.task_pairs_domain)
+        held += [tasks[i] for i in range(r.task_pairs_heldout)]
+        groups += [CORRECT_OVER_WRONG] * r.task_pairs_heldout
+        train = MixedPreferences(train, TaskPreferences(seed, "train", r.task_pairs_tasks, r.task_pairs_domain),
+                                 r.task_pairs_share, seed)
+        return train, held, groups, SYNTHETIC_DOMAINS + (CORRECT_OVER_WRONG,)
     pairs = read_preferences(r.pairs)
     if len(pairs) <= r.heldout:
         raise ValueError(f"reward.heldout ({r.heldout}) leaves no training pairs of {len(pairs)} in {r.pairs}")
     domains = tuple(dict.fromkeys(p.domain for p in pairs))
-    return pairs[r.heldout:], pairs[:r.heldout], domains
+    return pairs[r.heldout:], pairs[:r.heldout], [p.domain for p in pairs[:r.heldout]], domains
 
 
 def build_score_model(cfg: RewardConfig, rt: Runtime, vocab_size: int, init_from: str):
@@ -130,10 +153,10 @@ def run_reward(cfg: RewardConfig) -> RewardResult:
     rid = reward_token_id(tokenizer)
     init_from = resolve_init(cfg.reward.init_from, "reward.init_from")
     model = build_score_model(cfg, rt, tokenizer.vocab_size, init_from)
-    train_pairs, held, domains = preference_sets(cfg)
+    train_pairs, held, held_groups, domains = preference_sets(cfg)
     conditions = cfg.reward.conditions
     r = cfg.reward
-    for d in domains:   # every domain needs its condition before any step runs
+    for d in (d for d in domains if d != CORRECT_OVER_WRONG):   # every domain needs its condition before any step
         if conditions and d not in conditions:
             raise ValueError(f"reward.conditions: no condition prompt for domain {d!r} (known: "
                              f"{', '.join(sorted(conditions))})")
@@ -147,7 +170,7 @@ def run_reward(cfg: RewardConfig) -> RewardResult:
     batches = ItemBatches(source, micro, seq_len, accumulation, "drop", rt.dims.dp_rank, rt.dims.dp,
                           max_seqs_per_item=2,
                           where="reward")
-    held_items = [pair_item(p, tokenizer, rid, conditions, domains) for p in held]
+    held_items = [pair_item(p, tokenizer, rid, conditions, domains, g) for p, g in zip(held, held_groups)]
     held_items = [it for it in held_items if max(len(ids) for ids, _ in it.sequences) <= seq_len]
     evaluator = reward_evaluator(held_items, domains, rt.device, cfg.eval.batch_tokens)
     stage_cfg = cfg.stages[0]

@@ -43,8 +43,8 @@ def conversations(cfg: SFTConfig) -> tuple[object, list[Conversation]]:
     """(training conversations: a random-access stream or a list, held-out conversations)."""
     s = cfg.sft
     if s.conversations == "synthetic":
-        held = SyntheticChats(cfg.run.seed, "heldout", s.tasks, cfg.data.num_people)
-        return (SyntheticChats(cfg.run.seed, "train", s.tasks, cfg.data.num_people),
+        held = SyntheticChats(cfg.run.seed, "heldout", s.tasks)
+        return (SyntheticChats(cfg.run.seed, "train", s.tasks),
                 [held[i] for i in range(s.heldout)])
     convs = read_conversations(s.conversations)
     if len(convs) <= s.heldout:
