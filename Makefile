@@ -31,13 +31,14 @@ lint: $(STAMP)
 
 # The suite runs with ATen's best ISA for this CPU (AVX-512 where present); the distributed-equality and CPU-path
 # tests run once more as on an AVX2-only CPU, so a comparison that holds for one ISA only fails here, not elsewhere.
-# That pass compiles into its own inductor cache, so no compiled kernel of the first pass is reused under the other ISA.
+# Each pass compiles into its own inductor cache under build/ (not the machine-wide /tmp one, which other checkouts'
+# runs share), so no compiled kernel of another run or of the other ISA is reused.
 ISA_TESTS := tests/test_cpu_fused.py tests/test_linear_cpu.py tests/test_gemm_choice.py tests/test_decode_step.py \
 	tests/test_attention_cpu.py tests/test_cross_entropy_cpu.py \
 	tests/test_distributed_2d.py tests/test_distributed_zero.py tests/test_tensor_parallel_stages.py tests/test_reward.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor $(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
 	ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor-avx2 \
 		$(PY) -m pytest -q -n $(PYTEST_WORKERS) $(ISA_TESTS)
 
