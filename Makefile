@@ -38,8 +38,13 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
 	ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -n $(PYTEST_WORKERS) $(ISA_TESTS)
 
+# make demo SEED=1 THREADS=2: the seed reaches every stage (pretraining, SFT, reward model, PPO); THREADS empty
+# keeps the configs' one thread. DEMO_ARGS: any further overrides, e.g. DEMO_ARGS=--run.name=seed1.
+SEED ?= 0
+THREADS ?=
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(PY) -m train.pipeline
+	$(PY) -m train.pipeline --run.seed=$(SEED) $(if $(THREADS),--run.threads=$(THREADS)) $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks

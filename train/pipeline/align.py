@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Sequence
 
 from train.config import TrainConfig, repo_config
 from train.data.chat import render
@@ -105,18 +106,19 @@ def reward_section(result: RewardResult, plots: dict, conditions: dict) -> list[
     return lines + [""]
 
 
-def run_alignment(cfg: TrainConfig, pretrain_checkpoint: str, report_path: str,
-                  start_time: float) -> tuple[SFTResult, RewardResult] | None:
+def run_alignment(cfg: TrainConfig, pretrain_checkpoint: str, report_path: str, start_time: float,
+                  sft_args: Sequence[str] = (), reward_args: Sequence[str] = ()) -> tuple[SFTResult, RewardResult] | None:
     """SFT then the reward model after pretraining; their sections go to the end of ``report_path``. Returns both
-    results for the PPO stage (None when a stage stopped early)."""
+    results for the PPO stage (None when a stage stopped early). ``sft_args`` / ``reward_args``: ``--key=value``
+    overrides of each stage's config, applied last."""
     sft_cfg = parse_sft_cli(["--config", SFT_CONFIG, *_carried(cfg),
-                             f"--sft.init_from={os.path.join(pretrain_checkpoint, 'model')}"])
+                             f"--sft.init_from={os.path.join(pretrain_checkpoint, 'model')}", *sft_args])
     sft = run_sft(sft_cfg)
     if not sft.finished:
         return None
     sft_plots = plot_training(read_jsonl(sft.metrics_path), sft.run_dir) if sft_cfg.metrics.plots else {}
     rm_cfg = parse_reward_cli(["--config", REWARD_CONFIG, *_carried(cfg),
-                               f"--reward.init_from={os.path.join(sft.checkpoint, 'model')}"])
+                               f"--reward.init_from={os.path.join(sft.checkpoint, 'model')}", *reward_args])
     rm = run_reward(rm_cfg)
     if not rm.finished:
         return None
