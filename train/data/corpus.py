@@ -56,10 +56,10 @@ _FILLER_PREDICATES = ("is quiet today.", "was painted last spring.", "stands nea
 TRAIN_FILLER = tuple(f"{a} {b}" for a in _FILLER_SUBJECTS for b in _FILLER_PREDICATES)
 PROBE_KEY_MODULUS = 5          # one key in five is held out for the probe
 INDUCTION_SPAN = (8, 64)       # characters (= byte tokens) of the span of an induction row
-# induction: 94 printable characters, so a span rarely repeats a character and the previous token alone finds
-# the place to copy from (the circuit forms first on these); induction_digits: ten symbols, so the circuit must
-# match longer prefixes, as keys like 48813 need.
-INDUCTION_ALPHABETS = {"induction": "".join(chr(c) for c in range(33, 127)), "induction_digits": "0123456789"}
+# induction: letters, digits, spaces and punctuation (67 symbols; the alphabet of the curriculum study this follows);
+# induction_digits: ten symbols, so the circuit must match longer prefixes, as keys like 48813 need.
+INDUCTION_ALPHABETS = {"induction": _LETTERS + _LETTERS.upper() + "0123456789     .,",
+                       "induction_digits": "0123456789"}
 
 
 def passkey_needle(key: str) -> str:
