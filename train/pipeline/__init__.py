@@ -104,7 +104,7 @@ def passkey_lines(report_path: str, result: PretrainResult) -> list[str]:
     n = len(result.passkey["depths"]) * result.passkey["trials"]
     lines = ["**Effect:** greedy retrieval of a 5-digit pass key hidden at depths "
              + ", ".join(f"{d:.0%}" for d in result.passkey["depths"])
-             + f" of a filler text ({n} prompts per length; the probe's keys and filler sentences are held out of "
+             + f" of a filler text ({n} prompt(s) per length; the probe's keys and filler sentences are held out of "
              "training, so a hit is retrieval from the context, not recall; chance 0.001%):", "",
              "| context (tokens) | after the short stage | after the long stage | bar (after the long stage) |",
              "|---|---|---|---|"]
@@ -115,7 +115,7 @@ def passkey_lines(report_path: str, result: PretrainResult) -> list[str]:
             text = f">= {bar:.0%}: {_mark(final[length] >= bar)}"
             if length == PASSKEY_GAIN_LENGTH:
                 gain = final[length] - short.get(length, 0.0)
-                text += (f"; gain over the short stage >= {PASSKEY_GAIN:.0%} points: {gain:+.0%}, "
+                text += (f"; gain over the short stage >= {PASSKEY_GAIN * 100:.0f} points: {gain * 100:+.0f}, "
                          f"{_mark(gain >= PASSKEY_GAIN)}")
         lines.append(f"| {length} | {short.get(length, 0.0):.0%} | {final[length]:.0%} | {text} |")
     lines += ["", "The curriculum: copy rows first (`<s> s s`, a random span and its repeat, loss on the repeat) "
