@@ -42,8 +42,13 @@ test: $(STAMP)
 	ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor-avx2 \
 		$(PY) -m pytest -q -n $(PYTEST_WORKERS) $(ISA_TESTS)
 
+# make demo SEED=1 THREADS=2: the seed reaches every stage (pretraining, SFT, reward model, PPO); THREADS empty
+# keeps the configs' one thread. DEMO_ARGS: any further overrides, e.g. DEMO_ARGS=--run.name=seed1.
+SEED ?= 0
+THREADS ?=
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(PY) -m train.pipeline
+	$(PY) -m train.pipeline --run.seed=$(SEED) $(if $(THREADS),--run.threads=$(THREADS)) $(DEMO_ARGS)
 
 # The demo's final chat model (make demo): the newest PPO round's actor, else the newest SFT export. Byte tokenizer,
 # as the demo's. SERVE_ARGS passes more options (e.g. SERVE_ARGS="--port 8001 --max-batch 32"); docs/serving.md.

@@ -75,8 +75,9 @@ def test_shipped_configs_load(tmp_path):
         c = _load_shipped(path, tmp_path)
         assert not isinstance(c, TrainConfig) or c.stages
     tiny = load_config(os.path.join(ROOT, "configs", "tiny_cpu.toml"))
-    assert [s.rope_theta for s in tiny.stages] == [50_000.0, 1_000_000.0]  # InternLM2's long-context base raise
-    assert tiny.stages[1].seq_len > tiny.stages[0].seq_len
+    # a copy curriculum stage, then InternLM2's short stage and its long-context stage with the base raised
+    assert [s.rope_theta for s in tiny.stages] == [50_000.0, 50_000.0, 1_000_000.0]
+    assert tiny.stages[2].seq_len > tiny.stages[1].seq_len == tiny.stages[0].seq_len
 
 
 def test_cli_overrides(tmp_path):

@@ -10,6 +10,15 @@ can learn from a few hundred thousand tokens:
 - copy / reverse / sort: short letter or digit strings and their transform.
 - passkey:    the passkey-retrieval format (a 5-digit key hidden in filler at a random depth, asked at the end),
               which needs attention over the whole document: the long-context skill.
+- induction:  ``<s> s s`` with a random span ``s`` of 8-64 letters or digits, loss on the repeat only: the
+              copy-from-context (induction) rows of the curriculum. A model trained on the mix alone never forms
+              the two-head circuit that retrieval needs (find the earlier occurrence of the current text, copy what
+              followed it); on these rows it is the only way to lower the loss, and it forms within ~2M tokens.
+
+Held out of training, for the passkey probe (``passkey_parts(..., probe=True)``): the keys whose CRC32 is
+divisible by ``PROBE_KEY_MODULUS`` (training draws the others), and the five classic filler sentences
+(``PASSKEY_FILLER``; training filler is composed from ``_FILLER_SUBJECTS`` x ``_FILLER_PREDICATES``), so a probe
+hit is retrieval of a key in a context never seen in training, not recall.
 
 The held-out split uses a different stream name, so its documents are new draws from the same tasks (same
 world of facts, new questions, numbers and strings).
@@ -17,10 +26,14 @@ world of facts, new questions, numbers and strings).
 from __future__ import annotations
 
 import random
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-TASKS = ("facts", "arithmetic", "copy", "reverse", "sort", "passkey")
+from train.data.packing import Document
+from train.data.tokenizer import Tokenizer
+
+TASKS = ("facts", "arithmetic", "copy", "reverse", "sort", "passkey", "induction", "induction_digits")
 
 _SYLLABLES = ("ka", "lo", "mi", "ra", "to", "ve", "zu", "ne", "shi", "da", "por", "fen", "gal", "mur", "tes", "bri")
 _CITIES = ("Vesk", "Ormel", "Tandra", "Quillon", "Baseth", "Korvi", "Lunmar", "Pellica", "Ystra", "Dovrin")
@@ -34,6 +47,19 @@ PASSKEY_FILLER = (
     "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
 )
 PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+# Training filler: subject x predicate, none equal to a probe sentence (PASSKEY_FILLER).
+_FILLER_SUBJECTS = ("The river", "The old house", "A small bird", "The market", "The wind", "My neighbour",
+                    "The library", "The red door", "The garden", "The bridge", "The clock", "The road")
+_FILLER_PREDICATES = ("is quiet today.", "was painted last spring.", "stands near the hill.", "looks calm.",
+                      "is far away.", "was built long ago.", "opens at noon.", "is full of people.",
+                      "moves slowly.", "is made of stone.", "never sleeps.", "is bright in the morning.")
+TRAIN_FILLER = tuple(f"{a} {b}" for a in _FILLER_SUBJECTS for b in _FILLER_PREDICATES)
+PROBE_KEY_MODULUS = 5          # one key in five is held out for the probe
+INDUCTION_SPAN = (8, 64)       # characters (= byte tokens) of the span of an induction row
+# induction: letters, digits, spaces and punctuation (67 symbols; the alphabet of the curriculum study this follows);
+# induction_digits: ten symbols, so the circuit must match longer prefixes, as keys like 48813 need.
+INDUCTION_ALPHABETS = {"induction": _LETTERS + _LETTERS.upper() + "0123456789     .,",
+                       "induction_digits": "0123456789"}
 
 
 def passkey_needle(key: str) -> str:
@@ -110,19 +136,35 @@ def _string_task(rng: random.Random, kind: str) -> str:
     return "\n".join(lines)
 
 
-def passkey_parts(rng: random.Random, approx_chars: int, depth: float | None = None) -> tuple[str, str]:
+def is_probe_key(key: str) -> bool:
+    """Whether a passkey is held out for the probe (a fixed pseudo-random fifth of all keys)."""
+    return zlib.crc32(key.encode()) % PROBE_KEY_MODULUS == 0
+
+
+def passkey_key(rng: random.Random, probe: bool) -> str:
+    """A 5-digit key from the probe's held-out set (``probe``) or from the training set (the rest)."""
+    while True:
+        key = f"{rng.randint(10000, 99999)}"
+        if is_probe_key(key) == probe:
+            return key
+
+
+def passkey_parts(rng: random.Random, approx_chars: int, depth: float | None = None,
+                  probe: bool = False) -> tuple[str, str]:
     """(prompt, answer) of a passkey document about ``approx_chars`` characters long.
 
     The needle is placed after ``depth`` (0..1) of the filler sentences (random when None). The prompt ends with
-    ``"... The pass key is"``; the answer is the key with its leading space, ``" 12345"``.
+    ``"... The pass key is"``; the answer is the key with its leading space, ``" 12345"``. ``probe``: a held-out
+    key and the held-out filler sentences (the probe's); otherwise a training key and training filler.
     """
-    key = f"{rng.randint(10000, 99999)}"
+    key = passkey_key(rng, probe)
     needle = passkey_needle(key)
     budget = max(0, approx_chars - len(PASSKEY_INTRO) - len(needle) - len(PASSKEY_QUESTION) - 8)
+    sentences = PASSKEY_FILLER if probe else TRAIN_FILLER
     filler: list[str] = []
     used = 0
     while used < budget:
-        s = " " + rng.choice(PASSKEY_FILLER)
+        s = " " + rng.choice(sentences)
         filler.append(s)
         used += len(s)
     if depth is None:
@@ -130,6 +172,13 @@ def passkey_parts(rng: random.Random, approx_chars: int, depth: float | None = N
     at = round(depth * len(filler))
     prompt = PASSKEY_INTRO + "".join(filler[:at]) + needle + "".join(filler[at:]) + PASSKEY_QUESTION
     return prompt, f" {key}"
+
+
+def induction_parts(rng: random.Random, alphabet: str) -> tuple[str, str]:
+    """(span, repeat) of an induction row: a random span of 8-64 characters of ``alphabet`` and its repeat after
+    a space. Only the repeat is a target: the span itself is unpredictable."""
+    span = "".join(rng.choice(alphabet) for _ in range(rng.randint(*INDUCTION_SPAN)))
+    return span + " ", span
 
 
 def make_task_fn(task: str, world: list[Person], passkey_chars: tuple[int, int]) -> Callable[[random.Random], str]:
@@ -146,14 +195,20 @@ def make_task_fn(task: str, world: list[Person], passkey_chars: tuple[int, int])
             prompt, answer = passkey_parts(rng, rng.randint(lo, hi))
             return prompt + answer + "."
         return passkey
+    if task in INDUCTION_ALPHABETS:
+        return lambda rng: "".join(induction_parts(rng, INDUCTION_ALPHABETS[task]))
     raise ValueError(f"mix: unknown task {task!r} (tasks: {', '.join(TASKS)})")
 
 
 class SyntheticCorpus:
-    """Random-access stream of synthetic documents: ``corpus[i]`` is document i; iterate from any index."""
+    """Random-access stream of synthetic documents: ``corpus[i]`` is document i; iterate from any index.
+
+    With a ``tokenizer``, induction rows come as ``Document``s whose loss mask keeps only the repeat (and its
+    ``</s>``); without one every document is text (the whole row a target)."""
 
     def __init__(self, seed: int = 0, mix: dict[str, float] | None = None, split: str = "train",
-                 passkey_chars: tuple[int, int] = (200, 1000), num_people: int = 24):
+                 passkey_chars: tuple[int, int] = (200, 1000), num_people: int = 24,
+                 tokenizer: Tokenizer | None = None):
         mix = dict(mix) if mix else {t: 1.0 for t in TASKS if t != "passkey"}
         for task, w in mix.items():
             if task not in TASKS:
@@ -170,15 +225,21 @@ class SyntheticCorpus:
         self._tasks = [t for t in mix if mix[t] > 0]
         self._weights = [float(mix[t]) for t in self._tasks]
         self._fns = {t: make_task_fn(t, self.world, passkey_chars) for t in self._tasks}
+        self.tokenizer = tokenizer
 
-    def __getitem__(self, i: int) -> str:
+    def __getitem__(self, i: int) -> str | Document:
         if i < 0:
             raise IndexError(i)
         rng = random.Random(f"{self.seed}:{self.split}:{i}")
         task = rng.choices(self._tasks, self._weights)[0]
+        if task in INDUCTION_ALPHABETS and self.tokenizer is not None:
+            span, repeat = induction_parts(rng, INDUCTION_ALPHABETS[task])
+            context = self.tokenizer.encode(span, add_bos=True)
+            target = self.tokenizer.encode(repeat, add_eos=True)
+            return Document(context + target, [False] * len(context) + [True] * len(target))
         return self._fns[task](rng)
 
-    def iter_from(self, start: int) -> Iterator[str]:
+    def iter_from(self, start: int) -> Iterator[str | Document]:
         i = start
         while True:
             yield self[i]

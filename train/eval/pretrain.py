@@ -63,9 +63,9 @@ def heldout_rows(texts: Sequence[str], tokenizer: Tokenizer, seq_len: int) -> li
 
 def passkey_prompt(tokenizer: Tokenizer, rng: random.Random, length: int, depth: float) -> tuple[list[int], str]:
     """(prompt ids of about ``length`` tokens incl. <s>, answer text) for one trial."""
-    probe, _ = passkey_parts(random.Random(0), 2000, 0.5)
+    probe, _ = passkey_parts(random.Random(0), 2000, 0.5, probe=True)
     chars_per_token = len(probe) / max(1, len(tokenizer.encode(probe)))
-    prompt, answer = passkey_parts(rng, max(1, int((length - 1) * chars_per_token)), depth)
+    prompt, answer = passkey_parts(rng, max(1, int((length - 1) * chars_per_token)), depth, probe=True)
     return tokenizer.encode(prompt, add_bos=True), answer
 
 
@@ -122,6 +122,11 @@ def passkey_probe(model: torch.nn.Module, tokenizer: Tokenizer, lengths: Sequenc
         accuracy.append([h / trials for h in hits])
     return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "accuracy": accuracy,
             "samples": samples}
+
+
+def passkey_means(result: dict) -> dict[str, float]:
+    """{str(length): accuracy averaged over the depths} of a passkey_probe() result."""
+    return {str(n): sum(a) / len(a) for n, a in zip(result["lengths"], result["accuracy"])}
 
 
 def passkey_table(result: dict) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -166,19 +167,21 @@ def alignment_summary(sft: SFTResult, rm: RewardResult, unconditional: RewardRes
                        "correct_over_wrong": rm.eval.get(f"pair_acc_{CORRECT_OVER_WRONG}", 0.0)}}
 
 
-def run_alignment(cfg: TrainConfig, pretrain_checkpoint: str, report_path: str,
-                  start_time: float) -> Alignment | None:
+def run_alignment(cfg: TrainConfig, pretrain_checkpoint: str, report_path: str, start_time: float,
+                  sft_args: Sequence[str] = (), reward_args: Sequence[str] = ()) -> Alignment | None:
     """SFT, then the conditional reward model and its unconditional control after pretraining; their sections go
-    to the end of ``report_path``. None when a stage stopped early."""
+    to the end of ``report_path``. None when a stage stopped early. ``sft_args`` / ``reward_args``: ``--key=value``
+    overrides of each stage's config, applied last (the control takes the reward model's)."""
     t0 = time.time()
     sft_cfg = parse_sft_cli(["--config", SFT_CONFIG, *_carried(cfg),
-                             f"--sft.init_from={os.path.join(pretrain_checkpoint, 'model')}"])
+                             f"--sft.init_from={os.path.join(pretrain_checkpoint, 'model')}", *sft_args])
     sft = run_sft(sft_cfg)
     if not sft.finished:
         return None
     sft_plots = plot_training(read_jsonl(sft.metrics_path), sft.run_dir) if sft_cfg.metrics.plots else {}
     wall = {"sft": time.time() - t0}
-    rm_args = ["--config", REWARD_CONFIG, *_carried(cfg), f"--reward.init_from={os.path.join(sft.checkpoint, 'model')}"]
+    rm_args = ["--config", REWARD_CONFIG, *_carried(cfg), f"--reward.init_from={os.path.join(sft.checkpoint, 'model')}",
+               *reward_args]
     t0 = time.time()
     rm_cfg = parse_reward_cli(rm_args)
     rm = run_reward(rm_cfg)

@@ -26,7 +26,14 @@ from train.config import CHECKPOINTING, TrainConfig, parse_cli
 from train.data.corpus import SyntheticCorpus
 from train.data.packing import Batch, FileCorpus, PackedStream, ShardedBatches
 from train.data.tokenizer import Tokenizer, load_tokenizer
-from train.eval.pretrain import check_passkey_lengths, heldout_loss, heldout_rows, passkey_probe, write_passkey
+from train.eval.pretrain import (
+    check_passkey_lengths,
+    heldout_loss,
+    heldout_rows,
+    passkey_means,
+    passkey_probe,
+    write_passkey,
+)
 from train.parallel import Runtime, barrier, init_runtime
 from train.stages.runner import stage_main, stage_trainer
 from train.trainer import Stage
@@ -39,16 +46,17 @@ class PretrainResult:
     model: torch.nn.Module                 # the trained model (unwrapped from DDP)
     tokenizer: Tokenizer
     finished: bool                         # False when run.stop_at_step ended the run early
-    passkey: dict | None = None            # passkey_probe() result
+    passkey: dict | None = None            # passkey_probe() result after the last stage
+    passkey_before_last: dict | None = None  # the same probe after the stage before the last (the short-context model)
     passkey_paths: dict = field(default_factory=dict)
     metrics_path: str = ""
 
 
-def stage_corpus(cfg: TrainConfig, stage):
+def stage_corpus(cfg: TrainConfig, stage, tokenizer: Tokenizer | None = None):
     if cfg.data.source == "synthetic":
         return SyntheticCorpus(seed=cfg.run.seed, mix=stage.mix or None, split="train",
                                passkey_chars=(stage.passkey_min_chars, stage.passkey_max_chars),
-                               num_people=cfg.data.num_people)
+                               num_people=cfg.data.num_people, tokenizer=tokenizer)
     return FileCorpus(cfg.data.paths, cfg.data.text_field, cfg.data.txt_mode, skip=cfg.data.heldout_docs)
 
 
@@ -57,8 +65,14 @@ def heldout_texts(cfg: TrainConfig) -> list[str]:
     if n == 0:
         return []
     if cfg.data.source == "synthetic":
+        # Every stage's tasks (a curriculum's first stage may train a single task); passkey documents of the
+        # first stage's lengths, as the held-out rows are packed at its seq_len.
         first = cfg.stages[0]
-        corpus = SyntheticCorpus(seed=cfg.run.seed, mix=first.mix or None, split="heldout",
+        mix: dict[str, float] = {}
+        for stage in cfg.stages:
+            for task, weight in stage.mix.items():
+                mix[task] = mix.get(task, 0.0) + weight
+        corpus = SyntheticCorpus(seed=cfg.run.seed, mix=mix or None, split="heldout",
                                  passkey_chars=(first.passkey_min_chars, first.passkey_max_chars),
                                  num_people=cfg.data.num_people)
         return [corpus[i] for i in range(n)]
@@ -81,7 +95,7 @@ def stage_batches(cfg: TrainConfig, si: int, rt: Runtime, tokenizer: Tokenizer) 
     if global_tokens % (micro * dp):
         raise ValueError(f"stages.{si}.global_batch_tokens ({global_tokens}) must be a multiple of "
                          f"micro_batch_tokens x data-parallel ranks ({micro} x {dp})")
-    stream = PackedStream(stage_corpus(cfg, stage), tokenizer, stage.seq_len)
+    stream = PackedStream(stage_corpus(cfg, stage, tokenizer), tokenizer, stage.seq_len)
     return ShardedBatches(stream, global_tokens // stage.seq_len, micro // stage.seq_len, rt.dims.dp_rank, dp,
                           cfg.data.document_boundaries)
 
@@ -123,23 +137,39 @@ def run_pretraining(cfg: TrainConfig) -> PretrainResult:
     stages = pretraining_stages(cfg, rt, tokenizer, model)
     trainer = stage_trainer(cfg, rt, model, tokenizer, total_steps=cfg.total_steps,
                             signature=[[s.name, s.steps, s.seq_len] for s in cfg.stages])
+
+    def probe(stage_name: str, out_dir: str) -> dict | None:
+        """The passkey probe on the model as it is now, logged as an eval line of the stage: rank 0 alone
+        generates, on the plain model (a gathered copy when the model is sharded: every rank gathers)."""
+        if not cfg.eval.passkey:
+            return None
+        net = trainer.parallel.plain_model()
+        if not rt.is_main:
+            return None
+        out = passkey_probe(net, tokenizer, cfg.eval.passkey_lengths, cfg.eval.passkey_depths,
+                            cfg.eval.passkey_trials, cfg.run.seed, cfg.eval.batch_tokens)
+        out["paths"] = write_passkey(out, out_dir)
+        trainer.log.write({"kind": "eval", "step": trainer.state.global_step, "stage": stage_name,
+                           "passkey_accuracy": passkey_means(out)})
+        return out
+
+    before_last = None
     for i, stage in enumerate(stages):
         if not trainer.train(stage) or (trainer.stopped and i + 1 < len(stages)):
             trainer.close()
             return PretrainResult(cfg.run_dir, trainer.latest, model, tokenizer, finished=False,
                                   metrics_path=trainer.metrics_path)
+        if i == len(stages) - 2:
+            # The short-context model, before the long stage raises the RoPE base: the long stage's effect is
+            # the difference of the two probes.
+            before_last = probe(stage.name, os.path.join(cfg.run_dir, "eval", stage.name))
+            barrier(rt.dims)
     trainer.close()
     result = PretrainResult(cfg.run_dir, trainer.latest, model, tokenizer, finished=True,
-                            metrics_path=trainer.metrics_path)
-    # rank 0 alone generates, on the plain model (a gathered copy when the model is sharded: every rank gathers)
-    probe = trainer.parallel.plain_model() if cfg.eval.passkey else None
-    if cfg.eval.passkey and rt.is_main:
-        result.passkey = passkey_probe(probe, tokenizer, cfg.eval.passkey_lengths, cfg.eval.passkey_depths,
-                                       cfg.eval.passkey_trials, cfg.run.seed, cfg.eval.batch_tokens)
-        result.passkey_paths = write_passkey(result.passkey, os.path.join(cfg.run_dir, "eval"))
-        means = {str(n): sum(a) / len(a) for n, a in zip(result.passkey["lengths"], result.passkey["accuracy"])}
-        trainer.log.write({"kind": "eval", "step": trainer.state.global_step, "stage": cfg.stages[-1].name,
-                           "passkey_accuracy": means})
+                            metrics_path=trainer.metrics_path, passkey_before_last=before_last)
+    result.passkey = probe(cfg.stages[-1].name, os.path.join(cfg.run_dir, "eval"))
+    if result.passkey is not None:
+        result.passkey_paths = result.passkey.pop("paths")
     barrier(rt.dims)
     return result
 
