@@ -1,4 +1,4 @@
-"""Evaluation: passkey prompts, the probe's outputs (table, heatmap), generation chunking, held-out perplexity."""
+"""Evaluation: passkey prompts, the probe's outputs (table, heatmap), held-out perplexity."""
 from __future__ import annotations
 
 import math
@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from models import InternLM2Config, InternLM2ForCausalLM
-from train.data.corpus import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, passkey_needle
+from train.data.corpus import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, is_probe_key, passkey_needle
 from train.data.tokenizer import ByteTokenizer
+from train.eval.needle import passkey_sample
 from train.eval.pretrain import (
-    _chunks,
+    PASSKEY_PROBE,
     heldout_loss,
     heldout_rows,
     passkey_probe,
-    passkey_prompt,
     passkey_table,
     write_passkey,
 )
@@ -28,15 +28,16 @@ def _micro_model(vocab=272):
                                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
 
 
-def test_passkey_prompt_lengths_and_needle():
+def test_passkey_probe_prompts_hold_a_held_out_key_at_the_depth():
+    """The probe is the needle suite's single-needle grid in the corpus's format, with a held-out key."""
     tok = ByteTokenizer()
     for length in (200, 300, 1024):
         for depth in (0.0, 0.5, 1.0):
-            ids, answer = passkey_prompt(tok, random.Random(f"{length}:{depth}"), length, depth)
-            assert ids[0] == tok.bos_id and abs(len(ids) - length) <= 0.06 * length + 8
-            text = tok.decode(ids[1:])
-            key = answer.strip()
-            assert text.endswith("The pass key is") and text.count(key) == 2
+            s = passkey_sample(tok, length, depth, random.Random(f"{length}:{depth}"), PASSKEY_PROBE)
+            assert s.ids[0] == tok.bos_id and len(s.ids) == length
+            text = tok.decode(s.ids[1:])
+            key = s.expect.strip()
+            assert is_probe_key(key) and text.endswith("The pass key is") and text.count(key) == 2
             # Depth is the needle's place in the filler, exact up to one filler sentence.
             needle = passkey_needle(key)
             at = text.index(needle) - len(PASSKEY_INTRO)
@@ -48,15 +49,6 @@ def test_passkey_prompt_lengths_and_needle():
 def test_passkey_lengths_below_the_bare_prompt_are_refused():
     with pytest.raises(ValueError, match=r"eval.passkey_lengths: \[128\] are shorter than the passkey prompt"):
         passkey_probe(_micro_model(), ByteTokenizer(), [128, 256], [0.5], trials=1)
-
-
-def test_generation_chunks_bound_prompt_tokens():
-    prompts = [[0] * n for n in (5, 7, 3, 10, 1, 1, 12)]
-    ranges = _chunks(prompts, 12)
-    assert ranges == [(0, 2), (2, 3), (3, 6), (6, 7)]
-    assert [i for a, b in ranges for i in range(a, b)] == list(range(len(prompts)))  # every prompt exactly once
-    assert all(sum(len(p) for p in prompts[a:b]) <= 12 for a, b in ranges)
-    assert _chunks([[0] * 50], 12) == [(0, 1)]  # a prompt longer than the budget runs alone
 
 
 def test_passkey_probe_outputs(tmp_path):

@@ -300,7 +300,7 @@ def run_grid(model, tokenizer: Tokenizer, make: Callable[[int, float, random.Ran
         text = tokenizer.decode(out)
         acc[cell] += scorer(s, text) / trials
         if len(shown) < 6 and cell[1] == len(depths) // 2:
-            shown.append({"length": cell[0], "answer": s.expect or " ".join(s.answers), "generated": text})
+            shown.append({"length": cell[0], "answer": (s.expect or " ".join(s.answers)).strip(), "generated": text})
     return {"lengths": list(lengths), "depths": list(depths), "trials": trials,
             "accuracy": [[acc[(length, di)] for di in range(len(depths))] for length in lengths], "samples": shown}
 

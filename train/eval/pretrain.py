@@ -3,13 +3,14 @@
 Perplexity: the held-out documents are packed like training data (per-document attention) and scored with the
 summed token loss; ppl = exp(total loss / target tokens).
 
-Passkey: for each context length L and depth d, ``trials`` prompts of about L tokens hide a 5-digit key after a
-fraction d of the filler and end with "What is the pass key? The pass key is"; the model greedily generates
-(KV-cache ``model.generate``) and a trial is correct when the generated text starts with the key. Chance level
-for a 5-digit key is 1e-5.
+Passkey: for each context length L and depth d, ``trials`` prompts of L tokens hide a 5-digit key at depth d of the
+filler and end with "What is the pass key? The pass key is"; the model greedily generates and a trial is correct
+when the generated text starts with the key. Chance level for a 5-digit key is 1e-5. The probe is the needle suite's
+single-needle retrieval (train.eval.needle) in the corpus's passkey format, with held-out keys and filler.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,9 +19,10 @@ from typing import Sequence
 
 import torch
 
-from train.data.corpus import passkey_parts
+from train.data.corpus import passkey_key, passkey_parts
 from train.data.packing import PackedRow, collate, pack_documents
 from train.data.tokenizer import Tokenizer
+from train.eval.needle import PASSKEY, passkey_grid
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -61,67 +63,28 @@ def heldout_rows(texts: Sequence[str], tokenizer: Tokenizer, seq_len: int) -> li
     return pack_documents([tokenizer.encode(t, add_bos=True, add_eos=True) for t in texts], seq_len)
 
 
-def passkey_prompt(tokenizer: Tokenizer, rng: random.Random, length: int, depth: float) -> tuple[list[int], str]:
-    """(prompt ids of about ``length`` tokens incl. <s>, answer text) for one trial."""
-    probe, _ = passkey_parts(random.Random(0), 2000, 0.5, probe=True)
-    chars_per_token = len(probe) / max(1, len(tokenizer.encode(probe)))
-    prompt, answer = passkey_parts(rng, max(1, int((length - 1) * chars_per_token)), depth, probe=True)
-    return tokenizer.encode(prompt, add_bos=True), answer
-
-
-def _chunks(prompts: list[list[int]], batch_tokens: int) -> list[tuple[int, int]]:
-    """[start, end) ranges of prompts holding at most ``batch_tokens`` prompt tokens each (at least one prompt),
-    which bounds the KV cache of one generate call."""
-    ranges, start, size = [], 0, 0
-    for i, p in enumerate(prompts):
-        if i > start and size + len(p) > batch_tokens:
-            ranges.append((start, i))
-            start, size = i, 0
-        size += len(p)
-    ranges.append((start, len(prompts)))
-    return ranges
-
-
 def check_passkey_lengths(tokenizer: Tokenizer, lengths: Sequence[int]) -> None:
     """Every probe length must hold the prompt without filler (intro, needle, question); else ValueError."""
-    shortest = len(passkey_prompt(tokenizer, random.Random(0), 1, 0.5)[0])
+    bare, _ = passkey_parts(random.Random(0), 1, 0.5, probe=True)
+    shortest = len(tokenizer.encode(bare, add_bos=True))
     too_short = [n for n in lengths if n < shortest]
     if too_short:
         raise ValueError(f"eval.passkey_lengths: {too_short} are shorter than the passkey prompt without filler "
                          f"({shortest} tokens with this tokenizer)")
 
 
-@torch.no_grad()
+# The probe's passkey format: the corpus's (whose filler, PASSKEY_FILLER, training never uses) with keys from the
+# held-out fifth, so a hit is retrieval of a key the model never saw in training.
+PASSKEY_PROBE = dataclasses.replace(PASSKEY, key=lambda rng: passkey_key(rng, probe=True))
+
+
 def passkey_probe(model: torch.nn.Module, tokenizer: Tokenizer, lengths: Sequence[int], depths: Sequence[float],
                   trials: int, seed: int = 0, batch_tokens: int = 65536) -> dict:
-    """Accuracy per (length, depth): {"lengths", "depths", "accuracy": [[acc per depth] per length], "samples"}.
-    Prompts are generated in groups of at most ``batch_tokens`` prompt tokens."""
+    """Accuracy per (length, depth): {"lengths", "depths", "accuracy": [[acc per depth] per length], "samples"} —
+    the needle suite's smallest grid (``train.eval.needle.passkey_grid``: prompts of exactly ``length`` tokens,
+    greedy generation in groups of at most ``batch_tokens`` prompt tokens) in the probe's format."""
     check_passkey_lengths(tokenizer, lengths)
-    model = _unwrap(model)
-    accuracy, samples = [], []
-    for length in lengths:
-        prompts, answers, cells = [], [], []
-        for di, depth in enumerate(depths):
-            for t in range(trials):
-                rng = random.Random(f"passkey-probe:{seed}:{length}:{depth}:{t}")
-                ids, answer = passkey_prompt(tokenizer, rng, length, depth)
-                prompts.append(ids)
-                answers.append(answer)
-                cells.append(di)
-        n_new = max(len(tokenizer.encode(a)) for a in answers)
-        outputs = []
-        for start, end in _chunks(prompts, batch_tokens):
-            outputs += model.generate(prompts[start:end], max_new_tokens=n_new, temperature=0.0,
-                                      stop_token_ids=(tokenizer.eos_id,))
-        hits = [0] * len(depths)
-        for out, answer, cell in zip(outputs, answers, cells):
-            text = tokenizer.decode(out)
-            hits[cell] += text.startswith(answer)
-            if len(samples) < 6 and cell == len(depths) // 2:
-                samples.append({"length": length, "answer": answer.strip(), "generated": text})
-        accuracy.append([h / trials for h in hits])
-    return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "accuracy": accuracy,
-            "samples": samples}
+    return passkey_grid(_unwrap(model), tokenizer, lengths, depths, trials, seed, PASSKEY_PROBE, batch_tokens)
 
 
 def passkey_means(result: dict) -> dict[str, float]:
