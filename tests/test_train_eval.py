@@ -11,9 +11,8 @@ import torch
 from models import InternLM2Config, InternLM2ForCausalLM
 from train.data.corpus import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, is_probe_key, passkey_needle
 from train.data.tokenizer import ByteTokenizer
-from train.eval.needle import passkey_sample
+from train.eval.needle import PASSKEY, passkey_sample
 from train.eval.pretrain import (
-    PASSKEY_PROBE,
     heldout_loss,
     heldout_rows,
     passkey_probe,
@@ -33,7 +32,7 @@ def test_passkey_probe_prompts_hold_a_held_out_key_at_the_depth():
     tok = ByteTokenizer()
     for length in (200, 300, 1024):
         for depth in (0.0, 0.5, 1.0):
-            s = passkey_sample(tok, length, depth, random.Random(f"{length}:{depth}"), PASSKEY_PROBE)
+            s = passkey_sample(tok, length, depth, random.Random(f"{length}:{depth}"), PASSKEY)
             assert s.ids[0] == tok.bos_id and len(s.ids) == length
             text = tok.decode(s.ids[1:])
             key = s.expect.strip()

@@ -18,8 +18,8 @@ filler is cut character by character (binary search on the encoded length), so t
 character's tokens, well inside 1%. A needle goes in at the sentence boundary of the filler nearest to its depth
 (a fraction of the filler's characters, 0 = right after the intro, 1 = right before the question).
 
-The demo's passkey probe is this suite's smallest grid: ``PASSKEY`` is the pretraining corpus's passkey format as a
-``NeedleFormat`` and ``passkey_grid`` returns the probe's result dict, so train/eval/pretrain.py can call it.
+The demo's passkey probe is this suite's smallest grid: ``PASSKEY`` is the pretraining corpus's passkey format (with
+its held-out keys and filler) as a ``NeedleFormat``, and train/eval/pretrain.py's ``passkey_probe`` is ``passkey_grid``.
 
     python -m train.eval.needle --model runs/.../model --lengths 512,768,1024 --out runs/eval/needle
 writes ``needle.json`` (the grid) and ``needle.png`` (one heatmap per kind and language).
@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from train.data.corpus import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, passkey_needle
+from train.data.corpus import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, passkey_key, passkey_needle
 from train.data.tokenizer import Tokenizer
 
 KINDS = ("single_retrieval", "multi_retrieval", "multi_reasoning")
@@ -113,9 +113,11 @@ class NeedleFormat:
     key: Callable[[random.Random], str] = field(default=lambda rng: f"{rng.randint(10000, 99999)}")
 
 
-# The pretraining corpus's passkey format (train.data.corpus.passkey_parts): the demo's probe.
+# The pretraining corpus's passkey format (train.data.corpus.passkey_parts) as the demo's probe reads it: the filler
+# training never uses (PASSKEY_FILLER) and keys from the held-out fifth, so a hit is retrieval of an unseen key.
 PASSKEY = NeedleFormat(intro=PASSKEY_INTRO, sentences=PASSKEY_FILLER, joiner=" ", needle=passkey_needle,
-                       question=PASSKEY_QUESTION, answer=lambda key: f" {key}")
+                       question=PASSKEY_QUESTION, answer=lambda key: f" {key}",
+                       key=lambda rng: passkey_key(rng, probe=True))
 
 
 @dataclass
@@ -307,9 +309,9 @@ def run_grid(model, tokenizer: Tokenizer, make: Callable[[int, float, random.Ran
 
 def passkey_grid(model, tokenizer: Tokenizer, lengths: Sequence[int], depths: Sequence[float], trials: int,
                  seed: int = 0, fmt: NeedleFormat = PASSKEY, batch_tokens: int = 65536) -> dict:
-    """The demo's passkey probe as the suite's smallest grid: single-needle retrieval in ``fmt`` (the corpus's
-    passkey format by default; pass a format whose ``key`` draws held-out keys and whose ``sentences`` are
-    held-out filler). Returns the probe's dict (``lengths``, ``depths``, ``trials``, ``accuracy``, ``samples``)."""
+    """The demo's passkey probe as the suite's smallest grid: single-needle retrieval in ``fmt`` (by default the
+    corpus's passkey format with held-out keys and filler). Returns the probe's dict (``lengths``, ``depths``,
+    ``trials``, ``accuracy``, ``samples``)."""
     n_new = max(len(tokenizer.encode(fmt.answer(fmt.key(random.Random(i))))) for i in range(8))
     return run_grid(model, tokenizer, lambda n, d, rng: passkey_sample(tokenizer, n, d, rng, fmt),
                     lambda s, text: float(text.startswith(s.expect)), lengths, depths, trials,

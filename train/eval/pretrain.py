@@ -10,7 +10,6 @@ single-needle retrieval (train.eval.needle) in the corpus's passkey format, with
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -19,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from train.data.corpus import passkey_key, passkey_parts
+from train.data.corpus import passkey_parts
 from train.data.packing import PackedRow, collate, pack_documents
 from train.data.tokenizer import Tokenizer
 from train.eval.needle import PASSKEY, passkey_grid
@@ -73,18 +72,14 @@ def check_passkey_lengths(tokenizer: Tokenizer, lengths: Sequence[int]) -> None:
                          f"({shortest} tokens with this tokenizer)")
 
 
-# The probe's passkey format: the corpus's (whose filler, PASSKEY_FILLER, training never uses) with keys from the
-# held-out fifth, so a hit is retrieval of a key the model never saw in training.
-PASSKEY_PROBE = dataclasses.replace(PASSKEY, key=lambda rng: passkey_key(rng, probe=True))
-
 
 def passkey_probe(model: torch.nn.Module, tokenizer: Tokenizer, lengths: Sequence[int], depths: Sequence[float],
                   trials: int, seed: int = 0, batch_tokens: int = 65536) -> dict:
     """Accuracy per (length, depth): {"lengths", "depths", "accuracy": [[acc per depth] per length], "samples"} —
     the needle suite's smallest grid (``train.eval.needle.passkey_grid``: prompts of exactly ``length`` tokens,
-    greedy generation in groups of at most ``batch_tokens`` prompt tokens) in the probe's format."""
+    greedy generation in groups of at most ``batch_tokens`` prompt tokens) in the corpus's passkey format with held-out keys."""
     check_passkey_lengths(tokenizer, lengths)
-    return passkey_grid(_unwrap(model), tokenizer, lengths, depths, trials, seed, PASSKEY_PROBE, batch_tokens)
+    return passkey_grid(_unwrap(model), tokenizer, lengths, depths, trials, seed, PASSKEY, batch_tokens)
 
 
 def passkey_means(result: dict) -> dict[str, float]:
