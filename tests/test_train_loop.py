@@ -14,6 +14,7 @@ from distributed_harness import run_torchrun
 
 from train.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state, read_saved_state, save_checkpoint
 from train.config import load_config
+from train.data.corpus import TASKS
 from train.metrics import read_jsonl
 from train.stages.pretrain import run_pretraining
 
@@ -53,6 +54,9 @@ def train_losses(run_dir):
 
 def test_short_run_learns(tmp_path):
     cfg = micro_config(tmp_path, stages=((40, 128, 512, 256, 1e6),), **{"optim.lr": 1e-2, "optim.warmup_steps": 4})
+    # The tasks a 40-step run can learn: the induction rows' repeats stay at chance until a copy circuit forms,
+    # which takes millions of tokens (docs/training.md), so they are left out of this mix.
+    cfg.stages[0].mix = {t: 1.0 for t in TASKS if not t.startswith("induction")}
     result = run_pretraining(cfg)
     losses = train_losses(result.run_dir)
     assert len(losses) == 40
