@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from models.packing import IGNORE_INDEX
+from train.data.packing import jsonl_records
 from train.data.tokenizer import BOS, Tokenizer
 
 ROLES = ("system", "user", "assistant", "environment")
@@ -253,19 +254,11 @@ def read_conversations(path: str) -> list[Conversation]:
     """A jsonl file with one ``{"messages": [...], "tools"?: [...]}`` per line (blank lines skipped); each record
     is validated, errors name ``path:line``."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict) or "messages" not in record:
-                raise ValueError(f"{where}: a record must be an object with a 'messages' list")
-            msgs = normalize(record["messages"], record.get("tools"), where, require_assistant=True)
-            out.append(Conversation(msgs))
+    for where, record in jsonl_records(path):
+        if not isinstance(record, dict) or "messages" not in record:
+            raise ValueError(f"{where}: a record must be an object with a 'messages' list")
+        msgs = normalize(record["messages"], record.get("tools"), where, require_assistant=True)
+        out.append(Conversation(msgs))
     if not out:
         raise ValueError(f"{path}: no conversations")
     return out

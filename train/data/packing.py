@@ -97,23 +97,29 @@ def read_txt(path: str, mode: str = "line") -> Iterator[str]:
                 yield line
 
 
-def read_jsonl(path: str, text_field: str = "text") -> Iterator[str]:
-    """One document per line; ``.gz`` files (the data pipeline's output, train.data.pipeline) are decompressed."""
+def jsonl_records(path: str) -> Iterator[tuple[str, object]]:
+    """(``path:line``, record) for each non-blank line of a jsonl file (``.gz`` decompressed: the data pipeline's
+    output, train.data.pipeline); a line that is not JSON raises ValueError naming ``path:line``."""
     with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield f"{path}:{n}", json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            if not isinstance(obj, dict) or text_field not in obj:
-                raise ValueError(f"{path}:{n}: no {text_field!r} field (set data.text_field)")
-            text = obj[text_field]
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{n}: field {text_field!r} is {type(text).__name__}, not a string")
-            if text:
-                yield text
+
+
+def read_jsonl(path: str, text_field: str = "text") -> Iterator[str]:
+    """One document per line, its ``text_field``."""
+    for where, obj in jsonl_records(path):
+        if not isinstance(obj, dict) or text_field not in obj:
+            raise ValueError(f"{where}: no {text_field!r} field (set data.text_field)")
+        text = obj[text_field]
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
+        if text:
+            yield text
 
 
 def read_parquet(path: str, text_field: str = "text") -> Iterator[str]:

@@ -23,13 +23,13 @@ other and no model beats chance on them.
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from typing import Mapping
 
 from train.data.chat import Message, normalize, render
 from train.data.items import Item
+from train.data.packing import jsonl_records
 from train.data.tokenizer import ByteTokenizer, Tokenizer
 
 INTERNLM2_REWARD_PIECE = "[UNUSED_TOKEN_130]"
@@ -96,16 +96,7 @@ def parse_pair(record, where: str) -> PreferencePair:
 
 
 def read_preferences(path: str) -> list[PreferencePair]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            out.append(parse_pair(record, f"{path}:{n}"))
+    out = [parse_pair(record, where) for where, record in jsonl_records(path)]
     if not out:
         raise ValueError(f"{path}: no preference pairs")
     return out
