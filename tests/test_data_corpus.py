@@ -2,6 +2,8 @@
 passkey probe's held-out keys and filler (a probe hit must be retrieval from the context, never recall)."""
 import random
 
+import pytest
+
 from train.data.corpus import (
     INDUCTION_ALPHABETS,
     INDUCTION_SPAN,
@@ -63,6 +65,18 @@ def test_induction_rows_take_loss_on_the_repeat_only():
     assert tok.encode(text_corpus[0], add_bos=True, add_eos=True) == corpus[0].tokens
     row = PackedStream(corpus, tok, 64).next_row()
     assert row.loss_mask is not None and 0 < sum(row.loss_mask) < len(row.loss_mask)
+
+
+def test_induction_span_lengths_follow_the_stage():
+    tok = load_tokenizer("byte")
+    corpus = SyntheticCorpus(seed=5, mix={"induction": 1.0}, tokenizer=tok, induction_chars=(4, 6))
+    lengths = {len(corpus[i].tokens) for i in range(300)}   # <s> + span + space + repeat + </s>
+    assert lengths == {2 * n + 3 for n in (4, 5, 6)}
+    text = SyntheticCorpus(seed=5, mix={"induction": 1.0}, induction_chars=(4, 6))
+    assert {len(text[i]) for i in range(300)} == {2 * n + 1 for n in (4, 5, 6)}
+    for bad in [(0, 4), (7, 6)]:
+        with pytest.raises(ValueError, match="induction_chars"):
+            SyntheticCorpus(mix={"induction": 1.0}, induction_chars=bad)
 
 
 def test_curriculum_documents_are_random_access():

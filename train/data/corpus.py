@@ -10,10 +10,12 @@ can learn from a few hundred thousand tokens:
 - copy / reverse / sort: short letter or digit strings and their transform.
 - passkey:    the passkey-retrieval format (a 5-digit key hidden in filler at a random depth, asked at the end),
               which needs attention over the whole document: the long-context skill.
-- induction:  ``<s> s s`` with a random span ``s`` of 8-64 letters or digits, loss on the repeat only: the
-              copy-from-context (induction) rows of the curriculum. A model trained on the mix alone never forms
-              the two-head circuit that retrieval needs (find the earlier occurrence of the current text, copy what
-              followed it); on these rows it is the only way to lower the loss, and it forms within ~2M tokens.
+- induction:  ``<s> s s`` with a random span ``s`` of letters or digits (8-64 by default; ``induction_chars``),
+              loss on the repeat only: the copy-from-context (induction) rows of the curriculum. A model trained
+              on the mix alone never forms the two-head circuit that retrieval needs (find the earlier occurrence of
+              the current text, copy what followed it); on these rows it is the only way to lower the loss. Short
+              spans (4-24) form it in about half the tokens of 8-64 spans: with fewer symbols in the context, one
+              matching token already points at the right place, so the gradient toward the circuit is cleaner.
 
 Held out of training, for the passkey probe (``passkey_parts(..., probe=True)``): the keys whose CRC32 is
 divisible by ``PROBE_KEY_MODULUS`` (training draws the others), and the five classic filler sentences
@@ -55,7 +57,7 @@ _FILLER_PREDICATES = ("is quiet today.", "was painted last spring.", "stands nea
                       "moves slowly.", "is made of stone.", "never sleeps.", "is bright in the morning.")
 TRAIN_FILLER = tuple(f"{a} {b}" for a in _FILLER_SUBJECTS for b in _FILLER_PREDICATES)
 PROBE_KEY_MODULUS = 5          # one key in five is held out for the probe
-INDUCTION_SPAN = (8, 64)       # characters (= byte tokens) of the span of an induction row
+INDUCTION_SPAN = (8, 64)       # default characters (= byte tokens) of the span of an induction row
 # induction: letters, digits, spaces and punctuation (67 symbols; the alphabet of the curriculum study this follows);
 # induction_digits: ten symbols, so the circuit must match longer prefixes, as keys like 48813 need.
 INDUCTION_ALPHABETS = {"induction": _LETTERS + _LETTERS.upper() + "0123456789     .,",
@@ -174,14 +176,15 @@ def passkey_parts(rng: random.Random, approx_chars: int, depth: float | None = N
     return prompt, f" {key}"
 
 
-def induction_parts(rng: random.Random, alphabet: str) -> tuple[str, str]:
-    """(span, repeat) of an induction row: a random span of 8-64 characters of ``alphabet`` and its repeat after
-    a space. Only the repeat is a target: the span itself is unpredictable."""
-    span = "".join(rng.choice(alphabet) for _ in range(rng.randint(*INDUCTION_SPAN)))
+def induction_parts(rng: random.Random, alphabet: str, chars: tuple[int, int] = INDUCTION_SPAN) -> tuple[str, str]:
+    """(span, repeat) of an induction row: a random span of ``chars`` (min, max) characters of ``alphabet`` and
+    its repeat after a space. Only the repeat is a target: the span itself is unpredictable."""
+    span = "".join(rng.choice(alphabet) for _ in range(rng.randint(*chars)))
     return span + " ", span
 
 
-def make_task_fn(task: str, world: list[Person], passkey_chars: tuple[int, int]) -> Callable[[random.Random], str]:
+def make_task_fn(task: str, world: list[Person], passkey_chars: tuple[int, int],
+                 induction_chars: tuple[int, int] = INDUCTION_SPAN) -> Callable[[random.Random], str]:
     if task == "facts":
         return lambda rng: _facts(rng, world)
     if task == "arithmetic":
@@ -196,7 +199,7 @@ def make_task_fn(task: str, world: list[Person], passkey_chars: tuple[int, int])
             return prompt + answer + "."
         return passkey
     if task in INDUCTION_ALPHABETS:
-        return lambda rng: "".join(induction_parts(rng, INDUCTION_ALPHABETS[task]))
+        return lambda rng: "".join(induction_parts(rng, INDUCTION_ALPHABETS[task], induction_chars))
     raise ValueError(f"mix: unknown task {task!r} (tasks: {', '.join(TASKS)})")
 
 
@@ -208,7 +211,7 @@ class SyntheticCorpus:
 
     def __init__(self, seed: int = 0, mix: dict[str, float] | None = None, split: str = "train",
                  passkey_chars: tuple[int, int] = (200, 1000), num_people: int = 24,
-                 tokenizer: Tokenizer | None = None):
+                 tokenizer: Tokenizer | None = None, induction_chars: tuple[int, int] = INDUCTION_SPAN):
         mix = dict(mix) if mix else {t: 1.0 for t in TASKS if t != "passkey"}
         for task, w in mix.items():
             if task not in TASKS:
@@ -220,11 +223,14 @@ class SyntheticCorpus:
         lo, hi = passkey_chars
         if not 0 < lo <= hi:
             raise ValueError(f"passkey_chars must satisfy 0 < min <= max, got {passkey_chars}")
+        if not 0 < induction_chars[0] <= induction_chars[1]:
+            raise ValueError(f"induction_chars must satisfy 0 < min <= max, got {induction_chars}")
+        self.induction_chars = tuple(induction_chars)
         self.seed, self.split = seed, split
         self.world = make_world(seed, num_people)
         self._tasks = [t for t in mix if mix[t] > 0]
         self._weights = [float(mix[t]) for t in self._tasks]
-        self._fns = {t: make_task_fn(t, self.world, passkey_chars) for t in self._tasks}
+        self._fns = {t: make_task_fn(t, self.world, passkey_chars, self.induction_chars) for t in self._tasks}
         self.tokenizer = tokenizer
 
     def __getitem__(self, i: int) -> str | Document:
@@ -233,7 +239,7 @@ class SyntheticCorpus:
         rng = random.Random(f"{self.seed}:{self.split}:{i}")
         task = rng.choices(self._tasks, self._weights)[0]
         if task in INDUCTION_ALPHABETS and self.tokenizer is not None:
-            span, repeat = induction_parts(rng, INDUCTION_ALPHABETS[task])
+            span, repeat = induction_parts(rng, INDUCTION_ALPHABETS[task], self.induction_chars)
             context = self.tokenizer.encode(span, add_bos=True)
             target = self.tokenizer.encode(repeat, add_eos=True)
             return Document(context + target, [False] * len(context) + [True] * len(target))
