@@ -108,6 +108,47 @@ def test_loss_masks_survive_cuts_and_become_labels():
         Document([1, 2], [True])
 
 
+def test_fit_packing_never_cuts_a_document_that_fits_a_row():
+    """"fit": every document no longer than a row lies whole in one row (first-fit over the read-ahead), longer
+    ones are cut in order, the rest of a row is one padding segment without loss, nothing is lost or repeated,
+    and a restored stream continues with the same rows."""
+    tok = ByteTokenizer()
+    seq_len = 45   # shorter than some documents (up to 91 tokens with <s> and </s>)
+    texts = [f"{i}:{d}" for i, d in enumerate(_docs(200, seed=4))]    # all distinct
+    docs = [Document(tok.encode(d, add_bos=True, add_eos=True), [i % 2 == 0] * (len(d) + 2))
+            for i, d in enumerate(texts)]
+    stream = PackedStream(ListSource(docs), tok, seq_len, packing="fit")
+    rows = [stream.next_row() for _ in range(150)]
+    state = stream.state_dict()
+    expected = [stream.next_row() for _ in range(10)]
+    placed, pieces, padding = [], [], 0
+    for r in rows:
+        assert len(r.tokens) == seq_len and r.doc_bounds[0] == 0 and r.doc_bounds[-1] == seq_len
+        for a, b in zip(r.doc_bounds[:-1], r.doc_bounds[1:]):
+            seg, mask = r.tokens[a:b], (r.loss_mask or [True] * seq_len)[a:b]
+            if seg[0] == tok.bos_id:
+                placed.append((seg, mask))
+            elif a == 0:
+                pieces.append(seg)        # the remainder of a cut document starts its row
+            else:                         # padding: only ever the end of a row, no loss
+                assert b == seq_len and seg == [tok.eos_id] * len(seg) and not any(mask)
+                padding += len(seg)
+    whole = [(d.tokens, d.loss_mask) for d in docs if len(d.tokens) <= seq_len]
+    long_docs = [d.tokens for d in docs if len(d.tokens) > seq_len]
+    # each document that fits is placed whole, once, with its mask; long ones are the only ones cut
+    cut_heads = [t for t, m in placed if (t, m) not in whole]
+    assert all(len(t) == seq_len and any(d[:seq_len] == t for d in long_docs) for t in cut_heads)
+    assert len({tuple(t) for t, _ in placed}) == len(placed) and len(placed) - len(cut_heads) > 40
+    assert pieces and padding < 0.1 * len(rows) * seq_len
+    again = PackedStream(ListSource(docs), tok, seq_len, packing="fit")
+    again.load_state_dict(state)
+    assert [again.next_row() for _ in range(10)] == expected
+    with pytest.raises(ValueError, match="packing"):
+        PackedStream(ListSource(docs), tok, seq_len, packing="tight")
+    with pytest.raises(ValueError, match="data.packing"):
+        PackedStream(ListSource(docs), tok, seq_len).continue_after(state)
+
+
 def test_pack_documents_finite():
     rows = pack_documents([[1] * 5, [2] * 9, [3] * 2], 6)
     assert [r.tokens for r in rows] == [[1] * 5 + [2], [2] * 6, [2, 2, 3, 3]]

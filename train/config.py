@@ -62,6 +62,7 @@ class DataConfig:
     tokenizer: str = "byte"            # byte | path to a SentencePiece tokenizer.model
     byte_vocab_size: int = 272         # vocabulary of the byte tokenizer (>= 92544 puts specials at real ids)
     document_boundaries: bool = True   # per-document attention (cu_seqlens); False packs without boundaries
+    packing: str = "cut"               # cut (remainders start the next row) | fit (rows never cut a document)
     heldout_docs: int = 200            # held-out documents for perplexity (files: the first N are reserved)
     num_people: int = 24               # synthetic: size of the world of facts
 
@@ -77,6 +78,8 @@ class StageConfig:
     mix: dict[str, float] = field(default_factory=dict)     # synthetic task weights (train.data.corpus.TASKS)
     passkey_min_chars: int = 200       # synthetic passkey documents: length range in characters
     passkey_max_chars: int = 1000
+    induction_min_chars: int = 8       # synthetic induction rows: span length range in characters
+    induction_max_chars: int = 64
 
 
 @dataclass
@@ -318,6 +321,8 @@ def validate(c: TrainConfig) -> None:
         tok = c.data.tokenizer
         tok_file = os.path.join(tok, "tokenizer.model") if os.path.isdir(tok) else tok
         _check(os.path.isfile(tok_file), f"data.tokenizer: {tok_file!r} does not exist (use 'byte' for the built-in one)")
+    from train.data.packing import PACKINGS
+    _check(c.data.packing in PACKINGS, f"data.packing must be one of {', '.join(PACKINGS)}, got {c.data.packing!r}")
     _check(c.data.heldout_docs >= 0, f"data.heldout_docs must be >= 0, got {c.data.heldout_docs}")
     _check(len(c.stages) >= 1, "stages: at least one [[stages]] table is needed")
     names = set()
@@ -338,6 +343,9 @@ def validate(c: TrainConfig) -> None:
         _check(s.rope_theta >= 0, f"{w}.rope_theta must be >= 0, got {s.rope_theta}")
         _check(0 < s.passkey_min_chars <= s.passkey_max_chars,
                f"{w}: need 0 < passkey_min_chars <= passkey_max_chars, got {s.passkey_min_chars}, {s.passkey_max_chars}")
+        _check(0 < s.induction_min_chars <= s.induction_max_chars,
+               f"{w}: need 0 < induction_min_chars <= induction_max_chars, got {s.induction_min_chars}, "
+               f"{s.induction_max_chars}")
         if s.mix:
             from train.data.corpus import TASKS
             for task, weight in s.mix.items():

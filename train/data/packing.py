@@ -4,13 +4,24 @@ Pipeline: a document source (``SyntheticCorpus`` or ``FileCorpus``; both random-
 ``iter_from(i)``) -> tokenize each text document as ``<s> text </s>`` (a source may instead yield ``Document``s:
 token ids with a per-token loss mask, e.g. SFT conversations that train only on assistant turns)
 -> ``PackedStream`` cuts the token stream into
-rows of exactly ``seq_len`` tokens. A document that does not fit in the space left in a row is cut at the row's
-end and its remainder starts the next row (InternLM2's "longer documents truncated, remainders reused"), so no
-token is ever dropped, duplicated or padded. Each row records its document boundaries; ``cu_seqlens`` is built
-from them (per-document attention, the default) or is one span per row (``document_boundaries=False``).
+rows of exactly ``seq_len`` tokens, in one of two ways (``packing``):
 
-Resumption: the stream's state is (index of the next document to read, the pending remainder's tokens, rows
-emitted). Restoring it regenerates exactly the same rows, since sources are deterministic by index.
+- ``"cut"`` (the default): a document that does not fit in the space left in a row is cut at the row's end and its
+  remainder starts the next row (InternLM2's "longer documents truncated, remainders reused"), so no token is ever
+  dropped, duplicated or padded.
+- ``"fit"``: a document no longer than a row is never cut. The row takes, in order, the first of the next
+  ``FIT_LOOKAHEAD`` documents that fits in the space left (first-fit); when none fits, the rest of the row is one
+  padding segment (``<eos>`` tokens, no loss). Longer documents are cut as with "cut". For tasks whose targets
+  depend on the whole document (a pass key and its question, a span and its repeat) a cut leaves targets that
+  cannot be predicted from what the row shows, and a model trained on them learns to guess instead of to look
+  (with "cut", about d / seq_len of the documents of length d are cut). Padding costs a few percent of the tokens.
+
+Each row records its document boundaries; ``cu_seqlens`` is built from them (per-document attention, the default)
+or is one span per row (``document_boundaries=False``).
+
+Resumption: the stream's state is (index of the next document to read, the pending remainder's tokens, the
+documents read ahead by "fit", rows emitted). Restoring it regenerates exactly the same rows, since sources are
+deterministic by index.
 
 Data parallelism: every rank packs the same stream and keeps the rows ``rank, rank + world, ...`` of each
 step's global batch (DistributedSampler-like over rows), ``rank`` / ``world`` being the data-parallel rank and
@@ -198,18 +209,26 @@ class PackedRow:
     loss_mask: list[bool] | None = None   # (seq_len,) False: no loss on predicting this token; None: all True
 
 
+PACKINGS = ("cut", "fit")
+FIT_LOOKAHEAD = 32     # documents "fit" packing may choose from for the space left in a row
+
+
 class PackedStream:
-    """Rows of exactly ``seq_len`` tokens packed from a document source; resumable via state_dict()."""
+    """Rows of exactly ``seq_len`` tokens packed from a document source (``packing``: "cut" or "fit", see the
+    module docstring); resumable via state_dict()."""
 
     def __init__(self, source: DocumentSource, tokenizer: Tokenizer, seq_len: int, start_doc: int = 0,
-                 add_bos: bool = True, add_eos: bool = True):
+                 add_bos: bool = True, add_eos: bool = True, packing: str = "cut"):
         if not isinstance(seq_len, int) or seq_len < 2:
             raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
-        self.source, self.tokenizer, self.seq_len = source, tokenizer, seq_len
+        if packing not in PACKINGS:
+            raise ValueError(f"packing must be one of {', '.join(PACKINGS)}, got {packing!r}")
+        self.source, self.tokenizer, self.seq_len, self.packing = source, tokenizer, seq_len, packing
         self.add_bos, self.add_eos = add_bos, add_eos
         self.next_doc = start_doc
         self.pending: list[int] = []
         self.pending_mask: list[bool] | None = None   # the loss mask of ``pending`` (None: all targets)
+        self.waiting: list[Document] = []              # "fit": documents read but not yet placed, in order
         self.rows = 0
         self._docs: Iterator[str | Document] | None = None
 
@@ -225,6 +244,40 @@ class PackedStream:
                 return item
 
     def next_row(self) -> PackedRow:
+        return self._fit_row() if self.packing == "fit" else self._cut_row()
+
+    def _fit_row(self) -> PackedRow:
+        """First-fit over the next ``FIT_LOOKAHEAD`` documents. A document longer than a row, once at the front
+        with the row still empty, is cut: its pieces start the following rows (the last one shares its row)."""
+        tokens: list[int] = []
+        mask: list[bool] = []
+        bounds = [0]
+        while len(tokens) < self.seq_len:
+            space = self.seq_len - len(tokens)
+            while len(self.waiting) < FIT_LOOKAHEAD:
+                self.waiting.append(self._next_document())
+            if not tokens and not self.pending and len(self.waiting[0].tokens) > self.seq_len:
+                doc = self.waiting.pop(0)
+                self.pending, self.pending_mask = doc.tokens, doc.loss_mask
+            if self.pending:                     # a piece of a document longer than a row
+                piece, piece_mask = self.pending[:space], (self.pending_mask or [True] * space)[:space]
+                self.pending = self.pending[space:]
+                self.pending_mask = self.pending_mask[space:] if self.pending_mask and self.pending else None
+            else:
+                pick = next((i for i, d in enumerate(self.waiting) if len(d.tokens) <= space), None)
+                if pick is None:                 # nothing fits: the rest of the row is padding without loss
+                    piece, piece_mask = [self.tokenizer.eos_id] * space, [False] * space
+                else:
+                    doc = self.waiting.pop(pick)
+                    piece = doc.tokens
+                    piece_mask = doc.loss_mask if doc.loss_mask is not None else [True] * len(piece)
+            tokens.extend(piece)
+            mask.extend(piece_mask)
+            bounds.append(len(tokens))
+        self.rows += 1
+        return PackedRow(tokens, bounds, None if all(mask) else mask)
+
+    def _cut_row(self) -> PackedRow:
         tokens: list[int] = []
         mask: list[bool] = []
         masked = False
@@ -251,13 +304,19 @@ class PackedStream:
 
     def state_dict(self) -> dict:
         return {"next_doc": self.next_doc, "pending": list(self.pending), "rows": self.rows, "seq_len": self.seq_len,
-                "pending_mask": None if self.pending_mask is None else list(self.pending_mask)}
+                "pending_mask": None if self.pending_mask is None else list(self.pending_mask),
+                "waiting": [[list(d.tokens), None if d.loss_mask is None else list(d.loss_mask)]
+                            for d in self.waiting]}
 
     def continue_after(self, state: dict) -> None:
         """Start where another stream (e.g. the previous stage's, of another seq_len) stopped: same next document,
-        its pending remainder first."""
+        its pending remainder and the documents it read ahead first."""
         self.next_doc, self.pending = int(state["next_doc"]), list(state["pending"])
         self.pending_mask = None if state.get("pending_mask") is None else list(state["pending_mask"])
+        self.waiting = [Document(list(t), None if m is None else list(m)) for t, m in state.get("waiting", [])]
+        if self.packing == "cut" and self.waiting:
+            raise ValueError("a 'cut' stream cannot continue a 'fit' stream (its read-ahead documents); "
+                             "data.packing is one setting for every stage")
         self._docs = None
 
     def load_state_dict(self, state: dict) -> None:

@@ -56,7 +56,8 @@ def stage_corpus(cfg: TrainConfig, stage, tokenizer: Tokenizer | None = None):
     if cfg.data.source == "synthetic":
         return SyntheticCorpus(seed=cfg.run.seed, mix=stage.mix or None, split="train",
                                passkey_chars=(stage.passkey_min_chars, stage.passkey_max_chars),
-                               num_people=cfg.data.num_people, tokenizer=tokenizer)
+                               num_people=cfg.data.num_people, tokenizer=tokenizer,
+                               induction_chars=(stage.induction_min_chars, stage.induction_max_chars))
     return FileCorpus(cfg.data.paths, cfg.data.text_field, cfg.data.txt_mode, skip=cfg.data.heldout_docs)
 
 
@@ -95,7 +96,7 @@ def stage_batches(cfg: TrainConfig, si: int, rt: Runtime, tokenizer: Tokenizer) 
     if global_tokens % (micro * dp):
         raise ValueError(f"stages.{si}.global_batch_tokens ({global_tokens}) must be a multiple of "
                          f"micro_batch_tokens x data-parallel ranks ({micro} x {dp})")
-    stream = PackedStream(stage_corpus(cfg, stage, tokenizer), tokenizer, stage.seq_len)
+    stream = PackedStream(stage_corpus(cfg, stage, tokenizer), tokenizer, stage.seq_len, packing=cfg.data.packing)
     return ShardedBatches(stream, global_tokens // stage.seq_len, micro // stage.seq_len, rt.dims.dp_rank, dp,
                           cfg.data.document_boundaries)
 
