@@ -75,9 +75,10 @@ def test_shipped_configs_load(tmp_path):
         c = _load_shipped(path, tmp_path)
         assert not isinstance(c, TrainConfig) or c.stages
     tiny = load_config(os.path.join(ROOT, "configs", "tiny_cpu.toml"))
-    # a copy curriculum stage, then InternLM2's short stage and its long-context stage with the base raised
-    assert [s.rope_theta for s in tiny.stages] == [50_000.0, 50_000.0, 1_000_000.0]
-    assert tiny.stages[2].seq_len > tiny.stages[1].seq_len == tiny.stages[0].seq_len
+    # copy curriculum stages, then InternLM2's short stage and its long-context stage with the base raised
+    assert [s.rope_theta for s in tiny.stages] == [50_000.0] * 3 + [1_000_000.0]
+    assert tiny.stages[-1].seq_len > tiny.stages[-2].seq_len == tiny.stages[0].seq_len
+    assert [s.name for s in tiny.stages][-2:] == ["short", "long"] and tiny.data.packing == "fit"
 
 
 def test_cli_overrides(tmp_path):
@@ -117,6 +118,9 @@ def test_cli_overrides(tmp_path):
     (["--parallel.nodes=2"], "unknown key 'nodes'"),
     (["--data.byte_vocab_size=100"], "data.byte_vocab_size"),
     (["--stages.0.name="], "stages.0.name"),
+    (["--data.packing=tight"], "data.packing must be one of"),
+    (["--stages.0.induction_min_chars=0"], "stages.0: need 0 < induction_min_chars"),
+    (["--stages.0.induction_min_chars=30", "--stages.0.induction_max_chars=20"], "stages.0: need 0 < induction_min"),
 ])
 def test_bad_configs_raise_clear_errors(args, match):
     with pytest.raises(ConfigError, match=match):

@@ -115,10 +115,12 @@ def passkey_lines(report_path: str, result: PretrainResult) -> list[str]:
                 text += (f"; gain over the short stage >= {PASSKEY_GAIN * 100:.0f} points: {gain * 100:+.0f}, "
                          f"{_mark(gain >= PASSKEY_GAIN)}")
         lines.append(f"| {length} | {short.get(length, 0.0):.0%} | {final[length]:.0%} | {text} |")
-    lines += ["", "The curriculum: copy rows first (`<s> s s`, a random span and its repeat, loss on the repeat) "
-              "form the copy-from-context (induction) circuit; the short stage mixes them with passkey documents "
-              "at 256 tokens and the rest of the corpus; the long stage (rows of 1024, RoPE base raised) teaches "
-              "the same retrieval over four times the distance. See docs/training.md.", "",
+    lines += ["", "The curriculum: copy rows first (`<s> s s`, a random span and its repeat, loss on the repeat), "
+              "their spans growing from stage to stage (4-24, then 4-64 characters), form the copy-from-context "
+              "(induction) circuit and stretch its reach; the short stage mixes them with passkey documents at 256 "
+              "tokens and the rest of the corpus; the long stage (rows of 1024, RoPE base raised) teaches the same "
+              "retrieval over four times the distance. Rows never cut a document (`data.packing = \"fit\"`). "
+              "See docs/training.md.", "",
               f"![passkey after the short stage]({link(report_path, result.passkey_before_last['paths']['heatmap'])}) "
               f"![passkey after the long stage]({link(report_path, result.passkey_paths['heatmap'])})", ""]
     return lines
