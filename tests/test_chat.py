@@ -1,11 +1,13 @@
 """train.data.chat: InternLM2-chat's template (checked against an independent jinja2 template), assistant-only labels,
 validation errors and the data readers."""
 import json
+import zlib
 
 import jinja2
 import pytest
 
 from train.data.chat import (
+    HELDOUT_NAME_EVERY,
     IGNORE_INDEX,
     SYNTHETIC_CHAT_TASKS,
     SyntheticChats,
@@ -275,3 +277,28 @@ def test_synthetic_answers_are_copied_from_the_conversation():
         else:
             assert c.answer in context
     assert seen == set(SYNTHETIC_CHAT_TASKS)
+
+
+def _names(chats, count: int) -> set[str]:
+    """Every name a conversation mentions: the lookup call's person, the people of a recall question."""
+    out = set()
+    for c in (chats[i] for i in range(count)):
+        if c.task == "lookup":
+            out.add(json.loads(c.messages[2].content.split("\n", 1)[1][:-len("<|action_end|>")])["parameters"]["person"])
+        elif c.task == "recall":
+            out.update(s.split(" lives in ")[0].strip() for s in c.messages[0].content.split(".")[:-1])
+    return out
+
+
+def test_heldout_names_are_never_training_names():
+    """The issue's held-out names: the splits used in training (names ending in "train": SFT's train, the reward
+    model's pref-train, PPO's ppo_train) and the evaluation splits draw from disjoint halves of the name space, so
+    no held-out name is ever trained on, however long a run is."""
+    train = set()
+    for split in ("train", "pref-train", "ppo_train"):
+        train |= _names(SyntheticChats(seed=3, split=split, tasks=["lookup", "recall"]), 400)
+    for split in ("heldout", "pref-heldout", "ppo_heldout", "ppo_compare"):
+        held = _names(SyntheticChats(seed=3, split=split, tasks=["lookup", "recall"]), 400)
+        assert len(held) > 300 and not held & train
+        assert all(zlib.crc32(n.encode()) % HELDOUT_NAME_EVERY == 0 for n in held)
+    assert all(zlib.crc32(n.encode()) % HELDOUT_NAME_EVERY for n in train)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import random
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -277,6 +278,7 @@ _VALUES = {"city": ("Vesk", "Ormel", "Tandra", "Quillon", "Baseth", "Korvi", "Lu
            "job": ("baker", "potter", "pilot", "gardener", "tailor", "doctor", "painter", "sailor", "miner", "teacher"),
            "pet": ("cat", "dog", "parrot", "goat", "rabbit", "turtle", "owl", "horse"),
            "colour": ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")}
+HELDOUT_NAME_EVERY = 4   # one name in four is an evaluation name (``_name``)
 _SYLLABLES = ("ka", "lo", "mi", "ra", "to", "ve", "zu", "ne", "shi", "da", "por", "fen", "gal", "mur", "tes", "bri")
 
 
@@ -284,10 +286,15 @@ def _word(rng: random.Random, lo: int = 3, hi: int = 6) -> str:
     return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(lo, hi)))
 
 
-def _name(rng: random.Random) -> str:
-    """A fresh two-part name drawn per conversation: the model must copy it, it cannot have memorized it."""
-    parts = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize() for _ in range(2)]
-    return " ".join(parts)
+def _name(rng: random.Random, heldout: bool) -> str:
+    """A fresh two-part name drawn per conversation: the model must copy it, it cannot have memorized it. One name
+    in four (by a hash of its text) is reserved for evaluation: training splits never draw those, every other split
+    draws only those, so a held-out name was never seen in training."""
+    while True:
+        parts = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize() for _ in range(2)]
+        name = " ".join(parts)
+        if (zlib.crc32(name.encode()) % HELDOUT_NAME_EVERY == 0) == heldout:
+            return name
 
 
 def _expression(rng: random.Random) -> tuple[str, int]:
@@ -312,6 +319,7 @@ class SyntheticChats:
         if not tasks:
             raise ValueError("tasks: need at least one synthetic chat task")
         self.seed, self.split, self.tasks = seed, split, tuple(tasks)
+        self.heldout_names = not split.endswith("train")   # train, pref-train, ppo_train: training names
 
     def __getitem__(self, i: int) -> Conversation:
         if i < 0:
@@ -342,9 +350,8 @@ class SyntheticChats:
                 Message("environment", json.dumps({"result": value}), "plugin"), Message("assistant", answer)]
         return Conversation(msgs, "calculator", answer)
 
-    @staticmethod
-    def _lookup(rng: random.Random) -> Conversation:
-        name = _name(rng)
+    def _lookup(self, rng: random.Random) -> Conversation:
+        name = _name(rng, self.heldout_names)
         field = rng.choice(tuple(_FIELDS))
         value = rng.choice(_VALUES[field])
         answer = f"{name} {_FIELDS[field].format(value)}."
@@ -374,12 +381,11 @@ class SyntheticChats:
         phrase = " ".join(_word(rng) for _ in range(rng.randint(1, 3)))
         return Conversation([Message("user", f"repeat: {phrase}"), Message("assistant", phrase)], "echo", phrase)
 
-    @staticmethod
-    def _recall(rng: random.Random) -> Conversation:
+    def _recall(self, rng: random.Random) -> Conversation:
         people: list[tuple[str, str]] = []
         count = rng.randint(2, 3)
         while len(people) < count:
-            name = _name(rng)
+            name = _name(rng, self.heldout_names)
             if name not in (p for p, _ in people):
                 people.append((name, _word(rng, 4, 7).capitalize()))
         who, where = rng.choice(people)
