@@ -7,8 +7,11 @@ previous stage's export and carries over the run's output directory, device, dty
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -144,7 +147,7 @@ class Alignment:
     reward: RewardResult
     unconditional: RewardResult
     summary: dict          # {"sft": {...}, "reward": {...}} (alignment_summary)
-    wall_s: dict           # {"sft": s, "reward": s, "reward_unconditional": s}
+    wall_s: dict           # {"sft": s, "reward": s, "reward_unconditional": s (both reward models, to the later end)}
 
 
 def flipped_accuracy(result: RewardResult) -> float:
@@ -167,6 +170,13 @@ def alignment_summary(sft: SFTResult, rm: RewardResult, unconditional: RewardRes
                        "correct_over_wrong": rm.eval.get(f"pair_acc_{CORRECT_OVER_WRONG}", 0.0)}}
 
 
+def _control(cfg: TrainConfig) -> RewardResult:
+    """The unconditional control's run, without its model (what the report needs crosses a process boundary)."""
+    result = run_reward(cfg)
+    result.model = None
+    return result
+
+
 def run_alignment(cfg: TrainConfig, pretrain_checkpoint: str, report_path: str, start_time: float,
                   sft_args: Sequence[str] = (), reward_args: Sequence[str] = ()) -> Alignment | None:
     """SFT, then the conditional reward model and its unconditional control after pretraining; their sections go
@@ -182,29 +192,34 @@ def run_alignment(cfg: TrainConfig, pretrain_checkpoint: str, report_path: str, 
     wall = {"sft": time.time() - t0}
     rm_args = ["--config", REWARD_CONFIG, *_carried(cfg), f"--reward.init_from={os.path.join(sft.checkpoint, 'model')}",
                *reward_args]
-    t0 = time.time()
     rm_cfg = parse_reward_cli(rm_args)
-    rm = run_reward(rm_cfg)
-    if not rm.finished:
-        return None
-    wall["reward"] = time.time() - t0
-    rm_plots = plot_reward_training(read_jsonl(rm.metrics_path), rm.run_dir) if rm_cfg.metrics.plots else {}
-    t0 = time.time()
     # The control: the same recipe on the same pairs with no condition prompt. The flipped pairs then contradict
-    # each other, so it must stay near 50% on them: the conditions, not the replies, carry the preference.
+    # each other, so it must stay near 50% on them: the conditions, not the replies, carry the preference. It
+    # needs nothing from the conditional model, so it trains in a second process beside it when the machine has
+    # the cores for both (half the alignment half's wall time on 2 cores at one thread each).
     uncond_cfg = parse_reward_cli(rm_args + [f"--run.name={rm_cfg.run.name}_unconditional", "--reward.conditions={}",
                                              "--metrics.plots=false"])
-    uncond = run_reward(uncond_cfg)
-    if not uncond.finished:
-        return None
+    threads = cfg.run.threads or torch.get_num_threads()
+    on_cpu = rm_cfg.run.device == "cpu" or (rm_cfg.run.device == "auto" and not torch.cuda.is_available())
+    beside = on_cpu and (os.cpu_count() or 1) >= 2 * threads
+    t0 = time.time()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) if beside else nullcontext() as pool:
+        control = pool.submit(_control, uncond_cfg) if pool else None
+        rm = run_reward(rm_cfg)
+        wall["reward"] = time.time() - t0
+        uncond = control.result() if control else _control(uncond_cfg)
     wall["reward_unconditional"] = time.time() - t0
+    if not (rm.finished and uncond.finished):
+        return None
+    rm_plots = plot_reward_training(read_jsonl(rm.metrics_path), rm.run_dir) if rm_cfg.metrics.plots else {}
     summary = alignment_summary(sft, rm, uncond)
     root = os.path.dirname(report_path)
     lines = (sft_section(sft, sft_plots, summary, root)
              + reward_section(rm, rm_plots, rm_cfg.reward.conditions, uncond, summary, root))
     lines.append(f"Wall time of the whole pipeline (pretraining, SFT, reward models, evaluations): "
                  f"{(time.time() - start_time) / 60:.1f} min; SFT {wall['sft']:.0f} s, reward model "
-                 f"{wall['reward']:.0f} s, its unconditional control {wall['reward_unconditional']:.0f} s.")
+                 f"{wall['reward']:.0f} s, the reward model and its unconditional control "
+                 f"{wall['reward_unconditional']:.0f} s ({'side by side' if beside else 'one after the other'}).")
     with open(report_path, "a") as f:
         f.write("\n" + "\n".join(lines) + "\n")
     return Alignment(sft, rm, uncond, summary, wall)
