@@ -40,7 +40,7 @@ def cpu_info() -> dict[str, str]:
     model, isa = gemm_choice.cpu_id()
     info = {"cpu_model": model, "isa": isa, "gemm_mode": gemm_choice.mode()}
     if gemm_choice.choices():
-        info["gemm_choices"] = "; ".join(f"{k.split(' | ')[-1]}={v}" for k, v in gemm_choice.choices().items())
+        info["gemm_choices"] = "; ".join(f"{k.split(' | ', 2)[-1]}={v}" for k, v in gemm_choice.choices().items())
     return info
 
 
