@@ -104,9 +104,10 @@ class QKVRotaryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, wqkv_out, c, s, n_kv_heads: int, head_dim: int):
         lead = wqkv_out.shape[:-1]
-        qkv = wqkv_out.reshape(-1, n_kv_heads, wqkv_out.shape[-1] // (n_kv_heads * head_dim), head_dim)
-        T, g = qkv.shape[0], qkv.shape[2] - 2                                   # (T, Hkv, g + 2, D)
-        c, s = c.reshape(T, -1).contiguous(), s.reshape(T, -1).contiguous()   # (T, rd/2)
+        T, F = lead.numel(), wqkv_out.shape[-1]
+        qkv = wqkv_out.reshape(T, n_kv_heads, F // (n_kv_heads * head_dim), head_dim)   # (T, Hkv, g + 2, D)
+        g = qkv.shape[2] - 2
+        c, s = c.reshape(T, c.shape[-1]).contiguous(), s.reshape(T, s.shape[-1]).contiguous()  # (T, rd/2)
         q = torch.empty(T, n_kv_heads, g, head_dim, dtype=qkv.dtype, device=qkv.device)
         k = torch.empty(T, n_kv_heads, 1, head_dim, dtype=qkv.dtype, device=qkv.device)
         rotate_heads(q, qkv[:, :, :g], c, s, 1.0)
@@ -126,7 +127,7 @@ class QKVRotaryFunction(torch.autograd.Function):
         rotate_heads(dqkv[:, :, :g], dq.reshape(T, n_kv_heads, g, head_dim), c, s, -1.0)
         rotate_heads(dqkv[:, :, g:g + 1], dk.reshape(T, n_kv_heads, 1, head_dim), c, s, -1.0)
         dqkv[:, :, g + 1].copy_(dv.reshape(T, n_kv_heads, head_dim))
-        return dqkv.view(*lead, -1), None, None, None, None
+        return dqkv.view(*lead, n_kv_heads * (g + 2) * head_dim), None, None, None, None
 
 
 def apply_rotary_emb(x, cos, sin, seqlen_offsets, cu_seqlens, inplace):
