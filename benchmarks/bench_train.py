@@ -17,17 +17,20 @@ CPU mode (what ``make demo`` trains): the ``tiny`` preset in float32, 8 document
 (packed with cu_seqlens for ours, a (documents, length) batch for the peer: the same attention work), forward + backward + grad-norm clip +
 optimizer step (ours: FusedAdamW; the peer: torch's AdamW with ``fused=True`` and clip_grad_norm_), with 1 and with
 2 torch threads. The goal: ours >= 1.3x the peer's tokens/s at each thread count, under the default ISA and under
-ATEN_CPU_CAPABILITY=avx2; extra_info records the CPU model, the ISA and the cpu GEMM choices.
+ATEN_CPU_CAPABILITY=avx2; extra_info records the CPU model, the ISA and the cpu GEMM choices, the ratio to the peer
+in wall time (``vs_peer_wall``) and in process CPU time (``vs_peer_cpu``: on a loaded machine the wall time is
+mostly waiting for a core; at one thread the CPU time is the step's work), and the 1-minute load average.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 
 import pytest
 import torch
 
-from benchmarks.common import OURS, device, record, time_ms_interleaved
+from benchmarks.common import OURS, device, record, time_interleaved
 from models import InternLM2Config
 from models.checkpoint import llama_config_dict
 from train.build import batch_flops, build_model, model_config
@@ -130,7 +133,7 @@ def _peer_cpu(config: InternLM2Config, ids: torch.Tensor):
     return model, step
 
 
-_cpu_ms: dict[str, dict[str, float]] = {}
+_cpu_ms: dict[str, dict[str, tuple[float, float]]] = {}
 
 
 @pytest.mark.parametrize("impl", [OURS, PEER])
@@ -150,10 +153,13 @@ def test_trainer_step_cpu(benchmark, case, impl):
         config = dataclasses.replace(InternLM2Config.preset(preset), vocab_size=_vocab(preset))
         steps = {OURS: _ours_cpu(preset, ids)[1], PEER: _peer_cpu(config, ids)[1]}
         if case not in _cpu_ms:
-            _cpu_ms[case] = time_ms_interleaved(steps, reps=CPU_REPS)
+            _cpu_ms[case] = time_interleaved(steps, reps=CPU_REPS)
+        (wall, cpu), (peer_wall, peer_cpu) = _cpu_ms[case][impl], _cpu_ms[case][PEER]
         record(benchmark, steps[impl], group=f"trainer step {preset} cpu, {threads} thread(s) ({docs} x {length} "
-               "tokens)", impl=impl, metric="tokens/s", work=ids.numel(), unit_scale=1.0, ms=_cpu_ms[case][impl],
-               threads=threads, note=f"{docs} documents of {length} tokens, fp32, timed alternating with the peer")
+               "tokens)", impl=impl, metric="tokens/s", work=ids.numel(), unit_scale=1.0, ms=wall,
+               threads=threads, note=f"{docs} documents of {length} tokens, fp32, timed alternating with the peer",
+               cpu_ms=cpu, vs_peer_wall=peer_wall / wall, vs_peer_cpu=peer_cpu / cpu,
+               load_average=os.getloadavg()[0])
     finally:
         torch.set_num_threads(before)
 

@@ -40,7 +40,7 @@ def cpu_info() -> dict[str, str]:
     model, isa = gemm_choice.cpu_id()
     info = {"cpu_model": model, "isa": isa, "gemm_mode": gemm_choice.mode()}
     if gemm_choice.choices():
-        info["gemm_choices"] = "; ".join(f"{k.split(' | ')[-1]}={v}" for k, v in gemm_choice.choices().items())
+        info["gemm_choices"] = "; ".join(f"{k.split(' | ', 2)[-1]}={v}" for k, v in gemm_choice.choices().items())
     return info
 
 
@@ -63,17 +63,27 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 20) -> float:
 def time_ms_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, reps: int = 15) -> dict[str, float]:
     """Median milliseconds of each CPU callable, measured in alternating rounds (the order flips every round), so
     that load from other processes on a shared machine falls on every implementation alike."""
+    return {name: wall for name, (wall, _cpu) in time_interleaved(fns, warmup, reps).items()}
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2,
+                     reps: int = 15) -> dict[str, tuple[float, float]]:
+    """As ``time_ms_interleaved``, each callable's (median wall ms, median process CPU ms). The CPU time leaves out
+    the time the process waited for a core, which on a loaded machine is most of the wall time; with one torch
+    thread it is the work of the call, with more it also counts OpenMP threads spin-waiting."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for i in range(reps):
         for name in (names if i % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fns[name]()
-            samples[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(v) for name, v in samples.items()}
+            wall[name].append((time.perf_counter() - t0) * 1e3)
+            cpu[name].append((time.process_time() - c0) * 1e3)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in names}
 
 
 def record(benchmark, fn: Callable[[], object], *, group: str, impl: str, metric: str,

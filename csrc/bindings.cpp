@@ -68,6 +68,21 @@ PYBIND11_MODULE(_C, m) {
         py::arg("grad_dtype"), py::arg("master"), py::arg("amsgrad"), py::arg("scalars"), py::arg("device"),
         py::arg("stream"));
 
+  m.def("rotary_heads_cpu",
+        [](int64_t x, int64_t out, int64_t cos, int64_t sin, int64_t tokens, int64_t groups, int64_t heads_per_group,
+           int64_t dim, int64_t half, py::tuple x_strides, py::tuple out_strides, float sign, int num_threads) {
+          if (x_strides.size() != 3 || out_strides.size() != 3)
+            throw std::invalid_argument("rotary_heads_cpu: strides are (token, group, head)");
+          ik::RotaryHeads r{x, out, cos, sin, tokens, groups, heads_per_group, dim, half,
+                            x_strides[0].cast<int64_t>(), x_strides[1].cast<int64_t>(), x_strides[2].cast<int64_t>(),
+                            out_strides[0].cast<int64_t>(), out_strides[1].cast<int64_t>(),
+                            out_strides[2].cast<int64_t>(), sign};
+          py::gil_scoped_release release;
+          ik::rotary_heads_cpu(r, num_threads);
+        },
+        py::arg("x"), py::arg("out"), py::arg("cos"), py::arg("sin"), py::arg("tokens"), py::arg("groups"),
+        py::arg("heads_per_group"), py::arg("dim"), py::arg("half"), py::arg("x_strides"), py::arg("out_strides"),
+        py::arg("sign"), py::arg("num_threads"));
   m.def("grad_norm_cpu",
         [](int64_t table, int64_t chunks, int64_t n_chunks, int64_t chunk_size, int kind, double p,
            int64_t partials, int64_t out, int num_threads) {

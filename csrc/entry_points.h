@@ -26,6 +26,19 @@ struct AdamWLaunch {
   AdamWScalars scalars;
 };
 
+// Rotary embedding (rotate-half) of `tokens` × `groups` × `heads_per_group` heads of `dim` float32 features:
+// out = x rotated by the per-token tables cos/sin (tokens, half) contiguous, their sine times `sign` (-1: the
+// backward). Strides in elements; x and out must not overlap.
+struct RotaryHeads {
+  int64_t x, out, cos, sin;                    // addresses
+  int64_t tokens, groups, heads_per_group, dim, half;
+  int64_t x_token, x_group, x_head;            // strides of x
+  int64_t out_token, out_group, out_head;      // strides of out
+  float sign;
+};
+
+void rotary_heads_cpu(const RotaryHeads& r, int num_threads);
+
 void adamw_cpu(const AdamWLaunch& launch, int num_threads);
 void adamw_cuda(const AdamWLaunch& launch, int device, int64_t stream);
 

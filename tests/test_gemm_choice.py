@@ -37,7 +37,7 @@ def test_measured_choice_is_cached_per_shape_class(monkeypatch):
     a, b = torch.randn(200, 48), torch.randn(40, 48)
     first = gemm_choice.product(a, b)
     (key, name), = gemm_choice._cache.items()
-    assert key[:2] == gemm_choice.cpu_id() and key[2:] == (256, 64, 64, True, True)
+    assert key[:3] == (*gemm_choice.cpu_id(), torch.get_num_threads()) and key[3:] == (256, 64, 64, True, True)
     assert torch.equal(first, getattr(gemm_choice, name)(a, b, None))
     # Same class (each size rounds up to the same power of two): no new measurement, the same implementation.
     a2, b2 = torch.randn(130, 40), torch.randn(63, 40)
@@ -47,7 +47,7 @@ def test_measured_choice_is_cached_per_shape_class(monkeypatch):
     assert len(gemm_choice._cache) == 2
     dy, x = torch.randn(300, 19), torch.randn(300, 33)
     got = gemm_choice.product_tn(dy, x)
-    assert len(gemm_choice._cache) == 3 and (*gemm_choice.cpu_id(), "tn", 32, 64, 512) in gemm_choice._cache
+    assert len(gemm_choice._cache) == 3 and (*gemm_choice.cpu_id(), torch.get_num_threads(), "tn", 32, 64, 512) in gemm_choice._cache
     torch.testing.assert_close(got, dy.t() @ x, rtol=1e-5, atol=1e-5)   # 300-term fp32 sums, another order
     assert all(v in ("onednn", "aten") for v in gemm_choice.choices().values())
 

@@ -5,9 +5,13 @@ Neither wins everywhere. On an AMD EPYC (Zen 5) MKL does not take its AVX-512 pa
 faster for training-sized products; on Intel Xeons MKL does use AVX-512; and for the few-row products of a decode
 step ATen's call is cheaper on either (docs/kernels/cpu.md). So the first product of each *shape class* in a process
 runs both candidates on its own operands (one warm-up each, then ``_ROUNDS`` interleaved timed calls; the smaller
-minimum wins) and the winner is cached for the process under (CPU model, ATen ISA, shape class). A shape class is
-(M, N, K) each rounded up to a power of two, plus whether each operand is contiguous (a transposed view takes a
-different kernel); the weight gradient dyᵀ·x is its own class (``product_tn``: oneDNN needs dyᵀ copied contiguous,
+minimum wins) and the winner is cached for the process under (CPU model, ATen ISA, torch threads, shape class). A
+call is timed in the calling thread's CPU time when torch runs one thread: on a shared machine wall time also counts
+the time the process waited for a core, which at a load of 4 on 2 cores swung single 2 ms calls by 2-3× and made the
+choice a coin toss (a weight gradient class picked the copy-then-oneDNN path at 4.6 ms over ATen's 2.4 ms); with more
+threads the work runs on the OpenMP team, not all in the caller, so wall time it is. The thread count is part of the
+key because a GEMM's parallel split differs with it. A shape class is (M, N, K) each rounded up to a power of two,
+plus whether each operand is contiguous (a transposed view takes a different kernel); the weight gradient dyᵀ·x is its own class (``product_tn``: oneDNN needs dyᵀ copied contiguous,
 ATen's BLAS takes the transpose as a flag, so the copy is part of what is timed). The result is the same product either way, up to float32 summation order.
 
 ``INTERNLM_KERNELS_CPU_GEMM`` pins the choice for reproducibility (bit-identical runs across processes, e.g. the
@@ -24,7 +28,7 @@ import torch
 
 ENV_VAR = "INTERNLM_KERNELS_CPU_GEMM"
 MODES = ("measure", "onednn", "aten")
-_ROUNDS = 3
+_ROUNDS = 5
 
 _pinned: str | None = None
 _cache: dict[tuple, str] = {}
@@ -43,7 +47,8 @@ _IMPLS = {"onednn": onednn, "aten": aten}
 
 @functools.cache
 def cpu_id() -> tuple[str, str]:
-    """(CPU model name, the ISA ATen dispatches to): the scope a measured choice is valid for."""
+    """(CPU model name, the ISA ATen dispatches to): with the thread count, the scope a measured choice is valid
+    for."""
     model = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -72,23 +77,29 @@ def mode() -> str:
 
 
 def choices() -> dict[str, str]:
-    """The measured choices of this process, as {"cpu | isa | M×N×K layout": impl} (layout: c/t per operand for
-    a·bᵀ, "tn" for the weight gradient aᵀ·b)."""
+    """The measured choices of this process, as {"cpu | isa | threads | M×N×K layout": impl} (layout: c/t per
+    operand for a·bᵀ, "tn" for the weight gradient aᵀ·b)."""
     def shape(k):
-        if k[2] == "tn":
-            return "x".join(map(str, k[3:6])) + " tn"
-        return "x".join(map(str, k[2:5])) + f" a{'c' if k[5] else 't'}b{'c' if k[6] else 't'}"
-    return {f"{k[0]} | {k[1]} | {shape(k)}": v for k, v in sorted(_cache.items(), key=str)}
+        if k[3] == "tn":
+            return "x".join(map(str, k[4:7])) + " tn"
+        return "x".join(map(str, k[3:6])) + f" a{'c' if k[6] else 't'}b{'c' if k[7] else 't'}"
+    return {f"{k[0]} | {k[1]} | {k[2]} thread(s) | {shape(k)}": v for k, v in sorted(_cache.items(), key=str)}
 
 
 def _bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def _scope() -> tuple:
+    return (*cpu_id(), torch.get_num_threads())
+
+
 def _time(fn, *args) -> float:
-    t0 = time.perf_counter()
+    """Seconds one call takes: the calling thread's CPU time with one torch thread, else wall time (module doc)."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    t0 = clock()
     fn(*args)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def _choose(key: tuple, impls: dict, *args) -> str:
@@ -109,7 +120,7 @@ def product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) 
     m = mode()
     if m != "measure":
         return _IMPLS[m](a, b, bias)
-    key = (*cpu_id(), _bucket(a.shape[0]), _bucket(b.shape[0]), _bucket(a.shape[1]), a.is_contiguous(),
+    key = (*_scope(), _bucket(a.shape[0]), _bucket(b.shape[0]), _bucket(a.shape[1]), a.is_contiguous(),
            b.is_contiguous())
     return _IMPLS[_choose(key, _IMPLS, a, b, bias)](a, b, bias)
 
@@ -131,5 +142,5 @@ def product_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     m = mode()
     if m != "measure":
         return _TN_IMPLS[m](a, b)
-    key = (*cpu_id(), "tn", _bucket(a.shape[1]), _bucket(b.shape[1]), _bucket(a.shape[0]))
+    key = (*_scope(), "tn", _bucket(a.shape[1]), _bucket(b.shape[1]), _bucket(a.shape[0]))
     return _TN_IMPLS[_choose(key, _TN_IMPLS, a, b)](a, b)
