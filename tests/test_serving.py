@@ -1,4 +1,4 @@
-"""Continuous-batching generation (models.serving): greedy output equals models.generation.generate, the uncached
+"""Continuous-batching generation (models.serving): greedy output equals model.generate (a 1-call generator), the uncached
 forward and transformers' generate token for token; slots are refilled; log-probs are the model's; sampling is seeded."""
 import dataclasses
 
