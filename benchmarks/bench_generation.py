@@ -14,6 +14,7 @@ extra_info records the CPU model, the ISA (``ATEN_CPU_CAPABILITY``) and the cpu 
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -105,6 +106,54 @@ def test_generation_cpu(benchmark, case, impl):
     benchmark.extra_info.update(group=f"generation tiny cpu 1 thread {case}", impl=impl, metric="tokens/s",
                                 value=n * new / (ms * 1e-3), ms=ms, card=card_name(), threads=1,
                                 sampled=sampled, **cpu_info())
+
+
+# PPO's rollout sampling (configs/ppo_tiny.toml: 24 prompts, 32 new tokens, temperature 1, top-p 0.9, the byte
+# vocabulary of 272) on the tiny preset, CPU, 1 thread. Ours: one generator per prompt, all prompts in one batched
+# call (what the PPO stage does). Peers in the same run: one generator for the batch in one call (the draw batched
+# too: what per-prompt draws cost), and one call per prompt (what per-prompt sampling cost before the engine took a
+# generator per request).
+PER_PROMPT = {"n": 24, "prompt": (40, 90), "new": 32}
+PER_PROMPT_IMPLS = (OURS, "one-generator-one-batch", "per-prompt-one-call-each")
+_per_prompt_ms: dict[str, float] = {}
+
+
+def _per_prompt_fns() -> dict[str, object]:
+    config = dataclasses.replace(InternLM2Config.preset("tiny"), vocab_size=272)
+    torch.manual_seed(0)
+    model = InternLM2ForCausalLM(config).eval()
+    n, (lo, hi), new = PER_PROMPT["n"], PER_PROMPT["prompt"], PER_PROMPT["new"]
+    prompts = [torch.randint(3, 272, (int(k),)).tolist() for k in torch.randint(lo, hi + 1, (n,))]
+    gen = ContinuousBatchingGenerator(model, max_batch=n, max_seq_len=hi + new)
+    kw = dict(temperature=1.0, top_p=0.9, stop_token_ids=())
+
+    def seeded():
+        return [torch.Generator().manual_seed(i) for i in range(n)]
+
+    return {OURS: lambda: gen.generate(prompts, new, generator=seeded(), **kw),
+            "one-generator-one-batch": lambda: gen.generate(prompts, new, generator=torch.Generator().manual_seed(0),
+                                                            **kw),
+            "per-prompt-one-call-each": lambda: [gen.generate([p], new, generator=[g], **kw)
+                                                 for p, g in zip(prompts, seeded())]}
+
+
+@pytest.mark.parametrize("impl", PER_PROMPT_IMPLS)
+def test_per_prompt_sampling_cpu(benchmark, impl):
+    if ON_GPU:
+        pytest.skip("CPU case")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fns = _per_prompt_fns()
+        if not _per_prompt_ms:
+            _per_prompt_ms.update(time_ms_interleaved(fns, warmup=1, reps=ROUNDS))
+        benchmark.pedantic(fns[impl], rounds=1, iterations=1)
+    finally:
+        torch.set_num_threads(before)
+    ms = _per_prompt_ms[impl]
+    benchmark.extra_info.update(group="ppo rollout sampling tiny cpu 1 thread 24x40..90+32", impl=impl,
+                                metric="tokens/s", value=PER_PROMPT["n"] * PER_PROMPT["new"] / (ms * 1e-3), ms=ms,
+                                card=card_name(), threads=1, **cpu_info())
 
 
 @pytest.mark.parametrize("impl", [OURS, PEER])
