@@ -445,7 +445,9 @@ class ContinuousBatchingGenerator:
         ``step`` until these requests finish (requests that were submitted before run alongside)."""
         stop = _check_args(prompts, max_new_tokens, temperature, top_p, top_k, stop_token_ids,
                            self.model.config.vocab_size)
-        generators = _per_prompt(generator, len(prompts)) if temperature > 0 else [None] * len(prompts)
+        generators = _per_prompt(generator, len(prompts))
+        if temperature == 0:                     # greedy draws nothing
+            generators = [None] * len(prompts)
         budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         for i, (p, n) in enumerate(zip(prompts, budgets)):
             self._check_fits(p, n, f"prompts[{i}]")
