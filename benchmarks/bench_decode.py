@@ -3,8 +3,8 @@
 Shapes (GPU, bf16, 32 query / 8 KV heads, head dim 128):
   batch 64 × context 4096, pages of 64            the goal: >= 85% of the card's copy bandwidth (H200 4239 GB/s)
   batch 1 × context 131072, pages of 64           one long sequence: the split-KV kernel against num_splits=1
-Peers: torch SDPA over the padded contiguous cache (B, Hkv, L, D) with enable_gqa (what models.generation does
-today), and flex_attention (compiled) on the same padded cache. The figure is GB/s of KV cache read (2·B·L·Hkv·D
+Peers: torch SDPA over the padded contiguous cache (B, Hkv, L, D) with enable_gqa (what the repository's first
+decoder did), and flex_attention (compiled) on the same padded cache. The figure is GB/s of KV cache read (2·B·L·Hkv·D
 elements), the bound of decode attention. On CPU only the peers run, at a tiny shape (our kernels run there only
 under the Triton interpreter, a test harness).
 """

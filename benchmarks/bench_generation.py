@@ -2,8 +2,7 @@
 model weights, same run.
 
 GPU: the ``1_8b`` shape (random weights, bf16), 64 prompts of 512 tokens, 512 new tokens each, greedy, no stop
-token (every sequence runs to the end, so all do the same work), also beside today's models.generation.generate —
-the goal is >= 3× transformers' tokens/s.
+token (every sequence runs to the end, so all do the same work) — the goal is >= 3× transformers' tokens/s.
 
 CPU: the ``tiny`` preset in float32, one torch thread, a sweep over the issue's range (1-64 prompts, prompt lengths
 16-512, 8-128 new tokens), greedy and sampled (temperature 0.8, top-k 50: transformers' default top-k, so both
@@ -15,6 +14,7 @@ extra_info records the CPU model, the ISA (``ATEN_CPU_CAPABILITY``) and the cpu 
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -108,7 +108,55 @@ def test_generation_cpu(benchmark, case, impl):
                                 sampled=sampled, **cpu_info())
 
 
-@pytest.mark.parametrize("impl", [OURS, "generation.generate", PEER])
+# PPO's rollout sampling (configs/ppo_tiny.toml: 24 prompts, 32 new tokens, temperature 1, top-p 0.9, the byte
+# vocabulary of 272) on the tiny preset, CPU, 1 thread. Ours: one generator per prompt, all prompts in one batched
+# call (what the PPO stage does). Peers in the same run: one generator for the batch in one call (the draw batched
+# too: what per-prompt draws cost), and one call per prompt (what per-prompt sampling cost before the engine took a
+# generator per request).
+PER_PROMPT = {"n": 24, "prompt": (40, 90), "new": 32}
+PER_PROMPT_IMPLS = (OURS, "one-generator-one-batch", "per-prompt-one-call-each")
+_per_prompt_ms: dict[str, float] = {}
+
+
+def _per_prompt_fns() -> dict[str, object]:
+    config = dataclasses.replace(InternLM2Config.preset("tiny"), vocab_size=272)
+    torch.manual_seed(0)
+    model = InternLM2ForCausalLM(config).eval()
+    n, (lo, hi), new = PER_PROMPT["n"], PER_PROMPT["prompt"], PER_PROMPT["new"]
+    prompts = [torch.randint(3, 272, (int(k),)).tolist() for k in torch.randint(lo, hi + 1, (n,))]
+    gen = ContinuousBatchingGenerator(model, max_batch=n, max_seq_len=hi + new)
+    kw = dict(temperature=1.0, top_p=0.9, stop_token_ids=())
+
+    def seeded():
+        return [torch.Generator().manual_seed(i) for i in range(n)]
+
+    return {OURS: lambda: gen.generate(prompts, new, generator=seeded(), **kw),
+            "one-generator-one-batch": lambda: gen.generate(prompts, new, generator=torch.Generator().manual_seed(0),
+                                                            **kw),
+            "per-prompt-one-call-each": lambda: [gen.generate([p], new, generator=[g], **kw)
+                                                 for p, g in zip(prompts, seeded())]}
+
+
+@pytest.mark.parametrize("impl", PER_PROMPT_IMPLS)
+def test_per_prompt_sampling_cpu(benchmark, impl):
+    if ON_GPU:
+        pytest.skip("CPU case")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fns = _per_prompt_fns()
+        if not _per_prompt_ms:
+            _per_prompt_ms.update(time_ms_interleaved(fns, warmup=1, reps=ROUNDS))
+        benchmark.pedantic(fns[impl], rounds=1, iterations=1)
+    finally:
+        torch.set_num_threads(before)
+    ms = _per_prompt_ms[impl]
+    benchmark.extra_info.update(group="ppo rollout sampling tiny cpu 1 thread 24x40..90+32", impl=impl,
+                                metric="tokens/s", value=PER_PROMPT["n"] * PER_PROMPT["new"] / (ms * 1e-3), ms=ms,
+                                card=card_name(), threads=1, **cpu_info())
+
+
+@pytest.mark.parametrize("impl", [OURS, PEER])
 def test_generation_tokens_per_s(benchmark, impl):
     if not ON_GPU:
         pytest.skip("GPU case: benchmarks/gpu_check.sh (the CPU sweep is test_generation_cpu)")
@@ -124,9 +172,6 @@ def test_generation_tokens_per_s(benchmark, impl):
 
         def fn(new=new):
             return gen.generate(prompts, new, stop_token_ids=())
-    elif impl == "generation.generate":
-        def fn(new=new):
-            return model.generate(prompts, max_new_tokens=new, stop_token_ids=())
     else:
         llama = _llama(model, config, dev, dtype)
         ids = torch.tensor(prompts, device=dev)

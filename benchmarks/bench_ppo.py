@@ -2,7 +2,8 @@
 same iteration done the common way: transformers' ``generate`` and log-probs from full (unfused) logits.
 
 Ours: the PPO stage's sampler (``models.serving.ContinuousBatchingGenerator``: paged KV pool, one batched
-decode call per layer, CUDA-graph decode on GPU; top-p 0.9, seeded), ``train.rlhf.iteration.make_experience`` (actor and
+decode call per layer, CUDA-graph decode on GPU; top-p 0.9, one seeded generator per prompt as the PPO stage
+samples), ``train.rlhf.iteration.make_experience`` (actor and
 reference log-probs through ``ik.fused_linear_logprobs``, critic values), ``ppo_update`` (one epoch, one mini-batch:
 clipped policy loss on fused log-probs, value loss, FusedAdamW on both). Peer: a transformers ``LlamaForCausalLM``
 holding the same weights (our checkpoint in Llama layout) for the actor and the reference: ``generate(do_sample,
@@ -59,7 +60,6 @@ def _build(case: str, impl: str) -> dict:
         critic = InternLM2ForScore(config).to(dtype)
     cfg = PPOConfig(actor_lr=1e-6, critic_lr=5e-6)
     prompt = torch.randint(3, vocab, (B, P), device=dev)
-    gen = torch.Generator(device=dev).manual_seed(0)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr)
     s = {"work": {"generation": B * N, "logprobs": B * (P + N), "training": B * (P + N)}}
     if impl == OURS:
@@ -70,8 +70,10 @@ def _build(case: str, impl: str) -> dict:
         prompts = prompt.tolist()
         sampler = Sampler(actor, max_batch=B)
 
+        gens = [torch.Generator(device=dev).manual_seed(i) for i in range(B)]
+
         def generate():
-            out = sampler(prompts, N, temperature=1.0, top_p=0.9, stop_ids=(), generator=gen)
+            out = sampler(prompts, N, temperature=1.0, top_p=0.9, stop_ids=(), generators=gens)
             return torch.tensor([c.tokens for c in out], device=dev)
 
         rollout = _rollout(prompt, generate())

@@ -2,7 +2,7 @@
 
 The layers call ``ctx.qkv(...)`` and ``ctx.attend(...)`` and nothing else, so one trunk serves training and
 scoring over packed tokens (``PackedContext``, also the prefill of generation) and one-token decoding over a KV
-cache (``models.generation.DecodeContext``).
+cache (``models.serving.PagedDecodeContext``; on CPU in float32 ``models.decode_step`` runs the decode itself).
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ after the last block: rms_norm(h, residual=r) -> output head (or fused linear cr
 
 The file reads top-down: the causal LM and the score model, then the trunk, its block and the block's parts.
 Packing of padded or packed inputs is in ``models.packing``, the per-forward contexts (packed, decode) in
-``models.context`` and ``models.generation``.
+``models.context`` and the decode of generation in ``models.serving`` / ``models.decode_step``.
 
 Which implementation runs each op (reference / triton / ...) is chosen by internlm_kernels' backend switch
 (``ik.use_backend`` or INTERNLM_KERNELS_BACKEND), so the switch changes the whole model.
@@ -37,8 +37,8 @@ from internlm_kernels.checks import check_tensor
 from . import checkpoint as ckpt
 from .config import InternLM2Config
 from .context import ForwardContext, PackedContext
-from .generation import generate
 from .packing import IGNORE_INDEX, PackedInputs, pack_inputs, reads_values, shift_labels
+from .serving import generate
 
 CHECKPOINTING_MODES = (False, True, "mlp")
 
@@ -158,11 +158,14 @@ class InternLM2ForCausalLM(_InternLM2Base):
         return out
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 stop_token_ids=(2, 92542), generator: torch.Generator | None = None) -> list[list[int]]:
+                 stop_token_ids=(2, 92542), generator: torch.Generator | list[torch.Generator] | None = None
+                 ) -> list[list[int]]:
         """KV-cache generation for a batch of prompts of unequal length; returns the new tokens of each prompt
-        (ending with the stop token when one was produced). temperature 0 is greedy; else top-p sampling."""
-        return generate(self, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
-                        stop_token_ids=stop_token_ids, generator=generator)
+        (ending with the stop token when one was produced). temperature 0 is greedy; else top-p sampling with
+        ``generator`` (one for the batch, or one per prompt). One call of ``models.serving.generate``."""
+        completions = generate(self, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
+                               stop_token_ids=stop_token_ids, generator=generator)
+        return [c.tokens for c in completions]
 
 
 class InternLM2ForScore(_InternLM2Base):
@@ -236,7 +239,7 @@ class InternLM2Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids (N,) -> hidden (N, hidden_size); ``ctx`` supplies rotary and attention (PackedContext, or
-        the decode context of models.generation)."""
+        the paged decode context of models.serving)."""
         h = self.tok_embeddings(input_ids)                               # (N, hidden)
         residual = None
         for layer in self.layers:

@@ -15,7 +15,10 @@
 - **Refill**: after each step finished requests free their slot and pages, and queued prompts are admitted and
   prefilled at once.
 - **Sampling**: greedy (temperature 0), or softmax(logits / T) restricted to the top-k tokens and then to the top-p
-  nucleus, drawn with the caller's seeded ``torch.Generator``. Each sampled token's log-probability under
+  nucleus, drawn with the caller's seeded ``torch.Generator``: one per request (its tokens then do not depend on the
+  batch: PPO's per-prompt sampling) or one shared by a ``generate`` call. The model's forward is batched either way;
+  only the draw runs per generator. ``generate(model, ...)`` (``model.generate``) runs one call on a generator built
+  for it. Each sampled token's log-probability under
   softmax(logits / T) (T = 1 for greedy) is returned with it — what the PPO update recomputes with
   ``ik.fused_linear_logprobs(..., temperature=T)``.
 - A request ends after a stop token (kept) or its max_new_tokens. Dynamic NTK RoPE is used only within
@@ -26,6 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -106,8 +110,13 @@ class PagedDecodeContext:
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0,
-           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (B, V) float32 -> (tokens (B,) int64, their log-probabilities (B,) under softmax(logits / T))."""
+           generator: torch.Generator | Sequence[torch.Generator | None] | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, V) float32 -> (tokens (B,) int64, their log-probabilities (B,) under softmax(logits / T)).
+
+    ``generator``: one for all rows (drawn in row order), or one per row: the rows of one generator object are drawn
+    together, in row order, from it alone, so a row with its own generator gets the token it would get alone (the
+    distribution is computed for all rows at once; only the draw is per generator)."""
     scaled = logits / temperature if temperature > 0 else logits
     logp = torch.log_softmax(scaled, dim=-1)
     if temperature == 0:
@@ -118,26 +127,39 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: 
             kth = probs.topk(top_k, dim=-1).values[:, -1:]
             probs = probs.masked_fill(probs < kth, 0.0)
             probs = probs / probs.sum(dim=-1, keepdim=True)
+        order = None
         if top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            probs, order = probs.sort(dim=-1, descending=True)
             # Drop a token when the tokens ranked above it already reach top_p; the most likely one always stays.
-            outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-            choice = torch.multinomial(sorted_probs.masked_fill(outside, 0.0), 1, generator=generator)
-            tokens = order.gather(-1, choice).squeeze(-1)
+            probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+        rows_of: dict[int, list[int]] = {}
+        if not (generator is None or isinstance(generator, torch.Generator)):
+            for row, g in enumerate(generator):
+                rows_of.setdefault(id(g), []).append(row)
+            if len(rows_of) == 1:
+                generator = generator[0]
+        if len(rows_of) <= 1:
+            choice = torch.multinomial(probs, 1, generator=generator)
         else:
-            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            choice = torch.empty(probs.shape[0], 1, dtype=torch.long, device=probs.device)
+            for rows in rows_of.values():
+                if len(rows) == 1:
+                    r = rows[0]
+                    choice[r:r + 1] = torch.multinomial(probs[r:r + 1], 1, generator=generator[r])
+                else:
+                    rows_t = torch.tensor(rows, device=probs.device)
+                    choice[rows_t] = torch.multinomial(probs[rows_t], 1, generator=generator[rows[0]])
+        tokens = (choice if order is None else order.gather(-1, choice)).squeeze(-1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """How one request samples. Requests with equal ``Sampling`` (the same ``generator`` object included) are
-    sampled together in one ``sample`` call; a request with its own generator draws only from it, so its tokens do
-    not depend on what else is in the batch."""
+    """How one request samples. The rows of requests with equal ``Sampling`` are sampled in one ``sample`` call,
+    each drawn from its request's generator (see ``sample``)."""
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    generator: torch.Generator | None = None
 
 
 @dataclasses.dataclass
@@ -156,6 +178,7 @@ class _Request:
     prompt: list[int]
     max_new: int
     sampling: Sampling
+    generator: torch.Generator | None      # None: torch's default generator (or greedy)
     stop: frozenset
     pages: list[int] = dataclasses.field(default_factory=list)
     tokens: list[int] = dataclasses.field(default_factory=list)
@@ -189,7 +212,7 @@ class ContinuousBatchingGenerator:
         scaling = config.rope_scaling or {}
         if scaling.get("type") == "dynamic" and max_seq_len > config.max_position_embeddings:
             raise NotImplementedError("rope_scaling type 'dynamic' beyond max_position_embeddings (its base would "
-                                      "follow the sequence length); use generation.generate")
+                                      "follow the sequence length, and the keys already cached keep the old base)")
         weight = model.output.weight
         self.device, self.dtype = weight.device, weight.dtype
         # Request lifecycle: FIFO queue -> a slot (with its pages) -> finished (or cancelled).
@@ -207,7 +230,11 @@ class ContinuousBatchingGenerator:
                     and all(requested(op) in ("auto", "cpu") for op in ("attention", "kvcache")))
         self.pool = PagedKVPool(config.num_hidden_layers, num_pages, page_size, config.num_key_value_heads,
                                 config.head_dim, self.dtype, self.device, storage=not cpu_path)
-        self.cos, self.sin = model.model.rotary(self.pages_per_seq * page_size, self.device)
+        # The tables cover the pool's capacity (whole pages); rows past max_seq_len are never read (every request fits
+        # in max_seq_len) and stay zero: building them would re-base a dynamic-NTK table whose length passes
+        # max_position_embeddings.
+        pad = (0, 0, 0, self.pages_per_seq * page_size - max_seq_len)
+        self.cos, self.sin = (F.pad(t, pad) for t in model.model.rotary(max_seq_len, self.device))
         # Decode-step inputs at fixed addresses (row r = slot r); padding rows point at the scratch page 0.
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.block_table = torch.zeros(max_batch, self.pages_per_seq, dtype=torch.int32, device=self.device)
@@ -278,8 +305,8 @@ class ContinuousBatchingGenerator:
         stop = _check_args([prompt], max_new_tokens, temperature, top_p, top_k, stop_token_ids,
                            self.model.config.vocab_size)
         self._check_fits(prompt, max_new_tokens, "prompt")
-        return self._enqueue(list(prompt), max_new_tokens, Sampling(float(temperature), float(top_p), top_k,
-                                                                    generator if temperature > 0 else None), stop)
+        return self._enqueue(list(prompt), max_new_tokens, Sampling(float(temperature), float(top_p), top_k),
+                             generator if temperature > 0 else None, stop)
 
     def _check_fits(self, prompt: list[int], max_new: int, where: str) -> None:
         if len(prompt) + max_new > self.max_seq_len:
@@ -289,8 +316,9 @@ class ContinuousBatchingGenerator:
         if n_pages > self.pool.capacity:
             raise ValueError(f"{where} needs {n_pages} pages but the pool has {self.pool.capacity}: raise num_pages")
 
-    def _enqueue(self, prompt: list[int], max_new: int, sampling: Sampling, stop) -> int:
-        req = _Request(self._next_id, prompt, max_new, sampling, frozenset(stop))
+    def _enqueue(self, prompt: list[int], max_new: int, sampling: Sampling, generator: torch.Generator | None,
+                 stop) -> int:
+        req = _Request(self._next_id, prompt, max_new, sampling, generator, frozenset(stop))
         self._next_id += 1
         (self._queue if max_new > 0 else self._zero_budget).append(req)
         return req.id
@@ -351,19 +379,20 @@ class ContinuousBatchingGenerator:
         return admitted
 
     def _sample(self, slot_list: list[int], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token per row of ``logits`` (row i belongs to slot_list[i]), each request by its own Sampling;
-        rows that share one are sampled in one call, in row order."""
+        """One token per row of ``logits`` (row i belongs to slot_list[i]), each request by its own Sampling and
+        generator; the rows of one Sampling are sampled in one call (``sample``: each drawn from its generator)."""
         groups: dict[Sampling, list[int]] = {}
         for row, slot in enumerate(slot_list):
             groups.setdefault(self._slots[slot].sampling, []).append(row)
         if len(groups) == 1:
             (s, _), = groups.items()
-            return sample(logits, s.temperature, s.top_p, s.top_k, s.generator)
+            return sample(logits, s.temperature, s.top_p, s.top_k, [self._slots[slot].generator for slot in slot_list])
         tokens = torch.empty(len(slot_list), dtype=torch.long, device=logits.device)
         logprobs = torch.empty(len(slot_list), dtype=torch.float32, device=logits.device)
         for s, rows in groups.items():
             rows_t = torch.tensor(rows, device=logits.device)
-            tokens[rows_t], logprobs[rows_t] = sample(logits[rows_t], s.temperature, s.top_p, s.top_k, s.generator)
+            tokens[rows_t], logprobs[rows_t] = sample(logits[rows_t], s.temperature, s.top_p, s.top_k,
+                                                      [self._slots[slot_list[r]].generator for r in rows])
         return tokens, logprobs
 
     def _take(self, slot_list: list[int], tokens: torch.Tensor, logprobs: torch.Tensor,
@@ -408,19 +437,22 @@ class ContinuousBatchingGenerator:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int], temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, stop_token_ids=(2, 92542),
-                 generator: torch.Generator | None = None) -> list[Completion]:
-        """Completions of ``prompts`` in their order. ``max_new_tokens`` is one int or one per prompt; ``generator``
-        (on the model's device) seeds the sampling. Runs ``step`` until these requests finish (requests that were
-        submitted before run alongside)."""
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None) -> list[Completion]:
+        """Completions of ``prompts`` in their order. ``max_new_tokens`` is one int or one per prompt. ``generator``
+        (on the model's device) seeds the sampling: one for the call (every step draws the batch's tokens from it
+        in slot order, so a reply depends on its neighbours), or one per prompt (each reply depends on its own
+        generator alone: the same tokens whatever else is in the batch, as a 1-prompt call would give). Runs
+        ``step`` until these requests finish (requests that were submitted before run alongside)."""
         stop = _check_args(prompts, max_new_tokens, temperature, top_p, top_k, stop_token_ids,
                            self.model.config.vocab_size)
+        generators = _per_prompt(generator, len(prompts))
+        if temperature == 0:                     # greedy draws nothing
+            generators = [None] * len(prompts)
         budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         for i, (p, n) in enumerate(zip(prompts, budgets)):
             self._check_fits(p, n, f"prompts[{i}]")
-        # One Sampling for all: every step samples the whole batch in one call, drawing from ``generator`` in
-        # slot order.
-        sampling = Sampling(float(temperature), float(top_p), top_k, generator if temperature > 0 else None)
-        ids = [self._enqueue(list(p), n, sampling, stop) for p, n in zip(prompts, budgets)]
+        sampling = Sampling(float(temperature), float(top_p), top_k)
+        ids = [self._enqueue(list(p), n, sampling, g, stop) for p, n, g in zip(prompts, budgets, generators)]
         index = {rid: i for i, rid in enumerate(ids)}
         results: list[Completion | None] = [None] * len(prompts)
         tokens: dict[int, tuple[list[int], list[float]]] = {rid: ([], []) for rid in ids}
@@ -441,6 +473,33 @@ class ContinuousBatchingGenerator:
                 self.cancel(rid)
             raise
         return results
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int | list[int], temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, stop_token_ids=(2, 92542),
+             generator: torch.Generator | Sequence[torch.Generator] | None = None) -> list[Completion]:
+    """``ContinuousBatchingGenerator.generate`` on a generator built for this one call (``model.generate``): one slot
+    per prompt and sequences of the longest prompt + budget, so the KV cache is allocated once, at the call's size.
+    Decodes eagerly: a CUDA graph is captured per batch bucket and pays off over the many calls of a kept engine
+    (the PPO Sampler's, the server's), not within one call."""
+    _check_args(prompts, max_new_tokens, temperature, top_p, top_k, stop_token_ids, model.config.vocab_size)
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
+    longest = max(len(p) + n for p, n in zip(prompts, budgets))
+    engine = ContinuousBatchingGenerator(model, max_batch=len(prompts), max_seq_len=max(longest, 2),
+                                         cuda_graphs=False)
+    return engine.generate(prompts, max_new_tokens, temperature, top_p, top_k, stop_token_ids, generator)
+
+
+def _per_prompt(generator, n: int) -> list[torch.Generator | None]:
+    """``generate``'s ``generator`` as one per prompt (the same object n times when one is shared)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return [generator] * n
+    if (not isinstance(generator, (list, tuple)) or len(generator) != n
+            or not all(isinstance(g, torch.Generator) for g in generator)):
+        raise ValueError(f"generator must be a torch.Generator, None, or a list of {n} torch.Generators (one per "
+                         f"prompt), got {generator!r}")
+    return list(generator)
 
 
 def _check_args(prompts, max_new_tokens, temperature, top_p, top_k, stop_token_ids, vocab_size: int) -> tuple:

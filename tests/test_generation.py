@@ -1,4 +1,5 @@
-"""KV-cache generation: cached decoding equals recomputing the whole prefix, stop tokens, sampling, bad arguments."""
+"""``model.generate`` (one call of models.serving's generator): cached decoding equals recomputing the whole prefix,
+stop tokens, sampling (one generator for the batch or one per prompt), the cache sized for the call, bad arguments."""
 import dataclasses
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 import internlm_kernels as ik
 from models import InternLM2Config, InternLM2ForCausalLM
-from models.generation import sample
+from models.serving import sample
 
 PROMPTS = [[5, 17, 3], [9], [4, 4, 8, 15, 16, 23, 42, 7, 1, 60, 33], [2, 99, 100, 0, 50]]
 
@@ -72,33 +73,62 @@ def test_sampling_is_reproducible_and_stays_in_the_nucleus(model):
 def test_top_p_sampling_distribution():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    draws = torch.stack([sample(logits, 1.0, 0.75, g) for _ in range(3000)]).flatten()
+    draws = torch.stack([sample(logits, 1.0, 0.75, 0, g)[0] for _ in range(3000)]).flatten()
     counts = torch.bincount(draws, minlength=4).float() / draws.numel()
     # Nucleus at 0.75 = {0, 1} (0.5 + 0.3 >= 0.75), renormalized to 0.625 / 0.375.
     assert counts[2] == 0 and counts[3] == 0
     assert abs(counts[0] - 0.625) < 0.03 and abs(counts[1] - 0.375) < 0.03
     # Temperature sharpens: at T = 0.5 the probabilities are p^2 normalized.
-    draws = torch.stack([sample(logits, 0.5, 1.0, g) for _ in range(3000)]).flatten()
+    draws = torch.stack([sample(logits, 0.5, 1.0, 0, g)[0] for _ in range(3000)]).flatten()
     counts = torch.bincount(draws, minlength=4).float() / draws.numel()
     want = torch.tensor([0.25, 0.09, 0.0225, 0.0025]) / 0.365
     assert (counts - want).abs().max() < 0.03
-    assert torch.equal(sample(logits, 0.0, 1.0), torch.tensor([0]))
+    assert torch.equal(sample(logits, 0.0, 1.0)[0], torch.tensor([0]))
 
 
-def test_cache_is_allocated_once(model, monkeypatch):
-    import models.generation as gen
+def test_per_prompt_generators_make_each_reply_independent_of_its_batch(model):
+    """One generator per prompt: a prompt's reply is the one it gets alone with that generator, whatever shares the
+    batch (what PPO's data-parallel ranks, each sampling a share of the prompts, rely on)."""
+    def seeded(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    kw = dict(max_new_tokens=8, temperature=1.0, top_p=0.9, stop_token_ids=())
+    together = model.generate(PROMPTS, generator=seeded([11, 12, 13, 14]), **kw)
+    alone = [model.generate([p], generator=seeded([s]), **kw)[0] for p, s in zip(PROMPTS, [11, 12, 13, 14])]
+    assert together == alone
+    assert model.generate(PROMPTS[2:], generator=seeded([13, 14]), **kw) == together[2:]
+    assert len({tuple(r) for r in model.generate([PROMPTS[0]] * 3, generator=seeded([1, 2, 3]), **kw)}) > 1
+    with pytest.raises(ValueError, match="generator"):
+        model.generate(PROMPTS, generator=seeded([1, 2]), **kw)
+
+
+def test_cache_is_allocated_once_at_the_calls_size(model, monkeypatch):
+    import models.serving as serving
 
     sizes = []
-    real = gen.KVCache.__init__
+    real = serving.CpuDecodeStep.__init__
 
     def record(self, *args, **kwargs):
         real(self, *args, **kwargs)
-        sizes.append(tuple(self.kv.shape))
+        sizes.append(tuple(self.k.shape))
 
-    monkeypatch.setattr(gen.KVCache, "__init__", record)
+    monkeypatch.setattr(serving.CpuDecodeStep, "__init__", record)
     model.generate(PROMPTS, max_new_tokens=6, stop_token_ids=())
-    # (layers, k|v, batch, longest prompt + max_new_tokens, kv heads, head dim)
-    assert sizes == [(2, 2, 4, 11 + 6, 2, 32)]
+    # (layers, batch, kv heads, longest prompt + max_new_tokens in whole pages of 16, head dim)
+    assert sizes == [(2, 4, 2, 32, 32)]
+
+
+def test_dynamic_ntk_within_max_positions_equals_the_uncached_forward():
+    """A call whose pages (16 positions) pass max_position_embeddings (60) while its sequences do not: the RoPE
+    table keeps the plain base (dynamic NTK re-bases only tables longer than max_position_embeddings)."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(InternLM2Config.preset("micro"), max_position_embeddings=60,
+                              rope_scaling={"type": "dynamic", "factor": 2.0})
+    m = InternLM2ForCausalLM(cfg).eval()
+    prompt = PROMPTS[2] * 4                               # 44 tokens + 14 new = 58 <= 60 < 64 (4 pages)
+    assert m.generate([prompt], max_new_tokens=14, stop_token_ids=()) == [uncached_greedy(m, prompt, 14, ())]
+    with pytest.raises(NotImplementedError, match="dynamic"):
+        m.generate([prompt], max_new_tokens=17)
 
 
 def test_bad_arguments(model):

@@ -87,3 +87,34 @@ def test_score_runs_the_agreed_number_of_chunks():
     assert len(calls) > 5                                     # more local chunks than agreed: kept as they are
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(kept, want, rtol=1e-5, atol=1e-6)
+
+
+def test_sampler_decodes_the_prompts_together_each_from_its_own_generator():
+    """PPO's sampling: one batched engine call, every prompt drawing from its own generator, gives each prompt the
+    reply (and log-probs) it gets alone, so a data-parallel rank's share samples what one process samples."""
+    from models import InternLM2Config, InternLM2ForCausalLM
+    from train.rlhf.rollouts import Sampler
+
+    torch.manual_seed(0)
+    actor = InternLM2ForCausalLM(InternLM2Config.preset("micro")).eval()
+    prompts, seeds = [[5, 17, 3], [9], [4, 4, 8, 15, 16, 23], [2, 99]], [21, 22, 23, 24]
+    kw = dict(max_new_tokens=6, temperature=1.0, top_p=0.9, stop_ids=())
+    sampler = Sampler(actor, max_batch=4)
+    alone = [sampler([p], generators=[torch.Generator().manual_seed(s)], **kw)[0] for p, s in zip(prompts, seeds)]
+    engine, produced = sampler.engine, []
+    real_step = engine.step
+
+    def step():
+        out = real_step()
+        produced.append(len(out))                         # requests that got a token in this step
+        return out
+
+    engine.step = step
+    together = sampler(prompts, generators=[torch.Generator().manual_seed(s) for s in seeds], **kw)
+    assert sampler.engine is engine and max(produced) == len(prompts) and len(produced) <= 6
+    assert [c.tokens for c in together] == [c.tokens for c in alone]
+    for t, a in zip(together, alone):
+        # the same float32 logits up to the batch's summation order: ~1e-6 in a log-softmax
+        torch.testing.assert_close(torch.tensor(t.logprobs), torch.tensor(a.logprobs), rtol=1e-5, atol=1e-5)
+    assert len({tuple(c.tokens) for c in sampler([prompts[0]] * 4, generators=[torch.Generator().manual_seed(s)
+                                                                                for s in seeds], **kw)}) > 1

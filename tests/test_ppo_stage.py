@@ -122,6 +122,9 @@ def test_config_errors_name_the_key(tmp_path, model_dirs):
         micro_ppo_config(tmp_path, model_dirs, **{"rollout.domain": "math"})
     with pytest.raises(ConfigError, match="unknown key 'kl'"):
         micro_ppo_config(tmp_path, model_dirs, **{"ppo.kl": 0.1})
+    for value in (True, False):         # removed: per-prompt sampling is the only behaviour; say so, either value
+        with pytest.raises(ConfigError, match="rollout.seed_per_prompt was removed"):
+            micro_ppo_config(tmp_path, model_dirs, **{"rollout.seed_per_prompt": value})
 
 
 def test_pipeline_appends_the_ppo_section(tmp_path, model_dirs):

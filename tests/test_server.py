@@ -144,7 +144,7 @@ def servers(checkpoint, tmp_path_factory):
 
 
 def greedy(model, tokenizer, prompt: list[int], max_new: int) -> str:
-    """The reference reply: models.generation's greedy tokens, one prompt alone, without the stop token."""
+    """The reference reply: model.generate's greedy tokens, one prompt alone, without the stop token."""
     stop = (tokenizer.special_ids[IM_END], tokenizer.eos_id)
     out = model.generate([prompt], max_new_tokens=max_new, stop_token_ids=stop)[0]
     return tokenizer.decode([t for t in out if t not in stop])

@@ -1,4 +1,4 @@
-"""Continuous-batching generation (models.serving): greedy output equals models.generation.generate, the uncached
+"""Continuous-batching generation (models.serving): greedy output equals model.generate (a 1-call generator), the uncached
 forward and transformers' generate token for token; slots are refilled; log-probs are the model's; sampling is seeded."""
 import dataclasses
 
@@ -123,6 +123,24 @@ def test_top_k_and_top_p_distribution():
     torch.testing.assert_close(logp, torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))[draws])
     draws, _ = sample(logits, 1.0, 0.65, 3, g)       # top-3 renormalized: 4/9, 3/9, 2/9 -> nucleus 0.65 = {0, 1}
     assert set(draws.tolist()) == {0, 1}
+
+
+def test_sample_with_a_generator_per_row_draws_each_row_as_it_would_alone():
+    """Rows with their own generator get the token they get alone; rows that share one draw from it in row order,
+    as one call on those rows does."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 50)
+
+    def g(seed):
+        return torch.Generator().manual_seed(seed)
+
+    shared = g(9)
+    tokens, logp = sample(logits, 0.8, 0.9, 20, [g(1), shared, g(2), shared, g(3)])
+    for row, seed in ((0, 1), (2, 2), (4, 3)):
+        alone, alone_logp = sample(logits[row:row + 1], 0.8, 0.9, 20, g(seed))
+        assert tokens[row] == alone[0]
+        torch.testing.assert_close(logp[row], alone_logp[0], rtol=1e-6, atol=1e-6)   # a row alone or in a batch
+    assert torch.equal(tokens[[1, 3]], sample(logits[[1, 3]], 0.8, 0.9, 20, g(9))[0])
 
 
 def test_bad_arguments(model):

@@ -111,24 +111,19 @@ class Sampler:
         self.engine = None
 
     def __call__(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                 stop_ids: Sequence[int], generator: torch.Generator | list[torch.Generator] | None
-                 ) -> list[Completion]:
+                 stop_ids: Sequence[int], generators: list[torch.Generator] | None) -> list[Completion]:
         """Completions (new tokens ending with a stop token when one was sampled, and each token's log-prob under
-        softmax(logits / temperature)). temperature 0 = greedy. ``generator``: one for the batch, or one per
-        prompt: then each prompt's reply depends on its own generator alone, not on which prompts share its batch
-        (PPO's data-parallel ranks each sample a share of the prompts, and must sample what one process would).
-        The engine takes one generator per call, so per-prompt generators decode one prompt per call."""
+        softmax(logits / temperature)), all prompts decoded together. temperature 0 = greedy (``generators``
+        None). ``generators``: one per prompt, so each prompt's reply depends on its own generator alone, not on
+        which prompts share its batch (PPO's data-parallel ranks each sample a share of the prompts, and must
+        sample what one process would)."""
         need = max(len(p) for p in prompt_ids) + max_new_tokens
         if self.engine is None or self.engine.max_seq_len < need:
             length = min(-(-need // 256) * 256, max(need, self.actor.config.max_position_embeddings))
             self.engine = ContinuousBatchingGenerator(self.actor, max_batch=self.max_batch, max_seq_len=length)
-        def run(prompts, gen):
-            return self.engine.generate(prompts, max_new_tokens, temperature=temperature,
-                                        top_p=top_p if temperature > 0 else 1.0, stop_token_ids=tuple(stop_ids),
-                                        generator=gen)
-        if isinstance(generator, list):
-            return [run([p], g)[0] for p, g in zip(prompt_ids, generator)]
-        return run(prompt_ids, generator)
+        return self.engine.generate(prompt_ids, max_new_tokens, temperature=temperature,
+                                    top_p=top_p if temperature > 0 else 1.0, stop_token_ids=tuple(stop_ids),
+                                    generator=generators)
 
 
 def build_rollout(prompt_ids: list[list[int]], responses: list[list[int]], scores: torch.Tensor, pad_id: int,
@@ -187,10 +182,10 @@ class Generated:
 
 def generate_and_score(sampler: Sampler, reward_model, tokenizer, prompts: list[Prompt], *, max_new_tokens: int,
                        temperature: float, top_p: float, stop_ids: Sequence[int], conditions: Mapping[str, str],
-                       reward_id: int, generator: torch.Generator | list[torch.Generator] | None,
+                       reward_id: int, generators: list[torch.Generator] | None,
                        device: torch.device, agree: Callable[[int], int] | None = None) -> Generated:
     prompt_ids = [encode_prompt(list(p.messages), tokenizer) for p in prompts]
-    completions = sampler(prompt_ids, max_new_tokens, temperature, top_p, stop_ids, generator)
+    completions = sampler(prompt_ids, max_new_tokens, temperature, top_p, stop_ids, generators)
     responses = [c.tokens for c in completions]
     texts = [response_text(tokenizer, r, stop_ids) for r in responses]
     scores = score(reward_model, [reward_ids(tokenizer, p, t, conditions, reward_id) for p, t in zip(prompts, texts)],

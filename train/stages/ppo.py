@@ -102,9 +102,6 @@ class Stage:
         self.runtime = init_runtime(cfg.run, cfg.parallel)
         self.device, self.dtype, self.dims = self.runtime.device, self.runtime.dtype, self.runtime.dims
         self.is_main = self.runtime.is_main
-        if self.dims.dp > 1 and not cfg.rollout.seed_per_prompt:
-            raise ValueError(f"rollout.seed_per_prompt must be true with {self.dims.dp} data-parallel ranks: each "
-                             "rank samples a share of the prompts, which must not change the replies")
         if cfg.rollout.prompts_per_iteration % self.dims.dp:
             raise ValueError(f"rollout.prompts_per_iteration ({cfg.rollout.prompts_per_iteration}) must be a multiple "
                              f"of the data-parallel ranks ({self.dims.dp}): each rank samples an equal share")
@@ -155,17 +152,17 @@ class Stage:
         return collate([self.ptx_stream.next_row() for _ in range(self.cfg.ptx.rows)])
 
     # rollouts and evaluation ---------------------------------------------------------------------------------
-    def generate(self, actor, reward_model, prompts, greedy: bool, seed: int | list[int],
+    def generate(self, actor, reward_model, prompts, batch: tuple[str, int] | None, first: int = 0,
                  share: bool = False) -> Generated:
-        """Replies of the plain ``actor`` (one rank alone runs it), scored by ``reward_model``. ``seed``: one
-        generator for the batch, or a list: one generator per prompt. ``share``: ``prompts`` are this rank's
-        share of a batch (the others score other replies, so the ranks agree on the number of scoring chunks)."""
-        if greedy:
-            gen = None
-        elif isinstance(seed, list):
-            gen = [torch.Generator(device=self.device).manual_seed(s) for s in seed]
-        else:
-            gen = torch.Generator(device=self.device).manual_seed(seed)
+        """Replies of the plain ``actor`` (one rank alone runs it), scored by ``reward_model``, all prompts decoded
+        together. ``batch`` None: greedy; else the batch's key (purpose, index): ``prompts`` are its prompts
+        ``first``, ``first + 1``, ..., and prompt i samples from its own generator seeded from (run seed, batch,
+        i), so its reply does not depend on which prompts share its call or rank. ``share``: ``prompts`` are this
+        rank's share of a batch (the others score other replies, so the ranks agree on the number of scoring
+        chunks)."""
+        gen = None if batch is None else [
+            torch.Generator(device=self.device).manual_seed(seed_of(self.cfg, f"{batch[0]}:{batch[1]}", first + i))
+            for i in range(len(prompts))]
         # no_grad, not inference_mode: the sampled tokens and the scores feed the PPO update's autograd graph, and
         # inference tensors cannot be saved for backward (the library's ops themselves run under inference_mode).
         with torch.no_grad():
@@ -175,9 +172,9 @@ class Stage:
                                                           r.comparison_prompts)))
             return generate_and_score(self.sampler, reward_model, self.tokenizer, prompts,
                                       max_new_tokens=self.cfg.rollout.max_new_tokens,
-                                      temperature=0.0 if greedy else self.cfg.ppo.temperature,
+                                      temperature=0.0 if batch is None else self.cfg.ppo.temperature,
                                       top_p=self.cfg.rollout.top_p, stop_ids=self.stop_ids,
-                                      conditions=self.conditions, reward_id=self.reward_id, generator=gen,
+                                      conditions=self.conditions, reward_id=self.reward_id, generators=gen,
                                       device=self.device, agree=self._most if share and self.dims.dp > 1 else None)
 
     def _most(self, count: int) -> int:
@@ -186,12 +183,12 @@ class Stage:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return int(t)
 
-    def evaluate(self, actor: Learner, reference, reward_model, name: str, seed: int) -> dict:
-        """Held-out prompts: greedy accuracy, mean reward and length; KL to the reference on sampled replies. Every
-        rank evaluates the whole set (the replies from the actor's plain copy)."""
+    def evaluate(self, actor: Learner, reference, reward_model, name: str, index: int) -> dict:
+        """Held-out prompts: greedy accuracy, mean reward and length; KL to the reference on sampled replies (the
+        batch ("eval", index)). Every rank evaluates the whole set (the replies from the actor's plain copy)."""
         plain = actor.plain_model()
-        greedy = self.generate(plain, reward_model, self.heldout, True, 0)
-        sampled = self.generate(plain, reward_model, self.heldout, False, seed)
+        greedy = self.generate(plain, reward_model, self.heldout, None)
+        sampled = self.generate(plain, reward_model, self.heldout, ("eval", index))
         ro = sampled.rollout(self.tokenizer.pad_id, self.device)
         with torch.no_grad():
             kl = ((action_logprobs(actor.model, ro.input_ids, ro.attention_mask, self.cfg.ppo.temperature)
@@ -356,9 +353,9 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
                        "loss_first": losses[0], "loss_last": losses[-1]})
         critic.load_state_dict(reward.plain_model().state_dict())   # the critic starts as the (first) reward model
         actor_l, critic_l = stage.learners(actor, critic)
-        sft = stage.generate(actor_l.plain_model(), reward_model, stage.comparison, False, seed_of(cfg, "compare", 0))
+        sft = stage.generate(actor_l.plain_model(), reward_model, stage.comparison, ("compare", 0))
         state.sft_samples = _samples(sft)
-        ev = stage.evaluate(actor_l, reference, reward_model, "sft", seed_of(cfg, "eval", 0))
+        ev = stage.evaluate(actor_l, reference, reward_model, "sft", 0)
         ev["rm_accuracy"] = stage.rm_accuracy(reward_model)
         state.evals.append(ev)
         state.history.append([ev["reward"], ev["accuracy"]])
@@ -400,11 +397,9 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
                       f"score {stats['score']:+.3f} kl {stats['kl']:.3f} accuracy {stats['accuracy']:.2f} "
                       f"length {stats['response_length']:.1f}", flush=True)
             if it == 0:
-                early = stage.generate(actor_l.plain_model(), reward_model, stage.comparison, False,
-                                       seed_of(cfg, "compare", 2 * r + 1))
-        late = stage.generate(actor_l.plain_model(), reward_model, stage.comparison, False,
-                              seed_of(cfg, "compare", 2 * r + 2))
-        ev = stage.evaluate(actor_l, reference, reward_model, f"round {round_no}", seed_of(cfg, "eval", round_no))
+                early = stage.generate(actor_l.plain_model(), reward_model, stage.comparison, ("compare", 2 * r + 1))
+        late = stage.generate(actor_l.plain_model(), reward_model, stage.comparison, ("compare", 2 * r + 2))
+        ev = stage.evaluate(actor_l, reference, reward_model, f"round {round_no}", round_no)
         ev["rm_accuracy"] = stage.rm_accuracy(reward_model)
         ev["sft_reward"] = stage.heldout_reward(reward_model, state.evals[0]["replies"])   # SFT's, same RM
         state.history.append([ev["reward"], ev["accuracy"]])
@@ -473,19 +468,17 @@ def _iteration(stage: Stage, cfg: PPOStageConfig, actor: Learner, reference, cri
     iteration's statistics and the batch (every rank's share).
 
     Each data-parallel rank samples its share of the batch's prompts (rank r: the r-th of dp equal slices) from the
-    actor's plain copy, each prompt from its own generator seeded from (run seed, batch, prompt index)
-    (``rollout.seed_per_prompt``), so the replies are those one process samples; the PPO iteration gathers the
-    experience over the ranks."""
+    actor's plain copy, all of its share decoded together, each prompt from its own generator seeded from (run
+    seed, batch, prompt index) (``Stage.generate``), so the replies are those one process samples; the PPO
+    iteration gathers the experience over the ranks."""
     what, index = key
     n = cfg.rollout.prompts_per_iteration
     start = index * n if what == "ppo" else 10**7 + index * n      # warmup prompts come from their own range
     share = n // stage.dims.dp
     first = stage.dims.dp_rank * share                              # this rank's prompts: first .. first + share
-    seeds = ([seed_of(cfg, f"{what}:{index}", i) for i in range(first, first + share)] if cfg.rollout.seed_per_prompt
-             else seed_of(cfg, what, index))
     t0 = time.perf_counter()
-    mine = stage.generate(actor.plain_model(), reward_model, stage.train_prompts.take(start + first, share), False,
-                          seeds, share=True)
+    mine = stage.generate(actor.plain_model(), reward_model, stage.train_prompts.take(start + first, share), key,
+                          first, share=True)
     t_generation = time.perf_counter() - t0
     ro = mine.rollout(stage.tokenizer.pad_id, stage.device)
     gen = stage.gather(mine)

@@ -35,6 +35,9 @@ class PPOModelsConfig:
 
 @dataclass
 class RolloutConfig:
+    """The prompts and their sampling. Every prompt samples from its own generator, seeded from (run seed, batch,
+    prompt index), all prompts of a call decoded together (``Stage.generate``): a reply does not depend on its batch
+    or on the number of data-parallel ranks."""
     prompts_per_iteration: int = 16
     max_new_tokens: int = 64
     top_p: float = 0.9                 # InternLM2's PPO sampling (the temperature is ppo.temperature)
@@ -42,10 +45,6 @@ class RolloutConfig:
     domain: str = "helpful"            # the reward model's condition for the PPO prompts
     heldout_prompts: int = 32          # evaluation prompts (greedy accuracy, mean reward, KL)
     comparison_prompts: int = 16       # prompts answered by SFT / early / late PPO (slow path, hacking baseline)
-    seed_per_prompt: bool = False      # training rollouts: one generator per prompt, seeded from (run seed, batch,
-                                       # prompt index), so replies do not depend on the batch: required with more
-                                       # than one data-parallel rank (each samples a share); false: one generator
-                                       # per batch, decoded together (faster in one process)
 
 
 @dataclass
@@ -180,6 +179,10 @@ def load_ppo_config(path: str | None = None, overrides: dict[str, Any] | None = 
     for key, value in (overrides or {}).items():
         apply_override(data, key, value)
     try:
+        if isinstance(data.get("rollout"), dict) and "seed_per_prompt" in data["rollout"]:
+            raise ConfigError("rollout.seed_per_prompt was removed: every prompt now samples from its own generator "
+                              "seeded from (run seed, batch, prompt index), all prompts decoded together, on any "
+                              "number of ranks; delete the key")
         config = _build(PPOStageConfig, data, "")
         validate(config, check_paths)
     except ConfigError as e:
