@@ -3,4 +3,5 @@ import sys
 
 from train.pipeline import main
 
-sys.exit(main())
+if __name__ == "__main__":   # not when a spawned worker (the control reward model) imports this as __mp_main__
+    sys.exit(main())
