@@ -3,11 +3,15 @@
 import copy
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from train.pipeline import main, split_stage_args
+from train.pipeline import split_stage_args
 from train.pipeline.summary import check_summary, pretrain_summary, write_summary
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _probe(lengths, accuracy):
@@ -111,7 +115,13 @@ def test_micro_pipeline_writes_a_complete_summary(tmp_path):
             "--ppo:online.critic_warmup_iterations=0", "--ppo:online.hackable_rm_pairs=2",
             "--ppo:online.rm_heldout_pairs=2", "--ppo:ptx.seq_len=32", "--ppo:reward_refresh.steps=1",
             "--ppo:reward_refresh.pairs_per_step=2", "--ppo:metrics.plots=false", "--ppo:metrics.progress=false"]
-    assert main(args) == 0
+    # the real entry point in its own process: `make demo` runs `python -m train.pipeline`, whose control reward
+    # model trains in a spawned process that imports that main module again
+    run = subprocess.run([sys.executable, "-m", "train.pipeline", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # the spawned process did not run the pipeline again
+    assert (run.stdout + run.stderr).count("[train] stage 'sft'") == 1
     summary = check_summary(json.loads((tmp_path / "summary.json").read_text()))
     assert summary["seed"] == 5 and summary["threads"] >= 1
     assert set(summary["wall_s"]) == {"pretrain", "sft_reward", "ppo", "total"}
