@@ -207,6 +207,8 @@ def run_alignment(cfg: TrainConfig, pretrain_checkpoint: str, report_path: str, 
         control = pool.submit(_control, uncond_cfg) if pool else None
         rm = run_reward(rm_cfg)
         wall["reward"] = time.time() - t0
+        if control is None and not rm.finished:    # stopped early: the control is not needed yet
+            return None
         uncond = control.result() if control else _control(uncond_cfg)
     wall["reward_unconditional"] = time.time() - t0
     if not (rm.finished and uncond.finished):
