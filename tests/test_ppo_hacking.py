@@ -10,6 +10,7 @@ import pytest
 from train.rlhf.hacking import (
     HackingConfig,
     Sample,
+    answer_pairs,
     detect_hacking,
     label_comparisons,
     length_explosion,
@@ -95,6 +96,15 @@ def test_label_comparisons_by_checker():
     assert got == {("42", "41", "slow_path:sft_vs_early_ppo"), ("42 42 42", "41", "slow_path:sft_vs_late_ppo"),
                    ("42", "42 42 42", "slow_path:early_ppo_vs_late_ppo"), ("9", "9 nine", "slow_path:sft_vs_early_ppo"),
                    ("9", "10", "slow_path:sft_vs_late_ppo"), ("9 nine", "10", "slow_path:early_ppo_vs_late_ppo")}
+
+
+def test_answer_pairs_reject_each_distinct_wrong_rollout_against_the_reference():
+    rollouts = [sample("0", "41", correct=False), sample("0", "41", correct=False), sample("0", "42", correct=True),
+                sample("1", "x", correct=None), sample("2", "10", correct=False), sample("3", "7", correct=False)]
+    pairs = answer_pairs(rollouts, {"0": "42", "1": "y", "2": "9"}, "late_rollouts")
+    assert [(p["prompt"][0]["content"], p["chosen"], p["rejected"]) for p in pairs] == [("q0", "42", "41"),
+                                                                                        ("q2", "9", "10")]
+    assert {p["source"] for p in pairs} == {"slow_path:answer_vs_late_rollouts"} and pairs[0]["domain"] == "math"
 
 
 def test_comparisons_roundtrip_and_bad_lines(tmp_path):

@@ -143,6 +143,8 @@ def test_corrupt_is_a_near_miss_never_the_answer():
     nums = [corrupt(rng, "12") for _ in range(200)]
     assert sum(n.isdigit() and abs(int(n) - 12) <= 3 for n in nums) >= 100      # mostly off by 1-3
     assert {corrupt(random.Random(k), "abcdef")[:1] for k in range(50)} >= {"a"}   # character-level edits
+    cased = {corrupt(random.Random(k), "ZWAP") for k in range(200)}
+    assert "zwap" in cased and cased & {"zWAP", "ZwAP", "ZWaP", "ZWAp"}   # the whole reply or one letter miscased
 
 
 def test_task_preferences_chosen_passes_the_checker_rejected_fails():
@@ -363,8 +365,57 @@ def test_reward_stage_from_sft_checkpoint_resumes_exactly(tmp_path):
         assert torch.equal(exported.state_dict()[k], v)
 
 
+def test_policy_task_pairs_reject_the_policys_own_wrong_samples(tmp_path):
+    import dataclasses
+
+    from models import InternLM2Config, InternLM2ForCausalLM
+    from train.rlhf.policy_pairs import PolicySamplingConfig, PolicyTaskPreferences
+    from train.rlhf.rollouts import SyntheticPrompts
+
+    torch.manual_seed(5)
+    policy = InternLM2ForCausalLM(dataclasses.replace(InternLM2Config.preset("micro"), vocab_size=272,
+                                                      max_position_embeddings=512)).eval()
+    tok = ByteTokenizer()
+    sampling = PolicySamplingConfig(prompts=6, samples=3, temperature=1.0, top_p=0.9, max_new_tokens=8)
+    pool = PolicyTaskPreferences(policy, tok, 0, "train", ["echo", "system"], "concise", sampling, batch=4)
+    again = PolicyTaskPreferences(policy, tok, 0, "train", ["echo", "system"], "concise", sampling, batch=7)
+    assert pool.wrong == again.wrong            # one generator per (prompt, sample): batching changes nothing
+    assert pool.wrong_share == 1.0              # an untrained model gets every sampled reply wrong
+    base = TaskPreferences(0, "train", ["echo", "system"], "concise")
+    checks = SyntheticPrompts(0, "pref-train", ["echo", "system"], "concise")
+    for i in range(12):                         # item i is prompt i mod 6, chosen = the answer, rejected = a wrong sample
+        pair, n = pool[i], i % 6
+        assert pair.prompt == base[n].prompt and pair.chosen == base[n].chosen and pair.domain == "concise"
+        assert pair.rejected[-1].content in pool.wrong[n]
+        assert checks[n].check(pair.chosen[-1].content) and not checks[n].check(pair.rejected[-1].content)
+        assert 1 <= len(pool.wrong[n]) <= 3 and len(set(pool.wrong[n])) == len(pool.wrong[n])
+    pool.wrong[2] = []                          # a prompt the policy always answered right: a made-up near miss
+    assert pool[2].rejected[-1].content == corrupt(__import__("random").Random("policy-pref:0:train:2"),
+                                                   base[2].chosen[-1].content)
+    with pytest.raises(ValueError, match="task_pairs_policy_prompts"):
+        PolicyTaskPreferences(policy, tok, 0, "train", ["echo"], "concise", dataclasses.replace(sampling, prompts=0))
+    # the reward stage: held-out and training correct>wrong pairs both come from the init model's samples
+    sft = tmp_path / "sft"
+    policy.save_pretrained(sft, layout="llama")
+    from train.stages.reward import load_policy, preference_sets
+    cfg = _rm_cfg(tmp_path, "p", str(sft), "--reward.task_pairs_share=0.5", "--reward.task_pairs_heldout=3",
+                  "--reward.task_pairs_policy_prompts=5", "--reward.task_pairs_policy_samples=2",
+                  "--reward.task_pairs_max_new_tokens=8")
+    train, held, groups, _ = preference_sets(cfg, load_policy(str(sft), torch.device("cpu"), torch.float32), tok)
+    assert groups.count(CORRECT_OVER_WRONG) == 3 and train.second.wrong_share == 1.0
+    assert held[-1].rejected[-1].content in PolicyTaskPreferences(
+        policy, tok, 0, "heldout", cfg.reward.task_pairs_tasks, "concise",
+        PolicySamplingConfig(3, 2, 1.0, 0.9, 8)).wrong[2]
+
+
 def test_reward_config_errors(tmp_path):
     from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="reward.task_pairs_policy_prompts > 0 samples the policy: it needs "
+                                          "reward.init_from"):
+        _rm_cfg(tmp_path, "x", "", "--reward.task_pairs_policy_prompts=8")
+    with pytest.raises(ConfigError, match="task_pairs_policy_samples >= 1"):
+        _rm_cfg(tmp_path, "x", "", "--reward.task_pairs_policy_samples=0")
 
     with pytest.raises(ConfigError, match="reward.loss must be one of focal, bradley_terry"):
         _rm_cfg(tmp_path, "x", "", "--reward.loss=hinge")

@@ -173,16 +173,25 @@ _ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 
 def corrupt(rng: random.Random, answer: str) -> str:
     """A wrong reply close to ``answer``, of the kinds a small policy produces: a number off by 1-3 (or another
-    small number), one character replaced, dropped or doubled, two characters swapped, the reply cut short. Never
-    equal to ``answer``."""
+    small number), one character replaced, dropped or doubled, two characters swapped, the reply cut short, one
+    letter (or every letter) in the wrong case. Never equal to ``answer``.
+
+    The case errors are the SFT model's most common miss on the upper-case tasks (``system``, ``multiturn``:
+    "ZWAp" for "ZWAP"); a reward model that never saw one in a rejected reply scores it like the answer, and PPO
+    against it learns nothing about case (issue 21, docs/alignment.md)."""
     for _ in range(16):
         if answer.lstrip("-").isdigit() and rng.random() < 0.7:
             out = str(max(0, int(answer) + rng.choice((-3, -2, -1, 1, 2, 3))))
         else:
             chars = list(answer)
             i = rng.randrange(len(chars))
-            kind = rng.choice(("replace", "drop", "double", "swap", "cut"))
-            if kind == "replace":
+            kind = rng.choice(("replace", "drop", "double", "swap", "cut", "case"))
+            if kind == "case":
+                if rng.random() < 0.25:
+                    chars = list(answer.swapcase())
+                else:
+                    chars[i] = chars[i].swapcase()
+            elif kind == "replace":
                 pool = "0123456789" if chars[i].isdigit() else _ALPHABET.upper() if chars[i].isupper() else _ALPHABET
                 chars[i] = rng.choice(pool)
             elif kind == "drop" and len(chars) > 1:

@@ -21,7 +21,8 @@ The run:
         fast path: hacking rules on the round's late replies (comparison prompts + late rollouts) vs the SFT
                    replies -> targeted pairs (rejected: a hacked reply; chosen: a correct reply, and an earlier
                    reply to the same prompt without the pattern)
-        slow path: labelled comparisons (a jsonl file; the checkers on SFT / early / late replies)
+        slow path: labelled comparisons (a jsonl file; the checkers on SFT / early / late replies, and every
+                   wrong late rollout against the reference answer)
         refresh the reward model on all online pairs so far + a replay of its own training pairs (not after the
         last round); its held-out accuracy, and its scores of the round's and SFT's held-out replies
         checkpoint the round (actor, critic, reward model, optimizers, the online state) atomically
@@ -52,7 +53,15 @@ from train.data.tokenizer import load_tokenizer, save_hf_tokenizer
 from train.learner import Learner
 from train.parallel import init_runtime, parallelize
 from train.rlhf.advantages import gae
-from train.rlhf.hacking import Sample, detect_hacking, label_comparisons, load_comparisons, targeted_pairs, write_pairs
+from train.rlhf.hacking import (
+    Sample,
+    answer_pairs,
+    detect_hacking,
+    label_comparisons,
+    load_comparisons,
+    targeted_pairs,
+    write_pairs,
+)
 from train.rlhf.iteration import action_logprobs, ppo_iteration, ppo_learner
 from train.rlhf.probe_pairs import length_biased_pairs, preference_pairs, probe_pairs, task_pairs
 from train.rlhf.reward_refresh import pair_accuracy, refresh_reward_model, reward_learner
@@ -416,6 +425,7 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         if cfg.online.slow_path:
             if cfg.online.label_with_checkers:
                 slow += label_comparisons({"sft": sft_samples, "early_ppo": early.samples(), "late_ppo": late_samples})
+                slow += answer_pairs([s for g in late_rollouts for s in g.samples()], references, "late_rollouts")
             if cfg.online.comparisons_file and r == 0:
                 slow += load_comparisons(cfg.online.comparisons_file)
         state.episodes.append({"round": round_no, "findings": [dataclasses.asdict(f) for f in findings],

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,7 @@ from train.data.preference import (
 from train.data.tokenizer import Tokenizer, load_tokenizer
 from train.eval.reward import histogram_table, pair_accuracy, pair_scores, plot_score_histogram
 from train.parallel import Runtime, barrier, init_runtime
+from train.rlhf.policy_pairs import PolicySamplingConfig, PolicyTaskPreferences
 from train.rlhf.reward_losses import (  # noqa: F401  (the losses are part of this module's API)
     bradley_terry_loss,
     focal_ranking_loss,
@@ -72,11 +74,12 @@ def pair_loss_fn(kind: str = "focal", gamma: float = 2.0, penalty: float = 0.02,
 # The stage: python -m train.stages.reward --config configs/reward_tiny.toml [--resume] [--section.key=value ...]
 
 
-def preference_sets(cfg: RewardConfig):
+def preference_sets(cfg: RewardConfig, policy=None, tokenizer: Tokenizer | None = None):
     """(training pairs: a random-access stream or a list, held-out pairs, the evaluation group of each held-out
     pair, the evaluated groups). The groups are the domains; with ``reward.task_pairs_share`` the synthetic stream
     mixes in correct-vs-wrong pairs on the chat tasks (``TaskPreferences``, under ``reward.task_pairs_domain``),
-    whose held-out pairs form one more group, ``correct>wrong``."""
+    whose held-out pairs form one more group, ``correct>wrong``. With ``reward.task_pairs_policy_prompts`` the
+    wrong replies, held-out ones included, are ``policy``'s own samples (``train.rlhf.policy_pairs``)."""
     r = cfg.reward
     seed = cfg.run.seed
     if r.pairs == "synthetic":
@@ -86,17 +89,44 @@ def preference_sets(cfg: RewardConfig):
         train = SyntheticPreferences(seed, "train")
         if r.task_pairs_share == 0:
             return train, held, groups, SYNTHETIC_DOMAINS
-        tasks = TaskPreferences(seed, "heldout", r.task_pairs_tasks, r.task_pairs_domain)
-        held += [tasks[i] for i in range(r.task_pairs_heldout)]
+        if r.task_pairs_policy_prompts:
+            held_tasks = policy_task_pairs(cfg, policy, tokenizer, "heldout", r.task_pairs_heldout)
+            train_tasks = policy_task_pairs(cfg, policy, tokenizer, "train", r.task_pairs_policy_prompts)
+        else:
+            held_tasks = TaskPreferences(seed, "heldout", r.task_pairs_tasks, r.task_pairs_domain)
+            train_tasks = TaskPreferences(seed, "train", r.task_pairs_tasks, r.task_pairs_domain)
+        held += [held_tasks[i] for i in range(r.task_pairs_heldout)]
         groups += [CORRECT_OVER_WRONG] * r.task_pairs_heldout
-        train = MixedPreferences(train, TaskPreferences(seed, "train", r.task_pairs_tasks, r.task_pairs_domain),
-                                 r.task_pairs_share, seed)
+        train = MixedPreferences(train, train_tasks, r.task_pairs_share, seed)
         return train, held, groups, SYNTHETIC_DOMAINS + (CORRECT_OVER_WRONG,)
     pairs = read_preferences(r.pairs)
     if len(pairs) <= r.heldout:
         raise ValueError(f"reward.heldout ({r.heldout}) leaves no training pairs of {len(pairs)} in {r.pairs}")
     domains = tuple(dict.fromkeys(p.domain for p in pairs))
     return pairs[r.heldout:], pairs[:r.heldout], [p.domain for p in pairs[:r.heldout]], domains
+
+
+def policy_task_pairs(cfg: RewardConfig, policy, tokenizer: Tokenizer, split: str, prompts: int):
+    """``PolicyTaskPreferences`` of ``prompts`` prompts of ``split``, sampled from ``policy``."""
+    r = cfg.reward
+    if policy is None or tokenizer is None:
+        raise ValueError("policy: reward.task_pairs_policy_prompts > 0 needs the policy model and its tokenizer")
+    sampling = PolicySamplingConfig(prompts, r.task_pairs_policy_samples, r.task_pairs_temperature,
+                                    r.task_pairs_top_p, r.task_pairs_max_new_tokens)
+    start = time.time()
+    pairs = PolicyTaskPreferences(policy, tokenizer, cfg.run.seed, split, r.task_pairs_tasks, r.task_pairs_domain,
+                                  sampling)
+    print(f"[reward] {split} correct-vs-wrong pairs from the policy's samples: {prompts} prompts x "
+          f"{sampling.samples} replies, {pairs.wrong_share:.0%} of prompts with a wrong reply "
+          f"({time.time() - start:.0f} s)", flush=True)
+    return pairs
+
+
+def load_policy(init_from: str, device: torch.device, dtype: torch.dtype):
+    """The SFT model the reward model starts from, as a causal LM (its own samples make the wrong replies)."""
+    from models import InternLM2ForCausalLM
+
+    return InternLM2ForCausalLM.from_pretrained(init_from, dtype=dtype, device=device).eval()
 
 
 def build_score_model(cfg: RewardConfig, rt: Runtime, vocab_size: int, init_from: str):
@@ -153,7 +183,9 @@ def run_reward(cfg: RewardConfig) -> RewardResult:
     rid = reward_token_id(tokenizer)
     init_from = resolve_init(cfg.reward.init_from, "reward.init_from")
     model = build_score_model(cfg, rt, tokenizer.vocab_size, init_from)
-    train_pairs, held, held_groups, domains = preference_sets(cfg)
+    policy = load_policy(init_from, rt.device, rt.dtype) if cfg.reward.task_pairs_policy_prompts else None
+    train_pairs, held, held_groups, domains = preference_sets(cfg, policy, tokenizer)
+    del policy
     conditions = cfg.reward.conditions
     r = cfg.reward
     for d in (d for d in domains if d != CORRECT_OVER_WRONG):   # every domain needs its condition before any step
