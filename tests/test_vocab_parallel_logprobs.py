@@ -101,16 +101,20 @@ def _dtensor_route(rank: int, world: int):
         ik.fused_linear_logprobs(h, w, torch.full_like(targets, 40), TEMPERATURE)
     with pytest.raises(ValueError, match="temperature"):
         ik.fused_linear_logprobs(h, w, targets, 0.0)
+    with torch.inference_mode():         # PPO's evaluation and experience run without autograd
+        logp_inference, entropy = ik.fused_linear_logprobs(h, w, targets, TEMPERATURE, return_entropy=True)
     (logp * grad_logp).sum().backward()
-    return type(logp).__name__, logp.detach(), h_local.grad, w.grad.full_tensor()
+    return type(logp).__name__, logp.detach(), h_local.grad, w.grad.full_tensor(), logp_inference, entropy
 
 
 def test_fused_linear_logprobs_routes_a_vocabulary_sharded_head():
     """A DTensor head (as models.tensor_parallel lays out the LM head) runs the vocabulary-parallel path and gives
     one process's log-probs and gradients as a plain tensor."""
-    want_logp, _, want_dh, want_dw = _reference(entropy_grad=False)
-    for rank, (kind, logp, dh, dw) in enumerate(run_ranks(_dtensor_route, 2)):
+    want_logp, want_entropy, want_dh, want_dw = _reference(entropy_grad=False)
+    for rank, (kind, logp, dh, dw, logp_inference, entropy) in enumerate(run_ranks(_dtensor_route, 2)):
         assert kind == "Tensor"
         torch.testing.assert_close(logp, want_logp, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(logp_inference, want_logp, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(entropy, want_entropy, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(dh, want_dh.chunk(2)[rank], rtol=1e-5, atol=_scale(want_dh))
         torch.testing.assert_close(dw, want_dw, rtol=1e-5, atol=_scale(want_dw))
