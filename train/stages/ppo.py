@@ -3,6 +3,7 @@
     python -m train.stages.ppo --config configs/ppo_tiny.toml              # models.actor = SFT dir, models.reward = RM dir
     python -m train.stages.ppo --config configs/ppo_tiny.toml --resume     # continue after the last finished round
     torchrun --nproc_per_node 8 -m train.stages.ppo --config configs/ppo_tiny.toml --parallel.mode=fsdp
+    torchrun --nproc_per_node 8 -m train.stages.ppo --config configs/ppo_tiny.toml --parallel.mode=fsdp --parallel.tp=2
 
 Models: actor and reference from the SFT checkpoint; reward model and critic from the RM checkpoint (the critic is
 the reward model's copy, then warmed up with the actor frozen). The reference and the reward model only run
@@ -135,7 +136,8 @@ class Stage:
                                                          device=dev).eval()
         reference.requires_grad_(False)
         if self.dims.distributed and (self.cfg.parallel.mode == "fsdp" or self.dims.tp > 1):
-            parallelize(reference, self.runtime)   # sharded like the trained models; forward only (no optimizer)
+            # sharded like the trained models (tp > 1: tensor parallel in every mode); forward only (no optimizer)
+            parallelize(reference, self.runtime)
         critic = InternLM2ForScore.from_pretrained(critic_dir, dtype=dt, device=dev)
         reward_model = InternLM2ForScore.from_pretrained(reward_dir, dtype=dt, device=dev).eval()
         return actor, reference, critic, reward_model
