@@ -1,5 +1,6 @@
-"""The PPO stage under torchrun on real gloo ranks: 2 ranks in ``fsdp`` and in ``zero2`` sample the replies one
-process samples and their per-iteration metrics equal the 1-process run's; a round checkpoint saved on 2 ranks
+"""The PPO stage under torchrun on real gloo ranks: 2 ranks in ``fsdp`` and in ``zero2``, 2 tensor-parallel ranks
+(tp = 2), and 4 ranks of tp = 2 x 2 data-parallel ranks sample the replies one process samples and their
+per-iteration metrics equal the 1-process run's; a round checkpoint saved on 2 ranks (data or tensor parallel)
 continues on 1 process (--resume) and ends where the uninterrupted 1-process run ends, and the reverse.
 
 The micro run: 4 prompts per iteration (2 per rank), 2 mini-batches (1 row per rank each), 2 rounds of 1 PPO
@@ -8,7 +9,9 @@ Tolerances: the ranks run the same fp32 math on other row groupings (a packed fo
 sum of two rank shares instead of one mean), so values agree to float32 rounding carried through at most 2 Adam
 steps at lr 1e-3; Adam's normalized step turns a rounding-level gradient difference in a near-zero gradient entry
 into up to ~lr of parameter difference, hence the parameter tolerance of 2e-3 (2 steps x lr) next to 1e-4 relative
-for the metrics.
+for the metrics. Tensor parallelism is one more fp32 reordering of the same sums (a row-parallel matmul adds two
+halves of the hidden features, the vocabulary-parallel log-probs and loss two halves of the softmax normalizer):
+rounding of the same order, so the same tolerances.
 """
 from __future__ import annotations
 
@@ -99,6 +102,35 @@ def test_two_ranks_equal_one_process(setup, mode):
     run_torchrun("train.stages.ppo", ["--config", config, f"--run.name={mode}", f"--parallel.mode={mode}"],
                  timeout=600)
     assert_same_run(os.path.join(root, mode), one)
+
+
+def test_tensor_parallel_two_ranks_equal_one_process(setup):
+    """tp = 2: actor, reference, critic and reward model split over both ranks (the LM head's log-probs
+    vocabulary-parallel), replies sampled from the actor's gathered copy on each rank."""
+    root, one, config = setup
+    run_torchrun("train.stages.ppo", ["--config", config, "--run.name=tp", "--parallel.mode=fsdp",
+                                      "--parallel.tp=2"], timeout=600)
+    assert_same_run(os.path.join(root, "tp"), one)
+
+
+def test_tensor_x_data_parallel_four_ranks_equal_one_process(setup):
+    """tp = 2 x 2 data-parallel ranks under ZeRO-2: each tp pair samples its half of the prompts."""
+    root, one, config = setup
+    run_torchrun("train.stages.ppo", ["--config", config, "--run.name=tp_zero2", "--parallel.mode=zero2",
+                                      "--parallel.tp=2"], ranks=4, timeout=600)
+    assert_same_run(os.path.join(root, "tp_zero2"), one)
+
+
+def test_a_round_saved_under_tensor_parallelism_resumes_on_one_process(setup):
+    root, one, config = setup
+    run_torchrun("train.stages.ppo", ["--config", config, "--run.name=tp_cut", "--parallel.mode=fsdp",
+                                      "--parallel.tp=2", "--run.stop_after_round=1"], timeout=600)
+    assert latest_round(os.path.join(root, "tp_cut")).endswith("round_01")
+    from train.stages.ppo_config import load_ppo_config
+
+    resumed = run_ppo(load_ppo_config(config, {"run.name": "tp_cut", "resume": True}))
+    assert resumed.finished and resumed.state.rounds_done == 2
+    assert_same_run(resumed.run_dir, one)
 
 
 def test_a_round_saved_on_two_ranks_resumes_on_one_process(setup):

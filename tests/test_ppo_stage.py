@@ -125,6 +125,12 @@ def test_config_errors_name_the_key(tmp_path, model_dirs):
     for value in (True, False):         # removed: per-prompt sampling is the only behaviour; say so, either value
         with pytest.raises(ConfigError, match="rollout.seed_per_prompt was removed"):
             micro_ppo_config(tmp_path, model_dirs, **{"rollout.seed_per_prompt": value})
+    # tensor parallelism splits whole GQA groups and vocabulary slices of both models (micro: 2 KV heads)
+    with pytest.raises(ConfigError, match=r"parallel.tp \(4\) must divide num_key_value_heads \(2\).*models.actor"):
+        micro_ppo_config(tmp_path, model_dirs, **{"parallel.tp": 4})
+    with pytest.raises(ConfigError, match="parallel.tp must be >= 1"):
+        micro_ppo_config(tmp_path, model_dirs, **{"parallel.tp": 0})
+    assert micro_ppo_config(tmp_path, model_dirs, **{"parallel.tp": 2}).parallel.tp == 2
 
 
 def test_pipeline_appends_the_ppo_section(tmp_path, model_dirs):

@@ -68,3 +68,52 @@ def test_score_model_and_sft_generation_under_tensor_parallelism_equal_one_proce
             torch.testing.assert_close(got_grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
         assert set(got_state) == set(state) and all(torch.equal(got_state[k], v) for k, v in state.items())
         assert got_replies == replies
+
+
+ROWS = torch.tensor([[5, 17, 33, 3, 0, 0, 0], [60, 8, 1, 2, 7, 44, 9], [9, 9, 41, 0, 0, 0, 0]])
+MASK = torch.tensor([[1, 1, 1, 1, 0, 0, 0], [1] * 7, [1, 1, 1, 0, 0, 0, 0]])      # 14 tokens; then 13 (row 2 cut)
+
+
+def _ppo_forwards(lm, critic, rows: int):
+    """PPO's per-action log-probs and values of a right-padded batch (train.rlhf.iteration), and the gradients of a
+    loss that weighs every action differently."""
+    from torch.distributed.tensor import DTensor
+
+    from train.rlhf.iteration import action_logprobs, action_values
+
+    ids, mask = ROWS[:rows], MASK[:rows].clone()
+    if rows == 3:
+        mask[2, 2] = 0                                    # 13 valid tokens: tp = 2 appends a padding row
+    weights = torch.linspace(-1.0, 2.0, ids.shape[0] * (ids.shape[1] - 1)).reshape(ids.shape[0], -1)
+    logp = action_logprobs(lm, ids, mask, temperature=0.7)
+    values = action_values(critic, ids, mask)
+    ((logp * weights).sum() + (values * weights).sum()).backward()
+    grads = {f"{tag}.{n}": (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)
+             for tag, m in (("lm", lm), ("critic", critic)) for n, p in m.named_parameters()}
+    return logp.detach(), values.detach(), grads
+
+
+def _ppo_on_tp_ranks(rank: int, world: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from models.tensor_parallel import parallelize_internlm2
+
+    mesh = init_device_mesh("cpu", (world,))
+    return [_ppo_forwards(parallelize_internlm2(_lm(), mesh), parallelize_internlm2(_score_model(), mesh), rows)
+            for rows in (3, 2)]
+
+
+def test_ppo_logprobs_and_values_of_padded_rows_under_tensor_parallelism_equal_one_process():
+    """A right-padded (B, S) batch (PPO's rollouts) on tensor-parallel models: an odd token count gets a padding
+    row, dropped from the outputs; the log-probs run vocabulary-parallel. Values and gradients equal one process's
+    (fp32; the ranks reorder sums over half the features and half the vocabulary: 1e-5 relative)."""
+    want = [_ppo_forwards(_lm(), _score_model(), rows) for rows in (3, 2)]
+    for got_rank in run_ranks(_ppo_on_tp_ranks, 2):
+        for (logp, values, grads), (want_logp, want_values, want_grads) in zip(got_rank, want):
+            assert logp.shape == want_logp.shape and values.shape == want_values.shape
+            assert bool((want_logp[:2, :2] < 0).all()) and bool((want_logp[0, 3:] == 0).all())   # reached; padding 0
+            torch.testing.assert_close(logp, want_logp, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(values, want_values, rtol=1e-5, atol=1e-6)
+            assert set(grads) == set(want_grads)
+            for name, g in want_grads.items():
+                torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-5 * float(g.abs().max()), msg=name)

@@ -68,26 +68,21 @@ def register_token_padding(model: nn.Module, tp: int) -> None:
 
 
 def _pad_tokens(model: nn.Module, tp: int):
-    """(forward pre-hook, forward hook): sequence parallelism splits the tokens evenly, so a packed batch whose
-    length is not a multiple of tp gets one more document of pad tokens with label -100 (no loss, no attention to
-    the real documents); a score model's output then drops that document's values and score (scores are read at
-    each document's last token, and the pad document is a document)."""
+    """(forward pre-hook, forward hook): sequence parallelism splits the tokens evenly, so a batch whose token count
+    T is not a multiple of tp gets one more document of pad tokens with label -100 (no loss, no attention to the
+    real documents); the output then drops what belongs to that document: its per-token values, log-probs and
+    losses (``loss_reduction="none"``), and its score (scores are read at each document's last token, and the pad
+    document is a document).
+    Packed (T,) input gains the document at the end of ``input_ids``; padded (B, S) input with ``attention_mask``
+    gains it as row B (widened to ``pad`` columns if S is shorter), and T is the mask's sum, read on the host (as
+    the model's own packing of a padded batch reads it)."""
     import inspect
 
     signature = inspect.signature(model.forward)
-    real = {}    # the batch being run: its unpadded token count T and document count B (None: not padded)
+    real = {}    # the batch being run: (T, B) packed or (B, S) padded, and which (None: not padded)
 
-    def pad_hook(module, args, kwargs):
-        bound = signature.bind(*args, **kwargs)
-        a = bound.arguments
-        ids = a["input_ids"]
-        if ids.dim() != 1:
-            raise ValueError("input_ids: tensor parallelism takes packed (T,) tokens with cu_seqlens")
+    def pad_packed(a, ids, pad):
         T = ids.shape[0]
-        pad = -T % tp
-        real["shape"] = None
-        if pad == 0:
-            return None
         cu = a.get("cu_seqlens")
         if cu is None:
             cu = torch.tensor([0, T], dtype=torch.int32, device=ids.device)
@@ -97,17 +92,60 @@ def _pad_tokens(model: nn.Module, tp: int):
             a["labels"] = torch.cat([a["labels"], a["labels"].new_full((pad,), -100)])
         if a.get("position_ids") is not None:
             a["position_ids"] = torch.cat([a["position_ids"], a["position_ids"].new_zeros(pad)])
+        return "packed", (T, cu.shape[0] - 1)
+
+    def pad_padded(a, ids, pad):
+        B, S = ids.shape
+        width = max(S, pad)
+
+        def grow(t, fill):                                     # (B, S) -> (B + 1, width)
+            t = torch.nn.functional.pad(t, (0, width - S), value=fill)
+            return torch.cat([t, t.new_full((1, width), fill)])
+        mask = a.get("attention_mask")
+        mask = grow(ids.new_ones(B, S) if mask is None else mask, 0)
+        mask[B, :pad] = 1
+        a["input_ids"], a["attention_mask"] = grow(ids, 0), mask
+        if a.get("labels") is not None:
+            a["labels"] = grow(a["labels"], -100)
+        if a.get("position_ids") is not None:
+            a["position_ids"] = grow(a["position_ids"], 0)
+        return "padded", (B, S)
+
+    def pad_hook(module, args, kwargs):
+        bound = signature.bind(*args, **kwargs)
+        a = bound.arguments
+        ids = a["input_ids"]
+        real["shape"] = None
+        if ids.dim() == 1:
+            T = ids.shape[0]
+        elif ids.dim() == 2:
+            mask = a.get("attention_mask")
+            T = ids.numel() if mask is None else int(mask.sum())
+        else:
+            raise ValueError("input_ids: tensor parallelism takes packed (T,) tokens with cu_seqlens or a padded "
+                             "(B, S) batch")
+        pad = -T % tp
+        if pad == 0:
+            return None
+        real["shape"] = (pad_packed if ids.dim() == 1 else pad_padded)(a, ids, pad)
         if a.get("max_seqlen") is not None:
             a["max_seqlen"] = max(a["max_seqlen"], pad)
-        real["shape"] = (T, cu.shape[0] - 1)
         return (), dict(a)
 
     def unpad_hook(module, args, out):
         shape, real["shape"] = real.get("shape"), None
-        if shape is None or not hasattr(out, "scores"):
+        if shape is None:
             return None
-        T, B = shape
-        return dataclasses.replace(out, values=out.values[:T], scores=out.scores[:B])
+        layout, (n, m) = shape
+        per_token = (lambda t: t[:n]) if layout == "packed" else (lambda t: t[:n, :m])
+        changes = {}
+        for name in ("values", "logprobs", "loss"):
+            t = getattr(out, name, None)
+            if t is not None and t.dim() >= 1:
+                changes[name] = per_token(t)
+        if getattr(out, "scores", None) is not None:
+            changes["scores"] = out.scores[:m if layout == "packed" else n]
+        return dataclasses.replace(out, **changes)
     return pad_hook, unpad_hook
 
 

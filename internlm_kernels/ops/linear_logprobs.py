@@ -17,7 +17,7 @@ from torch import Tensor
 from .. import reference
 from ..backend import choose
 from ..checks import reads_values
-from .cross_entropy import check_linear_head, check_target_values
+from .cross_entropy import _is_dtensor, check_linear_head, check_target_values
 
 
 @torch.library.custom_op("internlm_kernels::linear_logprobs_fwd", mutates_args=())
@@ -82,8 +82,10 @@ def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, return_entro
     ``reference.linear_logprobs``). hidden (..., H), weight (V, H) of hidden's dtype, targets (...) int64/int32.
     Returns float32 tensors shaped like ``targets`` (0 where the target is ``ignore_index``); gradients flow to
     hidden and weight through both outputs.
+    A DTensor ``weight`` sharded on the vocabulary (tensor parallelism) runs the vocabulary-parallel log-probs of
+    internlm_kernels/distributed/vocab_parallel_logprobs.py (hidden a (tokens, H) DTensor on its mesh; the result a
+    plain tensor, the same on every rank).
     """
-    vocab, width = check_linear_head(hidden, weight, targets, "targets")
     if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
             or temperature <= 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
@@ -91,6 +93,15 @@ def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, return_entro
         raise ValueError(f"return_entropy must be a bool, got {return_entropy!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if _is_dtensor(weight):
+        from ..distributed.vocab_parallel_logprobs import dtensor_logprobs
+
+        if reads_values(targets):
+            check_target_values(targets, ignore_index, weight.shape[0], "targets")
+        logp, entropy = dtensor_logprobs(hidden, weight, targets, temperature, ignore_index)
+        logp, entropy = logp.reshape(targets.shape), entropy.reshape(targets.shape)
+        return (logp, entropy) if return_entropy else logp
+    vocab, width = check_linear_head(hidden, weight, targets, "targets")
     if reads_values(targets):  # CPU, or CUDA under the debug switch (reading device values syncs): checks.py
         check_target_values(targets, ignore_index, vocab, "targets")
     hidden2d, targets1d = hidden.reshape(-1, width), targets.reshape(-1)

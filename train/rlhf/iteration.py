@@ -92,7 +92,8 @@ class Experience:
 def action_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     temperature: float = 1.0) -> torch.Tensor:
     """(B, S-1) float32: log-prob of token t+1 at position t (0 where token t+1 is padding), through the model's
-    forward (``logprobs_temperature``: fused, no logits), so ``model`` may be a DDP / ZeRO / FSDP2 module."""
+    forward (``logprobs_temperature``: fused, no logits), so ``model`` may be a DDP / ZeRO / FSDP2 module, or
+    tensor parallel (the log-probs then vocabulary-parallel, the same on every rank of the tp group)."""
     out = model(input_ids, attention_mask=attention_mask, labels=input_ids, logprobs_temperature=temperature)
     return out.logprobs[:, :-1]
 

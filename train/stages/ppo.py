@@ -3,6 +3,7 @@
     python -m train.stages.ppo --config configs/ppo_tiny.toml              # models.actor = SFT dir, models.reward = RM dir
     python -m train.stages.ppo --config configs/ppo_tiny.toml --resume     # continue after the last finished round
     torchrun --nproc_per_node 8 -m train.stages.ppo --config configs/ppo_tiny.toml --parallel.mode=fsdp
+    torchrun --nproc_per_node 8 -m train.stages.ppo --config configs/ppo_tiny.toml --parallel.mode=fsdp --parallel.tp=2
 
 Models: actor and reference from the SFT checkpoint; reward model and critic from the RM checkpoint (the critic is
 the reward model's copy, then warmed up with the actor frozen). The reference and the reward model only run
@@ -143,8 +144,9 @@ class Stage:
         reference = InternLM2ForCausalLM.from_pretrained(model_dir(self.cfg.models.actor), dtype=dt,
                                                          device=dev).eval()
         reference.requires_grad_(False)
-        if self.dims.distributed and self.cfg.parallel.mode == "fsdp":
-            parallelize(reference, self.runtime)   # sharded like the trained models; forward only (no optimizer)
+        if self.dims.distributed and (self.cfg.parallel.mode == "fsdp" or self.dims.tp > 1):
+            # sharded like the trained models (tp > 1: tensor parallel in every mode); forward only (no optimizer)
+            parallelize(reference, self.runtime)
         critic = InternLM2ForScore.from_pretrained(critic_dir, dtype=dt, device=dev)
         reward_model = InternLM2ForScore.from_pretrained(reward_dir, dtype=dt, device=dev).eval()
         return actor, reference, critic, reward_model
@@ -219,13 +221,14 @@ class Stage:
         seqs = [reward_ids(self.tokenizer, p, t, self.conditions, self.reward_id) for p, t in zip(self.heldout, replies)]
         return float(score(reward_model, seqs, self.device).mean())
 
-    def gather(self, share: Generated) -> Generated:
-        """Every data-parallel rank's share of one batch, in rank order (the whole batch, as one process has it)."""
+    def gather(self, share: Generated, group=None) -> Generated:
+        """Every data-parallel rank's share of one batch, in rank order (the whole batch, as one process has it);
+        ``group``: the data-parallel ranks of this rank's tensor-parallel position (None: the world, tp = 1)."""
         if self.dims.dp == 1:
             return share
         parts = [None] * self.dims.dp
         cpu = dataclasses.replace(share, scores=share.scores.cpu())
-        torch.distributed.all_gather_object(parts, cpu)
+        torch.distributed.all_gather_object(parts, cpu, group=group)
         whole = Generated.concat(parts)
         return dataclasses.replace(whole, scores=whole.scores.to(self.device))
 
@@ -491,7 +494,7 @@ def _iteration(stage: Stage, cfg: PPOStageConfig, actor: Learner, reference, cri
                           first, share=True)
     t_generation = time.perf_counter() - t0
     ro = mine.rollout(stage.tokenizer.pad_id, stage.device)
-    gen = stage.gather(mine)
+    gen = stage.gather(mine, actor.parallel.dp_group)
     perm = torch.Generator().manual_seed(seed_of(cfg, f"{what}_minibatches", index))
     ptx = stage.next_ptx if cfg.ptx.rows and cfg.ppo.ptx_coef > 0 else None
     stats = ppo_iteration(actor, reference, critic, ro, cfg.ppo, perm, ptx, train_actor=train_actor)

@@ -112,6 +112,20 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_tp_splits(c: PPOStageConfig) -> None:
+    """``parallel.tp`` splits the actor's and the reward model's heads, FFN and vocabulary (read from their
+    config.json) into whole slices: a ConfigError naming the key and the model before any model loads."""
+    from models.checkpoint import read_config
+    from models.tensor_parallel import check_tp
+
+    for key in ("actor", "reward"):
+        config, _ = read_config(model_dir(getattr(c.models, key)))
+        try:
+            check_tp(config, c.parallel.tp, key="parallel.tp")
+        except ValueError as e:
+            raise ConfigError(f"{e} (models.{key})") from None
+
+
 def validate(c: PPOStageConfig, check_paths: bool = True) -> None:
     _check(bool(c.run.name) and "/" not in c.run.name, f"run.name must be a name without '/', got {c.run.name!r}")
     _check(c.run.device in ("auto", "cpu", "cuda"), f"run.device must be auto, cpu or cuda, got {c.run.device!r}")
@@ -122,6 +136,8 @@ def validate(c: PPOStageConfig, check_paths: bool = True) -> None:
             _check(bool(path) and os.path.isdir(path), f"models.{key}: directory {path!r} does not exist")
             _check(model_dir(path) is not None, f"models.{key}: {path!r} is neither a model directory (config.json) "
                    "nor a run directory with a checkpoint")
+        if c.parallel.tp > 1:
+            _check_tp_splits(c)
         if c.online.comparisons_file:
             _check(os.path.isfile(c.online.comparisons_file),
                    f"online.comparisons_file: {c.online.comparisons_file!r} does not exist")
@@ -162,8 +178,6 @@ def validate(c: PPOStageConfig, check_paths: bool = True) -> None:
            "hacking.length_ratio must be > 1, hacking.ngram >= 1, hacking.repeat_margin > 0")
     _check(1 <= h.min_pairs <= h.max_pairs, "hacking: need 1 <= min_pairs <= max_pairs")
     check_parallel(c.parallel)
-    _check(c.parallel.tp == 1, f"parallel.tp: the PPO stage runs data parallel only (tp = 1), got {c.parallel.tp} "
-           "(the actor's log-probs have no vocabulary-parallel kernel yet)")
     f = c.reward_refresh
     _check(f.steps >= 1 and f.pairs_per_step >= 1 and f.lr > 0,
            "reward_refresh.steps and pairs_per_step must be >= 1, reward_refresh.lr > 0")
