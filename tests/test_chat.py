@@ -131,23 +131,6 @@ def test_render_matches_jinja_synthetic():
     assert seen == set(SYNTHETIC_CHAT_TASKS)
 
 
-def test_long_echo_is_outside_the_default_tasks_and_repeats_five_to_eight_words():
-    from train.data.chat import CHAT_TASKS, PPO_ONLY_CHAT_TASKS
-
-    assert "long_echo" in CHAT_TASKS and "long_echo" not in SYNTHETIC_CHAT_TASKS
-    assert set(PPO_ONLY_CHAT_TASKS) == set(CHAT_TASKS) - set(SYNTHETIC_CHAT_TASKS)
-    chats = SyntheticChats(seed=1, split="ppo_train", tasks=["long_echo"])
-    counts = set()
-    for i in range(60):
-        conv = chats[i]
-        user, reply = conv.messages
-        assert conv.task == "long_echo" and user.content == f"repeat: {reply.content}" and conv.answer == reply.content
-        counts.add(len(reply.content.split()))
-    assert counts == {5, 6, 7, 8}
-    with pytest.raises(ValueError, match="unknown synthetic chat task 'longer_echo'"):
-        SyntheticChats(tasks=["longer_echo"])
-
-
 def _expected(pieces, tok):
     """ids and labels from hand-written (text, learned) spans."""
     ids, labels = [], []

@@ -273,11 +273,6 @@ LOOKUP = {"name": "lookup", "description": "Look up a fact about a person: field
           "parameters": {"type": "object", "properties": {"person": {"type": "string"}, "field": {"type": "string"}},
                          "required": ["person", "field"]}}
 SYNTHETIC_CHAT_TASKS = ("arithmetic", "calculator", "lookup", "multiturn", "system", "echo", "recall")
-# Tasks no SFT default trains on, for PPO to generalize to: ``long_echo`` repeats 5-8 words where ``echo`` (the SFT
-# task) repeats 1-3. The demo's SFT model gets 60-70% of them right, the room PPO needs (issue 21).
-PPO_ONLY_CHAT_TASKS = ("long_echo",)
-CHAT_TASKS = SYNTHETIC_CHAT_TASKS + PPO_ONLY_CHAT_TASKS
-LONG_ECHO_WORDS = (5, 8)
 _FIELDS = {"city": "lives in {}", "job": "works as a {}", "pet": "has a {}", "colour": "likes the colour {}"}
 _VALUES = {"city": ("Vesk", "Ormel", "Tandra", "Quillon", "Baseth", "Korvi", "Lunmar", "Pellica", "Ystra", "Dovrin"),
            "job": ("baker", "potter", "pilot", "gardener", "tailor", "doctor", "painter", "sailor", "miner", "teacher"),
@@ -315,13 +310,12 @@ class SyntheticChats:
     ``system`` (a system prompt that asks for upper case, or not, then repeat a word), ``multiturn`` (repeat a word,
     then the same in upper case), ``recall`` (2-3 facts "{name} lives in {place}." then "Where does {name} live?"),
     ``lookup`` and ``calculator`` (a tool call whose arguments are copied from the question, the environment's
-    result, then an answer copied from both), ``arithmetic`` (a sum of two digits: a 100-entry table); and, outside
-    the default set, ``long_echo`` (``echo`` of 5-8 words)."""
+    result, then an answer copied from both), ``arithmetic`` (a sum of two digits: a 100-entry table)."""
 
     def __init__(self, seed: int = 0, split: str = "train", tasks: Sequence[str] = SYNTHETIC_CHAT_TASKS):
         for t in tasks:
-            if t not in CHAT_TASKS:
-                raise ValueError(f"tasks: unknown synthetic chat task {t!r} ({', '.join(CHAT_TASKS)})")
+            if t not in SYNTHETIC_CHAT_TASKS:
+                raise ValueError(f"tasks: unknown synthetic chat task {t!r} ({', '.join(SYNTHETIC_CHAT_TASKS)})")
         if not tasks:
             raise ValueError("tasks: need at least one synthetic chat task")
         self.seed, self.split, self.tasks = seed, split, tuple(tasks)
@@ -383,12 +377,9 @@ class SyntheticChats:
         return Conversation(msgs, "system", answer)
 
     @staticmethod
-    def _echo(rng: random.Random, words: tuple[int, int] = (1, 3), task: str = "echo") -> Conversation:
-        phrase = " ".join(_word(rng) for _ in range(rng.randint(*words)))
-        return Conversation([Message("user", f"repeat: {phrase}"), Message("assistant", phrase)], task, phrase)
-
-    def _long_echo(self, rng: random.Random) -> Conversation:
-        return self._echo(rng, LONG_ECHO_WORDS, "long_echo")
+    def _echo(rng: random.Random) -> Conversation:
+        phrase = " ".join(_word(rng) for _ in range(rng.randint(1, 3)))
+        return Conversation([Message("user", f"repeat: {phrase}"), Message("assistant", phrase)], "echo", phrase)
 
     def _recall(self, rng: random.Random) -> Conversation:
         people: list[tuple[str, str]] = []

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 from train.config import ConfigError, TrainConfig, parse_cli
-from train.data.chat import CHAT_TASKS, SYNTHETIC_CHAT_TASKS
+from train.data.chat import SYNTHETIC_CHAT_TASKS
 from train.data.items import OVERLONG_RULES
 from train.data.preference import DEFAULT_CONDITIONS
 from train.rlhf.reward_losses import RANKING_LOSSES
@@ -87,7 +87,7 @@ def check_sft(c: SFTConfig) -> None:
     _check_stage(c, 1)
     _check_source(s.conversations, "sft.conversations")
     for t in s.tasks:
-        _check(t in CHAT_TASKS, f"sft.tasks: unknown task {t!r} ({', '.join(CHAT_TASKS)})")
+        _check(t in SYNTHETIC_CHAT_TASKS, f"sft.tasks: unknown task {t!r} ({', '.join(SYNTHETIC_CHAT_TASKS)})")
     _check(bool(s.tasks), "sft.tasks: at least one task")
     _check(s.heldout >= 1, f"sft.heldout must be >= 1, got {s.heldout}")
     _check(s.overlong in OVERLONG_RULES, f"sft.overlong must be one of {', '.join(OVERLONG_RULES)}, got {s.overlong!r}")
@@ -106,7 +106,7 @@ def check_reward(c: RewardConfig) -> None:
     _check(r.bound > 0, f"reward.bound must be > 0, got {r.bound}")
     _check(0 <= r.task_pairs_share <= 1, f"reward.task_pairs_share must be in [0, 1], got {r.task_pairs_share}")
     for t in r.task_pairs_tasks:
-        _check(t in CHAT_TASKS, f"reward.task_pairs_tasks: unknown task {t!r} ({', '.join(CHAT_TASKS)})")
+        _check(t in SYNTHETIC_CHAT_TASKS, f"reward.task_pairs_tasks: unknown task {t!r} ({', '.join(SYNTHETIC_CHAT_TASKS)})")
     _check(r.task_pairs_share == 0 or (bool(r.task_pairs_tasks) and r.task_pairs_heldout >= 1),
            "reward.task_pairs_tasks and reward.task_pairs_heldout >= 1 are needed when reward.task_pairs_share > 0")
     _check(r.task_pairs_policy_prompts >= 0 and r.task_pairs_policy_samples >= 1,

@@ -8,7 +8,7 @@ from typing import Any
 
 from train.checkpoint import latest_checkpoint
 from train.config import ConfigError, ParallelConfig, _build, apply_override, check_parallel, parse_args, read_toml
-from train.data.chat import CHAT_TASKS, SYNTHETIC_CHAT_TASKS
+from train.data.chat import SYNTHETIC_CHAT_TASKS
 from train.rlhf.hacking import HackingConfig
 from train.rlhf.iteration import PPOConfig
 from train.rlhf.reward_refresh import RewardRefreshConfig
@@ -145,8 +145,8 @@ def validate(c: PPOStageConfig, check_paths: bool = True) -> None:
     _check(r.prompts_per_iteration >= 1, f"rollout.prompts_per_iteration must be >= 1, got {r.prompts_per_iteration}")
     _check(r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {r.max_new_tokens}")
     _check(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
-    _check(bool(r.tasks) and all(t in CHAT_TASKS for t in r.tasks),
-           f"rollout.tasks must be among {', '.join(CHAT_TASKS)}, got {r.tasks}")
+    _check(bool(r.tasks) and all(t in SYNTHETIC_CHAT_TASKS for t in r.tasks),
+           f"rollout.tasks must be among {', '.join(SYNTHETIC_CHAT_TASKS)}, got {r.tasks}")
     _check(r.heldout_prompts >= 1 and r.comparison_prompts >= 1,
            "rollout.heldout_prompts and rollout.comparison_prompts must be >= 1")
     if c.conditions:
