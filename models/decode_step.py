@@ -59,8 +59,8 @@ class DecodeWeights:
 
 
 class CpuDecodeStep:
-    """The per-slot KV cache of ``max_batch`` slots × ``max_seq_len`` positions, the prefill's writer into it, and the
-    decode step (``logits``)."""
+    """The per-slot KV cache of ``max_batch`` slots × ``max_seq_len`` positions, the prefill into it (``prefill``) and
+    the decode step (``logits``)."""
 
     def __init__(self, model, max_batch: int, max_seq_len: int, cos: torch.Tensor, sin: torch.Tensor):
         config = model.config
@@ -77,11 +77,51 @@ class CpuDecodeStep:
         self.final_eps = model.model.norm.eps
         self.weights: DecodeWeights | None = None
 
-    def writer(self, slots: list[int], lengths: list[int]) -> _SlotPrefillWriter:
-        """The cache the prefill of prompts of ``lengths`` tokens, packed in this order, into ``slots`` writes to.
-        A prefill is where new requests start, so the decode weights are rebuilt here (module doc)."""
-        self.weights = DecodeWeights(self.model)
-        return _SlotPrefillWriter(self, slots, lengths)
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, slots: list[int], lengths: list[int]) -> torch.Tensor:
+        """Run prompts packed in ``ids`` (T,) (``lengths`` tokens each, in this order) into ``slots``: their k/v go
+        to the slots' caches at positions 0..len-1; returns the logits (n, V) at each prompt's last token. The same
+        calls as ``step`` with T rows, causal attention per group of equal-length prompts (one SDPA call per group
+        and layer). A prefill is where new requests start, so the decode weights are rebuilt here (module doc)."""
+        self.weights = W = DecodeWeights(self.model)
+        T, D, n_kv, g = ids.shape[0], self.head_dim, self.n_kv, self.group
+        f_qkv = n_kv * (g + 2) * D
+        positions = torch.cat([torch.arange(n) for n in lengths])                                # (T,)
+        slot_of = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths))           # (T,)
+        cos = self.cos2.index_select(0, positions).view(T, 1, 1, D)
+        sin = self.sin2.index_select(0, positions).view(T, 1, 1, D)
+        append_at = ((slot_of[:, None] * n_kv + torch.arange(n_kv)) * self.max_seq_len + positions[:, None]).flatten()
+        groups: dict[int, list[int]] = {}                       # prompt length -> indices of the prompts
+        for p, n in enumerate(lengths):
+            groups.setdefault(n, []).append(p)
+        starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+        # Per group: token rows of its prompts (P·L,) in prompt order, and their slots.
+        rows = {n: (torch.cat([torch.arange(starts[p], starts[p] + n) for p in ps]),
+                    torch.tensor([slots[p] for p in ps])) for n, ps in groups.items()}
+
+        h = W.embedding.index_select(0, ids)
+        for i, (wa, wo, w13, w2) in enumerate(W.layers):
+            eps_attn, eps_ffn = self.eps[i]
+            a = torch.mm(_rms_scaled(h, eps_attn), wa)
+            qkv = a[:, :f_qkv].view(T, n_kv, g + 2, D)
+            qk = (qkv[:, :, : g + 1] * cos).addcmul_(a[:, f_qkv:].view(T, n_kv, g + 1, D), sin)
+            k_cache, v_cache = self.k[i], self.v[i]
+            k_cache.view(-1, D).index_copy_(0, append_at, qk[:, :, g].reshape(T * n_kv, D))
+            v_cache.view(-1, D).index_copy_(0, append_at, qkv[:, :, g + 1].reshape(T * n_kv, D))
+            out = torch.empty(T, n_kv * g * D)
+            for n, (token_rows, group_slots) in rows.items():
+                P = group_slots.shape[0]
+                q = qk[:, :, :g].index_select(0, token_rows).view(P, n, n_kv * g, D).transpose(1, 2)
+                keys = k_cache.index_select(0, group_slots)[:, :, :n]                 # (P, Hkv, n, D)
+                values = v_cache.index_select(0, group_slots)[:, :, :n]
+                o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=1.0, enable_gqa=g > 1)
+                out.index_copy_(0, token_rows, o.transpose(1, 2).reshape(P * n, n_kv * g * D))
+            h = torch.addmm(h, out, wo)
+            a = torch.mm(_rms_scaled(h, eps_ffn), w13)
+            inter = a.shape[1] // 2
+            h = torch.addmm(h, F.silu(a[:, :inter]).mul_(a[:, inter:]), w2)
+        last = torch.tensor(starts[1:]) - 1
+        return torch.mm(_rms_scaled(h.index_select(0, last), self.final_eps), W.head)
 
     def logits(self, rows: int, tokens: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
         """Logits (rows, V) of the next token of rows 0..rows-1 of the generator's fixed buffers (rows: a batch
@@ -100,7 +140,7 @@ class CpuDecodeStep:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
         """tokens (B,), cache_seqlens (B,) of slots 0..B-1 -> logits (B, V) float32."""
-        if self.weights is None:
+        if self.weights is None:                # a step before any prefill (the generator always prefills first)
             self.weights = DecodeWeights(self.model)
         W = self.weights
         B, D, n_kv, g = tokens.shape[0], self.head_dim, self.n_kv, self.group
@@ -135,17 +175,3 @@ class CpuDecodeStep:
             inter = a.shape[1] // 2
             h = torch.addmm(h, F.silu(a[:, :inter]).mul_(a[:, inter:]), w2)
         return torch.mm(_rms_scaled(h, self.final_eps), W.head)
-
-
-class _SlotPrefillWriter:
-    """The cache a PackedContext hands each layer's rotated k/v (T, Hkv, D) to: packed token t (prompt p, position
-    j) goes to k[layer, slot_p, :, j]."""
-
-    def __init__(self, step: CpuDecodeStep, slots: list[int], lengths: list[int]):
-        self.step = step
-        self.slots = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths))          # (T,)
-        self.positions = torch.cat([torch.arange(n) for n in lengths])                         # (T,)
-
-    def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.step.k[layer][self.slots, :, self.positions] = k
-        self.step.v[layer][self.slots, :, self.positions] = v

@@ -256,14 +256,13 @@ class ContinuousBatchingGenerator:
             lengths.append(len(req.prompt))
         dev = self.device
         ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
-        cu_seqlens = F.pad(torch.tensor(lengths, device=dev).cumsum(0).to(torch.int32), (1, 0))
         if self._cpu_step is not None:
-            writer = self._cpu_step.writer([slot for slot, _ in batch], lengths)
-        else:
-            ps = self.pool.page_size
-            pages = [req.pages[p // ps] for _, req in batch for p in range(len(req.prompt))]
-            offsets = [p % ps for _, req in batch for p in range(len(req.prompt))]
-            writer = _PrefillWriter(self.pool, torch.tensor(pages, device=dev), torch.tensor(offsets, device=dev))
+            return self._cpu_step.prefill(ids_t, [slot for slot, _ in batch], lengths)
+        cu_seqlens = F.pad(torch.tensor(lengths, device=dev).cumsum(0).to(torch.int32), (1, 0))
+        ps = self.pool.page_size
+        pages = [req.pages[p // ps] for _, req in batch for p in range(len(req.prompt))]
+        offsets = [p % ps for _, req in batch for p in range(len(req.prompt))]
+        writer = _PrefillWriter(self.pool, torch.tensor(pages, device=dev), torch.tensor(offsets, device=dev))
         packed = PackedInputs(ids_t, cu_seqlens, max(lengths), None, None, None)
         hidden = self.model.model(ids_t, PackedContext(packed, self.model.model.rotary, writer))
         return self.model.output(hidden[cu_seqlens[1:].long() - 1]).float()
