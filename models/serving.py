@@ -380,6 +380,10 @@ class ContinuousBatchingGenerator:
     def _sample(self, slot_list: list[int], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per row of ``logits`` (row i belongs to slot_list[i]), each request by its own Sampling and
         generator; the rows of one Sampling are sampled in one call (``sample``: each drawn from its generator)."""
+        first = self._slots[slot_list[0]].sampling
+        if all(self._slots[slot].sampling is first for slot in slot_list):      # one generate call's requests
+            return sample(logits, first.temperature, first.top_p, first.top_k,
+                          [self._slots[slot].generator for slot in slot_list])
         groups: dict[Sampling, list[int]] = {}
         for row, slot in enumerate(slot_list):
             groups.setdefault(self._slots[slot].sampling, []).append(row)
@@ -401,7 +405,9 @@ class ContinuousBatchingGenerator:
             req = self._slots[slot]
             req.tokens.append(token)
             req.logprobs.append(logprob)
-            o = out.setdefault(req.id, StepOutput(req.id, [], []))
+            o = out.get(req.id)
+            if o is None:
+                o = out[req.id] = StepOutput(req.id, [], [])
             o.tokens.append(token)
             o.logprobs.append(logprob)
             if token in req.stop or len(req.tokens) == req.max_new:
@@ -426,9 +432,10 @@ class ContinuousBatchingGenerator:
         live = [s for s, r in enumerate(self._slots) if r is not None]
         if live:
             rows = next(b for b in self.buckets if b > live[-1])
+            # Live rows 0..n-1 (the usual case) take a slice, not an index.
+            live_t = slice(0, len(live)) if live[-1] == len(live) - 1 else torch.tensor(live, device=self.device)
             logits = self._decode(rows)
-            tokens, logprobs = self._sample(live, logits[live])
-            live_t = torch.tensor(live, device=self.device)
+            tokens, logprobs = self._sample(live, logits[live_t])
             self.cache_seqlens[live_t] += 1       # the input token is now in the cache
             self.tokens[live_t] = tokens
             self._take(live, tokens, logprobs, out)
