@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from internlm_kernels.cpu.gemm_choice import product
+
 
 def _rms_scaled(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x²) + eps) over the last dim: RMSNorm without its weight (folded into the next product)."""
@@ -82,7 +84,9 @@ class CpuDecodeStep:
         """Run prompts packed in ``ids`` (T,) (``lengths`` tokens each, in this order) into ``slots``: their k/v go
         to the slots' caches at positions 0..len-1; returns the logits (n, V) at each prompt's last token. The same
         calls as ``step`` with T rows, causal attention per group of equal-length prompts (one SDPA call per group
-        and layer). A prefill is where new requests start, so the decode weights are rebuilt here (module doc)."""
+        and layer), the products of T rows through ``gemm_choice.product`` (oneDNN or ATen, measured: at thousands
+        of rows oneDNN was 10-20% faster on the development machine), and the last layer's wo and MLP only at the
+        prompts' last tokens. A prefill is where new requests start, so the decode weights are rebuilt here (module doc)."""
         self.weights = W = DecodeWeights(self.model)
         T, D, n_kv, g = ids.shape[0], self.head_dim, self.n_kv, self.group
         f_qkv = n_kv * (g + 2) * D
@@ -99,10 +103,11 @@ class CpuDecodeStep:
         rows = {n: (torch.cat([torch.arange(starts[p], starts[p] + n) for p in ps]),
                     torch.tensor([slots[p] for p in ps])) for n, ps in groups.items()}
 
+        last = torch.tensor(starts[1:]) - 1
         h = W.embedding.index_select(0, ids)
         for i, (wa, wo, w13, w2) in enumerate(W.layers):
             eps_attn, eps_ffn = self.eps[i]
-            a = torch.mm(_rms_scaled(h, eps_attn), wa)
+            a = product(_rms_scaled(h, eps_attn), wa.t())
             qkv = a[:, :f_qkv].view(T, n_kv, g + 2, D)
             qk = (qkv[:, :, : g + 1] * cos).addcmul_(a[:, f_qkv:].view(T, n_kv, g + 1, D), sin)
             k_cache, v_cache = self.k[i], self.v[i]
@@ -116,12 +121,13 @@ class CpuDecodeStep:
                 values = v_cache.index_select(0, group_slots)[:, :, :n]
                 o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=1.0, enable_gqa=g > 1)
                 out.index_copy_(0, token_rows, o.transpose(1, 2).reshape(P * n, n_kv * g * D))
-            h = torch.addmm(h, out, wo)
-            a = torch.mm(_rms_scaled(h, eps_ffn), w13)
+            if i == len(W.layers) - 1:          # past the last attention only the prompts' last tokens matter
+                h, out = h.index_select(0, last), out.index_select(0, last)
+            h = h + product(out, wo.t())
+            a = product(_rms_scaled(h, eps_ffn), w13.t())
             inter = a.shape[1] // 2
-            h = torch.addmm(h, F.silu(a[:, :inter]).mul_(a[:, inter:]), w2)
-        last = torch.tensor(starts[1:]) - 1
-        return torch.mm(_rms_scaled(h.index_select(0, last), self.final_eps), W.head)
+            h = h + product(F.silu(a[:, :inter]).mul_(a[:, inter:]), w2.t())
+        return torch.mm(_rms_scaled(h, self.final_eps), W.head)
 
     def logits(self, rows: int, tokens: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
         """Logits (rows, V) of the next token of rows 0..rows-1 of the generator's fixed buffers (rows: a batch
