@@ -7,7 +7,8 @@
   sit at the front and the decode batch is the smallest bucket (1, 2, 4, ..., max_batch) covering them.
 - **Prefill**: the prompts admitted together are packed (T,) with cu_seqlens and run through the model's ordinary
   packed forward (varlen flash attention, positions restarting per prompt); each layer writes its rotated k/v into
-  the prompts' pages. The head runs only at each prompt's last token.
+  the prompts' pages. The head runs only at each prompt's last token. (On the float32 CPU path prefill and decode are
+  ``models.decode_step``'s functions of ATen calls over per-slot caches instead.)
 - **Decode**: one token per slot; every layer makes one ``ik.flash_attn_with_kvcache`` call for the whole batch,
   which rotates q and the new k, appends k/v into the pages and attends over them (split-KV kernel on GPU). The step
   reads only fixed-address buffers (tokens, block table, cache lengths, all sized max_batch) and its shapes depend
