@@ -42,7 +42,7 @@ CPU_CASES = {
     "64x64+64": (64, (64, 64), 64, False),
     "8x512+128": (8, (512, 512), 128, False),
 }
-ROUNDS = 3
+ROUNDS = 5
 _cpu_ms: dict[str, dict[str, tuple[float, float]]] = {}
 
 
