@@ -31,9 +31,11 @@ import torch.nn.functional as F
 from internlm_kernels.cpu.gemm_choice import product
 
 
-def _rms_scaled(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x²) + eps) over the last dim: RMSNorm without its weight (folded into the next product)."""
-    return x * x.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
+def _rms_scaled(x: torch.Tensor, h_eps: float) -> torch.Tensor:
+    """x / sqrt(sum(x²) + H·eps) over the last dim (H of them): RMSNorm x / sqrt(mean(x²) + eps) divided by sqrt(H),
+    without its weight. The weight and the factor sqrt(H) are folded into the next product (``DecodeWeights``); the
+    norm as one ``vector_norm`` call costs fewer calls than ``mean`` (a sum and a division)."""
+    return x * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(h_eps).rsqrt_()
 
 
 class DecodeWeights:
@@ -51,13 +53,14 @@ class DecodeWeights:
             for layer in m.layers:
                 att, ff = layer.attention, layer.feed_forward
                 hidden = att.wqkv.weight.shape[1]
-                w = (att.wqkv.weight * layer.attention_norm.weight).view(n_kv, g + 2, D, hidden)
+                scale = hidden ** 0.5                                   # _rms_scaled's missing factor
+                w = (att.wqkv.weight * (layer.attention_norm.weight * scale)).view(n_kv, g + 2, D, hidden)
                 w[:, :g] *= D ** -0.5
                 rot = w[:, : g + 1].roll(D // 2, dims=2)                    # each head's rows [D/2:], [:D/2]
                 wa = torch.cat([w.reshape(-1, hidden), rot.reshape(-1, hidden)]).t().contiguous()
-                w13 = torch.cat([ff.w1.weight, ff.w3.weight]).mul_(layer.ffn_norm.weight).t().contiguous()
+                w13 = torch.cat([ff.w1.weight, ff.w3.weight]).mul_(layer.ffn_norm.weight * scale).t().contiguous()
                 self.layers.append((wa, att.wo.weight.t().contiguous(), w13, ff.w2.weight.t().contiguous()))
-            self.head = (model.output.weight * m.norm.weight).t().contiguous()
+            self.head = (model.output.weight * (m.norm.weight * m.norm.weight.shape[0] ** 0.5)).t().contiguous()
 
 
 class CpuDecodeStep:
@@ -75,8 +78,11 @@ class CpuDecodeStep:
         shape = (config.num_hidden_layers, max_batch, self.n_kv, max_seq_len, self.head_dim)
         self.k = torch.zeros(shape, dtype=torch.float32)
         self.v = torch.zeros(shape, dtype=torch.float32)
-        self.eps = [(layer.attention_norm.eps, layer.ffn_norm.eps) for layer in model.model.layers]
-        self.final_eps = model.model.norm.eps
+        hidden = config.hidden_size                                              # _rms_scaled takes H·eps
+        self.eps = [(hidden * layer.attention_norm.eps, hidden * layer.ffn_norm.eps) for layer in model.model.layers]
+        self.final_eps = hidden * model.model.norm.eps
+        # Flat index of (slot b, kv head h, position 0) in a layer's (max_batch · Hkv · S_max, D) view.
+        self.row_base = (torch.arange(max_batch)[:, None] * self.n_kv + torch.arange(self.n_kv)) * max_seq_len
         self.weights: DecodeWeights | None = None
 
     @torch.no_grad()
@@ -94,7 +100,7 @@ class CpuDecodeStep:
         slot_of = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths))           # (T,)
         cos = self.cos2.index_select(0, positions).view(T, 1, 1, D)
         sin = self.sin2.index_select(0, positions).view(T, 1, 1, D)
-        append_at = ((slot_of[:, None] * n_kv + torch.arange(n_kv)) * self.max_seq_len + positions[:, None]).flatten()
+        append_at = (self.row_base.index_select(0, slot_of) + positions[:, None]).flatten()
         groups: dict[int, list[int]] = {}                       # prompt length -> indices of the prompts
         for p, n in enumerate(lengths):
             groups.setdefault(n, []).append(p)
@@ -154,10 +160,9 @@ class CpuDecodeStep:
         pos = cache_seqlens.long()                                              # (B,)
         cos = self.cos2.index_select(0, pos).view(B, 1, 1, D)    # index_select: several times cheaper than t[idx]
         sin = self.sin2.index_select(0, pos).view(B, 1, 1, D)
-        S_max = self.max_seq_len
-        # Flat index of (slot b, kv head h, position pos_b) in a layer's (max_batch · Hkv · S_max, D) view.
-        append_at = ((torch.arange(B)[:, None] * n_kv + torch.arange(n_kv)) * S_max + pos[:, None]).flatten()
-        longest, shortest = int(pos.max()) + 1, int(pos.min()) + 1
+        append_at = (self.row_base[:B] + pos[:, None]).flatten()               # (slot b, kv head h, pos_b)
+        lo, hi = torch.aminmax(pos)
+        shortest, longest = int(lo) + 1, int(hi) + 1
         mask = None
         if shortest != longest:                                                 # (B·Hkv, 1, S): 0 or -inf
             hidden = torch.arange(longest)[None, :] > pos[:, None]
