@@ -1,23 +1,27 @@
 """One decode step of the whole layer stack on CPU as one function over plain ATen calls: the generator's CPU path.
 
-A decode step of a small model on CPU is host time and memory traffic around small GEMMs. The generic path walks
-the modules, builds a decode context, and makes one ``ik.flash_attn_with_kvcache`` call per layer that re-validates
-its arguments, rotates q/k, gathers the cos/sin rows, and gathers every row's pages to full capacity into a
-(B, S, Hkv, D) tensor that SDPA then reads transposed. Here:
+A decode step of a small model on CPU is host time (each ATen call costs a few µs whatever its size) and memory
+traffic around small GEMMs, so the step is written to make as few calls as it can:
 
-* **Keys and values per slot**, ``k[layer, slot]`` a (Hkv, S_max, D) block: SDPA reads the first S keys of the live
-  slots as a view in its own (B, Hkv, S, D) layout, with no gather (on the development machine a strided
-  (B, S, Hkv, D) input made the decode attention ~1.5× slower, and the per-layer page gathers cost as much again).
-  The paged pool keeps the page bookkeeping (admission by free pages) and holds no data on this path.
-* **Per step, once for all layers**: pos_b = cache_seqlens[b] (the new token's position); the cos/sin rows at pos_b
-  with rotate-half's sign folded into sin (out = x·[c, c] + roll(x, D/2)·[-s, s]); the flat index of (b, h, pos_b)
-  for the append; S = max_b(pos_b + 1); a mask j <= pos_b only when the rows' lengths differ.
-* **Per layer**: h += attn; x = rmsnorm(h); qkv = x Wqkvᵀ; q and k rotated in one pass; k, v appended
-  (index_copy_); SDPA (ATen's CPU flash kernel, GQA without repeating K/V); wo; rmsnorm; w2(silu(w1 x) · w3 x). GEMMs
-  go through ``internlm_kernels.cpu.gemm_choice.product`` (oneDNN or ATen's BLAS, whichever measured faster here).
+* **Keys and values per slot**, ``k[layer, slot]`` a (Hkv, S_max, D) block: attention reads the first S keys of the
+  live slots as a view, with no gather. The paged pool keeps the page bookkeeping (admission by free pages) and holds
+  no data on this path.
+* **Decode weights** (``DecodeWeights``), rebuilt from the model's parameters at every prefill (so a weight change
+  between calls — a PPO update, in place or through raw pointers — reaches the next call): each product's weight
+  transposed to (K, N) for ``mm``/``addmm`` (no per-call transpose; on the development machine ~20% faster than
+  ``F.linear`` for the 1-64-row products here), with
+  - each RMSNorm's weight folded into the columns of the product after it: rmsnorm(x)·w · Wᵀ = r(x)x · (W·diag w)ᵀ,
+  - the softmax scale D^-1/2 folded into the query rows (rotation is linear, so it commutes),
+  - the rotation folded into the QKV product: rotate-half is a fixed permutation of each head's rows, so one GEMM
+    against [Wqkv; P·Wqk] gives q, k, v and rot(q), rot(k); rotated = qk·[c, c] + rot(qk)·[-s, s] (two calls),
+  - w1 and w3 as one (H, 2I) product; the residual adds fused into the wo and w2 products (``addmm``).
+* **Per step, once for all layers**: the cos/sin rows at pos_b = cache_seqlens[b]; the flat index of (b, h, pos_b)
+  for the append; S = max_b(pos_b + 1); an additive mask (0 / -inf for j > pos_b) only when the rows' lengths differ.
+* **Per layer** (~20 calls): x = r(h)·h; a = x·Waᵀ; q, k rotated; k, v appended (index_copy_); scores q·Kᵀ (bmm, GQA
+  as (B·Hkv, g, D) × (B·Hkv, D, S): no K/V repeat), softmax, ·V (bmm); h = addmm(h, o, Wo); x = r(h)·h;
+  h = addmm(h, silu(a1)·a3, W2).
 
-The weights are read from the model's parameters at every step (no copies), so a PPO update of the policy is seen by
-the next rollout. Same math as the model's packed forward up to float32 summation order; float32 only.
+Same math as the model's packed forward up to float32 summation order; float32 only.
 """
 from __future__ import annotations
 
@@ -27,29 +31,109 @@ import torch.nn.functional as F
 from internlm_kernels.cpu.gemm_choice import product
 
 
+def _rms_scaled(x: torch.Tensor, h_eps: float) -> torch.Tensor:
+    """x / sqrt(sum(x²) + H·eps) over the last dim (H of them): RMSNorm x / sqrt(mean(x²) + eps) divided by sqrt(H),
+    without its weight. The weight and the factor sqrt(H) are folded into the next product (``DecodeWeights``); the
+    norm as one ``vector_norm`` call costs fewer calls than ``mean`` (a sum and a division)."""
+    return x * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(h_eps).rsqrt_()
+
+
+class DecodeWeights:
+    """The model's weights in the decode step's layout (module doc): per layer (Wa, Wo, W13, W2) as (K, N), and the
+    head (H, V) with the final norm folded in."""
+
+    def __init__(self, model):
+        config = model.config
+        n_kv, D = config.num_key_value_heads, config.head_dim
+        g = config.num_attention_heads // n_kv
+        m = model.model
+        with torch.no_grad():
+            self.embedding = m.tok_embeddings.weight.detach()
+            self.layers = []
+            for layer in m.layers:
+                att, ff = layer.attention, layer.feed_forward
+                hidden = att.wqkv.weight.shape[1]
+                scale = hidden ** 0.5                                   # _rms_scaled's missing factor
+                w = (att.wqkv.weight * (layer.attention_norm.weight * scale)).view(n_kv, g + 2, D, hidden)
+                w[:, :g] *= D ** -0.5
+                rot = w[:, : g + 1].roll(D // 2, dims=2)                    # each head's rows [D/2:], [:D/2]
+                wa = torch.cat([w.reshape(-1, hidden), rot.reshape(-1, hidden)]).t().contiguous()
+                w13 = torch.cat([ff.w1.weight, ff.w3.weight]).mul_(layer.ffn_norm.weight * scale).t().contiguous()
+                self.layers.append((wa, att.wo.weight.t().contiguous(), w13, ff.w2.weight.t().contiguous()))
+            self.head = (model.output.weight * (m.norm.weight * m.norm.weight.shape[0] ** 0.5)).t().contiguous()
+
+
 class CpuDecodeStep:
-    """The per-slot KV cache of ``max_batch`` slots × ``max_seq_len`` positions, the prefill's writer into it, and the
-    decode step (``logits``)."""
+    """The per-slot KV cache of ``max_batch`` slots × ``max_seq_len`` positions, the prefill into it (``prefill``) and
+    the decode step (``logits``)."""
 
     def __init__(self, model, max_batch: int, max_seq_len: int, cos: torch.Tensor, sin: torch.Tensor):
         config = model.config
         self.model = model
         self.n_kv, self.head_dim = config.num_key_value_heads, config.head_dim
         self.group = config.num_attention_heads // config.num_key_value_heads
-        self.hidden = config.hidden_size
-        self.half = self.head_dim // 2
         self.cos2 = torch.cat([cos, cos], dim=-1)                               # (positions, D)
         self.sin2 = torch.cat([-sin, sin], dim=-1)
         self.max_seq_len = max_seq_len
         shape = (config.num_hidden_layers, max_batch, self.n_kv, max_seq_len, self.head_dim)
         self.k = torch.zeros(shape, dtype=torch.float32)
         self.v = torch.zeros(shape, dtype=torch.float32)
-        self.eps = [(layer.attention_norm.eps, layer.ffn_norm.eps) for layer in model.model.layers]
-        self.final_eps = model.model.norm.eps
+        hidden = config.hidden_size                                              # _rms_scaled takes H·eps
+        self.eps = [(hidden * layer.attention_norm.eps, hidden * layer.ffn_norm.eps) for layer in model.model.layers]
+        self.final_eps = hidden * model.model.norm.eps
+        # Flat index of (slot b, kv head h, position 0) in a layer's (max_batch · Hkv · S_max, D) view.
+        self.row_base = (torch.arange(max_batch)[:, None] * self.n_kv + torch.arange(self.n_kv)) * max_seq_len
+        self.weights: DecodeWeights | None = None
 
-    def writer(self, slots: list[int], lengths: list[int]) -> _SlotPrefillWriter:
-        """The cache the prefill of prompts of ``lengths`` tokens, packed in this order, into ``slots`` writes to."""
-        return _SlotPrefillWriter(self, slots, lengths)
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, slots: list[int], lengths: list[int]) -> torch.Tensor:
+        """Run prompts packed in ``ids`` (T,) (``lengths`` tokens each, in this order) into ``slots``: their k/v go
+        to the slots' caches at positions 0..len-1; returns the logits (n, V) at each prompt's last token. The same
+        calls as ``step`` with T rows, causal attention per group of equal-length prompts (one SDPA call per group
+        and layer), the products of T rows through ``gemm_choice.product`` (oneDNN or ATen, measured: at thousands
+        of rows oneDNN was 10-20% faster on the development machine), and the last layer's wo and MLP only at the
+        prompts' last tokens. A prefill is where new requests start, so the decode weights are rebuilt here (module doc)."""
+        self.weights = W = DecodeWeights(self.model)
+        T, D, n_kv, g = ids.shape[0], self.head_dim, self.n_kv, self.group
+        f_qkv = n_kv * (g + 2) * D
+        positions = torch.cat([torch.arange(n) for n in lengths])                                # (T,)
+        slot_of = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths))           # (T,)
+        cos = self.cos2.index_select(0, positions).view(T, 1, 1, D)
+        sin = self.sin2.index_select(0, positions).view(T, 1, 1, D)
+        append_at = (self.row_base.index_select(0, slot_of) + positions[:, None]).flatten()
+        groups: dict[int, list[int]] = {}                       # prompt length -> indices of the prompts
+        for p, n in enumerate(lengths):
+            groups.setdefault(n, []).append(p)
+        starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+        # Per group: token rows of its prompts (P·L,) in prompt order, and their slots.
+        rows = {n: (torch.cat([torch.arange(starts[p], starts[p] + n) for p in ps]),
+                    torch.tensor([slots[p] for p in ps])) for n, ps in groups.items()}
+
+        last = torch.tensor(starts[1:]) - 1
+        h = W.embedding.index_select(0, ids)
+        for i, (wa, wo, w13, w2) in enumerate(W.layers):
+            eps_attn, eps_ffn = self.eps[i]
+            a = product(_rms_scaled(h, eps_attn), wa.t())
+            qkv = a[:, :f_qkv].view(T, n_kv, g + 2, D)
+            qk = (qkv[:, :, : g + 1] * cos).addcmul_(a[:, f_qkv:].view(T, n_kv, g + 1, D), sin)
+            k_cache, v_cache = self.k[i], self.v[i]
+            k_cache.view(-1, D).index_copy_(0, append_at, qk[:, :, g].reshape(T * n_kv, D))
+            v_cache.view(-1, D).index_copy_(0, append_at, qkv[:, :, g + 1].reshape(T * n_kv, D))
+            out = torch.empty(T, n_kv * g * D)
+            for n, (token_rows, group_slots) in rows.items():
+                P = group_slots.shape[0]
+                q = qk[:, :, :g].index_select(0, token_rows).view(P, n, n_kv * g, D).transpose(1, 2)
+                keys = k_cache.index_select(0, group_slots)[:, :, :n]                 # (P, Hkv, n, D)
+                values = v_cache.index_select(0, group_slots)[:, :, :n]
+                o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=1.0, enable_gqa=g > 1)
+                out.index_copy_(0, token_rows, o.transpose(1, 2).reshape(P * n, n_kv * g * D))
+            if i == len(W.layers) - 1:          # past the last attention only the prompts' last tokens matter
+                h, out = h.index_select(0, last), out.index_select(0, last)
+            h = h + product(out, wo.t())
+            a = product(_rms_scaled(h, eps_ffn), w13.t())
+            inter = a.shape[1] // 2
+            h = h + product(F.silu(a[:, :inter]).mul_(a[:, inter:]), w2.t())
+        return torch.mm(_rms_scaled(h, self.final_eps), W.head)
 
     def logits(self, rows: int, tokens: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
         """Logits (rows, V) of the next token of rows 0..rows-1 of the generator's fixed buffers (rows: a batch
@@ -68,54 +152,37 @@ class CpuDecodeStep:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
         """tokens (B,), cache_seqlens (B,) of slots 0..B-1 -> logits (B, V) float32."""
+        if self.weights is None:                # a step before any prefill (the generator always prefills first)
+            self.weights = DecodeWeights(self.model)
+        W = self.weights
         B, D, n_kv, g = tokens.shape[0], self.head_dim, self.n_kv, self.group
+        f_qkv = n_kv * (g + 2) * D
         pos = cache_seqlens.long()                                              # (B,)
         cos = self.cos2.index_select(0, pos).view(B, 1, 1, D)    # index_select: several times cheaper than t[idx]
         sin = self.sin2.index_select(0, pos).view(B, 1, 1, D)
-        S_max = self.max_seq_len
-        # Flat index of (slot b, kv head h, position pos_b) in a layer's (max_batch · Hkv · S_max, D) view.
-        append_at = ((torch.arange(B)[:, None] * n_kv + torch.arange(n_kv)) * S_max + pos[:, None]).flatten()
-        longest, shortest = int(pos.max()) + 1, int(pos.min()) + 1
-        visible = None
-        if shortest != longest:
-            visible = (torch.arange(longest)[None, :] <= pos[:, None]).view(B, 1, 1, longest)
+        append_at = (self.row_base[:B] + pos[:, None]).flatten()               # (slot b, kv head h, pos_b)
+        lo, hi = torch.aminmax(pos)
+        shortest, longest = int(lo) + 1, int(hi) + 1
+        mask = None
+        if shortest != longest:                                                 # (B·Hkv, 1, S): 0 or -inf
+            hidden = torch.arange(longest)[None, :] > pos[:, None]
+            mask = torch.zeros(B, longest).masked_fill_(hidden, float("-inf")).repeat_interleave(n_kv, 0)[:, None]
 
-        m = self.model.model
-        h = F.embedding(tokens, m.tok_embeddings.weight)                        # (B, hidden)
-        residual = None
-        for i, layer in enumerate(m.layers):
+        h = W.embedding.index_select(0, tokens)                                 # (B, hidden): the residual stream
+        for i, (wa, wo, w13, w2) in enumerate(W.layers):
             eps_attn, eps_ffn = self.eps[i]
-            residual = h if residual is None else residual + h
-            x = F.rms_norm(residual, (self.hidden,), layer.attention_norm.weight, eps_attn)
-            att = layer.attention
-            qkv = product(x, att.wqkv.weight).view(B, n_kv, g + 2, D)          # per KV group: g q heads, k, v
-            qk = qkv[:, :, : g + 1]
-            qk = qk * cos + qk.roll(self.half, dims=-1) * sin                   # rotated q heads and k
+            a = torch.mm(_rms_scaled(h, eps_attn), wa)                          # (B, qkv | rot(qk))
+            qkv = a[:, :f_qkv].view(B, n_kv, g + 2, D)                          # per KV group: g q heads, k, v
+            qk = (qkv[:, :, : g + 1] * cos).addcmul_(a[:, f_qkv:].view(B, n_kv, g + 1, D), sin)
             k_cache, v_cache = self.k[i], self.v[i]                            # (max_batch, Hkv, S_max, D)
             k_cache.view(-1, D).index_copy_(0, append_at, qk[:, :, g].reshape(B * n_kv, D))
             v_cache.view(-1, D).index_copy_(0, append_at, qkv[:, :, g + 1].reshape(B * n_kv, D))
-            q = qk[:, :, :g].reshape(B, n_kv * g, 1, D)
-            out = F.scaled_dot_product_attention(q, k_cache[:B, :, :longest], v_cache[:B, :, :longest],
-                                                 attn_mask=visible, enable_gqa=g > 1)
-            h = product(out.view(B, n_kv * g * D), att.wo.weight)
-            residual = residual + h
-            x = F.rms_norm(residual, (self.hidden,), layer.ffn_norm.weight, eps_ffn)
-            ff = layer.feed_forward
-            a = F.silu(product(x, ff.w1.weight)).mul_(product(x, ff.w3.weight))
-            h = product(a, ff.w2.weight)
-        x = F.rms_norm(residual + h, (self.hidden,), m.norm.weight, self.final_eps)
-        return product(x, self.model.output.weight)
-
-
-class _SlotPrefillWriter:
-    """The cache a PackedContext hands each layer's rotated k/v (T, Hkv, D) to: packed token t (prompt p, position
-    j) goes to k[layer, slot_p, :, j]."""
-
-    def __init__(self, step: CpuDecodeStep, slots: list[int], lengths: list[int]):
-        self.step = step
-        self.slots = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths))          # (T,)
-        self.positions = torch.cat([torch.arange(n) for n in lengths])                         # (T,)
-
-    def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.step.k[layer][self.slots, :, self.positions] = k
-        self.step.v[layer][self.slots, :, self.positions] = v
+            q = qk[:, :, :g].reshape(B * n_kv, g, D)                            # a view: (B·Hkv, g, D), scaled
+            keys = k_cache[:B, :, :longest].reshape(B * n_kv, longest, D).transpose(1, 2)
+            scores = torch.bmm(q, keys) if mask is None else torch.baddbmm(mask, q, keys)
+            out = torch.bmm(scores.softmax(-1), v_cache[:B, :, :longest].reshape(B * n_kv, longest, D))
+            h = torch.addmm(h, out.view(B, n_kv * g * D), wo)
+            a = torch.mm(_rms_scaled(h, eps_ffn), w13)                          # (B, w1 x | w3 x)
+            inter = a.shape[1] // 2
+            h = torch.addmm(h, F.silu(a[:, :inter]).mul_(a[:, inter:]), w2)
+        return torch.mm(_rms_scaled(h, self.final_eps), W.head)

@@ -7,7 +7,8 @@
   sit at the front and the decode batch is the smallest bucket (1, 2, 4, ..., max_batch) covering them.
 - **Prefill**: the prompts admitted together are packed (T,) with cu_seqlens and run through the model's ordinary
   packed forward (varlen flash attention, positions restarting per prompt); each layer writes its rotated k/v into
-  the prompts' pages. The head runs only at each prompt's last token.
+  the prompts' pages. The head runs only at each prompt's last token. (On the float32 CPU path prefill and decode are
+  ``models.decode_step``'s functions of ATen calls over per-slot caches instead.)
 - **Decode**: one token per slot; every layer makes one ``ik.flash_attn_with_kvcache`` call for the whole batch,
   which rotates q and the new k, appends k/v into the pages and attends over them (split-KV kernel on GPU). The step
   reads only fixed-address buffers (tokens, block table, cache lengths, all sized max_batch) and its shapes depend
@@ -256,14 +257,13 @@ class ContinuousBatchingGenerator:
             lengths.append(len(req.prompt))
         dev = self.device
         ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
-        cu_seqlens = F.pad(torch.tensor(lengths, device=dev).cumsum(0).to(torch.int32), (1, 0))
         if self._cpu_step is not None:
-            writer = self._cpu_step.writer([slot for slot, _ in batch], lengths)
-        else:
-            ps = self.pool.page_size
-            pages = [req.pages[p // ps] for _, req in batch for p in range(len(req.prompt))]
-            offsets = [p % ps for _, req in batch for p in range(len(req.prompt))]
-            writer = _PrefillWriter(self.pool, torch.tensor(pages, device=dev), torch.tensor(offsets, device=dev))
+            return self._cpu_step.prefill(ids_t, [slot for slot, _ in batch], lengths)
+        cu_seqlens = F.pad(torch.tensor(lengths, device=dev).cumsum(0).to(torch.int32), (1, 0))
+        ps = self.pool.page_size
+        pages = [req.pages[p // ps] for _, req in batch for p in range(len(req.prompt))]
+        offsets = [p % ps for _, req in batch for p in range(len(req.prompt))]
+        writer = _PrefillWriter(self.pool, torch.tensor(pages, device=dev), torch.tensor(offsets, device=dev))
         packed = PackedInputs(ids_t, cu_seqlens, max(lengths), None, None, None)
         hidden = self.model.model(ids_t, PackedContext(packed, self.model.model.rotary, writer))
         return self.model.output(hidden[cu_seqlens[1:].long() - 1]).float()
@@ -381,6 +381,10 @@ class ContinuousBatchingGenerator:
     def _sample(self, slot_list: list[int], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per row of ``logits`` (row i belongs to slot_list[i]), each request by its own Sampling and
         generator; the rows of one Sampling are sampled in one call (``sample``: each drawn from its generator)."""
+        first = self._slots[slot_list[0]].sampling
+        if all(self._slots[slot].sampling is first for slot in slot_list):      # one generate call's requests
+            return sample(logits, first.temperature, first.top_p, first.top_k,
+                          [self._slots[slot].generator for slot in slot_list])
         groups: dict[Sampling, list[int]] = {}
         for row, slot in enumerate(slot_list):
             groups.setdefault(self._slots[slot].sampling, []).append(row)
@@ -402,7 +406,9 @@ class ContinuousBatchingGenerator:
             req = self._slots[slot]
             req.tokens.append(token)
             req.logprobs.append(logprob)
-            o = out.setdefault(req.id, StepOutput(req.id, [], []))
+            o = out.get(req.id)
+            if o is None:
+                o = out[req.id] = StepOutput(req.id, [], [])
             o.tokens.append(token)
             o.logprobs.append(logprob)
             if token in req.stop or len(req.tokens) == req.max_new:
@@ -427,9 +433,10 @@ class ContinuousBatchingGenerator:
         live = [s for s, r in enumerate(self._slots) if r is not None]
         if live:
             rows = next(b for b in self.buckets if b > live[-1])
+            # Live rows 0..n-1 (the usual case) take a slice, not an index.
+            live_t = slice(0, len(live)) if live[-1] == len(live) - 1 else torch.tensor(live, device=self.device)
             logits = self._decode(rows)
-            tokens, logprobs = self._sample(live, logits[live])
-            live_t = torch.tensor(live, device=self.device)
+            tokens, logprobs = self._sample(live, logits[live_t])
             self.cache_seqlens[live_t] += 1       # the input token is now in the cache
             self.tokens[live_t] = tokens
             self._take(live, tokens, logprobs, out)
