@@ -176,7 +176,7 @@ def test_mixed_preferences_share_and_reward_stage_groups():
     with pytest.raises(ValueError, match="task_pairs_share"):
         MixedPreferences(flipped, tasks, 1.5, 1)
     cfg = parse_reward_cli(["--config", repo_config("reward_tiny.toml"), "--reward.heldout=6", "--reward.task_pairs_share=0.5", "--reward.task_pairs_heldout=4",
-                            '--reward.task_pairs_tasks=["arithmetic"]'])
+                            '--reward.task_pairs_tasks=["arithmetic"]', "--reward.task_pairs_policy_prompts=0"])
     train, held, groups, names = preference_sets(cfg)
     assert names == SyntheticPreferences.domains + (CORRECT_OVER_WRONG,)
     assert groups == [p.domain for p in held[:6]] + [CORRECT_OVER_WRONG] * 4
@@ -301,7 +301,7 @@ def _rm_args(tmp_path, name, init_from, *extra):
             "--model.preset=micro", "--model.overrides={max_position_embeddings = 1024}",
             f"--reward.init_from={init_from}", "--reward.heldout=8", "--stages.0.steps=4", "--stages.0.seq_len=256",
             "--stages.0.micro_batch_tokens=512", "--stages.0.global_batch_tokens=1024", "--optim.warmup_steps=1",
-            "--metrics.progress=false", *extra]
+            "--reward.task_pairs_policy_prompts=0", "--metrics.progress=false", *extra]   # made-up near misses, no sampling
 
 
 def _rm_cfg(tmp_path, name, init_from, *extra):
