@@ -20,27 +20,20 @@ import math
 import torch
 import torch.distributed as dist
 
-from ._collectives import all_gather_flat, reduce_scatter_flat
+from ._collectives import reduce_scatter_flat
+from .vocab_shards import check_shard_args, dtensor_shards, gather_rows, local_target
 
 CHUNK_ROWS = 4096
-
-
-def _gather_rows(local: torch.Tensor, group) -> torch.Tensor:
-    out = local.new_empty(local.shape[0] * dist.get_world_size(group), *local.shape[1:])
-    all_gather_flat(out, local.contiguous(), group=group)
-    return out
 
 
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, group, vocab_start, ignore_index, reduction, sequence_parallel,
                 chunk_rows):
-        h = _gather_rows(hidden, group) if sequence_parallel else hidden          # (T, H) every token
+        h = gather_rows(hidden, group) if sequence_parallel else hidden          # (T, H) every token
         T, vocab_local = h.shape[0], weight.shape[0]
         valid = target != ignore_index
-        local_target = target - vocab_start
-        mine = valid & (local_target >= 0) & (local_target < vocab_local)
-        index = torch.where(mine, local_target, 0).unsqueeze(1)                    # (T, 1) into this slice
+        mine, index = local_target(target, valid, vocab_start, vocab_local)       # index: (T, 1) into this slice
         row_weight = valid.float()
         if reduction == "mean":
             row_weight = row_weight / valid.sum().clamp(min=1)
@@ -100,15 +93,7 @@ def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
     """
     if reduction not in ("mean", "sum"):
         raise NotImplementedError(f"reduction={reduction!r}: the vocabulary-parallel loss takes 'mean' or 'sum'")
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden (rows, H) and weight (V_r, H) must agree, got {tuple(hidden.shape)} and "
-                         f"{tuple(weight.shape)}")
-    tp = dist.get_world_size(group)
-    rows = hidden.shape[0] * (tp if sequence_parallel else 1)
-    if target.shape != (rows,):
-        raise ValueError(f"target must be ({rows},) (every token), got {tuple(target.shape)}")
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
+    check_shard_args(hidden, weight, target, group, sequence_parallel, chunk_rows)
     return _VocabParallelCE.apply(hidden, weight, target, group, vocab_start, ignore_index, reduction,
                                   sequence_parallel, chunk_rows)
 
@@ -117,24 +102,11 @@ def dtensor_cross_entropy(hidden, weight, target, ignore_index: int = -100, redu
                           **unsupported) -> torch.Tensor:
     """fused_linear_cross_entropy's DTensor path: ``weight`` a DTensor sharded on dim 0 (vocabulary) over a 1-D
     mesh, ``hidden`` a DTensor sharded on dim 0 (tokens, sequence parallel) or replicated, on the same mesh."""
-    from torch.distributed.tensor import DTensor
-
     for name, value in unsupported.items():
         if value:
             raise NotImplementedError(f"{name}: the vocabulary-parallel loss does not take it")
-    if not (isinstance(weight, DTensor) and isinstance(hidden, DTensor)):
-        raise ValueError("hidden and weight must both be DTensors for the vocabulary-parallel loss")
-    mesh = weight.device_mesh
-    if mesh.ndim != 1 or hidden.device_mesh != mesh or not weight.placements[0].is_shard(0):
-        raise ValueError("weight must be sharded on dim 0 over a 1-D mesh shared with hidden")
-    sequence_parallel = hidden.placements[0].is_shard(0)
-    if not (sequence_parallel or hidden.placements[0].is_replicate()):
-        raise ValueError(f"hidden must be Shard(0) or Replicate(), got {hidden.placements}")
-    chunk = math.ceil(weight.shape[0] / mesh.size())     # torch.chunk's split, as Shard(0) lays the rows out
-    vocab_start = min(chunk * mesh.get_local_rank(), weight.shape[0])
-    if isinstance(target, DTensor):
-        target = target.full_tensor()
-    return vocab_parallel_cross_entropy(hidden.to_local().reshape(-1, hidden.shape[-1]), weight.to_local(),
-                                        target.reshape(-1), mesh.get_group(), vocab_start=vocab_start,
-                                        ignore_index=ignore_index, reduction=reduction,
-                                        sequence_parallel=sequence_parallel)
+    local_hidden, local_weight, target, group, vocab_start, sequence_parallel = dtensor_shards(
+        hidden, weight, target, "loss")
+    return vocab_parallel_cross_entropy(local_hidden.reshape(-1, hidden.shape[-1]), local_weight, target.reshape(-1),
+                                        group, vocab_start=vocab_start, ignore_index=ignore_index,
+                                        reduction=reduction, sequence_parallel=sequence_parallel)

@@ -29,32 +29,20 @@ import math
 import torch
 import torch.distributed as dist
 
-from ._collectives import all_gather_flat, reduce_scatter_flat
+from ._collectives import reduce_scatter_flat
+from .vocab_shards import check_shard_args, dtensor_shards, gather_rows, local_target
 
 CHUNK_ROWS = 4096
-
-
-def _gather_rows(local: torch.Tensor, group) -> torch.Tensor:
-    out = local.new_empty(local.shape[0] * dist.get_world_size(group), *local.shape[1:])
-    all_gather_flat(out, local.contiguous(), group=group)
-    return out
-
-
-def _local_target(target, valid, vocab_start: int, vocab_local: int):
-    """(mine, index): whether each row's target lies in this rank's slice, and its index there (0 when not)."""
-    local = target - vocab_start
-    mine = valid & (local >= 0) & (local < vocab_local)
-    return mine, torch.where(mine, local, 0).unsqueeze(1)
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, group, vocab_start, temperature, ignore_index, sequence_parallel,
                 chunk_rows):
-        h = _gather_rows(hidden, group) if sequence_parallel else hidden          # (T, H) every token
+        h = gather_rows(hidden, group) if sequence_parallel else hidden          # (T, H) every token
         T, vocab_local = h.shape[0], weight.shape[0]
         valid = target != ignore_index
-        mine, index = _local_target(target, valid, vocab_start, vocab_local)
+        mine, index = local_target(target, valid, vocab_start, vocab_local)
         w32 = weight.float()
         lse = torch.empty(T, dtype=torch.float32, device=h.device)
         sum_pz = torch.empty(T, dtype=torch.float32, device=h.device)
@@ -89,7 +77,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             return (None, None) + none
         T, vocab_local = h.shape[0], weight.shape[0]
         valid = target != ignore_index
-        mine, index = _local_target(target, valid, vocab_start, vocab_local)
+        mine, index = local_target(target, valid, vocab_start, vocab_local)
         g = torch.zeros(T, device=h.device) if grad_logp is None else grad_logp.float() * valid
         q = None if grad_entropy is None else grad_entropy.float() * valid
         w32 = weight.float()
@@ -133,18 +121,10 @@ def vocab_parallel_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target: 
     ``ignore_index``, the same on every rank. Returns two (T,) float32 tensors, the same on every rank, 0 where the
     target is ``ignore_index``; gradients flow to hidden and weight through both.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden (rows, H) and weight (V_r, H) must agree, got {tuple(hidden.shape)} and "
-                         f"{tuple(weight.shape)}")
-    tp = dist.get_world_size(group)
-    rows = hidden.shape[0] * (tp if sequence_parallel else 1)
-    if target.shape != (rows,):
-        raise ValueError(f"target must be ({rows},) (every token), got {tuple(target.shape)}")
+    check_shard_args(hidden, weight, target, group, sequence_parallel, chunk_rows)
     if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
             or temperature <= 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
     return _VocabParallelLogprobs.apply(hidden, weight, target.long(), group, vocab_start, float(temperature),
                                         ignore_index, sequence_parallel, chunk_rows)
 
@@ -154,22 +134,10 @@ def dtensor_logprobs(hidden, weight, targets, temperature: float = 1.0, ignore_i
     """fused_linear_logprobs' DTensor path: ``weight`` a DTensor sharded on dim 0 (vocabulary) over a 1-D mesh,
     ``hidden`` (T, H) a DTensor sharded on dim 0 (tokens, sequence parallel) or replicated on the same mesh,
     ``targets`` (T,) plain (or a DTensor, gathered). Returns plain (T,) (logprob, entropy), the same on every rank."""
-    from torch.distributed.tensor import DTensor
-
-    if not (isinstance(weight, DTensor) and isinstance(hidden, DTensor)):
-        raise ValueError("hidden and weight must both be DTensors for the vocabulary-parallel log-probs")
-    mesh = weight.device_mesh
-    if mesh.ndim != 1 or hidden.device_mesh != mesh or not weight.placements[0].is_shard(0):
-        raise ValueError("weight must be sharded on dim 0 over a 1-D mesh shared with hidden")
-    sequence_parallel = hidden.placements[0].is_shard(0)
-    if not (sequence_parallel or hidden.placements[0].is_replicate()):
-        raise ValueError(f"hidden must be Shard(0) or Replicate(), got {hidden.placements}")
+    local_hidden, local_weight, targets, group, vocab_start, sequence_parallel = dtensor_shards(
+        hidden, weight, targets, "log-probs")
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be (tokens, H) for the vocabulary-parallel log-probs, got {tuple(hidden.shape)}")
-    chunk = math.ceil(weight.shape[0] / mesh.size())     # torch.chunk's split, as Shard(0) lays the rows out
-    vocab_start = min(chunk * mesh.get_local_rank(), weight.shape[0])
-    if isinstance(targets, DTensor):
-        targets = targets.full_tensor()
-    return vocab_parallel_logprobs(hidden.to_local(), weight.to_local(), targets.reshape(-1), mesh.get_group(),
-                                   vocab_start=vocab_start, temperature=temperature, ignore_index=ignore_index,
+    return vocab_parallel_logprobs(local_hidden, local_weight, targets.reshape(-1), group, vocab_start=vocab_start,
+                                   temperature=temperature, ignore_index=ignore_index,
                                    sequence_parallel=sequence_parallel)

@@ -418,7 +418,8 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         late_samples = late.samples()
         # The rules compare the round's late replies (the comparison prompts and the late rollouts) with SFT's;
         # each offending reply becomes a rejected response, the prompt's shortest correct reply the chosen one.
-        pool = late_samples + [s for g in late_rollouts for s in g.samples()]
+        rollout_samples = [s for g in late_rollouts for s in g.samples()]
+        pool = late_samples + rollout_samples
         references = {p.prompt_id: p.answer for g in [late, *late_rollouts] for p in g.prompts}
         findings = detect_hacking(pool, sft_samples, [tuple(h) for h in state.history], cfg.hacking) \
             if cfg.online.fast_path else []
@@ -428,7 +429,7 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         if cfg.online.slow_path:
             if cfg.online.label_with_checkers:
                 slow += label_comparisons({"sft": sft_samples, "early_ppo": early.samples(), "late_ppo": late_samples})
-                slow += answer_pairs([s for g in late_rollouts for s in g.samples()], references, "late_rollouts")
+                slow += answer_pairs(rollout_samples, references, "late_rollouts")
             if cfg.online.comparisons_file and r == 0:
                 slow += load_comparisons(cfg.online.comparisons_file)
         state.episodes.append({"round": round_no, "findings": [dataclasses.asdict(f) for f in findings],
