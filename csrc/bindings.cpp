@@ -83,6 +83,24 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x"), py::arg("out"), py::arg("cos"), py::arg("sin"), py::arg("tokens"), py::arg("groups"),
         py::arg("heads_per_group"), py::arg("dim"), py::arg("half"), py::arg("x_strides"), py::arg("out_strides"),
         py::arg("sign"), py::arg("num_threads"));
+  // addresses: (q, k, v, out, lse, dout, dq, dk, dv, cu_q, cu_k), 0 for the backward's in a forward;
+  // sizes: (n_seqs, total_q, heads, kv_heads, dim). See csrc/cpu/attention.h.
+  m.def("attention_cpu",
+        [](py::tuple addresses, py::tuple sizes, float scale, bool causal, bool backward, int isa, int num_threads) {
+          if (addresses.size() != 11 || sizes.size() != 5)
+            throw std::invalid_argument("attention_cpu: 11 addresses and 5 sizes");
+          int64_t p[11], n[5];
+          for (size_t i = 0; i < 11; ++i) p[i] = addresses[i].cast<int64_t>();
+          for (size_t i = 0; i < 5; ++i) n[i] = sizes[i].cast<int64_t>();
+          ik::AttentionLaunch a{p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10],
+                                n[0], n[1], n[2], n[3], n[4], scale, causal};
+          py::gil_scoped_release release;
+          return ik::attention_cpu(a, backward, isa, num_threads);
+        },
+        py::arg("addresses"), py::arg("sizes"), py::arg("scale"), py::arg("causal"), py::arg("backward"),
+        py::arg("isa"), py::arg("num_threads"));
+  m.def("attention_isa_cpu", &ik::attention_isa_cpu, py::arg("requested"),
+        "The ISA attention_cpu runs when the caller allows `requested` (0 generic, 1 AVX2, 2 AVX-512).");
   m.def("grad_norm_cpu",
         [](int64_t table, int64_t chunks, int64_t n_chunks, int64_t chunk_size, int kind, double p,
            int64_t partials, int64_t out, int num_threads) {

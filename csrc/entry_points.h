@@ -6,6 +6,7 @@
 #include <string>
 
 #include "adamw.h"
+#include "cpu/attention.h"
 
 namespace ik {
 
@@ -38,6 +39,14 @@ struct RotaryHeads {
 };
 
 void rotary_heads_cpu(const RotaryHeads& r, int num_threads);
+
+// Attention over packed documents, float32 (csrc/cpu/attention.h): the forward writes out and lse, the backward
+// dq, dk, dv. `isa` is the widest ISA the caller allows (kIsa*); the kernels run the widest the CPU also has.
+// Returns false, writing nothing, for a head dim without a kernel.
+enum AttentionIsa { kIsaGeneric = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
+bool attention_cpu(const AttentionLaunch& a, bool backward, int isa, int num_threads);
+// The ISA attention_cpu runs for `requested`.
+int attention_isa_cpu(int requested);
 
 void adamw_cpu(const AdamWLaunch& launch, int num_threads);
 void adamw_cuda(const AdamWLaunch& launch, int device, int64_t stream);
