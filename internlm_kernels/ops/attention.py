@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..backend import choose, requested
 from ..checks import FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_tensor
+from ..cpu import attention as cpu_attention
 from . import _eager as eager
 
 # The Triton kernels hold (rows, head dim) tiles in registers; beyond 256 they would not fit.
@@ -215,7 +216,9 @@ def _sdpa_unsupported(cu_seqlens_q, cu_seqlens_k, dropout_p, window_left, window
 
 
 def _sdpa_per_document(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal):
-    """The cpu backend: ATen's fused CPU flash attention (torch SDPA) per document, GQA without repeating K/V.
+    """The cpu backend where the extension's kernels (cpu/attention.py) do not run (other dtypes and head dims,
+    torch.compile, no extension): ATen's fused CPU flash attention (torch SDPA) per document, GQA without repeating
+    K/V.
 
     SDPA takes ATen's flash kernel (``_scaled_dot_product_flash_attention_for_cpu``, forward and backward) only for
     4-D (batch, heads, L, D) input; 3-D input falls back to the math path, which materializes the scores. A batch of
@@ -268,6 +271,8 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, dropout_p, sof
         lacking = _sdpa_unsupported(cu_seqlens_q, cu_seqlens_k, dropout_p, window_left, window_right, softcap,
                                     alibi_slopes, return_attn_probs)
         if lacking is None:
+            if cpu_attention.runs(q, k, v):
+                return cpu_attention.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_right == 0)
             return _sdpa_per_document(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_right == 0)
         if requested("attention") != "auto":
             raise NotImplementedError(f"the cpu attention backend (torch SDPA per document) does not support "

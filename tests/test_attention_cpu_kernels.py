@@ -1,0 +1,134 @@
+"""The extension's CPU attention kernels (csrc/cpu/attention_kernels.h, internlm_kernels/cpu/attention.py) against
+reference.flash_attn_varlen in float64: many unequal documents (empty ones, one-token ones, lengths that end mid
+register tile, mid 32-query block and mid 64-key panel), GQA ratios 1, 2, 4, causal and not, forward (out and lse)
+and backward, each ISA build the CPU has. torch.empty is NaN-poisoned while a test runs, so an output element the
+kernels forget to write fails. The kernels sum in float32 (with FMAs, in another order than the reference), so the
+project's fp32 tolerance (1e-5) applies; observed errors are ~1e-6 relative at head dim 128.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close
+from test_attention import _poison_empty  # noqa: F401  (autouse fixture)
+
+import internlm_kernels as ik
+from internlm_kernels import _ext, reference
+from internlm_kernels.cpu import attention as ca
+
+pytestmark = pytest.mark.skipif(_ext.why_unavailable("cpu") is not None, reason="the extension is not built")
+
+LENS_Q = [1, 0, 17, 64, 65, 33, 130, 7, 3, 97]
+LENS_K_CAUSAL = [1, 4, 17, 64, 70, 33, 131, 7, 50, 97]     # >= the queries: every query sees a key
+LENS_K = [2, 0, 9, 64, 0, 40, 129, 1, 3, 100]              # non-causal: any, an empty one among them
+
+
+def _cu(lens):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def _isas():
+    """The ISA codes whose builds this CPU runs (0 baseline, 1 AVX2, 2 AVX-512), each once."""
+    return sorted({_ext.load().attention_isa_cpu(code) for code in (0, 1, 2)})
+
+
+def _inputs(causal, hq, hkv, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    lens_k = LENS_K_CAUSAL if causal else LENS_K
+    q = torch.randn(sum(LENS_Q), hq, d, generator=g)
+    k = torch.randn(sum(lens_k), hkv, d, generator=g)
+    v = torch.randn(sum(lens_k), hkv, d, generator=g)
+    dout = torch.randn(sum(LENS_Q), hq, d, generator=g)
+    return q, k, v, dout, _cu(LENS_Q), _cu(lens_k)
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("hq,hkv,d", [(4, 4, 32), (4, 2, 32), (8, 2, 32), (4, 2, 16), (4, 1, 64), (2, 2, 128)])
+def test_kernels_match_reference_fwd_bwd(monkeypatch, isa, causal, hq, hkv, d):
+    monkeypatch.setattr(ca, "isa", lambda: isa)
+    q, k, v, dout, cu_q, cu_k = _inputs(causal, hq, hkv, d, seed=hq * 1000 + d + causal)
+    scale = 0.7 * d ** -0.5
+    out, lse = ca.forward(q, k, v, cu_q, cu_k, scale, causal)
+    dq, dk, dv = ca.backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal)
+    q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
+    expect, expect_lse = reference.flash_attn_varlen(q64, k64, v64, cu_q, cu_k, scale, causal)
+    expect_grads = torch.autograd.grad(expect, (q64, k64, v64), dout.double())
+    assert_close(out, expect)
+    assert_close(lse, expect_lse)
+    for name, got, want in zip("qkv", (dq, dk, dv), expect_grads):
+        assert_close(got, want, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_backend_runs_the_kernels_through_autograd(causal):
+    """flash_attn_varlen_func on the cpu backend takes the kernels for float32 (its grad_fn is theirs) and matches
+    the reference in values and gradients, for q, k, v sliced from one packed tensor (non-contiguous)."""
+    q, k, v, dout, cu_q, cu_k = _inputs(causal, 4, 2, 32, seed=7)
+    lens_k_total = k.shape[0]
+    qkv = torch.cat([q.flatten(1), torch.zeros(q.shape[0], 1)], 1).requires_grad_(True)
+    qv = qkv[:, :-1].view_as(q)
+    kl, vl = k.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    with ik.use_backend(attention="cpu"):
+        out = ik.flash_attn_varlen_func(qv, kl, vl, cu_q, cu_k, max(LENS_Q), lens_k_total, causal=causal)
+    assert type(out.grad_fn).__name__ == "AttentionFunctionBackward"
+    grads = torch.autograd.grad(out, (qkv, kl, vl), dout)
+    q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
+    expect, _ = reference.flash_attn_varlen(q64, k64, v64, cu_q, cu_k, causal=causal)
+    expect_grads = torch.autograd.grad(expect, (q64, k64, v64), dout.double())
+    assert_close(out, expect)
+    assert_close(grads[0][:, :-1].view_as(q), expect_grads[0])
+    assert bool((grads[0][:, -1] == 0).all())
+    assert_close(grads[1], expect_grads[1])
+    assert_close(grads[2], expect_grads[2])
+
+
+def test_under_inference_mode():
+    q, k, v, _, cu_q, cu_k = _inputs(True, 4, 2, 32, seed=3)
+    with torch.inference_mode(), ik.use_backend(attention="cpu"):
+        out = ik.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(LENS_Q), max(LENS_K_CAUSAL), causal=True)
+    expect, _ = reference.flash_attn_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, causal=True)
+    assert_close(out, expect)
+
+
+def test_other_dtypes_and_head_dims_keep_the_sdpa_path():
+    q, k, v, _, cu_q, cu_k = _inputs(True, 4, 2, 32, seed=5)
+    assert ca.runs(q, k, v)
+    assert not ca.runs(q.double(), k.double(), v.double())
+    assert not ca.runs(q[..., :24], k[..., :24], v[..., :24])
+    with ik.use_backend(attention="cpu"):
+        out = ik.flash_attn_varlen_func(q[..., :24], k[..., :24], v[..., :24], cu_q, cu_k, 130, 131, causal=True)
+    expect, _ = reference.flash_attn_varlen(q[..., :24].double(), k[..., :24].double(), v[..., :24].double(), cu_q,
+                                            cu_k, causal=True)
+    assert_close(out, expect)
+
+
+def test_nan_in_a_query_reaches_its_output_row():
+    """A NaN query yields NaN in its own output row (never a finite value that would hide it), and only there."""
+    q, k, v, _, cu_q, cu_k = _inputs(False, 2, 2, 32, seed=11)
+    q[20, 1, 5] = float("nan")
+    out, _ = ca.forward(q, k, v, cu_q, cu_k, 0.2, False)
+    assert bool(out[20, 1].isnan().all())
+    mask = torch.ones(out.shape[:2], dtype=torch.bool)
+    mask[20, 1] = False
+    assert not bool(out[mask].isnan().any())
+
+
+def test_compile_traces_sdpa_and_matches_the_kernels():
+    """Under torch.compile the cpu backend traces ATen's SDPA (the kernels are opaque to Dynamo); eager runs the
+    kernels: same values and gradients. Not fullgraph: the cpu backend's check for causal rows without keys reads
+    cu_seqlens (a data-dependent branch), before and after these kernels."""
+    q, k, v, dout, cu_q, cu_k = _inputs(True, 4, 2, 32, seed=13)
+    args = tuple(t.clone().requires_grad_(True) for t in (q, k, v))
+
+    def attn(q, k, v):
+        return ik.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 130, 131, causal=True)
+
+    with ik.use_backend(attention="cpu"):
+        eager = attn(*args)
+        traced = torch.compile(attn)(*args)
+    assert type(eager.grad_fn).__name__ == "AttentionFunctionBackward"
+    assert type(traced.grad_fn).__name__ != "AttentionFunctionBackward"
+    assert_close(traced, eager)
+    for g, e in zip(torch.autograd.grad(traced, args, dout), torch.autograd.grad(eager, args, dout)):
+        assert_close(g, e)
