@@ -2,7 +2,8 @@
 // each of which includes this file once with IK_ATTN_NS (its namespace) and IK_VW (floats per native vector) set and
 // is compiled for its ISA (CMakeLists.txt); csrc/cpu/attention.cpp picks one at run time.
 //
-// Forward, one task per (document, query head, block of BQ query rows), as a materialized score tile per block:
+// Forward, one task per (document, KV head) that packs Kᵀ once, then per query head of the group and block of BQ
+// query rows a materialized score tile:
 //   S = (scale·log2 e) Q Kᵀ   over the keys the block sees (a causal block stops at its diagonal),
 //   m_i = max_j S_ij, P = 2^(S - m), l_i = Σ_j P_ij,   O_i = (P V)_i / l_i,   lse_i = (m_i + log2 l_i)·ln 2.
 // Kᵀ is packed into 64-key panels so the score product runs R rows × 64 keys of accumulators in registers (a
@@ -34,9 +35,10 @@ typedef int32_t vi __attribute__((vector_size(VW * 4)));
 
 constexpr int PANEL = 64;                                  // keys per packed Kᵀ panel
 constexpr int PV = PANEL / VW;                             // vectors per panel row
-// Register tiles: (rows × vectors) accumulators, 16 on AVX-512's 32 registers, 8 on AVX2's and SSE's 16.
-constexpr int ACC = VW == 16 ? 16 : 8;
-constexpr int QK_COLS = PV < 4 ? PV : 4;                   // vectors per score microkernel pass
+// Register tiles: (rows × vectors) accumulators, 16 of AVX-512's 32 registers, 12 of AVX2's and SSE's 16 (the rest
+// hold the loaded operands).
+constexpr int ACC = VW == 16 ? 16 : 12;
+constexpr int QK_COLS = VW == 16 ? 4 : 2;                  // vectors per score microkernel pass
 constexpr int QK_ROWS = ACC / QK_COLS;
 constexpr int BQ_FWD = 32;                                 // query rows per forward task
 constexpr int BQ_BWD = 32;                                 // query rows per backward block
@@ -211,14 +213,15 @@ float* scratch_floats(size_t n) {
   return scratch.data();
 }
 
+// Query rows [i0, i0 + BQ) of head h of document d, with the document's Kᵀ packed in kt and a BQ × (keys_pad)
+// score tile and BQ floats in s.
 template <int D>
-void forward_block(const AttentionLaunch& a, int64_t b, int64_t h, int64_t i0) {
-  const Doc d = doc(a, b);
+void forward_block(const AttentionLaunch& a, const Doc& d, int64_t h, int64_t i0, const float* kt, float* qs,
+                   float* s, float* inv_l) {
   const int64_t rows = std::min<int64_t>(BQ_FWD, d.lq - i0);
   const int64_t group = a.heads / a.kv_heads, kvh = h / group;
   const int64_t q_stride = a.heads * D, kv_stride = a.kv_heads * D;
   const float* q = reinterpret_cast<const float*>(a.q) + (d.q0 + i0) * q_stride + h * D;
-  const float* k = reinterpret_cast<const float*>(a.k) + d.k0 * kv_stride + kvh * D;
   const float* v = reinterpret_cast<const float*>(a.v) + d.k0 * kv_stride + kvh * D;
   float* out = reinterpret_cast<float*>(a.out) + (d.q0 + i0) * q_stride + h * D;
   float* lse = reinterpret_cast<float*>(a.lse) + h * a.total_q + d.q0 + i0;
@@ -226,15 +229,10 @@ void forward_block(const AttentionLaunch& a, int64_t b, int64_t h, int64_t i0) {
   int64_t n[BQ_FWD];
   for (int64_t i = 0; i < rows; ++i) n[i] = visible(a, d, i0 + i);
   const int64_t keys = n[rows - 1], keys_pad = round_up(keys, PANEL);
-  float* qs = scratch_floats(BQ_FWD * D + keys_pad * D + BQ_FWD * keys_pad + BQ_FWD);
-  float* kt = qs + BQ_FWD * D;
-  float* s = kt + keys_pad * D;
-  float* inv_l = s + BQ_FWD * keys_pad;
 
   const float qscale = a.scale * LOG2E;
   for (int64_t i = 0; i < rows; ++i)
     for (int e = 0; e < D; ++e) qs[i * D + e] = q[i * q_stride + e] * qscale;
-  pack_transposed<D>(k, kv_stride, keys, kt);
   scores<D>(qs, D, rows, kt, keys_pad, s, keys_pad);
 
   for (int64_t i = 0; i < rows; ++i) {
@@ -265,6 +263,21 @@ void forward_block(const AttentionLaunch& a, int64_t b, int64_t h, int64_t i0) {
     lse[i] = (m + std::log2(l)) * LN2;
   }
   weighted<D>(s, keys_pad, rows, n, v, kv_stride, out, q_stride, inv_l);
+}
+
+// Every query head of KV head kvh's group over document b: its Kᵀ is packed once.
+template <int D>
+void forward_task(const AttentionLaunch& a, int64_t b, int64_t kvh) {
+  const Doc d = doc(a, b);
+  const int64_t group = a.heads / a.kv_heads, keys_pad = round_up(d.lk, PANEL);
+  float* kt = scratch_floats(keys_pad * D + BQ_FWD * D + BQ_FWD * keys_pad + BQ_FWD);
+  float* qs = kt + keys_pad * D;
+  float* s = qs + BQ_FWD * D;
+  float* inv_l = s + BQ_FWD * keys_pad;
+  pack_transposed<D>(reinterpret_cast<const float*>(a.k) + d.k0 * a.kv_heads * D + kvh * D, a.kv_heads * D, d.lk,
+                     kt);
+  for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h)
+    for (int64_t i0 = 0; i0 < d.lq; i0 += BQ_FWD) forward_block<D>(a, d, h, i0, kt, qs, s, inv_l);
 }
 
 template <int D>
@@ -352,27 +365,31 @@ void backward_task(const AttentionLaunch& a, int64_t b, int64_t kvh) {
     }
 }
 
+// Tasks (document, KV head), the longest documents first so that a short one fills the end of a thread's schedule.
+std::vector<int64_t> by_length(const AttentionLaunch& a) {
+  std::vector<int64_t> order(a.n_seqs);
+  for (int64_t b = 0; b < a.n_seqs; ++b) order[b] = b;
+  auto cost = [&](int64_t b) { const Doc d = doc(a, b); return d.lq * d.lk; };
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return cost(x) > cost(y); });
+  return order;
+}
+
 template <int D>
 void forward_d(const AttentionLaunch& a, int num_threads) {
-  // Tasks: (document, head, block) flattened through a per-document prefix of block counts.
-  std::vector<int64_t> first(a.n_seqs + 1, 0);
-  for (int64_t b = 0; b < a.n_seqs; ++b) first[b + 1] = first[b] + (doc(a, b).lq + BQ_FWD - 1) / BQ_FWD;
-  const int64_t blocks = first[a.n_seqs], tasks = blocks * a.heads;
+  const std::vector<int64_t> order = by_length(a);
+  const int64_t tasks = a.n_seqs * a.kv_heads;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (num_threads > 1)
-  for (int64_t t = tasks - 1; t >= 0; --t) {               // the costliest (last, causal) blocks first
-    const int64_t h = t % a.heads, blk = t / a.heads;
-    const int64_t b = std::upper_bound(first.begin(), first.end(), blk) - first.begin() - 1;
-    forward_block<D>(a, b, h, (blk - first[b]) * BQ_FWD);
-  }
+  for (int64_t t = 0; t < tasks; ++t) forward_task<D>(a, order[t / a.kv_heads], t % a.kv_heads);
 }
 
 template <int D>
 void backward_d(const AttentionLaunch& a, int num_threads) {
   float* dq = reinterpret_cast<float*>(a.dq);
+  const std::vector<int64_t> order = by_length(a);
   const int64_t tasks = a.n_seqs * a.kv_heads;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (num_threads > 1)
   for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t b = t / a.kv_heads, kvh = t % a.kv_heads;
+    const int64_t b = order[t / a.kv_heads], kvh = t % a.kv_heads;
     const Doc d = doc(a, b);
     if (d.lk == 0) {                                       // no key: the document's queries get zero gradients
       if (kvh == 0) std::fill(dq + d.q0 * a.heads * D, dq + (d.q0 + d.lq) * a.heads * D, 0.f);
