@@ -11,6 +11,14 @@ Figures: TFLOP/s counted as 4·L²·D·Hq/2 per causal document forward, ×3.5 f
 convention), and in the note the fraction of the card's bf16 matmul peak measured in the same run (8192³).
 On CPU only a tiny case runs (ours needs TRITON_INTERPRET=1 there; the peer is the reference).
 
+CPU section (``test_cpu_attention``, CPU machines only): the cpu backend's attention, float32, causal, with the tiny
+preset's heads (4 query, 2 KV, d 32) at the training step's shapes (8 × 256, 4 × 1024 tokens) and on a row packed
+from unequal documents, with 1 and 2 torch threads, beside ATen's CPU flash kernel (SDPA on 4-D views, as
+transformers' Llama calls it, per document for the unequal row: ``ops.attention._sdpa_per_document``) in the same
+alternating rounds. Ours is the extension's kernels (csrc/cpu/attention_kernels.h) at the ISA ATen dispatches to.
+Figures in process CPU time beside wall time (``vs_peer_cpu``, ``vs_peer_wall``): on a shared machine the wall time
+is mostly waiting for a core.
+
 ATTN_SWEEP=1 adds a sweep over the block configurations of each kernel at the 7B shape (d 64/128/256), to choose
 the table in internlm_kernels/triton/flash_attn.py on a new card.
 """
@@ -25,11 +33,12 @@ import pathlib
 
 import pytest
 import torch
-from common import OURS, device, record
+from common import OURS, device, record, time_interleaved
 
 import internlm_kernels as ik
-from internlm_kernels import reference
+from internlm_kernels import _ext, reference
 from internlm_kernels.backend import triton_runs_on
+from internlm_kernels.ops.attention import _sdpa_per_document
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU and os.environ.get("TRITON_INTERPRET") == "1":
@@ -177,6 +186,58 @@ def test_attention_forward_backward(benchmark, name, impl):
         return torch.autograd.grad(fn(), leaves, dout)
     step()
     _record(benchmark, name, impl, "fwd+bwd", step, 3.5 * causal_flops(lens, hq, d))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CPU: the cpu backend's float32 attention against ATen's CPU flash kernel
+# ------------------------------------------------------------------------------------------------------------------
+CPU_PEER = "aten-flash-sdpa"
+CPU_ATTN_CASES = {"8x256": [256] * 8, "4x1024": [1024] * 4, "packed unequal": [700, 17, 300, 5, 1000, 26]}
+CPU_ATTN_REPS = 15
+_cpu_attn_ms: dict[tuple, dict[str, tuple[float, float]]] = {}
+
+
+def _cpu_attention_cases():
+    if ON_GPU:
+        return [pytest.param(None, None, None, marks=pytest.mark.skip(reason="CPU machines only"))]
+    return [pytest.param(name, threads, pass_name, id=f"cpu-{name.replace(' ', '-')}-{threads}t-{pass_name}")
+            for name in CPU_ATTN_CASES for threads in (1, 2) for pass_name in ("fwd", "fwd+bwd")]
+
+
+@pytest.mark.parametrize("name,threads,pass_name", _cpu_attention_cases())
+def test_cpu_attention(benchmark, name, threads, pass_name):
+    if _ext.why_unavailable("cpu") is not None:
+        pytest.skip("the extension is not built")
+    from internlm_kernels.cpu import attention as cpu_attention
+
+    lens, hq, hkv, d = CPU_ATTN_CASES[name], 4, 2, 32
+    torch.manual_seed(0)
+    q, k, v, cu = packed_inputs(lens, hq, hkv, d)
+    dout = torch.randn_like(q)
+    scale = d ** -0.5
+    impls = {OURS: lambda: cpu_attention.attention(q, k, v, cu, cu, scale, True),
+             CPU_PEER: lambda: _sdpa_per_document(q, k, v, cu, cu, scale, True)}
+    if pass_name == "fwd":
+        fns = {n: torch.no_grad()(f) for n, f in impls.items()}
+    else:
+        fns = {n: (lambda f=f: torch.autograd.grad(f(), (q, k, v), dout)) for n, f in impls.items()}
+    flops = causal_flops(lens, hq, d) * (1 if pass_name == "fwd" else 3.5)
+    key = (name, threads, pass_name)
+    prior = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        if key not in _cpu_attn_ms:
+            _cpu_attn_ms[key] = time_interleaved(fns, reps=CPU_ATTN_REPS)
+        (wall, cpu), (peer_wall, peer_cpu) = _cpu_attn_ms[key][OURS], _cpu_attn_ms[key][CPU_PEER]
+        record(benchmark, fns[OURS], group=f"cpu attention {pass_name} tiny heads {name} causal float32, "
+               f"{threads} thread(s)", impl=OURS, metric="TFLOP/s", work=flops, unit_scale=1e-12, ms=wall,
+               cpu_ms=cpu, tflops_cpu_time=flops * 1e-12 / (cpu * 1e-3), peer=CPU_PEER, peer_ms=peer_wall,
+               peer_cpu_ms=peer_cpu, peer_tflops_cpu_time=flops * 1e-12 / (peer_cpu * 1e-3),
+               vs_peer_wall=peer_wall / wall, vs_peer_cpu=peer_cpu / cpu,
+               kernel_isa=("baseline", "AVX2", "AVX512")[_ext.load().attention_isa_cpu(cpu_attention.isa())],
+               load_average=os.getloadavg()[0])
+    finally:
+        torch.set_num_threads(prior)
 
 
 # ------------------------------------------------------------------------------------------------------------------

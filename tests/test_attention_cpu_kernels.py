@@ -132,3 +132,23 @@ def test_compile_traces_sdpa_and_matches_the_kernels():
     assert_close(traced, eager)
     for g, e in zip(torch.autograd.grad(traced, args, dout), torch.autograd.grad(eager, args, dout)):
         assert_close(g, e)
+
+
+def test_threads_split_tasks_without_changing_a_bit():
+    """With 2 threads the (document, KV head) tasks run in parallel; each output element has one writer and the
+    same summation order, so the results are bitwise those of one thread."""
+    lens = [300, 5, 129, 0, 257, 64]
+    g = torch.Generator().manual_seed(17)
+    q, k, v, dout = (torch.randn(sum(lens), h, 32, generator=g) for h in (4, 2, 2, 4))
+    cu = _cu(lens)
+    prior = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out, lse = ca.forward(q, k, v, cu, cu, 0.2, True)
+            results.append((out, lse, *ca.backward(dout, q, k, v, out, lse, cu, cu, 0.2, True)))
+    finally:
+        torch.set_num_threads(prior)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
