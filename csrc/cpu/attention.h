@@ -16,11 +16,12 @@ struct AttentionLaunch {
   bool causal;
 };
 
-// Each returns false (and writes nothing) for a head dim it has no kernel for (kernels: 16, 32, 64, 128).
-#define IK_ATTENTION_ISA(ns)                                                  \
-  namespace ns {                                                              \
-  bool attention_forward(const AttentionLaunch& a, int num_threads);         \
-  bool attention_backward(const AttentionLaunch& a, int num_threads);        \
+// Each returns false (and writes nothing) for a head dim it has no kernel for (kernels: 16, 32, 64, 128). `order`
+// lists the n_seqs documents in the order their tasks are handed out (attention.cpp: the costliest first).
+#define IK_ATTENTION_ISA(ns)                                                                 \
+  namespace ns {                                                                             \
+  bool attention_forward(const AttentionLaunch& a, const int64_t* order, int num_threads);  \
+  bool attention_backward(const AttentionLaunch& a, const int64_t* order, int num_threads); \
   }
 IK_ATTENTION_ISA(attn_generic)
 IK_ATTENTION_ISA(attn_avx2)

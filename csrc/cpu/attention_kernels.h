@@ -15,12 +15,13 @@
 //   P = 2^(S - lse·log2 e),  dP = dO Vᵀ,  dS = P ∘ (dP - rowsum(dO ∘ O)),
 //   dQ = scale · dS K,  dK += scale · dSᵀ Q,  dV += Pᵀ dO.
 // Masked scores are exact zeros of P and dS, and the key loops of dK and dV skip the rows a causal key cannot see.
-#include <algorithm>
-#include <cmath>
+//
+// This file is compiled with per-ISA -march flags, so it instantiates no template of external linkage (no std::vector,
+// std::fill, std::min, ...): the linker keeps one copy of such a function for the whole module, which could be this
+// file's AVX-512 one called from the baseline path of a CPU without AVX-512. Everything here has internal linkage.
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
-#include <limits>
-#include <vector>
 
 #include "cpu/attention.h"
 
@@ -73,7 +74,7 @@ inline vf exp2_neg(vf x) {
 
 inline float hmax(vf x) {
   float m = x[0];
-  for (int i = 1; i < VW; ++i) m = std::max(m, x[i]);
+  for (int i = 1; i < VW; ++i) m = x[i] > m ? x[i] : m;
   return m;
 }
 
@@ -84,6 +85,12 @@ inline float hsum(vf x) {
 }
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+inline void fill(float* begin, float* end, float value) {
+  for (float* p = begin; p < end; ++p) *p = value;
+}
+constexpr float kInf = __builtin_inff();
 
 // rows (n, D) with token stride `stride` -> panels [n_pad / PANEL][D][PANEL], zero past n.
 template <int D>
@@ -91,7 +98,7 @@ void pack_transposed(const float* rows, int64_t stride, int64_t n, float* panels
   const int64_t n_pad = round_up(n, PANEL);
   for (int64_t p = 0; p < n_pad; p += PANEL) {
     float* panel = panels + p * D;
-    const int64_t w = std::min<int64_t>(PANEL, n - p);
+    const int64_t w = min64(PANEL, n - p);
     for (int64_t c = 0; c < w; ++c) {
       const float* r = rows + (p + c) * stride;
       for (int d = 0; d < D; ++d) panel[d * PANEL + c] = r[d];
@@ -185,7 +192,7 @@ template <int D>
 void transposed(const float* p, int64_t ldp, int64_t rows, int64_t n, int64_t first_row_offset, bool causal,
                 const float* b, int64_t ldb, float* acc) {
   constexpr int R = weighted_rows_per_tile<D>();
-  auto first = [&](int64_t j) { return causal ? std::max<int64_t>(0, j - first_row_offset) : 0; };
+  auto first = [&](int64_t j) { return causal ? max64(0, j - first_row_offset) : int64_t{0}; };
   int64_t j = 0;
   for (; j + R <= n; j += R) transposed_rows<D, R>(p + j, ldp, first(j), rows, b, ldb, acc + j * D);
   for (; j < n; ++j) transposed_rows<D, 1>(p + j, ldp, first(j), rows, b, ldb, acc + j * D);
@@ -203,14 +210,25 @@ inline Doc doc(const AttentionLaunch& a, int64_t b) {
 
 // Keys row i (of the document's queries) sees: all, or causally those j <= i + lk - lq (bottom-right aligned).
 inline int64_t visible(const AttentionLaunch& a, const Doc& d, int64_t i) {
-  return a.causal ? std::clamp<int64_t>(i + d.lk - d.lq + 1, 0, d.lk) : d.lk;
+  return a.causal ? min64(max64(i + d.lk - d.lq + 1, 0), d.lk) : d.lk;
 }
 
-thread_local std::vector<float> scratch;
+// Each thread's work space, kept between calls and grown as needed.
+struct Scratch {
+  float* data = nullptr;
+  size_t size = 0;
+  ~Scratch() { std::free(data); }
+};
+thread_local Scratch scratch;
 
 float* scratch_floats(size_t n) {
-  if (scratch.size() < n) scratch.resize(n);
-  return scratch.data();
+  if (scratch.size < n) {
+    std::free(scratch.data);
+    scratch.data = static_cast<float*>(std::malloc(n * sizeof(float)));
+    if (scratch.data == nullptr) std::abort();   // inside an OpenMP region an exception would terminate as well
+    scratch.size = n;
+  }
+  return scratch.data;
 }
 
 // Query rows [i0, i0 + BQ) of head h of document d, with the document's Kᵀ packed in kt and a BQ × (keys_pad)
@@ -218,7 +236,7 @@ float* scratch_floats(size_t n) {
 template <int D>
 void forward_block(const AttentionLaunch& a, const Doc& d, int64_t h, int64_t i0, const float* kt, float* qs,
                    float* s, float* inv_l) {
-  const int64_t rows = std::min<int64_t>(BQ_FWD, d.lq - i0);
+  const int64_t rows = min64(BQ_FWD, d.lq - i0);
   const int64_t group = a.heads / a.kv_heads, kvh = h / group;
   const int64_t q_stride = a.heads * D, kv_stride = a.kv_heads * D;
   const float* q = reinterpret_cast<const float*>(a.q) + (d.q0 + i0) * q_stride + h * D;
@@ -239,16 +257,16 @@ void forward_block(const AttentionLaunch& a, const Doc& d, int64_t h, int64_t i0
     float* row = s + i * keys_pad;
     const int64_t ni = n[i], full = ni / VW * VW;
     if (ni == 0) {                                         // no key: out 0, lse +inf (flash-attn's convention)
-      std::fill(row, row + keys, 0.f);
+      fill(row, row + keys, 0.f);
       inv_l[i] = 0.f;
-      lse[i] = std::numeric_limits<float>::infinity();
+      lse[i] = kInf;
       continue;
     }
-    float m = -std::numeric_limits<float>::infinity();
+    float m = -kInf;
     vf mv = splat(m);
     for (int64_t j = 0; j < full; j += VW) { const vf x = load(row + j); mv = mv > x ? mv : x; }
     m = hmax(mv);
-    for (int64_t j = full; j < ni; ++j) m = std::max(m, row[j]);
+    for (int64_t j = full; j < ni; ++j) m = row[j] > m ? row[j] : m;
     vf sv = {};
     for (int64_t j = 0; j < full; j += VW) { const vf e = exp2_neg(load(row + j) - m); store(row + j, e); sv += e; }
     float l = hsum(sv);
@@ -258,9 +276,9 @@ void forward_block(const AttentionLaunch& a, const Doc& d, int64_t h, int64_t i0
       const vf e = exp2_neg(x);
       for (int64_t j = full; j < ni; ++j) { row[j] = e[j - full]; l += e[j - full]; }
     }
-    std::fill(row + ni, row + keys, 0.f);
+    fill(row + ni, row + keys, 0.f);
     inv_l[i] = 1.f / l;
-    lse[i] = (m + std::log2(l)) * LN2;
+    lse[i] = (m + __builtin_log2f(l)) * LN2;
   }
   weighted<D>(s, keys_pad, rows, n, v, kv_stride, out, q_stride, inv_l);
 }
@@ -299,15 +317,15 @@ void backward_task(const AttentionLaunch& a, int64_t b, int64_t kvh) {
   float* qs = ds + BQ_BWD * keys_pad;                      // (BQ, D) q · scale · log2 e
   float* delta = qs + BQ_BWD * D;
   float* dq_scale = delta + BQ_BWD;                        // scale, per row
-  std::fill(dq_scale, dq_scale + BQ_BWD, a.scale);
-  std::fill(dk_acc, dk_acc + 2 * d.lk * D, 0.f);
+  fill(dq_scale, dq_scale + BQ_BWD, a.scale);
+  fill(dk_acc, dk_acc + 2 * d.lk * D, 0.f);
   pack_transposed<D>(k, kv_stride, d.lk, kt);
   pack_transposed<D>(v, kv_stride, d.lk, vt);
   const float qscale = a.scale * LOG2E;
 
   for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
     for (int64_t i0 = 0; i0 < d.lq; i0 += BQ_BWD) {
-      const int64_t rows = std::min<int64_t>(BQ_BWD, d.lq - i0);
+      const int64_t rows = min64(BQ_BWD, d.lq - i0);
       const int64_t row0 = (d.q0 + i0) * q_stride + h * D;
       const float* q = reinterpret_cast<const float*>(a.q) + row0;
       const float* dout = reinterpret_cast<const float*>(a.dout) + row0;
@@ -348,8 +366,8 @@ void backward_task(const AttentionLaunch& a, int64_t b, int64_t kvh) {
             j = ni;
           }
         }
-        std::fill(pr + j, pr + keys, 0.f);
-        std::fill(dr + j, dr + keys, 0.f);
+        fill(pr + j, pr + keys, 0.f);
+        fill(dr + j, dr + keys, 0.f);
       }
       weighted<D>(ds, keys_pad, rows, n, k, kv_stride, dq, q_stride, dq_scale);
       // Query row i (block-relative) sees key j iff i >= j - (i0 + lk - lq).
@@ -365,34 +383,23 @@ void backward_task(const AttentionLaunch& a, int64_t b, int64_t kvh) {
     }
 }
 
-// Tasks (document, KV head), the longest documents first so that a short one fills the end of a thread's schedule.
-std::vector<int64_t> by_length(const AttentionLaunch& a) {
-  std::vector<int64_t> order(a.n_seqs);
-  for (int64_t b = 0; b < a.n_seqs; ++b) order[b] = b;
-  auto cost = [&](int64_t b) { const Doc d = doc(a, b); return d.lq * d.lk; };
-  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return cost(x) > cost(y); });
-  return order;
-}
-
 template <int D>
-void forward_d(const AttentionLaunch& a, int num_threads) {
-  const std::vector<int64_t> order = by_length(a);
+void forward_d(const AttentionLaunch& a, const int64_t* order, int num_threads) {
   const int64_t tasks = a.n_seqs * a.kv_heads;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (num_threads > 1)
   for (int64_t t = 0; t < tasks; ++t) forward_task<D>(a, order[t / a.kv_heads], t % a.kv_heads);
 }
 
 template <int D>
-void backward_d(const AttentionLaunch& a, int num_threads) {
+void backward_d(const AttentionLaunch& a, const int64_t* order, int num_threads) {
   float* dq = reinterpret_cast<float*>(a.dq);
-  const std::vector<int64_t> order = by_length(a);
   const int64_t tasks = a.n_seqs * a.kv_heads;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (num_threads > 1)
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t b = order[t / a.kv_heads], kvh = t % a.kv_heads;
     const Doc d = doc(a, b);
     if (d.lk == 0) {                                       // no key: the document's queries get zero gradients
-      if (kvh == 0) std::fill(dq + d.q0 * a.heads * D, dq + (d.q0 + d.lq) * a.heads * D, 0.f);
+      if (kvh == 0) fill(dq + d.q0 * a.heads * D, dq + (d.q0 + d.lq) * a.heads * D, 0.f);
       continue;
     }
     backward_task<D>(a, b, kvh);
@@ -401,22 +408,22 @@ void backward_d(const AttentionLaunch& a, int num_threads) {
 
 }  // namespace
 
-bool attention_forward(const AttentionLaunch& a, int num_threads) {
+bool attention_forward(const AttentionLaunch& a, const int64_t* order, int num_threads) {
   switch (a.dim) {
-    case 16: forward_d<16>(a, num_threads); return true;
-    case 32: forward_d<32>(a, num_threads); return true;
-    case 64: forward_d<64>(a, num_threads); return true;
-    case 128: forward_d<128>(a, num_threads); return true;
+    case 16: forward_d<16>(a, order, num_threads); return true;
+    case 32: forward_d<32>(a, order, num_threads); return true;
+    case 64: forward_d<64>(a, order, num_threads); return true;
+    case 128: forward_d<128>(a, order, num_threads); return true;
     default: return false;
   }
 }
 
-bool attention_backward(const AttentionLaunch& a, int num_threads) {
+bool attention_backward(const AttentionLaunch& a, const int64_t* order, int num_threads) {
   switch (a.dim) {
-    case 16: backward_d<16>(a, num_threads); return true;
-    case 32: backward_d<32>(a, num_threads); return true;
-    case 64: backward_d<64>(a, num_threads); return true;
-    case 128: backward_d<128>(a, num_threads); return true;
+    case 16: backward_d<16>(a, order, num_threads); return true;
+    case 32: backward_d<32>(a, order, num_threads); return true;
+    case 64: backward_d<64>(a, order, num_threads); return true;
+    case 128: backward_d<128>(a, order, num_threads); return true;
     default: return false;
   }
 }
