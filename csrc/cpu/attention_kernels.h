@@ -48,7 +48,8 @@ constexpr float LN2 = 0.6931471805599453f;
 
 inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void store(float* p, vf x) { *reinterpret_cast<vfu*>(p) = x; }
-inline vf splat(float x) { return vf{} + x; }
+// x - (+0) is x for every x, -0 included, so this folds to one broadcast (vf{} + x would be an addition: 0 + -0 = +0).
+inline vf splat(float x) { return x - vf{}; }
 
 // 2^x for x <= 0 (x >= -126 after the clamp): 2^round(x) from the exponent bits times a degree-6 Taylor polynomial of
 // 2^f = e^(f ln 2) on |f| <= 1/2, whose remainder (0.35^7 / 7!) is ~1.2e-7 relative, about one float ulp.
@@ -114,7 +115,9 @@ inline void scores_rows(const float* a, int64_t lda, const float* panels, int64_
   for (int64_t p = 0; p < n_pad; p += PANEL) {
     const float* panel = panels + p * D;
     for (int c0 = 0; c0 < PV; c0 += QK_COLS) {
-      vf acc[R][QK_COLS] = {};
+      vf acc[R][QK_COLS];
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < QK_COLS; ++c) acc[r][c] = splat(0.f);   // not `= {}`: that zeroes memory (rep stos)
       for (int d = 0; d < D; ++d) {
         vf b[QK_COLS];
         for (int c = 0; c < QK_COLS; ++c) b[c] = load(panel + d * PANEL + (c0 + c) * VW);
@@ -141,7 +144,9 @@ template <int D, int R>
 inline void weighted_rows(const float* p, int64_t ldp, const float* b, int64_t ldb, int64_t n, float* out,
                           int64_t ldo, const float* mul) {
   constexpr int DV = D / VW;
-  vf acc[R][DV] = {};
+  vf acc[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < DV; ++v) acc[r][v] = splat(0.f);
   for (int64_t j = 0; j < n; ++j) {
     vf x[DV];
     for (int v = 0; v < DV; ++v) x[v] = load(b + j * ldb + v * VW);
@@ -175,7 +180,9 @@ template <int D, int R>
 inline void transposed_rows(const float* p, int64_t ldp, int64_t i_begin, int64_t rows, const float* b, int64_t ldb,
                             float* acc_out) {
   constexpr int DV = D / VW;
-  vf acc[R][DV] = {};
+  vf acc[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < DV; ++v) acc[r][v] = splat(0.f);
   for (int64_t i = i_begin; i < rows; ++i) {
     vf x[DV];
     for (int v = 0; v < DV; ++v) x[v] = load(b + i * ldb + v * VW);
