@@ -31,16 +31,17 @@ def card_name() -> str:
 
 def cpu_info() -> dict[str, str]:
     """What a CPU figure depends on beyond the code: the CPU model, the ISA ATen dispatches to
-    (``ATEN_CPU_CAPABILITY`` lowers it), and the cpu GEMM mode with what it measured (internlm_kernels/cpu/
-    gemm_choice.py). Empty on a GPU run."""
+    (``ATEN_CPU_CAPABILITY`` lowers it), and the cpu GEMM and attention modes with what they measured
+    (internlm_kernels/cpu/gemm_choice.py, attention_choice.py). Empty on a GPU run."""
     if torch.cuda.is_available():
         return {}
-    from internlm_kernels.cpu import gemm_choice
+    from internlm_kernels.cpu import attention_choice, gemm_choice
 
     model, isa = gemm_choice.cpu_id()
-    info = {"cpu_model": model, "isa": isa, "gemm_mode": gemm_choice.mode()}
-    if gemm_choice.choices():
-        info["gemm_choices"] = "; ".join(f"{k.split(' | ', 2)[-1]}={v}" for k, v in gemm_choice.choices().items())
+    info = {"cpu_model": model, "isa": isa, "gemm_mode": gemm_choice.mode(), "attention_mode": attention_choice.mode()}
+    for name, module in (("gemm_choices", gemm_choice), ("attention_choices", attention_choice)):
+        if module.choices():
+            info[name] = "; ".join(f"{k.split(' | ', 2)[-1]}={v}" for k, v in module.choices().items())
     return info
 
 

@@ -21,6 +21,7 @@ from .. import reference
 from ..backend import choose, requested
 from ..checks import FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_tensor
 from ..cpu import attention as cpu_attention
+from ..cpu import attention_choice
 from . import _eager as eager
 
 # The Triton kernels hold (rows, head dim) tiles in registers; beyond 256 they would not fit.
@@ -271,9 +272,18 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, dropout_p, sof
         lacking = _sdpa_unsupported(cu_seqlens_q, cu_seqlens_k, dropout_p, window_left, window_right, softcap,
                                     alibi_slopes, return_attn_probs)
         if lacking is None:
-            if cpu_attention.runs(q, k, v):
-                return cpu_attention.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_right == 0)
-            return _sdpa_per_document(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_right == 0)
+            causal = window_right == 0
+
+            def kernels(q, k, v):
+                return cpu_attention.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+
+            def sdpa(q, k, v):
+                return _sdpa_per_document(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+
+            if cpu_attention.runs(q, k, v) and attention_choice.use_kernels(q, k, v, cu_seqlens_q.numel() - 1, causal,
+                                                                            kernels, sdpa):
+                return kernels(q, k, v)
+            return sdpa(q, k, v)
         if requested("attention") != "auto":
             raise NotImplementedError(f"the cpu attention backend (torch SDPA per document) does not support "
                                       f"{lacking}; use the reference or triton backend")

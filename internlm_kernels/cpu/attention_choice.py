@@ -1,0 +1,102 @@
+"""Which CPU attention computes a float32 call of the cpu backend: the extension's blocked kernels (cpu/attention.py)
+or ATen's CPU flash kernel (SDPA per document, ``ops.attention._sdpa_per_document``), chosen by measurement on the
+running CPU.
+
+On the development machine (AMD EPYC, Zen 5) the kernels ran the tiny preset's shapes 1.5-2x faster than ATen's
+flash kernel, forward and backward, under AVX-512 and under ATEN_CPU_CAPABILITY=avx2 (docs/results.md). ATen's
+kernel multiplies its blocks with the BLAS torch was built with (MKL in the PyPI wheels), which takes its AVX-512
+path on Intel Xeons and not on that AMD CPU (docs/kernels/cpu.md), so the margin elsewhere is not known. As for the
+GEMMs (cpu/gemm_choice.py), the first call of each *shape class* in a process times both on its own operands (one
+warm-up each, then ``_ROUNDS`` interleaved calls; forward and backward when the call records gradients, else the
+forward; the calling thread's CPU time at one torch thread, wall time with more) and caches the faster for the
+process under (CPU model, ATen ISA, torch threads, shape class). A shape class: head dim, query and KV heads, causal,
+whether gradients are recorded, and the number of tokens and of documents, each rounded up to a power of two.
+
+``INTERNLM_KERNELS_CPU_ATTENTION`` pins the choice: ``kernels``, ``sdpa``, or ``measure`` (the default); ``pin(mode)``
+does the same in code; ``choices()`` returns what was measured (benchmarks record it).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import torch
+
+from .gemm_choice import cpu_id
+
+ENV_VAR = "INTERNLM_KERNELS_CPU_ATTENTION"
+MODES = ("measure", "kernels", "sdpa")
+_ROUNDS = 3
+
+_pinned: str | None = None
+_cache: dict[tuple, str] = {}
+
+
+def pin(mode: str | None) -> None:
+    """Force ``kernels`` / ``sdpa`` for every call, or ``measure``; None returns to the environment's setting."""
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
+    global _pinned
+    _pinned = mode
+
+
+def mode() -> str:
+    m = _pinned or os.environ.get(ENV_VAR, "measure") or "measure"
+    if m not in MODES:
+        raise ValueError(f"{ENV_VAR} must be one of {MODES}, got {m!r}")
+    return m
+
+
+def choices() -> dict[str, str]:
+    """The measured choices of this process, as {"cpu | isa | threads | class": "kernels" or "sdpa"}."""
+    def shape(k):
+        d, hq, hkv, causal, grad, total, docs = k[3:]
+        return (f"d{d} {hq}/{hkv} heads {'causal' if causal else 'full'} {'fwd+bwd' if grad else 'fwd'} "
+                f"<={total} tokens in <={docs} docs")
+    return {f"{k[0]} | {k[1]} | {k[2]} thread(s) | {shape(k)}": v for k, v in sorted(_cache.items(), key=str)}
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _time(fn: Callable[[], object]) -> float:
+    """Seconds one call takes: the calling thread's CPU time with one torch thread, else wall time."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    t0 = clock()
+    fn()
+    return clock() - t0
+
+
+def _measure(impls: dict[str, Callable], q, k, v, grad: bool) -> str:
+    if grad:
+        leaves = tuple(t.detach().requires_grad_(True) for t in (q, k, v))
+        dout = torch.ones_like(q)
+        calls = {n: (lambda f=f: torch.autograd.grad(f(*leaves), leaves, dout)) for n, f in impls.items()}
+    else:
+        args = tuple(t.detach() for t in (q, k, v))
+        calls = {n: (lambda f=f: f(*args)) for n, f in impls.items()}
+    best = {}
+    for call in calls.values():
+        call()                                                      # warm-up: first-touch of buffers
+    for _ in range(_ROUNDS):                                        # interleaved, so machine load hits both
+        for n, call in calls.items():
+            best[n] = min(best.get(n, float("inf")), _time(call))
+    return min(best, key=best.get)
+
+
+def use_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_docs: int, causal: bool,
+                kernels: Callable, sdpa: Callable) -> bool:
+    """Whether ``kernels(q, k, v)`` (rather than ``sdpa(q, k, v)``, the same attention over ``n_docs`` documents)
+    runs this call."""
+    m = mode()
+    if m != "measure":
+        return m == "kernels"
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    key = (*cpu_id(), torch.get_num_threads(), q.shape[2], q.shape[1], k.shape[1], causal, grad, _bucket(q.shape[0]),
+           _bucket(n_docs))
+    name = _cache.get(key)
+    if name is None:
+        name = _cache[key] = _measure({"kernels": kernels, "sdpa": sdpa}, q, k, v, grad)
+    return name == "kernels"

@@ -1,0 +1,72 @@
+"""The run-time choice of the cpu attention backend (internlm_kernels/cpu/attention_choice.py) between the
+extension's kernels and ATen's flash kernel (SDPA per document): pinned, every call runs the pinned one (its autograd
+node says which); measured, the choice is made once per shape class (forward+backward when gradients are recorded,
+the forward otherwise) and then fixed for the process; either way the values equal the reference."""
+import pytest
+import torch
+from conftest import assert_close
+
+import internlm_kernels as ik
+from internlm_kernels import _ext, reference
+from internlm_kernels.cpu import attention_choice
+
+pytestmark = pytest.mark.skipif(_ext.why_unavailable("cpu") is not None, reason="the extension is not built")
+
+
+@pytest.fixture(autouse=True)
+def unpinned():
+    yield
+    attention_choice.pin(None)
+
+
+def _cu(lens):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def _call(lens, hq=4, hkv=2, d=32, grad=True):
+    cu = _cu(lens)
+    q = torch.randn(sum(lens), hq, d, requires_grad=grad)
+    k = torch.randn(sum(lens), hkv, d, requires_grad=grad)
+    v = torch.randn(sum(lens), hkv, d, requires_grad=grad)
+    with ik.use_backend(attention="cpu"):
+        out = ik.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True)
+    expect, _ = reference.flash_attn_varlen(q.detach().double(), k.detach().double(), v.detach().double(), cu, cu,
+                                            causal=True)
+    assert_close(out, expect)
+    return out
+
+
+@pytest.mark.parametrize("mode,node", [("kernels", "AttentionFunctionBackward"), ("sdpa", None)])
+def test_pinned_choice_runs_that_implementation(mode, node, monkeypatch):
+    monkeypatch.setenv(attention_choice.ENV_VAR, mode)
+    out = _call([30, 7, 64])
+    assert (type(out.grad_fn).__name__ == "AttentionFunctionBackward") == (node is not None)
+    attention_choice.pin(mode)    # the same in code, over whatever the environment says
+    monkeypatch.setenv(attention_choice.ENV_VAR, "measure")
+    out = _call([30, 7, 64])
+    assert (type(out.grad_fn).__name__ == "AttentionFunctionBackward") == (node is not None)
+
+
+def test_measured_choice_is_cached_per_shape_class(monkeypatch):
+    monkeypatch.setenv(attention_choice.ENV_VAR, "measure")
+    monkeypatch.setattr(attention_choice, "_cache", {})
+    out = _call([40, 9, 64])
+    (key, name), = attention_choice._cache.items()
+    assert key == (*attention_choice.cpu_id(), torch.get_num_threads(), 32, 4, 2, True, True, 128, 4)
+    assert (type(out.grad_fn).__name__ == "AttentionFunctionBackward") == (name == "kernels")
+    _call([50, 3, 60])                                    # 113 tokens in 3 documents: the same class
+    assert len(attention_choice._cache) == 1
+    _call([50, 3, 60], grad=False)                        # no gradients recorded: the forward is timed, its own class
+    assert len(attention_choice._cache) == 2
+    with torch.inference_mode():
+        _call([50, 3, 60], grad=False)
+    assert len(attention_choice._cache) == 2
+    assert set(attention_choice.choices().values()) <= {"kernels", "sdpa"}
+
+
+def test_bad_mode_names_the_variable(monkeypatch):
+    monkeypatch.setenv(attention_choice.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match=attention_choice.ENV_VAR):
+        _call([5, 6])
+    with pytest.raises(ValueError, match="mode"):
+        attention_choice.pin("aten")
