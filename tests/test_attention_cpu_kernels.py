@@ -1,6 +1,6 @@
 """The extension's CPU attention kernels (csrc/cpu/attention_kernels.h, internlm_kernels/cpu/attention.py) against
 reference.flash_attn_varlen in float64: many unequal documents (empty ones, one-token ones, lengths that end mid
-register tile, mid 32-query block and mid 64-key panel), GQA ratios 1, 2, 4, causal and not, forward (out and lse)
+register tile, mid 32-query block and mid 32-key panel), GQA ratios 1, 2, 4, causal and not, forward (out and lse)
 and backward, each ISA build the CPU has. torch.empty is NaN-poisoned while a test runs, so an output element the
 kernels forget to write fails. The kernels sum in float32 (with FMAs, in another order than the reference), so the
 project's fp32 tolerance (1e-5) applies; observed errors are ~1e-6 relative at head dim 128.

@@ -6,7 +6,7 @@
 // query rows a materialized score tile:
 //   S = (scale·log2 e) Q Kᵀ   over the keys the block sees (a causal block stops at its diagonal),
 //   m_i = max_j S_ij, P = 2^(S - m), l_i = Σ_j P_ij,   O_i = (P V)_i / l_i,   lse_i = (m_i + log2 l_i)·ln 2.
-// Kᵀ is packed into 64-key panels so the score product runs R rows × 64 keys of accumulators in registers (a
+// Kᵀ is packed into 32-key panels so the score product runs R rows × 32 keys of accumulators in registers (a
 // head_dim of 32 is too short a reduction to vectorize over); P V runs R rows × head_dim. The tile is at most
 // BQ × (document length) floats, so a document's softmax is exact, not online: no rescaling of O.
 //
@@ -34,12 +34,12 @@ typedef float vf __attribute__((vector_size(VW * 4)));
 typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));   // unaligned access
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
 
-constexpr int PANEL = 64;                                  // keys per packed Kᵀ panel
+constexpr int PANEL = 32;   // keys per packed Kᵀ panel: as the query block, so a causal block wastes at most one
 constexpr int PV = PANEL / VW;                             // vectors per panel row
 // Register tiles: (rows × vectors) accumulators, 16 of AVX-512's 32 registers, 12 of AVX2's and SSE's 16 (the rest
-// hold the loaded operands).
+// hold the loaded operands): scores 8 rows × 2 vectors (AVX-512) or 6 × 2 (AVX2).
 constexpr int ACC = VW == 16 ? 16 : 12;
-constexpr int QK_COLS = VW == 16 ? 4 : 2;                  // vectors per score microkernel pass
+constexpr int QK_COLS = PV < 2 ? PV : 2;                   // vectors per score microkernel pass
 constexpr int QK_ROWS = ACC / QK_COLS;
 constexpr int BQ_FWD = 32;                                 // query rows per forward task
 constexpr int BQ_BWD = 32;                                 // query rows per backward block

@@ -3,8 +3,8 @@ csrc/cpu/attention_kernels.h) as an autograd Function, for the cpu attention bac
 
 ATen's CPU flash kernel (what torch SDPA runs, and what the cpu backend called per document before) ran the tiny
 preset's head_dim 32 at ~40 GFLOP/s here, a third to a half of what a core does in a GEMM: its inner products
-reduce over 32 features. These kernels pack Kᵀ (and Vᵀ in the backward) into 64-key panels and hold a tile of
-rows × 64 keys of scores (or rows × head_dim outputs) in vector registers; a document's scores for a block of 32
+reduce over 32 features. These kernels pack Kᵀ (and Vᵀ in the backward) into 32-key panels and hold a tile of
+rows × 32 keys of scores (or rows × head_dim outputs) in vector registers; a document's scores for a block of 32
 queries are materialized, causal blocks stop at their diagonal, and the backward runs one task per (document, KV
 head) over its group's query heads, so GQA reads K/V without repeating them and dK/dV have one writer. Math and
 layout in the C++ file's header; benchmarks/bench_attention.py times it against ATen's flash kernel.
