@@ -34,14 +34,15 @@ typedef float vf __attribute__((vector_size(VW * 4)));
 typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));   // unaligned access
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
 
-constexpr int PANEL = 32;   // keys per packed Kᵀ panel: as the query block, so a causal block wastes at most one
+constexpr int PANEL = 32;   // keys per packed Kᵀ panel, as many as a query block's rows: a causal block computes at
+                            // most one panel of masked scores
 constexpr int PV = PANEL / VW;                             // vectors per panel row
 // Register tiles: (rows × vectors) accumulators, 16 of AVX-512's 32 registers, 12 of AVX2's and SSE's 16 (the rest
 // hold the loaded operands): scores 8 rows × 2 vectors (AVX-512) or 6 × 2 (AVX2).
 constexpr int ACC = VW == 16 ? 16 : 12;
 constexpr int QK_COLS = PV < 2 ? PV : 2;                   // vectors per score microkernel pass
 constexpr int QK_ROWS = ACC / QK_COLS;
-constexpr int BQ_FWD = 32;                                 // query rows per forward task
+constexpr int BQ_FWD = 32;                                 // query rows per forward block
 constexpr int BQ_BWD = 32;                                 // query rows per backward block
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
