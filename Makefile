@@ -34,7 +34,7 @@ lint: $(STAMP)
 # Each pass compiles into its own inductor cache under build/ (not the machine-wide /tmp one, which other checkouts'
 # runs share), so no compiled kernel of another run or of the other ISA is reused.
 ISA_TESTS := tests/test_cpu_fused.py tests/test_linear_cpu.py tests/test_gemm_choice.py tests/test_decode_step.py \
-	tests/test_attention_cpu.py tests/test_cross_entropy_cpu.py \
+	tests/test_attention_cpu.py tests/test_attention_cpu_kernels.py tests/test_attention_choice.py tests/test_cross_entropy_cpu.py \
 	tests/test_distributed_2d.py tests/test_distributed_zero.py tests/test_tensor_parallel_stages.py tests/test_reward.py
 
 test: $(STAMP)
