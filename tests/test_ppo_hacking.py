@@ -59,11 +59,17 @@ def test_reward_up_accuracy_down():
     cfg = HackingConfig(min_reward_gain=0.5, min_accuracy_drop=0.1)
     samples = [sample("0", "a", reward=3.0, correct=False), sample("1", "b", reward=1.0, correct=False),
                sample("2", "c", reward=2.0, correct=True), sample("3", "d", reward=2.5, correct=False)]
-    assert reward_up_accuracy_down(samples, [(0.0, 0.8)], cfg) is None
-    assert reward_up_accuracy_down(samples, [(0.0, 0.8), (1.0, 0.75)], cfg) is None   # accuracy held
-    assert reward_up_accuracy_down(samples, [(0.0, 0.8), (0.2, 0.5)], cfg) is None    # reward flat
-    f = reward_up_accuracy_down(samples, [(0.0, 0.8), (0.4, 0.8), (1.0, 0.6)], cfg)
+    sft = (0.0, 0.8, 0.0)                      # (reward, accuracy, SFT's reward under the same RM)
+    assert reward_up_accuracy_down(samples, [sft], cfg) is None
+    assert reward_up_accuracy_down(samples, [sft, (1.0, 0.75, 0.0)], cfg) is None   # accuracy held
+    assert reward_up_accuracy_down(samples, [sft, (0.2, 0.5, 0.0)], cfg) is None    # reward flat
+    # A refreshed RM scores everything 2 higher: above the first evaluation's reward, not above SFT's replies under
+    # the same RM, so no finding (the policy did not gain reward; the scale moved).
+    assert reward_up_accuracy_down(samples, [sft, (2.2, 0.6, 2.0)], cfg) is None
+    # ... and a gain under a refreshed RM that scores lower than the first one is one.
+    f = reward_up_accuracy_down(samples, [sft, (0.4, 0.8, 0.0), (-1.0, 0.6, -1.6)], cfg)
     assert f.sample_indices == [0, 3]          # incorrect and above the median reward 2.25
+    assert (f.value, f.baseline) == (-1.0, -1.6)
 
 
 def test_targeted_pairs_reject_the_hack_and_choose_short_correct():
@@ -145,7 +151,7 @@ def test_contrast_pairs_isolate_the_pattern():
     more = targeted_pairs(findings, hacked, baseline + early, {"0": "42"}, dataclasses.replace(cfg, min_pairs=9))
     assert [p["chosen"] for p in more] == ["42", "41", "40"]
     # the reward rule has no per-reply measure: no contrast side
-    assert not reward_up_accuracy_down(hacked, [(0.0, 0.5), (1.0, 0.0)], HackingConfig()).shows(hacked[0], 3)
+    assert not reward_up_accuracy_down(hacked, [(0.0, 0.5, 0.0), (1.0, 0.0, 0.0)], HackingConfig()).shows(hacked[0], 3)
 
 
 def test_shipped_rules_fire_on_a_hacked_round_and_not_on_a_clean_one():
@@ -171,7 +177,7 @@ def test_shipped_rules_fire_on_a_hacked_round_and_not_on_a_clean_one():
         return replies([p.answer if rng.random() < 0.3 else wrong(rng, p.answer) for p in prompts])
 
     sft = sft_like()
-    history = [(0.0, 0.3), (0.1, 0.3)]
+    history = [(0.0, 0.3, 0.0), (0.1, 0.3, 0.0)]
     assert detect_hacking(sft_like(), sft, history, cfg.hacking) == []
     hacked = replies([padded(rng, p.answer if i % 2 else wrong(rng, p.answer)) for i, p in enumerate(prompts)])
     findings = detect_hacking(hacked, sft, history, cfg.hacking)

@@ -85,7 +85,8 @@ class OnlineState:
     """What a round boundary carries besides the models and optimizers (state.json of a round checkpoint)."""
     rounds_done: int = 0
     iterations_done: int = 0
-    history: list[list[float]] = field(default_factory=list)    # [mean reward, accuracy] per evaluation, SFT first
+    # [mean reward, accuracy, SFT's mean reward under the same RM] per evaluation, SFT first
+    history: list[list[float]] = field(default_factory=list)
     online_pairs: list[dict] = field(default_factory=list)     # fast + slow path pairs so far (replayed at refresh)
     sft_samples: list[dict] = field(default_factory=list)      # SFT replies to the comparison prompts
     ptx: dict = field(default_factory=dict)                    # pretraining stream position
@@ -414,7 +415,7 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         ev = stage.evaluate(actor_l, reference, reward_model, f"round {round_no}", round_no)
         ev["rm_accuracy"] = stage.rm_accuracy(reward_model)
         ev["sft_reward"] = stage.heldout_reward(reward_model, state.evals[0]["replies"])   # SFT's, same RM
-        state.history.append([ev["reward"], ev["accuracy"]])
+        state.history.append([ev["reward"], ev["accuracy"], ev["sft_reward"]])
         late_samples = late.samples()
         # The rules compare the round's late replies (the comparison prompts and the late rollouts) with SFT's;
         # each offending reply becomes a rejected response, the prompt's shortest correct reply the chosen one.
