@@ -371,7 +371,7 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         ev = stage.evaluate(actor_l, reference, reward_model, "sft", 0)
         ev["rm_accuracy"] = stage.rm_accuracy(reward_model)
         state.evals.append(ev)
-        state.history.append([ev["reward"], ev["accuracy"]])
+        state.history.append([ev["reward"], ev["accuracy"], ev["reward"]])   # SFT's replies are its replies
         log.write({"kind": "eval", "round": 0, **ev})
         for w in range(cfg.online.critic_warmup_iterations):
             stats, _ = _iteration(stage, cfg, actor_l, reference, critic_l, reward_model,
