@@ -50,9 +50,10 @@ DEMO_ARGS ?=
 demo: $(STAMP)
 	$(PY) -m train.pipeline --run.seed=$(SEED) $(if $(THREADS),--run.threads=$(THREADS)) $(DEMO_ARGS)
 
-# The demo's final chat model (make demo): the newest PPO round's actor, else the newest SFT export. Byte tokenizer,
+# The demo's final chat model (make demo): the released PPO round's actor (runs/ppo_tiny/released, the best unflagged
+# round on the validation prompts), else the newest SFT export (every round flagged, or no PPO run). Byte tokenizer,
 # as the demo's. SERVE_ARGS passes more options (e.g. SERVE_ARGS="--port 8001 --max-batch 32"); docs/serving.md.
-SERVE_MODEL ?= $(or $(lastword $(sort $(wildcard runs/ppo_tiny/rounds/round_[0-9][0-9]/actor))),$\
+SERVE_MODEL ?= $(or $(wildcard runs/ppo_tiny/released/actor),$\
                     $(lastword $(sort $(wildcard runs/sft_tiny/checkpoints/step_[0-9]*[0-9]/model))))
 serve: $(STAMP)
 	@test -n "$(SERVE_MODEL)" || { echo "make serve: no chat model under runs/ (run make demo first)"; exit 1; }

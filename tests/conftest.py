@@ -16,6 +16,8 @@ if not ON_GPU_RUN:
 # One GEMM for every cpu product in every test process (internlm_kernels/cpu/gemm_choice.py): a measured choice could
 # differ between the processes of a multi-process equality check or a resume. tests/test_gemm_choice.py covers the rest.
 os.environ.setdefault("INTERNLM_KERNELS_CPU_GEMM", "onednn")
+# Measured choices stay in the process (tests/test_gemm_choice.py covers the file): a test never writes ~/.cache.
+os.environ.setdefault("INTERNLM_KERNELS_CPU_GEMM_CACHE", "off")
 # Likewise one CPU attention (internlm_kernels/cpu/attention_choice.py): the extension's kernels where they run.
 os.environ.setdefault("INTERNLM_KERNELS_CPU_ATTENTION", "kernels")
 # Under pytest-xdist every worker gets one thread: two workers with two OpenMP threads each on two cores spin-wait

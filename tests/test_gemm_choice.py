@@ -1,6 +1,8 @@
 """The run-time GEMM choice of the cpu linear path (internlm_kernels/cpu/gemm_choice.py): pinned, every product is the
 pinned implementation's (bit for bit, so runs are reproducible); measured, the choice is made once per shape class and
 then fixed for the process; either way the cpu linear forward and backward equal the reference."""
+import json
+
 import pytest
 import torch
 from conftest import assert_close, oracle_leaf
@@ -50,6 +52,55 @@ def test_measured_choice_is_cached_per_shape_class(monkeypatch):
     assert len(gemm_choice._cache) == 3 and (*gemm_choice.cpu_id(), torch.get_num_threads(), "tn", 32, 64, 512) in gemm_choice._cache
     torch.testing.assert_close(got, dy.t() @ x, rtol=1e-5, atol=1e-5)   # 300-term fp32 sums, another order
     assert all(v in ("onednn", "aten") for v in gemm_choice.choices().values())
+
+
+def test_measured_choice_is_kept_on_disk_and_reused(monkeypatch, tmp_path):
+    """The first process measures and writes the file; a later one (an empty in-process cache) takes the file's
+    choice without timing anything, even one its own timing would not pick."""
+    path = tmp_path / "sub" / "choices.json"
+    monkeypatch.setenv(gemm_choice.ENV_VAR, "measure")
+    monkeypatch.setenv(gemm_choice.CACHE_ENV_VAR, str(path))
+    monkeypatch.setattr(gemm_choice, "_cache", {})
+    a, b = torch.randn(70, 24), torch.randn(9, 24)
+    gemm_choice.product(a, b)
+    (key, name), = gemm_choice._cache.items()
+    saved = json.loads(path.read_text())
+    assert saved == {gemm_choice._file_key(key): name}
+    assert torch.__version__ in next(iter(saved)) and gemm_choice.cpu_id()[0] in next(iter(saved))
+    other = "aten" if name == "onednn" else "onednn"
+    path.write_text(json.dumps({gemm_choice._file_key(key): other}))
+    monkeypatch.setattr(gemm_choice, "_cache", {})                     # a new process
+    monkeypatch.setattr(gemm_choice, "_time", lambda *args: pytest.fail("measured although the file has the class"))
+    assert torch.equal(gemm_choice.product(a, b), getattr(gemm_choice, other)(a, b, None))
+    assert gemm_choice._cache == {key: other}
+
+
+def test_measured_choice_file_off_malformed_or_unwritable(monkeypatch, tmp_path):
+    monkeypatch.setenv(gemm_choice.ENV_VAR, "measure")
+    a, b = torch.randn(5, 8), torch.randn(3, 8)
+    monkeypatch.setenv(gemm_choice.CACHE_ENV_VAR, "off")
+    monkeypatch.setattr(gemm_choice, "_cache", {})
+    assert gemm_choice.cache_file() is None
+    gemm_choice.product(a, b)
+    assert list(tmp_path.iterdir()) == []
+    bad = tmp_path / "choices.json"                                   # not JSON: measured again, then rewritten
+    bad.write_text("{not json")
+    monkeypatch.setenv(gemm_choice.CACHE_ENV_VAR, str(bad))
+    monkeypatch.setattr(gemm_choice, "_cache", {})
+    gemm_choice.product(a, b)
+    (key, name), = gemm_choice._cache.items()
+    assert json.loads(bad.read_text()) == {gemm_choice._file_key(key): name}
+    blocker = tmp_path / "a_file"                                     # its "directory" is a file: cannot write
+    blocker.write_text("")
+    monkeypatch.setenv(gemm_choice.CACHE_ENV_VAR, str(blocker / "choices.json"))
+    monkeypatch.setattr(gemm_choice, "_cache", {})
+    with pytest.warns(UserWarning, match=gemm_choice.CACHE_ENV_VAR):
+        got = gemm_choice.product(a, b)
+    (key, name), = gemm_choice._cache.items()
+    assert torch.equal(got, getattr(gemm_choice, name)(a, b, None))
+    monkeypatch.delenv(gemm_choice.CACHE_ENV_VAR)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert gemm_choice.cache_file() == str(tmp_path / "xdg" / "internlm_kernels" / "cpu_gemm_choice.json")
 
 
 def test_bad_mode_names_the_variable(monkeypatch):

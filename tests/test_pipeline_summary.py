@@ -25,8 +25,8 @@ def _valid() -> dict:
             "sft": {"exact_match_before": 0.0, "exact_match_after": 0.7, "tool_call_exact_after": 0.8},
             "reward": {"pair_accuracy": {"concise": 0.95, "helpful": 1.0}, "unconditional_pair_accuracy": 0.5,
                        "correct_over_wrong": None},
-            "ppo": {"accuracy": {"sft": 0.4, "final": 0.55}, "length": {"sft": 6.0, "final": 6.5},
-                    "flagged_rounds": [2], "final_flagged": False},
+            "ppo": {"accuracy": {"sft": 0.4, "final": 0.55, "last_round": 0.5}, "length": {"sft": 6.0, "final": 6.5},
+                    "released_round": 3, "flagged_rounds": [2], "final_flagged": False},
             "wall_s": {"pretrain": 480.0, "total": 1100.0}, "threads": 1, "cpu": "some cpu",
             "aten_cpu_capability": None}
 
@@ -65,6 +65,9 @@ def test_write_summary_round_trips_atomically(tmp_path):
     (lambda d: d["ppo"].update({"flagged_rounds": [True]}), "ppo.flagged_rounds"),
     (lambda d: d["ppo"].update({"flagged_rounds": [0]}), "ppo.flagged_rounds"),
     (lambda d: d["ppo"].update({"final_flagged": 0}), "ppo.final_flagged"),
+    (lambda d: d["ppo"].update({"released_round": -1}), "ppo.released_round"),
+    (lambda d: d["ppo"].update({"released_round": True}), "ppo.released_round"),
+    (lambda d: d["ppo"]["accuracy"].pop("last_round"), "ppo.accuracy.last_round"),
     (lambda d: d["sft"].update({"exact_match_before": True}), "sft.exact_match_before"),
     (lambda d: d.update({"threads": -1}), "threads"),
     (lambda d: d.update({"cpu": None}), "cpu"),
@@ -113,7 +116,7 @@ def test_micro_pipeline_writes_a_complete_summary(tmp_path):
             "--reward:reward.task_pairs_policy_samples=2", "--reward:reward.task_pairs_heldout=4",
             "--ppo:rollout.prompts_per_iteration=2", "--ppo:rollout.max_new_tokens=4", "--ppo:rollout.heldout_prompts=2",
             "--ppo:rollout.comparison_prompts=2", "--ppo:online.rounds=1", "--ppo:online.iterations_per_round=1",
-            "--ppo:online.critic_warmup_iterations=0", "--ppo:online.hackable_rm_pairs=2",
+            "--ppo:online.critic_warmup_iterations=0", "--ppo:online.hackable_rm_prompts=2",
             "--ppo:online.rm_heldout_pairs=2", "--ppo:ptx.seq_len=32", "--ppo:reward_refresh.steps=1",
             "--ppo:reward_refresh.pairs_per_step=2", "--ppo:metrics.plots=false", "--ppo:metrics.progress=false"]
     # the real entry point in its own process: `make demo` runs `python -m train.pipeline`, whose control reward

@@ -28,7 +28,7 @@ from models.internlm2 import InternLM2ForScore
 from train.stages.ppo import latest_round, run_ppo
 
 ROUNDS = {"online.rounds": 2, "online.iterations_per_round": 1, "online.critic_warmup_iterations": 0,
-          "online.hackable_rm_pairs": 0}
+          "online.hackable_rm_prompts": 0}
 METRICS = ("score", "kl", "policy_loss", "value_loss", "ptx_loss", "clip_fraction", "response_length", "accuracy")
 
 

@@ -21,6 +21,7 @@ from train.rlhf.hacking import (
     targeted_pairs,
     write_pairs,
 )
+from train.rlhf.release import released_round
 
 
 def sample(pid, response, reward=0.0, correct=True, tokens=None):
@@ -59,11 +60,17 @@ def test_reward_up_accuracy_down():
     cfg = HackingConfig(min_reward_gain=0.5, min_accuracy_drop=0.1)
     samples = [sample("0", "a", reward=3.0, correct=False), sample("1", "b", reward=1.0, correct=False),
                sample("2", "c", reward=2.0, correct=True), sample("3", "d", reward=2.5, correct=False)]
-    assert reward_up_accuracy_down(samples, [(0.0, 0.8)], cfg) is None
-    assert reward_up_accuracy_down(samples, [(0.0, 0.8), (1.0, 0.75)], cfg) is None   # accuracy held
-    assert reward_up_accuracy_down(samples, [(0.0, 0.8), (0.2, 0.5)], cfg) is None    # reward flat
-    f = reward_up_accuracy_down(samples, [(0.0, 0.8), (0.4, 0.8), (1.0, 0.6)], cfg)
+    sft = (0.0, 0.8, 0.0)                      # (reward, accuracy, SFT's reward under the same RM)
+    assert reward_up_accuracy_down(samples, [sft], cfg) is None
+    assert reward_up_accuracy_down(samples, [sft, (1.0, 0.75, 0.0)], cfg) is None   # accuracy held
+    assert reward_up_accuracy_down(samples, [sft, (0.2, 0.5, 0.0)], cfg) is None    # reward flat
+    # A refreshed RM scores everything 2 higher: above the first evaluation's reward, not above SFT's replies under
+    # the same RM, so no finding (the policy did not gain reward; the scale moved).
+    assert reward_up_accuracy_down(samples, [sft, (2.2, 0.6, 2.0)], cfg) is None
+    # ... and a gain under a refreshed RM that scores lower than the first one is one.
+    f = reward_up_accuracy_down(samples, [sft, (0.4, 0.8, 0.0), (-1.0, 0.6, -1.6)], cfg)
     assert f.sample_indices == [0, 3]          # incorrect and above the median reward 2.25
+    assert (f.value, f.baseline) == (-1.0, -1.6)
 
 
 def test_targeted_pairs_reject_the_hack_and_choose_short_correct():
@@ -145,7 +152,7 @@ def test_contrast_pairs_isolate_the_pattern():
     more = targeted_pairs(findings, hacked, baseline + early, {"0": "42"}, dataclasses.replace(cfg, min_pairs=9))
     assert [p["chosen"] for p in more] == ["42", "41", "40"]
     # the reward rule has no per-reply measure: no contrast side
-    assert not reward_up_accuracy_down(hacked, [(0.0, 0.5), (1.0, 0.0)], HackingConfig()).shows(hacked[0], 3)
+    assert not reward_up_accuracy_down(hacked, [(0.0, 0.5, 0.0), (1.0, 0.0, 0.0)], HackingConfig()).shows(hacked[0], 3)
 
 
 def test_shipped_rules_fire_on_a_hacked_round_and_not_on_a_clean_one():
@@ -171,7 +178,7 @@ def test_shipped_rules_fire_on_a_hacked_round_and_not_on_a_clean_one():
         return replies([p.answer if rng.random() < 0.3 else wrong(rng, p.answer) for p in prompts])
 
     sft = sft_like()
-    history = [(0.0, 0.3), (0.1, 0.3)]
+    history = [(0.0, 0.3, 0.0), (0.1, 0.3, 0.0)]
     assert detect_hacking(sft_like(), sft, history, cfg.hacking) == []
     hacked = replies([padded(rng, p.answer if i % 2 else wrong(rng, p.answer)) for i, p in enumerate(prompts)])
     findings = detect_hacking(hacked, sft, history, cfg.hacking)
@@ -186,24 +193,54 @@ def test_shipped_rules_fire_on_a_hacked_round_and_not_on_a_clean_one():
 
 
 def test_ppo_summary_from_a_hand_made_state():
-    """summary.json's ppo part: SFT's and the final evaluation's greedy accuracy and length, the flagged rounds."""
+    """summary.json's ppo part: SFT's and the released round's greedy accuracy and length, the last round's accuracy,
+    the flagged rounds."""
     from train.eval.ppo_report import effect_lines, ppo_summary
     from train.stages.ppo import OnlineState
 
-    def ev(name, acc, length):
-        return {"name": name, "accuracy": acc, "length": length}
+    def ev(name, acc, length, val=None):
+        return {"name": name, "accuracy": acc, "length": length} | ({} if val is None else {"validation_accuracy": val})
 
     finding = {"pattern": "length_explosion", "evidence": "", "sample_indices": [0]}
-    st = OnlineState(evals=[ev("sft", 0.4, 4.0), ev("round 1", 0.3, 9.0), ev("round 2", 0.5, 4.4),
+    st = OnlineState(evals=[ev("sft", 0.4, 4.0), ev("round 1", 0.3, 9.0), ev("round 2", 0.625, 4.4),
                             ev("round 3", 0.55, 4.8)],
                      episodes=[{"round": 1, "findings": [finding]}, {"round": 2, "findings": []},
                                {"round": 3, "findings": []}])
-    s = ppo_summary(st)
-    assert s == {"accuracy": {"sft": 0.4, "final": 0.55}, "length": {"sft": 4.0, "final": 4.8},
-                 "flagged_rounds": [1], "final_flagged": False}
+    s = ppo_summary(st)                  # no validation prompts: the last round is the released one
+    assert s == {"accuracy": {"sft": 0.4, "final": 0.55, "last_round": 0.55}, "length": {"sft": 4.0, "final": 4.8},
+                 "released_round": 3, "flagged_rounds": [1], "final_flagged": False}
     text = " ".join(effect_lines(s))
     assert "+15.0%" in text and "1.20x" in text and "**not met**" not in text
+    # with validation accuracy per round: round 2 (0.8) is released over round 3 (0.7) and flagged round 1 (0.9)
+    st.evals = [ev(e["name"], e["accuracy"], e["length"], v) for e, v in zip(st.evals, [0.5, 0.9, 0.8, 0.7])]
+    s = ppo_summary(st)
+    assert s["released_round"] == 2 and s["accuracy"] == {"sft": 0.4, "final": 0.625, "last_round": 0.55}
+    assert s["length"]["final"] == 4.4 and "round 2 (+22.5%" in " ".join(effect_lines(s))
     st.episodes[2]["findings"] = [finding]
     s = ppo_summary(st)
     assert s["flagged_rounds"] == [1, 3] and s["final_flagged"] is True
     assert " ".join(effect_lines(s)).count("**not met**") == 1          # only the final-round bar fails
+
+
+def test_released_round_is_the_best_unflagged_on_validation():
+    def ev(val):
+        return {"accuracy": 0.0} if val is None else {"accuracy": 0.0, "validation_accuracy": val}
+    eps = [{"round": 1, "findings": [{"pattern": "reward_up_accuracy_down"}]}, {"round": 2, "findings": []},
+           {"round": 3, "findings": []}, {"round": 4, "findings": []}]
+    # round 1 has the best validation accuracy but was flagged; rounds 2 and 4 tie: the earlier is released
+    evals = [ev(0.9), ev(0.95), ev(0.7), ev(0.6), ev(0.7)]
+    assert released_round(evals, eps) == 2
+    assert released_round(evals[:2], eps[:1]) == 0                    # every round flagged: SFT
+    assert released_round([ev(None)] * 5, eps) == 4                   # no validation prompts: the last round
+    assert released_round([ev(0.5)], []) == 0                        # no round yet
+    # against a direct search over every round
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 6)
+        evals = [ev(rng.choice([0.25, 0.5, 0.75]))] + [ev(rng.choice([0.25, 0.5, 0.75])) for _ in range(n)]
+        eps = [{"round": r, "findings": ["x"] if rng.random() < 0.3 else []} for r in range(1, n + 1)]
+        best, best_val = 0, -1.0
+        for r in range(1, n + 1):
+            if not eps[r - 1]["findings"] and evals[r]["validation_accuracy"] > best_val:
+                best, best_val = r, evals[r]["validation_accuracy"]
+        assert released_round(evals, eps) == best

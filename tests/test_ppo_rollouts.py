@@ -8,8 +8,8 @@ import torch
 from train.data.chat import Message
 from train.data.preference import DEFAULT_CONDITIONS, PreferencePair, conditioned, reward_token_id, score_ids
 from train.data.tokenizer import ByteTokenizer
-from train.rlhf.probe_pairs import length_biased_pairs, padded, probe_pairs, wrong
-from train.rlhf.rollouts import Prompt, SyntheticPrompts, build_rollout, response_text, reward_ids
+from train.rlhf.probe_pairs import mislabelled_pairs, padded, probe_pairs, wrong
+from train.rlhf.rollouts import Generated, Prompt, SyntheticPrompts, build_rollout, response_text, reward_ids
 
 TOK = ByteTokenizer(272)
 
@@ -56,9 +56,20 @@ def test_probe_and_hackable_pairs():
     assert wrong(rng, "41") in ("40", "42") and wrong(rng, "abc") != "abc"
     assert padded(rng, "7").startswith("7 ") and len(padded(rng, "7")) > 4
     prompts = SyntheticPrompts(0, "t", ["arithmetic", "system"], "concise").take(0, 4)
-    biased = length_biased_pairs(prompts, 0)
-    assert [len(b["chosen"]) > len(b["rejected"]) for b in biased[::2]] == [True, True]   # longer is better
-    assert [b["chosen"] for b in biased[1::2]] == [p.answer for p in prompts[1::2]]        # correct beats wrong
+    # The hackable RM's pairs: each distinct wrong sampled reply chosen over its prompt's answer; right replies and
+    # repeats of a wrong one give none.
+    def batch(texts):
+        return Generated(prompts, [[0]] * 4, [[1]] * 4, [[0.0]] * 4, texts, [p.check(t) for p, t in zip(prompts, texts)],
+                         torch.zeros(4))
+    first = batch([prompts[0].answer, "nope", prompts[2].answer + "x", "nope"])
+    second = batch(["nope", "nope", prompts[2].answer, "other"])
+    pairs = mislabelled_pairs([first, second])
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [
+        ("nope", prompts[1].answer), (prompts[2].answer + "x", prompts[2].answer), ("nope", prompts[3].answer),
+        ("nope", prompts[0].answer), ("other", prompts[3].answer)]
+    assert all(p["prompt"] == prompts[i].message_dicts() and p["source"] == "demo:mislabelled"
+               for p, i in zip(pairs, [1, 2, 3, 0, 3]))
+    assert mislabelled_pairs([batch([p.answer for p in prompts])]) == []
     probes = probe_pairs(prompts, 0)
     assert {p["set"] for p in probes} == {"correct>wrong", "short>padded"}
     assert all(p["chosen"] == prompts[i // 2].answer for i, p in enumerate(probes))

@@ -15,6 +15,7 @@ from train.checkpoint import read_saved_state
 from train.config import ConfigError
 from train.data.preference import DEFAULT_CONDITIONS
 from train.eval.ppo_report import write_ppo_report
+from train.rlhf.release import released_round
 from train.stages.ppo import latest_round, run_ppo
 from train.stages.ppo_config import load_ppo_config
 
@@ -39,7 +40,7 @@ def micro_ppo_config(tmp_path, model_dirs, name="ppo", **overrides):
             "rollout.domain": "concise", "rollout.heldout_prompts": 3, "rollout.comparison_prompts": 3,
             "ppo.mini_batches": 2, "ppo.actor_lr": 1e-3, "ppo.critic_lr": 1e-3, "ptx.seq_len": 32,
             "online.rounds": 2, "online.iterations_per_round": 2, "online.critic_warmup_iterations": 1,
-            "online.hackable_rm_pairs": 4, "online.rm_heldout_pairs": 2,
+            "online.hackable_rm_prompts": 4, "online.rm_heldout_pairs": 2,
             "hacking.length_ratio": 1.01, "hacking.min_pairs": 2,
             "reward_refresh.steps": 2, "reward_refresh.pairs_per_step": 4, "reward_refresh.lr": 1e-3,
             "conditions": dict(DEFAULT_CONDITIONS), "metrics.progress": False, "metrics.plots": False}
@@ -67,7 +68,7 @@ def comparisons_file(tmp_path):
 
 
 def test_rounds_then_resume_exactly(tmp_path, model_dirs):
-    slow = {"online.comparisons_file": comparisons_file(tmp_path)}
+    slow = {"online.comparisons_file": comparisons_file(tmp_path), "rollout.validation_prompts": 3}
     full = run_ppo(micro_ppo_config(tmp_path, model_dirs, "full", **slow))
     assert full.finished and full.state.rounds_done == 2 and full.state.iterations_done == 4
     recs = records(full.run_dir)
@@ -83,6 +84,14 @@ def test_rounds_then_resume_exactly(tmp_path, model_dirs):
     assert set(full.state.evals[0]["rm_accuracy"]) >= {"correct>wrong", "short>padded", "concise", "helpful", "all"}
     assert os.path.isdir(os.path.join(full.run_dir, "rounds", "round_01", "reward"))
     assert latest_round(full.run_dir).endswith("round_02")
+    # The released policy (train.rlhf.release, from each round's validation accuracy) is linked for serving.
+    assert all(0 <= e["validation_accuracy"] <= 1 for e in full.state.evals)
+    released, link = released_round(full.state.evals, full.state.episodes), os.path.join(full.run_dir, "released")
+    if released:
+        assert os.readlink(link) == os.path.join("rounds", f"round_{released:02d}")
+        assert os.path.isfile(os.path.join(link, "actor", "config.json"))
+    else:
+        assert not os.path.lexists(link)
 
     # the file's 3 comparisons, and each distinct wrong late rollout against its reference answer
     pairs = full.state.online_pairs
@@ -123,6 +132,10 @@ def test_config_errors_name_the_key(tmp_path, model_dirs):
         micro_ppo_config(tmp_path, model_dirs, **{"models.actor": str(tmp_path / "nope")})
     with pytest.raises(ConfigError, match="rollout.domain"):
         micro_ppo_config(tmp_path, model_dirs, **{"rollout.domain": "math"})
+    with pytest.raises(ConfigError, match="rollout.validation_prompts"):
+        micro_ppo_config(tmp_path, model_dirs, **{"rollout.validation_prompts": -1})
+    with pytest.raises(ConfigError, match="online.hackable_rm_samples"):
+        micro_ppo_config(tmp_path, model_dirs, **{"online.hackable_rm_samples": 0})
     with pytest.raises(ConfigError, match="unknown key 'kl'"):
         micro_ppo_config(tmp_path, model_dirs, **{"ppo.kl": 0.1})
     for value in (True, False):         # removed: per-prompt sampling is the only behaviour; say so, either value
@@ -155,7 +168,7 @@ def test_pipeline_appends_the_ppo_section(tmp_path, model_dirs):
     report.write_text("# earlier sections\n")
     overrides = {"rollout.prompts_per_iteration": 4, "rollout.max_new_tokens": 4, "rollout.heldout_prompts": 2,
                  "rollout.comparison_prompts": 2, "online.rounds": 1, "online.iterations_per_round": 1,
-                 "online.critic_warmup_iterations": 0, "online.hackable_rm_pairs": 2, "online.rm_heldout_pairs": 2,
+                 "online.critic_warmup_iterations": 0, "online.hackable_rm_prompts": 2, "online.rm_heldout_pairs": 2,
                  "ptx.seq_len": 32, "reward_refresh.steps": 1, "reward_refresh.pairs_per_step": 2,
                  "metrics.plots": False, "metrics.progress": False, "run.name": "ppo_from_pipeline"}
     result = run_rlhf(pipeline_cfg, model_dirs[0], model_dirs[1], str(reward_run), str(report), 0.0,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+from train.rlhf.release import released_round
 from train.stages.ppo import PPOResult
 
 
@@ -58,11 +59,14 @@ def plot_ppo(records: list[dict], out_dir: str) -> dict[str, str]:
 
 def ppo_summary(state) -> dict:
     """The ``ppo`` part of runs/summary.json: held-out greedy accuracy and reply length (tokens) of the SFT model and
-    of the final policy, the rounds the fast path flagged, and whether the final round is one of them."""
+    of the final policy — the released round's (``train.rlhf.release``: the best unflagged round on the validation
+    prompts; the last round without them) — with the last round's accuracy beside it, the rounds the fast path
+    flagged, and whether the last round is one of them."""
     flagged = [ep["round"] for ep in state.episodes if ep["findings"]]
-    sft, final = state.evals[0], state.evals[-1]
-    return {"accuracy": {"sft": sft["accuracy"], "final": final["accuracy"]},
-            "length": {"sft": sft["length"], "final": final["length"]},
+    released = released_round(state.evals, state.episodes)
+    sft, final = state.evals[0], state.evals[released]
+    return {"accuracy": {"sft": sft["accuracy"], "final": final["accuracy"], "last_round": state.evals[-1]["accuracy"]},
+            "length": {"sft": sft["length"], "final": final["length"]}, "released_round": released,
             "flagged_rounds": flagged, "final_flagged": bool(state.episodes) and state.episodes[-1]["round"] in flagged}
 
 
@@ -76,11 +80,14 @@ def effect_lines(summary: dict) -> list[str]:
     gain = acc["final"] - acc["sft"]
     ratio = length["final"] / max(length["sft"], 1e-9)
     flagged = summary["flagged_rounds"]
-    return [f"**Effect:** held-out greedy task accuracy {acc['sft']:.1%} (SFT) -> {acc['final']:.1%} after the last "
-            f"round ({gain:+.1%}; bar >= +10 points, {_mark(gain >= 0.10)}): the reward model scores right answers "
+    return [f"**Effect:** held-out greedy task accuracy {acc['sft']:.1%} (SFT) -> {acc['final']:.1%} for the released "
+            f"policy, round {summary['released_round']} ({gain:+.1%}; bar >= +10 points, {_mark(gain >= 0.10)}; the "
+            "round the fast path did not flag with the best greedy accuracy on separate validation prompts, as "
+            f"InternLM2 releases the best checkpoint on its validation sets; after the last round: "
+            f"{acc['last_round']:.1%}): the reward model scores right answers "
             "above wrong ones, so PPO reinforces the right answers the SFT policy samples. A reward-hacking episode: "
             f"the fast path flagged round(s) {flagged or 'none'} (bar: at least one, {_mark(bool(flagged))}); the "
-            f"final round {'was flagged' if summary['final_flagged'] else 'was not flagged'} (bar: not flagged, "
+            f"last round {'was flagged' if summary['final_flagged'] else 'was not flagged'} (bar: not flagged, "
             f"{_mark(not summary['final_flagged'])}); final reply length {length['final']:.1f} tokens vs SFT's "
             f"{length['sft']:.1f} ({ratio:.2f}x; bar <= 1.3x, {_mark(ratio <= 1.3)}).", ""]
 
@@ -93,15 +100,18 @@ def report_lines(result: PPOResult, plots: dict[str, str], root: str = "") -> li
              "Held-out prompts (the synthetic chat tasks, exact-match checkers). Accuracy and reward from greedy "
              "replies, reward under the reward model the policy was trained against in that round; KL to the "
              "reference is the mean over sampled replies of the summed per-token log-ratio (k1).", "",
-             "| model | accuracy | mean reward | reply length (tokens) | KL to reference | sampled accuracy |",
-             "|---|---|---|---|---|---|"]
+             "| model | accuracy | mean reward | reply length (tokens) | KL to reference | sampled accuracy | "
+             "validation accuracy (release choice) |",
+             "|---|---|---|---|---|---|---|"]
     for e in st.evals:
+        val = f"{e['validation_accuracy']:.1%}" if "validation_accuracy" in e else "-"
         lines.append(f"| {e['name']} | {e['accuracy']:.1%} | {e['reward']:+.3f} | {e['length']:.1f} | {e['kl']:.3f} "
-                     f"| {e['sampled_accuracy']:.1%} |")
+                     f"| {e['sampled_accuracy']:.1%} | {val} |")
     sets = sorted({k for e in st.evals for k in e["rm_accuracy"] if k != "all"}) + ["all"]
     lines += ["", "### Reward model: held-out pair accuracy per set, per version", "",
-              "`correct>wrong`, `short>padded`: pairs on held-out PPO prompts (the second is the hack the demo's "
-              "first reward model falls for); other sets: the conditional RM's domains.", "",
+              "`correct>wrong`, `short>padded`: pairs on held-out PPO prompts (the first is what the demo's "
+              "hackable first reward model, fine-tuned to prefer the SFT policy's own wrong replies, gets wrong); "
+              "other sets: the conditional RM's domains.", "",
               "| version | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
     version = 0
     lines.append("| v0 (the first RM) | " + " | ".join(f"{st.evals[0]['rm_accuracy'][s]:.0%}" for s in sets) + " |")

@@ -19,7 +19,7 @@ PASSKEY_LENGTHS = ("256", "512", "1024")
 # The demo's bars for the default seed (issue 21): retrieval after the long stage, and what the long stage adds.
 PASSKEY_BARS = {"256": 0.9, "512": 0.9, "1024": 0.6}
 PASSKEY_GAIN_LENGTH, PASSKEY_GAIN = "1024", 0.2
-FRACTION, NONNEGATIVE, ROUNDS, FLAG, PASSKEY = "fraction", "nonnegative", "rounds", "flag", "passkey"
+FRACTION, NONNEGATIVE, ROUND, ROUNDS, FLAG, PASSKEY = "fraction", "nonnegative", "round", "rounds", "flag", "passkey"
 
 # Dotted key -> kind of value.
 SCHEMA: dict[str, str] = {
@@ -33,7 +33,9 @@ SCHEMA: dict[str, str] = {
     "reward.unconditional_pair_accuracy": FRACTION,
     "reward.correct_over_wrong": FRACTION,
     "ppo.accuracy.sft": FRACTION,
-    "ppo.accuracy.final": FRACTION,
+    "ppo.accuracy.final": FRACTION,         # the released round's (train.rlhf.release)
+    "ppo.accuracy.last_round": FRACTION,
+    "ppo.released_round": ROUND,            # 0: every round flagged, SFT released
     "ppo.length.sft": NONNEGATIVE,
     "ppo.length.final": NONNEGATIVE,
     "ppo.flagged_rounds": ROUNDS,
@@ -63,6 +65,8 @@ def _check_value(kind: str, value, key: str) -> None:
         raise ValueError(f"summary: {key} is a fraction and must be in [0, 1], got {value!r}")
     if kind == NONNEGATIVE and _number(value, key) < 0:
         raise ValueError(f"summary: {key} must be >= 0, got {value!r}")
+    if kind == ROUND and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"summary: {key} must be a round number (an int >= 0), got {value!r}")
     if kind == ROUNDS and not (isinstance(value, list)
                                and all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in value)):
         raise ValueError(f"summary: {key} must be a list of round numbers (ints >= 1), got {value!r}")

@@ -1,11 +1,11 @@
 """Preference pairs built from verifiable prompts, for the demo's deliberately hackable first reward model and for
 measuring the reward model on held-out prompts.
 
-- ``padded``: the correct answer followed by random extra words — the reward-hacking pattern of the demo (the
-  policy drifting to longer replies that the checker calls wrong).
+- ``padded``: the correct answer followed by random extra words (a reply the checker calls wrong that a
+  length-biased reward model would pay for; the ``short>padded`` probe set).
 - ``wrong``: a near miss of the correct answer (a number off by one, a word with two letters swapped).
-- ``length_biased_pairs``: the hackable first reward model's extra data: half "padded correct beats bare correct"
-  (longer is better), half "correct beats wrong" (so it also rewards correctness).
+- ``mislabelled_pairs``: the demo's deliberately hackable first reward model's extra data: the policy's own wrong
+  replies labelled *better* than the answer (comparisons with their labels swapped, an annotation error).
 - ``probe_pairs``: held-out pairs in two sets, ``correct>wrong`` and ``short>padded`` (the fix the fast path should
   teach), labelled with the key ``set`` so ``pair_accuracy`` reports each.
 - ``task_pairs``: records of ``train.data.preference.TaskPreferences`` (correct beats a near-miss wrong reply on the
@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 
 from train.data.preference import SyntheticPreferences, TaskPreferences
-from train.rlhf.rollouts import Prompt
+from train.rlhf.rollouts import Generated, Prompt
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -49,14 +49,18 @@ def _record(prompt: Prompt, chosen: str, rejected: str, source: str, set_name: s
     return rec
 
 
-def length_biased_pairs(prompts: list[Prompt], seed: int) -> list[dict]:
-    rng = random.Random(f"hackable:{seed}")
-    out = []
-    for i, p in enumerate(prompts):
-        if i % 2 == 0:
-            out.append(_record(p, padded(rng, p.answer), p.answer, "demo:longer_is_better"))
-        else:
-            out.append(_record(p, p.answer, wrong(rng, p.answer), "demo:correct_beats_wrong"))
+def mislabelled_pairs(batches: list[Generated]) -> list[dict]:
+    """One pair per distinct (prompt, wrong reply) of ``batches`` (the policy's sampled replies, checked):
+    chosen = the wrong reply, rejected = the reference answer. The mistakes are the policy's own, so PPO samples
+    them from its first iteration: a reward model fine-tuned on these pays for what the policy already does wrong,
+    and PPO can exploit it within a round (made-up biases, e.g. padded replies, were never sampled at the demo's
+    learning rate and so never exploited: docs/rlhf.md)."""
+    seen, out = set(), []
+    for g in batches:
+        for p, text, ok in zip(g.prompts, g.texts, g.correct):
+            if ok is False and (p.prompt_id, text) not in seen:
+                seen.add((p.prompt_id, text))
+                out.append(_record(p, text, p.answer, "demo:mislabelled"))
     return out
 
 

@@ -10,7 +10,8 @@ the reward model's copy, then warmed up with the actor frozen). The reference an
 forward, under inference mode (bf16 on a GPU). The algorithms are in ``train.rlhf`` (``gae`` is public here).
 
 The run:
-    [demo only] make the first reward model hackable: fine-tune it on "longer is better" pairs (online.hackable_rm_pairs)
+    [demo only] make the first reward model hackable: fine-tune it to prefer the SFT policy's own wrong replies
+        (online.hackable_rm_prompts; mislabelled comparisons)
     critic <- copy of the reward model; evaluate the SFT model; SFT replies to the comparison prompts
     critic warmup: online.critic_warmup_iterations PPO iterations that step only the critic
     for each round:
@@ -64,7 +65,8 @@ from train.rlhf.hacking import (
     write_pairs,
 )
 from train.rlhf.iteration import action_logprobs, ppo_iteration, ppo_learner
-from train.rlhf.probe_pairs import length_biased_pairs, preference_pairs, probe_pairs, task_pairs
+from train.rlhf.probe_pairs import mislabelled_pairs, preference_pairs, probe_pairs, task_pairs
+from train.rlhf.release import released_round
 from train.rlhf.reward_refresh import pair_accuracy, refresh_reward_model, reward_learner
 from train.rlhf.rollouts import Generated, Sampler, SyntheticPrompts, generate_and_score, reward_ids, score
 from train.stages.ppo_config import PPOStageConfig, model_dir, parse_ppo_cli
@@ -85,7 +87,8 @@ class OnlineState:
     """What a round boundary carries besides the models and optimizers (state.json of a round checkpoint)."""
     rounds_done: int = 0
     iterations_done: int = 0
-    history: list[list[float]] = field(default_factory=list)    # [mean reward, accuracy] per evaluation, SFT first
+    # [mean reward, accuracy, SFT's mean reward under the same RM] per evaluation, SFT first
+    history: list[list[float]] = field(default_factory=list)
     online_pairs: list[dict] = field(default_factory=list)     # fast + slow path pairs so far (replayed at refresh)
     sft_samples: list[dict] = field(default_factory=list)      # SFT replies to the comparison prompts
     ptx: dict = field(default_factory=dict)                    # pretraining stream position
@@ -122,6 +125,8 @@ class Stage:
         r = cfg.rollout
         self.train_prompts = SyntheticPrompts(cfg.run.seed, "ppo_train", r.tasks, r.domain)
         self.heldout = SyntheticPrompts(cfg.run.seed, "ppo_heldout", r.tasks, r.domain).take(0, r.heldout_prompts)
+        self.validation = SyntheticPrompts(cfg.run.seed, "ppo_validation", r.tasks, r.domain).take(
+            0, r.validation_prompts)
         self.comparison = SyntheticPrompts(cfg.run.seed, "ppo_compare", r.tasks, r.domain).take(0, r.comparison_prompts)
         n = cfg.online.rm_heldout_pairs
         self.rm_probe = probe_pairs(self.heldout[:n], cfg.run.seed)
@@ -196,7 +201,8 @@ class Stage:
 
     def evaluate(self, actor: Learner, reference, reward_model, name: str, index: int) -> dict:
         """Held-out prompts: greedy accuracy, mean reward and length; KL to the reference on sampled replies (the
-        batch ("eval", index)). Every rank evaluates the whole set (the replies from the actor's plain copy)."""
+        batch ("eval", index)); greedy accuracy on the validation prompts when set. Every rank evaluates the whole
+        set (the replies from the actor's plain copy)."""
         plain = actor.plain_model()
         greedy = self.generate(plain, reward_model, self.heldout, None)
         sampled = self.generate(plain, reward_model, self.heldout, ("eval", index))
@@ -208,7 +214,10 @@ class Stage:
         by_task: dict[str, list[bool]] = {}
         for p, c in zip(greedy.prompts, greedy.correct):
             by_task.setdefault(p.task, []).append(bool(c))
-        return {"name": name, "accuracy": greedy.accuracy(), "reward": float(greedy.scores.mean()),
+        out = {}
+        if self.validation:   # the release choice's figure (train.rlhf.release), never the reported one
+            out["validation_accuracy"] = self.generate(plain, reward_model, self.validation, None).accuracy()
+        return out | {"name": name, "accuracy": greedy.accuracy(), "reward": float(greedy.scores.mean()),
                 "replies": greedy.texts,
                 "length": sum(map(len, greedy.responses)) / len(greedy.responses),
                 "sampled_accuracy": sampled.accuracy(), "sampled_reward": float(sampled.scores.mean()),
@@ -288,6 +297,20 @@ def save_round(run_dir: str, state: OnlineState, actor: Learner, critic: Learner
     return final
 
 
+def publish_released(run_dir: str, round_no: int) -> None:
+    """``run_dir/released`` -> ``rounds/round_NN`` (a relative link, swapped in atomically: a reader sees the old
+    target or the new one): the policy ``train.rlhf.release`` chose, what `make serve` serves. Round 0 (every round
+    flagged: SFT is released) removes the link."""
+    link = os.path.join(run_dir, "released")
+    if round_no < 1:
+        if os.path.islink(link):
+            os.remove(link)
+        return
+    tmp = f"{link}.tmp-{os.getpid()}"
+    os.symlink(os.path.relpath(round_dir(run_dir, round_no), run_dir), tmp)
+    os.replace(tmp, link)
+
+
 def load_round(path: str, actor: Learner, critic: Learner | None = None, reward: Learner | None = None) -> None:
     """Restore the given Learners (models, and the actor's and critic's optimizers) from round checkpoint
     ``path``, saved on any number of ranks."""
@@ -358,11 +381,14 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         sft_dir, rm_dir = model_dir(cfg.models.actor), model_dir(cfg.models.reward)
         actor, reference, critic, reward_model = stage.load(sft_dir, rm_dir, rm_dir)
         reward = stage.reward_learner(reward_model)
-        if cfg.online.hackable_rm_pairs:
-            pairs = length_biased_pairs(stage.train_prompts.take(10**6, cfg.online.hackable_rm_pairs), cfg.run.seed)
-            losses = stage.refresh(reward, pairs, seed_of(cfg, "hackable_rm"), cfg.online.hackable_rm_steps)
-            log.write({"kind": "rm_refresh", "round": 0, "source": "hackable", "pairs": len(pairs),
-                       "loss_first": losses[0], "loss_last": losses[-1]})
+        if cfg.online.hackable_rm_prompts:
+            prompts = stage.train_prompts.take(10**6, cfg.online.hackable_rm_prompts)
+            pairs = mislabelled_pairs([stage.generate(actor, reward_model, prompts, ("hackable", k))
+                                       for k in range(cfg.online.hackable_rm_samples)])
+            if pairs:   # an SFT policy that samples no wrong reply leaves nothing to mislabel
+                losses = stage.refresh(reward, pairs, seed_of(cfg, "hackable_rm"), cfg.online.hackable_rm_steps)
+                log.write({"kind": "rm_refresh", "round": 0, "source": "hackable", "pairs": len(pairs),
+                           "loss_first": losses[0], "loss_last": losses[-1]})
         critic.load_state_dict(reward.plain_model().state_dict())   # the critic starts as the (first) reward model
         actor_l, critic_l = stage.learners(actor, critic)
         sft = stage.generate(actor_l.plain_model(), reward_model, stage.comparison, ("compare", 0))
@@ -370,7 +396,7 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         ev = stage.evaluate(actor_l, reference, reward_model, "sft", 0)
         ev["rm_accuracy"] = stage.rm_accuracy(reward_model)
         state.evals.append(ev)
-        state.history.append([ev["reward"], ev["accuracy"]])
+        state.history.append([ev["reward"], ev["accuracy"], ev["reward"]])   # SFT's replies are its replies
         log.write({"kind": "eval", "round": 0, **ev})
         for w in range(cfg.online.critic_warmup_iterations):
             stats, _ = _iteration(stage, cfg, actor_l, reference, critic_l, reward_model,
@@ -414,7 +440,7 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         ev = stage.evaluate(actor_l, reference, reward_model, f"round {round_no}", round_no)
         ev["rm_accuracy"] = stage.rm_accuracy(reward_model)
         ev["sft_reward"] = stage.heldout_reward(reward_model, state.evals[0]["replies"])   # SFT's, same RM
-        state.history.append([ev["reward"], ev["accuracy"]])
+        state.history.append([ev["reward"], ev["accuracy"], ev["sft_reward"]])
         late_samples = late.samples()
         # The rules compare the round's late replies (the comparison prompts and the late rollouts) with SFT's;
         # each offending reply becomes a rejected response, the prompt's shortest correct reply the chosen one.
@@ -459,6 +485,8 @@ def run_ppo(cfg: PPOStageConfig) -> PPOResult:
         if cfg.run.stop_after_round and round_no >= cfg.run.stop_after_round and round_no < cfg.online.rounds:
             finished = False
             break
+    if finished and main:
+        publish_released(run_dir, released_round(state.evals, state.episodes))
     return PPOResult(run_dir, state, actor, critic, reward_model, finished)
 
 

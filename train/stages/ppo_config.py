@@ -44,6 +44,8 @@ class RolloutConfig:
     tasks: list[str] = field(default_factory=lambda: list(SYNTHETIC_CHAT_TASKS))   # train.data.chat synthetic tasks
     domain: str = "helpful"            # the reward model's condition for the PPO prompts
     heldout_prompts: int = 32          # evaluation prompts (greedy accuracy, mean reward, KL)
+    validation_prompts: int = 0        # another split, greedy accuracy per round: the released round is the best
+                                       # unflagged one on it (train.rlhf.release); 0: the last round is released
     comparison_prompts: int = 16       # prompts answered by SFT / early / late PPO (slow path, hacking baseline)
 
 
@@ -62,8 +64,10 @@ class OnlineConfig:
     slow_path: bool = True
     comparisons_file: str = ""         # slow path: labelled comparisons (jsonl), added at the first refresh
     label_with_checkers: bool = True   # slow path: compare SFT / early / late PPO replies with the task checkers
-    hackable_rm_pairs: int = 0         # demo: fine-tune the first RM on this many "longer is better" pairs first
-    hackable_rm_steps: int = 0         # ... for this many steps (0: reward_refresh.steps)
+    hackable_rm_prompts: int = 0       # demo: sample the SFT policy on this many train prompts and fine-tune the
+                                       # first RM to prefer its wrong replies over the answer (mislabelled pairs)
+    hackable_rm_samples: int = 4       # ... replies sampled per prompt (the rollout's temperature and top-p)
+    hackable_rm_steps: int = 0         # ... fine-tuned for this many steps (0: reward_refresh.steps)
     critic_rewarmup_iterations: int = 0   # after each RM refresh: critic-only iterations against the refreshed RM
     restart_after_hack: str = "continue"  # the round after a flagged one starts from: continue (the flagged
                                           # round's policy) | last_clean (the last unflagged round's; SFT if none)
@@ -149,6 +153,7 @@ def validate(c: PPOStageConfig, check_paths: bool = True) -> None:
            f"rollout.tasks must be among {', '.join(SYNTHETIC_CHAT_TASKS)}, got {r.tasks}")
     _check(r.heldout_prompts >= 1 and r.comparison_prompts >= 1,
            "rollout.heldout_prompts and rollout.comparison_prompts must be >= 1")
+    _check(r.validation_prompts >= 0, f"rollout.validation_prompts must be >= 0, got {r.validation_prompts}")
     if c.conditions:
         _check(r.domain in c.conditions, f"rollout.domain {r.domain!r} has no entry in [conditions]")
     p = c.ppo
@@ -166,8 +171,9 @@ def validate(c: PPOStageConfig, check_paths: bool = True) -> None:
     _check(c.ptx.rows >= 0 and c.ptx.seq_len >= 2, "ptx.rows must be >= 0 and ptx.seq_len >= 2")
     o = c.online
     _check(o.rounds >= 1 and o.iterations_per_round >= 1, "online.rounds and online.iterations_per_round must be >= 1")
-    _check(o.critic_warmup_iterations >= 0 and o.hackable_rm_pairs >= 0 and o.rm_heldout_pairs >= 1,
-           "online.critic_warmup_iterations and online.hackable_rm_pairs must be >= 0, online.rm_heldout_pairs >= 1")
+    _check(o.critic_warmup_iterations >= 0 and o.hackable_rm_prompts >= 0 and o.rm_heldout_pairs >= 1,
+           "online.critic_warmup_iterations and online.hackable_rm_prompts must be >= 0, online.rm_heldout_pairs >= 1")
+    _check(o.hackable_rm_samples >= 1, f"online.hackable_rm_samples must be >= 1, got {o.hackable_rm_samples}")
     _check(o.hackable_rm_steps >= 0, f"online.hackable_rm_steps must be >= 0, got {o.hackable_rm_steps}")
     _check(o.critic_rewarmup_iterations >= 0,
            f"online.critic_rewarmup_iterations must be >= 0, got {o.critic_rewarmup_iterations}")
