@@ -2,6 +2,8 @@
 extension's kernels and ATen's flash kernel (SDPA per document): pinned, every call runs the pinned one (its autograd
 node says which); measured, the choice is made once per shape class (forward+backward when gradients are recorded,
 the forward otherwise) and then fixed for the process; either way the values equal the reference."""
+import json
+
 import pytest
 import torch
 from conftest import assert_close
@@ -70,3 +72,22 @@ def test_bad_mode_names_the_variable(monkeypatch):
         _call([5, 6])
     with pytest.raises(ValueError, match="mode"):
         attention_choice.pin("aten")
+
+
+def test_measured_choice_is_kept_in_the_gemm_choices_file(monkeypatch, tmp_path):
+    """The first process writes the choice; a later one (an empty in-process cache) takes the file's, untimed."""
+    from internlm_kernels.cpu import gemm_choice
+    path = tmp_path / "choices.json"
+    monkeypatch.setenv(attention_choice.ENV_VAR, "measure")
+    monkeypatch.setenv(gemm_choice.CACHE_ENV_VAR, str(path))
+    monkeypatch.setattr(attention_choice, "_cache", {})
+    _call([40, 9, 64])
+    (key, name), = attention_choice._cache.items()
+    saved = json.loads(path.read_text())
+    assert saved == {gemm_choice._file_key(("attention", *key)): name}
+    other = "sdpa" if name == "kernels" else "kernels"
+    path.write_text(json.dumps({gemm_choice._file_key(("attention", *key)): other}))
+    monkeypatch.setattr(attention_choice, "_cache", {})                # a new process
+    monkeypatch.setattr(attention_choice, "_time", lambda fn: pytest.fail("measured although the file has the class"))
+    out = _call([40, 9, 64])
+    assert (type(out.grad_fn).__name__ == "AttentionFunctionBackward") == (other == "kernels")

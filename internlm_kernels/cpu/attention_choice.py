@@ -13,7 +13,9 @@ process under (CPU model, ATen ISA, torch threads, shape class). A shape class: 
 whether gradients are recorded, and the number of tokens and of documents, each rounded up to a power of two.
 
 ``INTERNLM_KERNELS_CPU_ATTENTION`` pins the choice: ``kernels``, ``sdpa``, or ``measure`` (the default); ``pin(mode)``
-does the same in code; ``choices()`` returns what was measured (benchmarks record it).
+does the same in code; ``choices()`` returns what was measured (benchmarks record it). Measured choices are kept in
+the GEMM choices' file (``INTERNLM_KERNELS_CPU_GEMM_CACHE``, cpu/gemm_choice.py) under an "attention" key, so later
+processes on the machine take them without timing and two runs of one seed compute the same attention.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from .gemm_choice import cpu_id
+from .gemm_choice import cpu_id, store_choice, stored_choice
 
 ENV_VAR = "INTERNLM_KERNELS_CPU_ATTENTION"
 MODES = ("measure", "kernels", "sdpa")
@@ -98,5 +100,9 @@ def use_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_docs: int, 
            _bucket(n_docs))
     name = _cache.get(key)
     if name is None:
-        name = _cache[key] = _measure({"kernels": kernels, "sdpa": sdpa}, q, k, v, grad)
+        name = stored_choice(("attention", *key), ("kernels", "sdpa"))
+        if name is None:
+            name = _measure({"kernels": kernels, "sdpa": sdpa}, q, k, v, grad)
+            store_choice(("attention", *key), name)
+        _cache[key] = name
     return name == "kernels"

@@ -139,7 +139,21 @@ def _read(path: str) -> dict[str, str]:
         return {}
     if not isinstance(saved, dict):
         return {}
-    return {k: v for k, v in saved.items() if isinstance(k, str) and v in _IMPLS}
+    return {k: v for k, v in saved.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def stored_choice(key: tuple, allowed) -> str | None:
+    """The choice the file holds for ``key`` (a measured choice's cache key), if it is one of ``allowed``. Also
+    the store of the CPU attention's choice (cpu/attention_choice.py)."""
+    path = cache_file()
+    name = _read(path).get(_file_key(key)) if path else None
+    return name if name in allowed else None
+
+
+def store_choice(key: tuple, name: str) -> None:
+    path = cache_file()
+    if path:
+        _remember(path, _file_key(key), name)
 
 
 def _remember(path: str, key: str, name: str) -> None:
@@ -162,8 +176,7 @@ def _remember(path: str, key: str, name: str) -> None:
 def _choose(key: tuple, impls: dict, *args) -> str:
     name = _cache.get(key)
     if name is None:
-        path = cache_file()
-        name = _read(path).get(_file_key(key)) if path else None
+        name = stored_choice(key, impls)
         if name is None:
             best = {}
             for impl in impls.values():
@@ -172,8 +185,7 @@ def _choose(key: tuple, impls: dict, *args) -> str:
                 for n, impl in impls.items():
                     best[n] = min(best.get(n, float("inf")), _time(impl, *args))
             name = min(best, key=best.get)
-            if path:
-                _remember(path, _file_key(key), name)
+            store_choice(key, name)
         _cache[key] = name
     return name
 
