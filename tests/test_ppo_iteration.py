@@ -150,8 +150,8 @@ def test_iteration_equals_plain_torch(epochs, mini_batches):
     # Both sides on the reference math, so the comparison checks the iteration, not the rounding of the CPU kernels
     # (each tested against the reference on its own), which Adam's first step amplifies in parameters whose
     # gradient is near zero.
-    with ik.use_backend(linear="reference", rms_norm="reference", swiglu="reference", rotary="reference",
-                        linear_cross_entropy="reference"):
+    with ik.use_backend(attention="reference", linear="reference", rms_norm="reference", swiglu="reference",
+                        rotary="reference", linear_cross_entropy="reference"):
         exp = make_experience(actor, ref, critic, ro, cfg)
         assert float(exp.kl.abs().sum()) > 0
         a_learner, c_learner = learners(actor, critic, cfg)
