@@ -19,13 +19,11 @@ processes on the machine take them without timing and two runs of one seed compu
 """
 from __future__ import annotations
 
-import os
-import time
 from typing import Callable
 
 import torch
 
-from .gemm_choice import cpu_id, store_choice, stored_choice
+from .gemm_choice import _bucket, _time, checked_pin, cpu_id, resolved_mode, store_choice, stored_choice
 
 ENV_VAR = "INTERNLM_KERNELS_CPU_ATTENTION"
 MODES = ("measure", "kernels", "sdpa")
@@ -37,17 +35,12 @@ _cache: dict[tuple, str] = {}
 
 def pin(mode: str | None) -> None:
     """Force ``kernels`` / ``sdpa`` for every call, or ``measure``; None returns to the environment's setting."""
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
     global _pinned
-    _pinned = mode
+    _pinned = checked_pin(mode, MODES)
 
 
 def mode() -> str:
-    m = _pinned or os.environ.get(ENV_VAR, "measure") or "measure"
-    if m not in MODES:
-        raise ValueError(f"{ENV_VAR} must be one of {MODES}, got {m!r}")
-    return m
+    return resolved_mode(_pinned, ENV_VAR, MODES)
 
 
 def choices() -> dict[str, str]:
@@ -57,18 +50,6 @@ def choices() -> dict[str, str]:
         return (f"d{d} {hq}/{hkv} heads {'causal' if causal else 'full'} {'fwd+bwd' if grad else 'fwd'} "
                 f"<={total} tokens in <={docs} docs")
     return {f"{k[0]} | {k[1]} | {k[2]} thread(s) | {shape(k)}": v for k, v in sorted(_cache.items(), key=str)}
-
-
-def _bucket(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _time(fn: Callable[[], object]) -> float:
-    """Seconds one call takes: the calling thread's CPU time with one torch thread, else wall time."""
-    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
-    t0 = clock()
-    fn()
-    return clock() - t0
 
 
 def _measure(impls: dict[str, Callable], q, k, v, grad: bool) -> str:

@@ -74,19 +74,29 @@ def cpu_id() -> tuple[str, str]:
     return model, torch.backends.cpu.get_cpu_capability()
 
 
+def checked_pin(mode: str | None, modes: tuple) -> str | None:
+    """``mode`` when it is one of ``modes`` or None (the argument of a ``pin``), else ValueError."""
+    if mode is not None and mode not in modes:
+        raise ValueError(f"mode must be one of {modes} or None, got {mode!r}")
+    return mode
+
+
+def resolved_mode(pinned: str | None, env_var: str, modes: tuple) -> str:
+    """The pinned mode, else the environment's (``measure`` when unset), checked against ``modes``."""
+    m = pinned or os.environ.get(env_var, "measure") or "measure"
+    if m not in modes:
+        raise ValueError(f"{env_var} must be one of {modes}, got {m!r}")
+    return m
+
+
 def pin(mode: str | None) -> None:
     """Force ``onednn`` / ``aten`` for every product, or ``measure``; None returns to the environment's setting."""
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
     global _pinned
-    _pinned = mode
+    _pinned = checked_pin(mode, MODES)
 
 
 def mode() -> str:
-    m = _pinned or os.environ.get(ENV_VAR, "measure") or "measure"
-    if m not in MODES:
-        raise ValueError(f"{ENV_VAR} must be one of {MODES}, got {m!r}")
-    return m
+    return resolved_mode(_pinned, ENV_VAR, MODES)
 
 
 def choices() -> dict[str, str]:
