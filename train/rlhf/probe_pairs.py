@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 
 from train.data.preference import SyntheticPreferences, TaskPreferences
+from train.rlhf.hacking import answer_pairs
 from train.rlhf.rollouts import Generated, Prompt
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -55,13 +56,11 @@ def mislabelled_pairs(batches: list[Generated]) -> list[dict]:
     them from its first iteration: a reward model fine-tuned on these pays for what the policy already does wrong,
     and PPO can exploit it within a round (made-up biases, e.g. padded replies, were never sampled at the demo's
     learning rate and so never exploited: docs/rlhf.md)."""
-    seen, out = set(), []
-    for g in batches:
-        for p, text, ok in zip(g.prompts, g.texts, g.correct):
-            if ok is False and (p.prompt_id, text) not in seen:
-                seen.add((p.prompt_id, text))
-                out.append(_record(p, text, p.answer, "demo:mislabelled"))
-    return out
+    samples = [s for g in batches for s in g.samples()]
+    answers = {p.prompt_id: p.answer for g in batches for p in g.prompts}
+    # The slow path's pairs (each distinct wrong reply rejected against the answer) with their labels swapped.
+    return [p | {"chosen": p["rejected"], "rejected": p["chosen"], "source": "demo:mislabelled"}
+            for p in answer_pairs(samples, answers, "")]
 
 
 def probe_pairs(prompts: list[Prompt], seed: int) -> list[dict]:
