@@ -117,18 +117,20 @@ def test_nan_in_a_query_reaches_its_output_row():
 
 def test_fullgraph_compile_is_one_op_per_call_and_matches_eager_and_reference():
     """Under torch.compile(fullgraph=True) each cpu-backend call is one ``cpu_attention_fwd`` node, with no graph
-    break: causal and full attention over unequal documents (an empty one, a
-    one-token one, one whose keys are empty), GQA. The op runs the kernels as eager does, so values and gradients
-    equal eager's bit for bit, and the float64 reference's within fp32 rounding. A second call under
+    break: causal and full varlen attention over unequal documents (an empty one, a one-token one, one whose keys are
+    empty), GQA, and flash_attn_func's (B, S, H, D) form. The op runs the kernels as eager does, so values and
+    gradients equal eager's bit for bit, and the float64 reference's within fp32 rounding. A second call under
     inference_mode (a recompile: grad mode is guarded) gives the same values with no autograd node."""
     q, k, v, dout, cu_q, cu_k = _inputs(True, 4, 2, 32, seed=13)
     _, k_full, v_full, _, _, cu_k_full = _inputs(False, 4, 2, 32, seed=14)
-    args = tuple(t.clone().requires_grad_(True) for t in (q, k, v, k_full, v_full))
+    g = torch.Generator().manual_seed(15)
+    q4, k4, v4 = (torch.randn(2, 23, h, 32, generator=g) for h in (4, 2, 2))
+    args = tuple(t.clone().requires_grad_(True) for t in (q, k, v, k_full, v_full, q4, k4, v4))
 
-    def attn(q, k, v, k_full, v_full):
-        causal = ik.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 130, 131, causal=True)
-        full = ik.flash_attn_varlen_func(q, k_full, v_full, cu_q, cu_k_full, 130, 129)
-        return causal, full
+    def attn(q, k, v, k_full, v_full, q4, k4, v4):
+        return (ik.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 130, 131, causal=True),
+                ik.flash_attn_varlen_func(q, k_full, v_full, cu_q, cu_k_full, 130, 129),
+                ik.flash_attn_func(q4, k4, v4, causal=True))
 
     seen = []
 
@@ -141,22 +143,26 @@ def test_fullgraph_compile_is_one_op_per_call_and_matches_eager_and_reference():
         eager = attn(*args)
         compiled = torch.compile(attn, fullgraph=True, backend=recording_inductor)
         traced = compiled(*args)
-        assert len([op for op in seen if "cpu_attention_fwd" in op]) == 2, seen
+        assert len([op for op in seen if "cpu_attention_fwd" in op]) == 3, seen
         assert not [op for op in seen if "scaled_dot_product" in op], seen
         with torch.inference_mode():
             inferred = compiled(*(t.detach() for t in args))
-    douts = (dout, dout.flip(0))
+    douts = (dout, dout.flip(0), torch.randn(q4.shape, generator=g))
     eager_grads = torch.autograd.grad(eager, args, douts)
     traced_grads = torch.autograd.grad(traced, args, douts)
     args64 = tuple(t.detach().double().requires_grad_(True) for t in args)
+    cu4 = _cu([23, 23])
     expect = (reference.flash_attn_varlen(*args64[:3], cu_q, cu_k, causal=True)[0],
-              reference.flash_attn_varlen(args64[0], *args64[3:], cu_q, cu_k_full)[0])
+              reference.flash_attn_varlen(args64[0], *args64[3:5], cu_q, cu_k_full)[0],
+              reference.flash_attn_varlen(*(t.flatten(0, 1) for t in args64[5:]), cu4, cu4, causal=True)[0]
+              .view(q4.shape))
     expect_grads = torch.autograd.grad(expect, args64, tuple(d.double() for d in douts))
     for got, same, inf, want in zip(traced, eager, inferred, expect):
         assert torch.equal(got, same)
         assert torch.equal(inf, same) and inf.grad_fn is None
         assert_close(got, want)
-    for name, got, same, want in zip(("q", "k", "v", "k_full", "v_full"), traced_grads, eager_grads, expect_grads):
+    names = ("q", "k", "v", "k_full", "v_full", "q4", "k4", "v4")
+    for name, got, same, want in zip(names, traced_grads, eager_grads, expect_grads):
         assert torch.equal(got, same), name
         assert_close(got, want, msg=f"d{name}")
 

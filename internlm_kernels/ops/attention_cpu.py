@@ -138,10 +138,17 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal):
 def _autograd_inside_op():
     """torch autograd inside a custom op's implementation, for the measured choice (it times forward+backward) and
     the backward's recompute: the dispatcher runs an implementation below autograd (autograd's dispatch keys
-    excluded) and a compiled graph runs it with grad mode off; both come back on here."""
+    excluded) and a compiled graph runs it with grad mode off; both come back on here (the guard is the one
+    torch.utils.checkpoint uses to lift a key's exclusion)."""
     with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False), \
             torch.enable_grad():
         yield
+
+
+def _kernels_chosen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, grad: bool) -> bool:
+    """``_runs_kernels`` inside the op, where measuring with gradients needs autograd back on."""
+    with _autograd_inside_op():
+        return _runs_kernels(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, grad)
 
 
 @torch.library.custom_op("internlm_kernels::cpu_attention_fwd", mutates_args=())
@@ -162,11 +169,6 @@ def cpu_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         lse = torch.zeros(q.shape[1], q.shape[0], dtype=torch.float32)   # SDPA returns none; nothing reads it
         path = SDPA
     return out, lse, torch.tensor(path)
-
-
-def _kernels_chosen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, grad: bool) -> bool:
-    with _autograd_inside_op():
-        return _runs_kernels(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, grad)
 
 
 @cpu_attention_fwd.register_fake
