@@ -14,7 +14,7 @@ On CPU only a tiny case runs (ours needs TRITON_INTERPRET=1 there; the peer is t
 CPU section (``test_cpu_attention``, CPU machines only): the cpu backend's attention, float32, causal, with the tiny
 preset's heads (4 query, 2 KV, d 32) at the training step's shapes (8 × 256, 4 × 1024 tokens) and on a row packed
 from unequal documents, with 1 and 2 torch threads, beside ATen's CPU flash kernel (SDPA on 4-D views, as
-transformers' Llama calls it, per document for the unequal row: ``ops.attention._sdpa_per_document``) in the same
+transformers' Llama calls it, per document for the unequal row: ``ops.attention_cpu.sdpa_per_document``) in the same
 alternating rounds. Ours is the extension's kernels (csrc/cpu/attention_kernels.h) at the ISA ATen dispatches to.
 Figures in process CPU time beside wall time (``vs_peer_cpu``, ``vs_peer_wall``): on a shared machine the wall time
 is mostly waiting for a core.
@@ -38,7 +38,7 @@ from common import OURS, device, record, time_interleaved
 import internlm_kernels as ik
 from internlm_kernels import _ext, reference
 from internlm_kernels.backend import triton_runs_on
-from internlm_kernels.ops.attention import _sdpa_per_document
+from internlm_kernels.ops.attention_cpu import sdpa_per_document
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU and os.environ.get("TRITON_INTERPRET") == "1":
@@ -216,7 +216,7 @@ def test_cpu_attention(benchmark, name, threads, pass_name):
     dout = torch.randn_like(q)
     scale = d ** -0.5
     impls = {OURS: lambda: cpu_attention.attention(q, k, v, cu, cu, scale, True),
-             CPU_PEER: lambda: _sdpa_per_document(q, k, v, cu, cu, scale, True)}
+             CPU_PEER: lambda: sdpa_per_document(q, k, v, cu, cu, scale, True)}
     if pass_name == "fwd":
         fns = {n: torch.no_grad()(f) for n, f in impls.items()}
     else:

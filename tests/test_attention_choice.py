@@ -91,3 +91,24 @@ def test_measured_choice_is_kept_in_the_gemm_choices_file(monkeypatch, tmp_path)
     monkeypatch.setattr(attention_choice, "_time", lambda fn: pytest.fail("measured although the file has the class"))
     out = _call([40, 9, 64])
     assert (type(out.grad_fn).__name__ == "AttentionFunctionBackward") == (other == "kernels")
+
+
+def test_the_traced_op_measures_as_eager_does(monkeypatch):
+    """The custom op a compiled graph calls (ops/attention_cpu.py) runs below autograd, where a compiled graph also
+    turns grad mode off: unpinned, it still times forward+backward for a call that records gradients (autograd back
+    on inside it), under the key eager uses, and the implementation it runs is the one it chose."""
+    from internlm_kernels.ops import attention_cpu
+
+    monkeypatch.setenv(attention_choice.ENV_VAR, "measure")
+    monkeypatch.setattr(attention_choice, "_cache", {})
+    lens = [40, 9, 64]
+    cu = _cu(lens)
+    q, k, v = (torch.randn(sum(lens), h, 32, requires_grad=True) for h in (4, 2, 2))
+    with torch.no_grad():
+        out, _, ran = torch.ops.internlm_kernels.cpu_attention_fwd(q, k, v, cu, cu, 0.2, True, True, False)
+    (key, name), = attention_choice._cache.items()
+    assert key == (*attention_choice.cpu_id(), torch.get_num_threads(), 32, 4, 2, True, True, 128, 4)
+    assert int(ran) == (attention_cpu.KERNELS if name == "kernels" else attention_cpu.SDPA)
+    expect, _ = reference.flash_attn_varlen(q.detach().double(), k.detach().double(), v.detach().double(), cu, cu,
+                                            0.2, True)
+    assert_close(out, expect)

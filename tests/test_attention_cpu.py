@@ -1,4 +1,6 @@
 """The cpu attention backend (torch SDPA per document) against the reference, and its limits."""
+import contextlib
+
 import pytest
 import torch
 from conftest import assert_close
@@ -72,3 +74,60 @@ def test_cpu_backend_equal_length_documents_one_batched_call(causal):
     assert_close(out, expect)
     for g, e in zip(grads, torch.autograd.grad(expect, (q64, k64, v64), dout.double())):
         assert_close(g, e)
+
+
+def _op_inputs(lens_q, lens_k, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lens_q), 4, d, generator=g).requires_grad_(True)
+    k = torch.randn(sum(lens_k), 2, d, generator=g).requires_grad_(True)
+    v = torch.randn(sum(lens_k), 2, d, generator=g).requires_grad_(True)
+    return q, k, v, torch.randn(sum(lens_q), 4, d, generator=g), _cu(lens_q), _cu(lens_k)
+
+
+@pytest.mark.parametrize("path,d,lens_k", [
+    ("kernels", 32, [3, 17, 64, 5, 40]),
+    ("sdpa", 32, [3, 17, 64, 5, 40]),          # pinned
+    ("sdpa", 24, [3, 17, 64, 5, 40]),          # a head dim the kernels lack
+    ("reference", 32, [3, 17, 30, 5, 40]),     # causal rows that see no key (64 queries, 30 keys)
+])
+def test_cpu_attention_op_each_path_matches_reference(path, d, lens_k, monkeypatch):
+    """The op a compiled graph calls (ops/attention_cpu.py), through the dispatcher with its registered backward, on
+    each path it takes inside: values and gradients equal the float64 reference's, and ``path`` says which ran.
+    Causal, GQA, unequal documents with an empty and a one-token one."""
+    from internlm_kernels import _ext
+    from internlm_kernels.ops import attention_cpu
+
+    if path == "kernels" and _ext.why_unavailable("cpu") is not None:
+        pytest.skip("the extension is not built")
+    monkeypatch.setenv("INTERNLM_KERNELS_CPU_ATTENTION", "sdpa" if path == "sdpa" else "kernels")
+    lens_q = [1, 17, 64, 0, 33]
+    q, k, v, dout, cu_q, cu_k = _op_inputs(lens_q, lens_k, d)
+    out, lse, ran = torch.ops.internlm_kernels.cpu_attention_fwd(q, k, v, cu_q, cu_k, 0.2, True, True, False)
+    assert int(ran) == {"kernels": attention_cpu.KERNELS, "sdpa": attention_cpu.SDPA,
+                        "reference": attention_cpu.REFERENCE}[path]
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    expect, expect_lse = reference.flash_attn_varlen(q64, k64, v64, cu_q, cu_k, 0.2, True)
+    assert_close(out, expect)
+    if path != "sdpa":     # SDPA returns no lse (the op's is zeros then, read by nothing)
+        assert_close(lse, expect_lse)
+    for name, g, e in zip("qkv", grads, torch.autograd.grad(expect, (q64, k64, v64), dout.double())):
+        assert_close(g, e, msg=f"d{name}")
+    with torch.inference_mode():
+        again = torch.ops.internlm_kernels.cpu_attention_fwd(q, k, v, cu_q, cu_k, 0.2, True, False, False)[0]
+    assert torch.equal(again, out)
+    with pytest.raises(NotImplementedError, match="more queries than keys") if path == "reference" else \
+            contextlib.nullcontext():
+        torch.ops.internlm_kernels.cpu_attention_fwd(q, k, v, cu_q, cu_k, 0.2, True, True, True)   # forced cpu
+
+
+@pytest.mark.parametrize("mode", ["kernels", "sdpa"])
+def test_cpu_attention_opcheck(mode, monkeypatch):
+    monkeypatch.setenv("INTERNLM_KERNELS_CPU_ATTENTION", mode)
+    q, k, v, dout, cu_q, cu_k = _op_inputs([5, 0, 11, 1], [7, 3, 11, 1], 16, seed=1)
+    args = (q, k, v, cu_q, cu_k, 0.25, True, True, False)
+    torch.library.opcheck(torch.ops.internlm_kernels.cpu_attention_fwd.default, args)
+    out, lse, ran = torch.ops.internlm_kernels.cpu_attention_fwd(*args)
+    torch.library.opcheck(torch.ops.internlm_kernels.cpu_attention_bwd.default,
+                          (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), ran, cu_q, cu_k, 0.25,
+                           True))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import assert_close
 from test_attention import _poison_empty  # noqa: F401  (autouse fixture)
+from torch._inductor.compile_fx import compile_fx
 
 import internlm_kernels as ik
 from internlm_kernels import _ext, reference
@@ -114,24 +115,56 @@ def test_nan_in_a_query_reaches_its_output_row():
     assert not bool(out[mask].isnan().any())
 
 
-def test_compile_traces_sdpa_and_matches_the_kernels():
-    """Under torch.compile the cpu backend traces ATen's SDPA (the kernels are opaque to Dynamo); eager runs the
-    kernels: same values and gradients. Not fullgraph: the cpu backend's check for causal rows without keys reads
-    cu_seqlens (a data-dependent branch), before and after these kernels."""
+def test_fullgraph_compile_is_one_op_per_call_and_matches_eager_and_reference():
+    """Under torch.compile(fullgraph=True) each cpu-backend call is one ``cpu_attention_fwd`` node, with no graph
+    break: causal and full varlen attention over unequal documents (an empty one, a one-token one, one whose keys are
+    empty), GQA, and flash_attn_func's (B, S, H, D) form. The op runs the kernels as eager does, so values and
+    gradients equal eager's bit for bit, and the float64 reference's within fp32 rounding. A second call under
+    inference_mode (a recompile: grad mode is guarded) gives the same values with no autograd node."""
     q, k, v, dout, cu_q, cu_k = _inputs(True, 4, 2, 32, seed=13)
-    args = tuple(t.clone().requires_grad_(True) for t in (q, k, v))
+    _, k_full, v_full, _, _, cu_k_full = _inputs(False, 4, 2, 32, seed=14)
+    g = torch.Generator().manual_seed(15)
+    q4, k4, v4 = (torch.randn(2, 23, h, 32, generator=g) for h in (4, 2, 2))
+    args = tuple(t.clone().requires_grad_(True) for t in (q, k, v, k_full, v_full, q4, k4, v4))
 
-    def attn(q, k, v):
-        return ik.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 130, 131, causal=True)
+    def attn(q, k, v, k_full, v_full, q4, k4, v4):
+        return (ik.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 130, 131, causal=True),
+                ik.flash_attn_varlen_func(q, k_full, v_full, cu_q, cu_k_full, 130, 129),
+                ik.flash_attn_func(q4, k4, v4, causal=True))
 
+    seen = []
+
+    def recording_inductor(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
     with ik.use_backend(attention="cpu"):
         eager = attn(*args)
-        traced = torch.compile(attn)(*args)
-    assert type(eager.grad_fn).__name__ == "AttentionFunctionBackward"
-    assert type(traced.grad_fn).__name__ != "AttentionFunctionBackward"
-    assert_close(traced, eager)
-    for g, e in zip(torch.autograd.grad(traced, args, dout), torch.autograd.grad(eager, args, dout)):
-        assert_close(g, e)
+        compiled = torch.compile(attn, fullgraph=True, backend=recording_inductor)
+        traced = compiled(*args)
+        assert len([op for op in seen if "cpu_attention_fwd" in op]) == 3, seen
+        assert not [op for op in seen if "scaled_dot_product" in op], seen
+        with torch.inference_mode():
+            inferred = compiled(*(t.detach() for t in args))
+    douts = (dout, dout.flip(0), torch.randn(q4.shape, generator=g))
+    eager_grads = torch.autograd.grad(eager, args, douts)
+    traced_grads = torch.autograd.grad(traced, args, douts)
+    args64 = tuple(t.detach().double().requires_grad_(True) for t in args)
+    cu4 = _cu([23, 23])
+    expect = (reference.flash_attn_varlen(*args64[:3], cu_q, cu_k, causal=True)[0],
+              reference.flash_attn_varlen(args64[0], *args64[3:5], cu_q, cu_k_full)[0],
+              reference.flash_attn_varlen(*(t.flatten(0, 1) for t in args64[5:]), cu4, cu4, causal=True)[0]
+              .view(q4.shape))
+    expect_grads = torch.autograd.grad(expect, args64, tuple(d.double() for d in douts))
+    for got, same, inf, want in zip(traced, eager, inferred, expect):
+        assert torch.equal(got, same)
+        assert torch.equal(inf, same) and inf.grad_fn is None
+        assert_close(got, want)
+    names = ("q", "k", "v", "k_full", "v_full", "q4", "k4", "v4")
+    for name, got, same, want in zip(names, traced_grads, eager_grads, expect_grads):
+        assert torch.equal(got, same), name
+        assert_close(got, want, msg=f"d{name}")
 
 
 def test_threads_split_tasks_without_changing_a_bit():

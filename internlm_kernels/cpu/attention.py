@@ -11,7 +11,8 @@ layout in the C++ file's header; benchmarks/bench_attention.py times it against 
 
 The kernels run the widest ISA (AVX-512, AVX2, baseline) that both the CPU has and ATen dispatches to, so a run
 under ATEN_CPU_CAPABILITY=avx2 runs them as an AVX2-only machine would. They cover float32 and head dims 16, 32, 64,
-128 (``runs``); other calls, and traced ones (torch.compile traces ATen's SDPA), keep the per-document SDPA path.
+128 (``runs``); other calls keep the per-document SDPA path (ops/attention_cpu.py, which also puts both inside one
+custom op under torch.compile).
 """
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ def isa() -> int:
 
 
 def runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the kernels compute this call: float32 plain tensors with a covered head dim, not traced, and the
-    extension built."""
+    """Whether the kernels compute this call: float32 plain tensors with a covered head dim, and the extension
+    built."""
     return (q.dtype in DTYPES and q.shape[-1] in HEAD_DIMS and type(q) is torch.Tensor and type(k) is torch.Tensor
-            and type(v) is torch.Tensor and not torch.compiler.is_compiling() and _ext.why_unavailable("cpu") is None)
+            and type(v) is torch.Tensor and _ext.why_unavailable("cpu") is None)
 
 
 def _threads(q: torch.Tensor) -> int:

@@ -1,5 +1,5 @@
 """Which CPU attention computes a float32 call of the cpu backend: the extension's blocked kernels (cpu/attention.py)
-or ATen's CPU flash kernel (SDPA per document, ``ops.attention._sdpa_per_document``), chosen by measurement on the
+or ATen's CPU flash kernel (SDPA per document, ``ops.attention_cpu.sdpa_per_document``), chosen by measurement on the
 running CPU.
 
 On the development machine (AMD EPYC, Zen 5) the kernels ran the tiny preset's shapes 1.5-2x faster than ATen's
@@ -69,14 +69,13 @@ def _measure(impls: dict[str, Callable], q, k, v, grad: bool) -> str:
     return min(best, key=best.get)
 
 
-def use_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_docs: int, causal: bool,
+def use_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_docs: int, causal: bool, grad: bool,
                 kernels: Callable, sdpa: Callable) -> bool:
     """Whether ``kernels(q, k, v)`` (rather than ``sdpa(q, k, v)``, the same attention over ``n_docs`` documents)
-    runs this call."""
+    runs this call, which records gradients if ``grad``."""
     m = mode()
     if m != "measure":
         return m == "kernels"
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     key = (*cpu_id(), torch.get_num_threads(), q.shape[2], q.shape[1], k.shape[1], causal, grad, _bucket(q.shape[0]),
            _bucket(n_docs))
     name = _cache.get(key)

@@ -6,7 +6,7 @@ Custom ops (torch.ops.internlm_kernels.*):
   flash_attn_varlen_bwd(dout, q, k, v, out, lse, dlse?, cu_seqlens_q, cu_seqlens_k, ...same...) -> (dq, dk, dv)
   flash_attn_dropout_mask(seed, n_heads, total_q, width, dropout_p) -> (n_heads, total_q, width) keep pattern
 The forward op carries registered autograd that calls the backward op; gradients reach q, k, v (and flow back
-through lse too). Kernels: internlm_kernels/triton/flash_attn*.py.
+through lse too). Kernels: internlm_kernels/triton/flash_attn*.py. The cpu backend: ops/attention_cpu.py.
 """
 from __future__ import annotations
 
@@ -15,14 +15,12 @@ import math
 import operator
 
 import torch
-import torch.nn.functional as F
 
 from .. import reference
 from ..backend import choose, requested
 from ..checks import FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_tensor
-from ..cpu import attention as cpu_attention
-from ..cpu import attention_choice
 from . import _eager as eager
+from . import attention_cpu
 
 # The Triton kernels hold (rows, head dim) tiles in registers; beyond 256 they would not fit.
 MAX_TRITON_HEAD_DIM = 256
@@ -198,70 +196,6 @@ def _check_args(q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_s
     return float(softmax_scale), int(window_size[0]), int(window_size[1])
 
 
-def _sdpa_unsupported(cu_seqlens_q, cu_seqlens_k, dropout_p, window_left, window_right, softcap, alibi_slopes,
-                      return_attn_probs) -> str | None:
-    """None when the cpu backend (torch SDPA per document) computes this call exactly, else the argument it lacks."""
-    if dropout_p > 0.0:
-        return "dropout_p"
-    if softcap > 0.0:
-        return "softcap"
-    if alibi_slopes is not None:
-        return "alibi_slopes"
-    if return_attn_probs:
-        return "return_attn_probs (SDPA does not return the softmax lse)"
-    if window_left != -1 or window_right not in (-1, 0):
-        return "window_size"
-    if window_right == 0 and bool(((cu_seqlens_q[1:] - cu_seqlens_q[:-1]) > (cu_seqlens_k[1:] - cu_seqlens_k[:-1])).any()):
-        return "causal with more queries than keys (rows that see no key)"
-    return None
-
-
-def _sdpa_per_document(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal):
-    """The cpu backend where the extension's kernels (cpu/attention.py) do not run (other dtypes and head dims,
-    torch.compile, no extension): ATen's fused CPU flash attention (torch SDPA) per document, GQA without repeating
-    K/V.
-
-    SDPA takes ATen's flash kernel (``_scaled_dot_product_flash_attention_for_cpu``, forward and backward) only for
-    4-D (batch, heads, L, D) input; 3-D input falls back to the math path, which materializes the scores. A batch of
-    equal-length documents is one call over views of q, k, v; otherwise each document is its own batch of one.
-    Causal documents with fewer queries than keys get the bottom-right aligned mask explicitly. Outputs are
-    concatenated (no zero-filled buffer written by slices, whose backward would be a chain of copies)."""
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()               # CPU tensors: no device sync
-    gqa = q.shape[1] != k.shape[1]
-    lens_q = [b - a for a, b in zip(cq[:-1], cq[1:])]
-    lens_k = [b - a for a, b in zip(ck[:-1], ck[1:])]
-    if lens_q[0] > 0 and all(n == lens_q[0] for n in lens_q) and lens_k == lens_q:
-        L, B = lens_q[0], len(lens_q)
-
-        def heads(t):                                                     # (B·L, H, D) -> (B, H, L, D) view
-            return t.view(B, L, t.shape[1], t.shape[2]).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=causal, scale=softmax_scale,
-                                             enable_gqa=gqa)
-        return out.transpose(1, 2).reshape(q.shape)
-    # One split per tensor: its backward is one concatenation, where per-document slices would each zero-fill and
-    # accumulate a full-size gradient.
-    qs, ks, vs = q.split(lens_q), k.split(lens_k), v.split(lens_k)
-    pieces = []
-    for b in range(len(lens_q)):
-        Lq, Lk = lens_q[b], lens_k[b]
-        if Lq == 0:
-            continue
-        if Lk == 0:
-            pieces.append(q.new_zeros(Lq, *q.shape[1:]))                   # no key: out 0, as flash-attn
-            continue
-        qd = qs[b].transpose(0, 1).unsqueeze(0)                           # (1, Hq, Lq, D)
-        kd = ks[b].transpose(0, 1).unsqueeze(0)                           # (1, Hkv, Lk, D)
-        vd = vs[b].transpose(0, 1).unsqueeze(0)
-        mask = None
-        if causal and Lq != Lk:
-            mask = reference.attention_mask(Lq, Lk, True, (-1, 0), device=q.device)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, is_causal=causal and mask is None,
-                                            scale=softmax_scale, enable_gqa=gqa)
-        pieces.append(od[0].transpose(0, 1))                              # (Lq, Hq, D)
-    return torch.cat(pieces) if pieces else torch.zeros_like(q)
-
-
 def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, dropout_p, softmax_scale, causal, window_left,
                window_right, softcap, alibi_slopes, return_attn_probs):
     """Dispatch to the chosen backend once the arguments are known to be valid."""
@@ -269,24 +203,18 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, dropout_p, sof
         window_right = 0
     backend = choose("attention", q.device)
     if backend == "cpu":
-        lacking = _sdpa_unsupported(cu_seqlens_q, cu_seqlens_k, dropout_p, window_left, window_right, softcap,
-                                    alibi_slopes, return_attn_probs)
+        lacking = attention_cpu.unsupported(dropout_p, window_left, window_right, softcap, alibi_slopes,
+                                            return_attn_probs)
         if lacking is None:
             causal = window_right == 0
-
-            def kernels(q, k, v):
-                return cpu_attention.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
-
-            def sdpa(q, k, v):
-                return _sdpa_per_document(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
-
-            if cpu_attention.runs(q, k, v) and attention_choice.use_kernels(q, k, v, cu_seqlens_q.numel() - 1, causal,
-                                                                            kernels, sdpa):
-                return kernels(q, k, v)
-            return sdpa(q, k, v)
+            if torch.compiler.is_compiling():    # one opaque op: the value-dependent choices below run inside it
+                return attention_cpu.attention_traced(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal,
+                                                      requested("attention") != "auto")
+            if not (causal and attention_cpu.rows_without_keys(cu_seqlens_q, cu_seqlens_k)):
+                return attention_cpu.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+            lacking = attention_cpu.NO_KEY
         if requested("attention") != "auto":
-            raise NotImplementedError(f"the cpu attention backend (torch SDPA per document) does not support "
-                                      f"{lacking}; use the reference or triton backend")
+            raise attention_cpu.unsupported_error(lacking)
         backend = "reference"  # auto: the reference covers every argument
     keep = None
     if dropout_p > 0.0 and (return_attn_probs or backend == "reference"):
