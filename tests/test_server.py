@@ -312,7 +312,9 @@ def test_a_full_queue_refuses_with_429_and_loses_nothing(checkpoint, servers):
     client = small.client(openai.AsyncOpenAI)
 
     async def run():
-        kw = dict(model=path, prompt=[1, 5, 7], max_tokens=120, temperature=0, extra_body={"ignore_eos": True})
+        # The longest replies the server allows (LONG), so the three held requests are still running when the
+        # fourth arrives, also on a loaded machine (with 120 tokens one could finish first, under CI's load).
+        kw = dict(model=path, prompt=[1, 5, 7], max_tokens=LONG, temperature=0, extra_body={"ignore_eos": True})
         held = [asyncio.ensure_future(client.completions.create(**kw)) for _ in range(3)]
         while small.health()["outstanding"] < 3:
             await asyncio.sleep(0.01)
@@ -322,7 +324,7 @@ def test_a_full_queue_refuses_with_429_and_loses_nothing(checkpoint, servers):
 
     answers, refused = asyncio.run(run())
     assert refused.status_code == 429 and refused.body["code"] == "server_busy"
-    assert [a.usage.completion_tokens for a in answers] == [120] * 3
+    assert [a.usage.completion_tokens for a in answers] == [LONG] * 3
     assert len({a.choices[0].text for a in answers}) == 1
     assert small.health()["outstanding"] == 0
 
