@@ -115,7 +115,7 @@ def test_micro_pipeline_writes_a_complete_summary(tmp_path):
             "--reward:metrics.plots=false", "--reward:reward.task_pairs_policy_prompts=4",
             "--reward:reward.task_pairs_policy_samples=2", "--reward:reward.task_pairs_heldout=4",
             "--ppo:rollout.prompts_per_iteration=2", "--ppo:rollout.max_new_tokens=4", "--ppo:rollout.heldout_prompts=2",
-            "--ppo:rollout.comparison_prompts=2", "--ppo:online.rounds=1", "--ppo:online.iterations_per_round=1",
+            "--ppo:rollout.validation_prompts=2", "--ppo:rollout.comparison_prompts=2", "--ppo:online.rounds=1", "--ppo:online.iterations_per_round=1",
             "--ppo:online.critic_warmup_iterations=0", "--ppo:online.hackable_rm_prompts=2",
             "--ppo:online.rm_heldout_pairs=2", "--ppo:ptx.seq_len=32", "--ppo:reward_refresh.steps=1",
             "--ppo:reward_refresh.pairs_per_step=2", "--ppo:metrics.plots=false", "--ppo:metrics.progress=false"]

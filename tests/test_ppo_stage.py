@@ -167,7 +167,7 @@ def test_pipeline_appends_the_ppo_section(tmp_path, model_dirs):
     report = tmp_path / "report.md"
     report.write_text("# earlier sections\n")
     overrides = {"rollout.prompts_per_iteration": 4, "rollout.max_new_tokens": 4, "rollout.heldout_prompts": 2,
-                 "rollout.comparison_prompts": 2, "online.rounds": 1, "online.iterations_per_round": 1,
+                 "rollout.validation_prompts": 2, "rollout.comparison_prompts": 2, "online.rounds": 1, "online.iterations_per_round": 1,
                  "online.critic_warmup_iterations": 0, "online.hackable_rm_prompts": 2, "online.rm_heldout_pairs": 2,
                  "ptx.seq_len": 32, "reward_refresh.steps": 1, "reward_refresh.pairs_per_step": 2,
                  "metrics.plots": False, "metrics.progress": False, "run.name": "ppo_from_pipeline"}
