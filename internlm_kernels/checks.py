@@ -56,6 +56,13 @@ class debug_checks:
         _debug_override = self._previous
 
 
+def records_grad(*tensors) -> bool:
+    """Whether a call on ``tensors`` (None allowed) records gradients: grad mode is on and one of them requires grad.
+    Ops that have no backward refuse such calls, and measured choices are keyed by it (forward alone or with
+    backward)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def reads_values(t: torch.Tensor) -> bool:
     """Whether a value check may read ``t`` now: CPU tensors always, other devices under the debug switch; never
     while tracing or capturing a CUDA graph (and never meta tensors, which hold no values)."""

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
+from ..checks import records_grad
 from ..cpu import attention as cpu_attention
 from ..cpu import attention_choice
 
@@ -112,11 +113,6 @@ def _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale):
     return reference.flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, False, (-1, 0))
 
 
-def _records_grad(q, k, v) -> bool:
-    """Whether this call records gradients (the measured choice is keyed by it: forward alone or with backward)."""
-    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-
-
 def _runs_kernels(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, grad: bool) -> bool:
     """Whether the kernels (rather than SDPA per document) compute this call: they cover it and were measured faster
     for its shape class (timed with gradients when ``grad``)."""
@@ -133,7 +129,7 @@ def _runs_kernels(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, gr
 def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal):
     """Eager: out of the kernels' autograd Function or of SDPA per document (torch autograd), whichever was measured
     faster. The caller has routed causal rows without keys elsewhere."""
-    grad = _records_grad(q, k, v)
+    grad = records_grad(q, k, v)
     if _runs_kernels(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, grad):
         return cpu_attention.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
     return sdpa_per_document(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
@@ -228,5 +224,5 @@ cpu_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 def attention_traced(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, forced: bool):
     """Under torch.compile: out of one ``cpu_attention_fwd`` node (the check, the choice and the implementation run
     inside it, on the real tensors)."""
-    grad = _records_grad(q, k, v)
+    grad = records_grad(q, k, v)
     return cpu_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, grad, forced)[0]

@@ -23,7 +23,7 @@ from torch import Tensor
 from .. import reference
 from .._tensor_cache import PerTensorCache
 from ..backend import choose, requested
-from ..checks import FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_tensor, reads_values
+from ..checks import FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_tensor, reads_values, records_grad
 from .attention import _check_args, _check_hint, _last_dim_contiguous, _uniform_cu_seqlens
 
 INT32 = (torch.int32,)
@@ -105,10 +105,6 @@ class KVCacheOverflowError(ValueError, RuntimeError):
     (flash-attn raises one from its TORCH_CHECK), so code written for either catches it."""
 
 
-def _grad_wanted(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 class _PagedNoBackward(torch.autograd.Function):
     """Runs ``compute`` (the paged forward) without a graph and gives its (out, lse) a backward that raises: flash-attn
     runs a paged forward on tensors that require grad, so ours refuses only once a backward actually reaches it."""
@@ -123,8 +119,8 @@ class _PagedNoBackward(torch.autograd.Function):
                                   "paged path is inference only; run the unpaged call to train through attention")
 
 
-def _no_grad_wanted(*tensors) -> None:
-    if _grad_wanted(*tensors):
+def _refuse_grad(*tensors) -> None:
+    if records_grad(*tensors):
         raise NotImplementedError("attention over a KV cache (block_table / flash_attn_with_kvcache) is inference "
                                   "only and has no backward; call it under torch.no_grad() or inference_mode()")
 
@@ -253,7 +249,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                        ("return_softmax_lse", return_softmax_lse)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be a bool, got {flag!r}")
-    _no_grad_wanted(q, k_cache, v_cache, k, v)
+    _refuse_grad(q, k_cache, v_cache, k, v)
     if reads_values(cache_seqlens):
         _check_kvcache_values(k_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, n_new, capacity)
 
@@ -417,7 +413,7 @@ def flash_attn_varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max
             q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes,
             hint if hint is not None else q.shape[0], scale, left, right, float(softcap), 0)
 
-    out, lse = _PagedNoBackward.apply(compute, q, k_cache, v_cache) if _grad_wanted(q, k_cache, v_cache) else compute()
+    out, lse = _PagedNoBackward.apply(compute, q, k_cache, v_cache) if records_grad(q, k_cache, v_cache) else compute()
     return (out, lse, None) if return_attn_probs else out
 
 
