@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from internlm_kernels.cpu import decode_attention
 from internlm_kernels.cpu.gemm_choice import product
+from internlm_kernels.cpu.rotary import rotate_heads
 
 
 def _rms_scaled(x: torch.Tensor, h_eps: float) -> torch.Tensor:
@@ -78,6 +79,7 @@ class CpuDecodeStep:
         self.model = model
         self.n_kv, self.head_dim = config.num_key_value_heads, config.head_dim
         self.group = config.num_attention_heads // config.num_key_value_heads
+        self.cos, self.sin = cos, sin                                           # (positions, D / 2)
         self.cos2 = torch.cat([cos, cos], dim=-1)                               # (positions, D)
         self.sin2 = torch.cat([-sin, sin], dim=-1)
         self.max_seq_len = max_seq_len
@@ -106,8 +108,8 @@ class CpuDecodeStep:
         f_qkv = n_kv * (g + 2) * D
         positions = torch.cat([torch.arange(n) for n in lengths])                                # (T,)
         slot_of = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths))           # (T,)
-        cos = self.cos2.index_select(0, positions).view(T, 1, 1, D)
-        sin = self.sin2.index_select(0, positions).view(T, 1, 1, D)
+        cos = self.cos.index_select(0, positions)                                               # (T, D / 2)
+        sin = self.sin.index_select(0, positions)
         append_at = (self.row_base.index_select(0, slot_of) + positions[:, None]).flatten()
         groups: dict[int, list[int]] = {}                       # prompt length -> indices of the prompts
         for p, n in enumerate(lengths):
@@ -121,9 +123,11 @@ class CpuDecodeStep:
         h = W.embedding.index_select(0, ids)
         for i, (wa, wo, w13, w2) in enumerate(W.layers):
             eps_attn, eps_ffn = self.eps[i]
-            a = product(_rms_scaled(h, eps_attn), wa.t())
-            qkv = a[:, :f_qkv].view(T, n_kv, g + 2, D)
-            qk = (qkv[:, :, : g + 1] * cos).addcmul_(a[:, f_qkv:].view(T, n_kv, g + 1, D), sin)
+            # q, k, v only (not the rot(q), rot(k) columns the step folds in: at T rows they cost more FLOPs than the
+            # two calls they save), then the rotation as one C++ loop over the q and k heads.
+            qkv = product(_rms_scaled(h, eps_attn), wa[:, :f_qkv].t()).view(T, n_kv, g + 2, D)
+            qk = torch.empty(T, n_kv, g + 1, D)
+            rotate_heads(qk, qkv[:, :, : g + 1], cos, sin, 1.0)
             k_cache, v_cache = self.k[i], self.v[i]
             k_cache.view(-1, D).index_copy_(0, append_at, qk[:, :, g].reshape(T * n_kv, D))
             v_cache.view(-1, D).index_copy_(0, append_at, qkv[:, :, g + 1].reshape(T * n_kv, D))
