@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # Re-runs when the build or the dependencies change; the editable install rebuilds the extension.
-$(STAMP): pyproject.toml CMakeLists.txt requirements-dev.txt $(wildcard csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*.cpp)
+$(STAMP): pyproject.toml CMakeLists.txt requirements-dev.txt $(wildcard csrc/*.h csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*.cpp)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==$(TORCH_CPU_VERSION)" "triton==$(TRITON_VERSION)"
@@ -34,7 +34,8 @@ lint: $(STAMP)
 # Each pass compiles into its own inductor cache under build/ (not the machine-wide /tmp one, which other checkouts'
 # runs share), so no compiled kernel of another run or of the other ISA is reused.
 ISA_TESTS := tests/test_cpu_fused.py tests/test_linear_cpu.py tests/test_gemm_choice.py tests/test_decode_step.py \
-	tests/test_attention_cpu.py tests/test_attention_cpu_kernels.py tests/test_attention_choice.py tests/test_cross_entropy_cpu.py \
+	tests/test_attention_cpu.py tests/test_attention_cpu_kernels.py tests/test_decode_attention_cpu.py \
+	tests/test_attention_choice.py tests/test_cross_entropy_cpu.py \
 	tests/test_distributed_2d.py tests/test_distributed_zero.py tests/test_tensor_parallel_stages.py tests/test_reward.py \
 	tests/test_ppo_iteration.py
 

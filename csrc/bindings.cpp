@@ -101,6 +101,25 @@ PYBIND11_MODULE(_C, m) {
         py::arg("isa"), py::arg("num_threads"));
   m.def("attention_isa_cpu", &ik::attention_isa_cpu, py::arg("requested"),
         "The ISA attention_cpu runs when the caller allows `requested` (0 generic, 1 AVX2, 2 AVX-512).");
+  // addresses: (q, k, v, out, seqlens); sizes: (batch, kv_heads, group, dim, max_keys); strides: q's (batch, kv head,
+  // query head of the group), k's and v's (batch, kv head, token). See csrc/cpu/decode_attention.h.
+  m.def("decode_attention_cpu",
+        [](py::tuple addresses, py::tuple sizes, py::tuple q_strides, py::tuple kv_strides, float scale, int isa,
+           int num_threads) {
+          if (addresses.size() != 5 || sizes.size() != 5 || q_strides.size() != 3 || kv_strides.size() != 3)
+            throw std::invalid_argument("decode_attention_cpu: 5 addresses, 5 sizes, 3 + 3 strides");
+          int64_t p[5], n[5], qs[3], ks[3];
+          for (size_t i = 0; i < 5; ++i) p[i] = addresses[i].cast<int64_t>();
+          for (size_t i = 0; i < 5; ++i) n[i] = sizes[i].cast<int64_t>();
+          for (size_t i = 0; i < 3; ++i) qs[i] = q_strides[i].cast<int64_t>();
+          for (size_t i = 0; i < 3; ++i) ks[i] = kv_strides[i].cast<int64_t>();
+          ik::DecodeAttentionLaunch a{p[0], p[1], p[2], p[3], p[4], n[0], n[1], n[2], n[3], n[4],
+                                      qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], scale};
+          py::gil_scoped_release release;
+          return ik::decode_attention_cpu(a, isa, num_threads);
+        },
+        py::arg("addresses"), py::arg("sizes"), py::arg("q_strides"), py::arg("kv_strides"), py::arg("scale"),
+        py::arg("isa"), py::arg("num_threads"));
   m.def("grad_norm_cpu",
         [](int64_t table, int64_t chunks, int64_t n_chunks, int64_t chunk_size, int kind, double p,
            int64_t partials, int64_t out, int num_threads) {

@@ -7,6 +7,7 @@
 
 #include "adamw.h"
 #include "cpu/attention.h"
+#include "cpu/decode_attention.h"
 
 namespace ik {
 
@@ -47,6 +48,11 @@ enum AttentionIsa { kIsaGeneric = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
 bool attention_cpu(const AttentionLaunch& a, bool backward, int isa, int num_threads);
 // The ISA attention_cpu runs for `requested`.
 int attention_isa_cpu(int requested);
+
+// Decode attention over a per-slot KV cache, float32 (csrc/cpu/decode_attention.h), on the ISA attention_cpu would
+// use. Throws std::invalid_argument (Python: ValueError) for a row length outside [0, max_keys]; returns false,
+// writing nothing, for a head dim without a kernel.
+bool decode_attention_cpu(const DecodeAttentionLaunch& a, int isa, int num_threads);
 
 void adamw_cpu(const AdamWLaunch& launch, int num_threads);
 void adamw_cuda(const AdamWLaunch& launch, int device, int64_t stream);

@@ -16,10 +16,15 @@ traffic around small GEMMs, so the step is written to make as few calls as it ca
     against [Wqkv; P·Wqk] gives q, k, v and rot(q), rot(k); rotated = qk·[c, c] + rot(qk)·[-s, s] (two calls),
   - w1 and w3 as one (H, 2I) product; the residual adds fused into the wo and w2 products (``addmm``).
 * **Per step, once for all layers**: the cos/sin rows at pos_b = cache_seqlens[b]; the flat index of (b, h, pos_b)
-  for the append; S = max_b(pos_b + 1); an additive mask (0 / -inf for j > pos_b) only when the rows' lengths differ.
-* **Per layer** (~20 calls): x = r(h)·h; a = x·Waᵀ; q, k rotated; k, v appended (index_copy_); scores q·Kᵀ (bmm, GQA
-  as (B·Hkv, g, D) × (B·Hkv, D, S): no K/V repeat), softmax, ·V (bmm); h = addmm(h, o, Wo); x = r(h)·h;
+  for the append; each row's key count pos_b + 1.
+* **Per layer** (~17 calls): x = r(h)·h; a = x·Waᵀ; q, k rotated; k, v appended (index_copy_); attention of each
+  row's g query heads per KV head over its own pos_b + 1 keys of the slot's cache, in one call of the extension's
+  decode attention kernel (``internlm_kernels.cpu.decode_attention``: K and V read once per KV head, exact softmax
+  in float32, no mask, output in the (B, Hq·D) layout wo reads); h = addmm(h, o, Wo); x = r(h)·h;
   h = addmm(h, silu(a1)·a3, W2).
+* Without the extension (or for a head dim it has no kernel for) the attention is ATen's: scores q·Kᵀ (bmm, GQA as
+  (B·Hkv, g, D) × (B·Hkv, D, S) over S = max_b(pos_b + 1) keys: no K/V repeat), an additive mask (0 / -inf for
+  j > pos_b, built once per step) only when the rows' lengths differ, softmax, ·V (bmm).
 
 Same math as the model's packed forward up to float32 summation order; float32 only.
 """
@@ -28,7 +33,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from internlm_kernels.cpu import decode_attention
 from internlm_kernels.cpu.gemm_choice import product
+from internlm_kernels.cpu.rotary import rotate_heads
 
 
 def _rms_scaled(x: torch.Tensor, h_eps: float) -> torch.Tensor:
@@ -72,6 +79,7 @@ class CpuDecodeStep:
         self.model = model
         self.n_kv, self.head_dim = config.num_key_value_heads, config.head_dim
         self.group = config.num_attention_heads // config.num_key_value_heads
+        self.cos, self.sin = cos, sin                                           # (positions, D / 2)
         self.cos2 = torch.cat([cos, cos], dim=-1)                               # (positions, D)
         self.sin2 = torch.cat([-sin, sin], dim=-1)
         self.max_seq_len = max_seq_len
@@ -84,6 +92,8 @@ class CpuDecodeStep:
         # Flat index of (slot b, kv head h, position 0) in a layer's (max_batch · Hkv · S_max, D) view.
         self.row_base = (torch.arange(max_batch)[:, None] * self.n_kv + torch.arange(self.n_kv)) * max_seq_len
         self.weights: DecodeWeights | None = None
+        # The decode attention kernel where the extension has one for this head dim, else bmm / softmax / bmm.
+        self.attention_kernel = decode_attention.runs(self.head_dim)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, slots: list[int], lengths: list[int]) -> torch.Tensor:
@@ -98,8 +108,8 @@ class CpuDecodeStep:
         f_qkv = n_kv * (g + 2) * D
         positions = torch.cat([torch.arange(n) for n in lengths])                                # (T,)
         slot_of = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths))           # (T,)
-        cos = self.cos2.index_select(0, positions).view(T, 1, 1, D)
-        sin = self.sin2.index_select(0, positions).view(T, 1, 1, D)
+        cos = self.cos.index_select(0, positions)                                               # (T, D / 2)
+        sin = self.sin.index_select(0, positions)
         append_at = (self.row_base.index_select(0, slot_of) + positions[:, None]).flatten()
         groups: dict[int, list[int]] = {}                       # prompt length -> indices of the prompts
         for p, n in enumerate(lengths):
@@ -113,9 +123,11 @@ class CpuDecodeStep:
         h = W.embedding.index_select(0, ids)
         for i, (wa, wo, w13, w2) in enumerate(W.layers):
             eps_attn, eps_ffn = self.eps[i]
-            a = product(_rms_scaled(h, eps_attn), wa.t())
-            qkv = a[:, :f_qkv].view(T, n_kv, g + 2, D)
-            qk = (qkv[:, :, : g + 1] * cos).addcmul_(a[:, f_qkv:].view(T, n_kv, g + 1, D), sin)
+            # q, k, v only (not the rot(q), rot(k) columns the step folds in: at T rows they cost more FLOPs than the
+            # two calls they save), then the rotation as one C++ loop over the q and k heads.
+            qkv = product(_rms_scaled(h, eps_attn), wa[:, :f_qkv].t()).view(T, n_kv, g + 2, D)
+            qk = torch.empty(T, n_kv, g + 1, D)
+            rotate_heads(qk, qkv[:, :, : g + 1], cos, sin, 1.0)
             k_cache, v_cache = self.k[i], self.v[i]
             k_cache.view(-1, D).index_copy_(0, append_at, qk[:, :, g].reshape(T * n_kv, D))
             v_cache.view(-1, D).index_copy_(0, append_at, qkv[:, :, g + 1].reshape(T * n_kv, D))
@@ -161,12 +173,16 @@ class CpuDecodeStep:
         cos = self.cos2.index_select(0, pos).view(B, 1, 1, D)    # index_select: several times cheaper than t[idx]
         sin = self.sin2.index_select(0, pos).view(B, 1, 1, D)
         append_at = (self.row_base[:B] + pos[:, None]).flatten()               # (slot b, kv head h, pos_b)
-        lo, hi = torch.aminmax(pos)
-        shortest, longest = int(lo) + 1, int(hi) + 1
-        mask = None
-        if shortest != longest:                                                 # (B·Hkv, 1, S): 0 or -inf
-            hidden = torch.arange(longest)[None, :] > pos[:, None]
-            mask = torch.zeros(B, longest).masked_fill_(hidden, float("-inf")).repeat_interleave(n_kv, 0)[:, None]
+        if self.attention_kernel:
+            n_keys = pos + 1                                                    # keys 0..pos_b of each row
+            out = torch.empty(B, n_kv * g * D)        # each layer's attention output, consumed by its wo product
+        else:
+            lo, hi = torch.aminmax(pos)
+            shortest, longest = int(lo) + 1, int(hi) + 1
+            mask = None
+            if shortest != longest:                                             # (B·Hkv, 1, S): 0 or -inf
+                hidden = torch.arange(longest)[None, :] > pos[:, None]
+                mask = torch.zeros(B, longest).masked_fill_(hidden, float("-inf")).repeat_interleave(n_kv, 0)[:, None]
 
         h = W.embedding.index_select(0, tokens)                                 # (B, hidden): the residual stream
         for i, (wa, wo, w13, w2) in enumerate(W.layers):
@@ -177,10 +193,13 @@ class CpuDecodeStep:
             k_cache, v_cache = self.k[i], self.v[i]                            # (max_batch, Hkv, S_max, D)
             k_cache.view(-1, D).index_copy_(0, append_at, qk[:, :, g].reshape(B * n_kv, D))
             v_cache.view(-1, D).index_copy_(0, append_at, qkv[:, :, g + 1].reshape(B * n_kv, D))
-            q = qk[:, :, :g].reshape(B * n_kv, g, D)                            # a view: (B·Hkv, g, D), scaled
-            keys = k_cache[:B, :, :longest].reshape(B * n_kv, longest, D).transpose(1, 2)
-            scores = torch.bmm(q, keys) if mask is None else torch.baddbmm(mask, q, keys)
-            out = torch.bmm(scores.softmax(-1), v_cache[:B, :, :longest].reshape(B * n_kv, longest, D))
+            if self.attention_kernel:                                           # q: (B, Hkv, g, D), scaled
+                decode_attention.decode_attention(qk[:, :, :g], k_cache, v_cache, n_keys, 1.0, out, check=i == 0)
+            else:
+                q = qk[:, :, :g].reshape(B * n_kv, g, D)                        # a view: (B·Hkv, g, D), scaled
+                keys = k_cache[:B, :, :longest].reshape(B * n_kv, longest, D).transpose(1, 2)
+                scores = torch.bmm(q, keys) if mask is None else torch.baddbmm(mask, q, keys)
+                out = torch.bmm(scores.softmax(-1), v_cache[:B, :, :longest].reshape(B * n_kv, longest, D))
             h = torch.addmm(h, out.view(B, n_kv * g * D), wo)
             a = torch.mm(_rms_scaled(h, eps_ffn), w13)                          # (B, w1 x | w3 x)
             inter = a.shape[1] // 2

@@ -111,3 +111,21 @@ def test_gqa_groups_and_weight_updates_are_seen():
         m.model.layers[0].feed_forward.w2.weight.mul_(3.0)
     assert [c.tokens for c in gen.generate(PROMPTS[:3], 6, stop_token_ids=())] == \
         [uncached_greedy(m, p, 6, ()) for p in PROMPTS[:3]]
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_k": 50}])
+def test_bmm_attention_without_the_kernel_equals_the_kernel(model, sampling):
+    """The step's attention through the extension's decode attention kernel (where it has one: micro's head dim 32)
+    and through its ATen form (bmm / masked softmax / bmm, what runs without the extension) give the same tokens
+    on ragged prompts, and log-probs equal up to float32 summation order."""
+    results = []
+    for kernel in (True, False):
+        gen = ContinuousBatchingGenerator(model, max_batch=4, page_size=8, max_seq_len=40)
+        assert gen._cpu_step.attention_kernel
+        gen._cpu_step.attention_kernel = kernel
+        results.append(gen.generate(PROMPTS, BUDGETS, stop_token_ids=(), generator=torch.Generator().manual_seed(3),
+                                    **sampling))
+    got, want = results
+    assert [c.tokens for c in got] == [c.tokens for c in want]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), rtol=1e-5, atol=1e-5)

@@ -143,6 +143,58 @@ def test_sample_with_a_generator_per_row_draws_each_row_as_it_would_alone():
     assert torch.equal(tokens[[1, 3]], sample(logits[[1, 3]], 0.8, 0.9, 20, g(9))[0])
 
 
+def _multinomial_sample(logits, temperature, top_p, generators):
+    """The draw without top-k as torch.multinomial makes it: softmax(logits / T) (sorted and cut to the top-p
+    nucleus), one multinomial call per generator over its rows in row order."""
+    probs = torch.log_softmax(logits / temperature, dim=-1).exp()
+    order = None
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+    choice = torch.empty(logits.shape[0], 1, dtype=torch.long)
+    rows_of = {}
+    for row, g in enumerate(generators):
+        rows_of.setdefault(id(g), []).append(row)
+    for rows in rows_of.values():
+        choice[rows] = torch.multinomial(probs[rows], 1, generator=generators[rows[0]])
+    return (choice if order is None else order.gather(-1, choice)).squeeze(-1)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_sample_without_top_k_draws_multinomials_tokens(top_p):
+    """Without top-k the exponential race draws the tokens torch.multinomial draws from the same generators (its
+    own algorithm for one sample), and leaves each generator where multinomial leaves it: a seed's stream is the one
+    it was with multinomial, per row generators, shared ones and one for the batch alike."""
+    torch.manual_seed(0)
+    for trial in range(20):
+        logits = torch.randn(6, 272) * 3
+
+        def gens(seed):
+            shared = torch.Generator().manual_seed(seed)
+            return [torch.Generator().manual_seed(seed + 1), shared, torch.Generator().manual_seed(seed + 2), shared,
+                    shared, torch.Generator().manual_seed(seed + 3)]
+
+        ours, theirs = gens(trial * 10), gens(trial * 10)
+        assert torch.equal(sample(logits, 0.9, top_p, 0, ours)[0], _multinomial_sample(logits, 0.9, top_p, theirs))
+        assert all(torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b)) for a, b in zip(ours, theirs))
+        one = torch.Generator().manual_seed(trial)
+        assert torch.equal(sample(logits, 1.0, top_p, 0, one)[0],
+                           _multinomial_sample(logits, 1.0, top_p, [torch.Generator().manual_seed(trial)] * 6))
+
+
+def test_top_k_draw_frequencies():
+    """The top-k draw (over the k candidates only) samples each of them with its renormalized probability: counts of
+    40000 draws within 5 binomial standard deviations (a false failure has probability ~1e-6 per token), and never
+    a token outside the top k."""
+    p = torch.tensor([0.05, 0.3, 0.1, 0.25, 0.2, 0.1])
+    logits = torch.log(p).expand(40000, 6)
+    draws, _ = sample(logits, 1.0, 1.0, 3, torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=6).double()
+    want = torch.tensor([0, 0.3, 0, 0.25, 0.2, 0]).double() / 0.75 * 40000
+    sigma = (want * (1 - want / 40000)).sqrt()
+    assert bool(((counts - want).abs() <= 5 * sigma).all()), (counts, want)
+
+
 def test_bad_arguments(model):
     gen = ContinuousBatchingGenerator(model, max_batch=2)
     with pytest.raises(ValueError, match="prompts"):
