@@ -34,9 +34,7 @@ namespace {
 constexpr int PANEL = 32;   // keys per packed Kᵀ panel, as many as a query block's rows: a causal block computes at
                             // most one panel of masked scores
 constexpr int PV = PANEL / VW;                             // vectors per panel row
-// Register tiles: (rows × vectors) accumulators, 16 of AVX-512's 32 registers, 12 of AVX2's and SSE's 16 (the rest
-// hold the loaded operands): scores 8 rows × 2 vectors (AVX-512) or 6 × 2 (AVX2).
-constexpr int ACC = VW == 16 ? 16 : 12;
+// Register tiles of ACC (kernel_common.h) accumulators: scores 8 rows × 2 vectors (AVX-512) or 6 × 2 (AVX2).
 constexpr int QK_COLS = PV < 2 ? PV : 2;                   // vectors per score microkernel pass
 constexpr int QK_ROWS = ACC / QK_COLS;
 constexpr int BQ_FWD = 32;                                 // query rows per forward block
@@ -86,31 +84,6 @@ void scores(const float* a, int64_t lda, int64_t rows, const float* panels, int6
   int64_t r = 0;
   for (; r + QK_ROWS <= rows; r += QK_ROWS) scores_rows<D, QK_ROWS>(a + r * lda, lda, panels, n_pad, s + r * lds, lds);
   for (; r < rows; ++r) scores_rows<D, 1>(a + r * lda, lda, panels, n_pad, s + r * lds, lds);
-}
-
-// out[r][·] = mul[r] · Σ_{j < n} P[r][j] · B[j][·] for r < R (B rows of D floats, stride ldb): P V, dS K.
-template <int D, int R>
-inline void weighted_rows(const float* p, int64_t ldp, const float* b, int64_t ldb, int64_t n, float* out,
-                          int64_t ldo, const float* mul) {
-  constexpr int DV = D / VW;
-  vf acc[R][DV];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < DV; ++v) acc[r][v] = splat(0.f);
-  for (int64_t j = 0; j < n; ++j) {
-    vf x[DV];
-    for (int v = 0; v < DV; ++v) x[v] = load(b + j * ldb + v * VW);
-    for (int r = 0; r < R; ++r) {
-      const vf w = splat(p[r * ldp + j]);
-      for (int v = 0; v < DV; ++v) acc[r][v] += w * x[v];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < DV; ++v) store(out + r * ldo + v * VW, acc[r][v] * mul[r]);
-}
-
-template <int D>
-constexpr int weighted_rows_per_tile() {
-  return ACC / (D / VW) > 0 ? ACC / (D / VW) : 1;
 }
 
 // Row r's sum runs over its own key count n[r] (the rest of P is zero, so any n >= n[r] gives the same result).

@@ -11,7 +11,7 @@
 // would cost as much as the product): per key one vector of partial products summed over the features, then the VW
 // partial vectors are reduced to one vector of VW scores by log2(VW) rounds of "sum of even and odd lanes" of pairs
 // (two shuffles and an add per pair), instead of a horizontal sum per key. ·V is a sum of value rows weighted by
-// p_rj, vectorized over the features, g rows at once.
+// p_rj, vectorized over the features, g rows at once (kernel_common.h's weighted_rows, as the packed kernels' P V).
 //
 // Like attention_kernels.h, this file is compiled with per-ISA -march flags and so defines nothing of external
 // linkage but its entry point.
@@ -26,9 +26,6 @@ namespace IK_DECODE_NS {
 namespace {
 
 #include "cpu/kernel_common.h"
-
-// Accumulator vectors the ·V pass keeps in registers (as attention_kernels.h's ACC): rows per pass = ACC / (D / VW).
-constexpr int ACC = VW == 16 ? 16 : 12;
 
 inline vi lane_index() {
   vi x;
@@ -111,31 +108,6 @@ inline float softmax_row(float* s, int64_t n, int64_t n_pad) {
   return 1.f / hsum(sum);
 }
 
-// out[r] = inv_l[r] · Σ_{j < n} p[r][j] · v_j for R rows (p row stride ldp, value token stride vs).
-template <int D, int R>
-void weighted_rows(const float* p, int64_t ldp, const float* v, int64_t vs, int64_t n, const float* inv_l,
-                   float* out) {
-  constexpr int DV = D / VW;
-  vf acc[R][DV];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < DV; ++c) acc[r][c] = splat(0.f);
-  for (int64_t j = 0; j < n; ++j) {
-    vf x[DV];
-    for (int c = 0; c < DV; ++c) x[c] = load(v + j * vs + c * VW);
-    for (int r = 0; r < R; ++r) {
-      const vf w = splat(p[r * ldp + j]);
-      for (int c = 0; c < DV; ++c) acc[r][c] += w * x[c];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < DV; ++c) store(out + r * D + c * VW, acc[r][c] * splat(inv_l[r]));
-}
-
-template <int D>
-constexpr int rows_per_pass() {
-  return ACC / (D / VW) > 0 ? ACC / (D / VW) : 1;
-}
-
 template <int D>
 void task(const DecodeAttentionLaunch& a, int64_t b, int64_t h) {
   const int64_t g = a.group, n = reinterpret_cast<const int64_t*>(a.seqlens)[b];
@@ -157,10 +129,10 @@ void task(const DecodeAttentionLaunch& a, int64_t b, int64_t h) {
     scores_row<D>(qs, k, a.kv_token, n, s + r * n_pad);
     inv_l[r] = softmax_row(s + r * n_pad, n, n_pad);
   }
-  constexpr int R = rows_per_pass<D>();
+  constexpr int R = weighted_rows_per_tile<D>();
   int64_t r = 0;
-  for (; r + R <= g; r += R) weighted_rows<D, R>(s + r * n_pad, n_pad, v, a.kv_token, n, inv_l + r, out + r * D);
-  for (; r < g; ++r) weighted_rows<D, 1>(s + r * n_pad, n_pad, v, a.kv_token, n, inv_l + r, out + r * D);
+  for (; r + R <= g; r += R) weighted_rows<D, R>(s + r * n_pad, n_pad, v, a.kv_token, n, out + r * D, D, inv_l + r);
+  for (; r < g; ++r) weighted_rows<D, 1>(s + r * n_pad, n_pad, v, a.kv_token, n, out + r * D, D, inv_l + r);
 }
 
 template <int D>

@@ -1,6 +1,6 @@
 // Shared pieces of the per-ISA CPU kernel bodies (csrc/cpu/attention_kernels.h, csrc/cpu/decode_attention_kernels.h):
 // native float vectors of IK_VW lanes, exp2 of non-positive arguments, horizontal max/sum, a per-thread scratch
-// buffer. Included *inside* each body's `namespace ik { namespace <isa> { namespace {`, after <cstdint>, <cstdlib> and
+// buffer, the weighted sum of rows (P V) both kernels run. Included *inside* each body's `namespace ik { namespace <isa> { namespace {`, after <cstdint>, <cstdlib> and
 // <cstring>, so every definition here has internal linkage and is compiled for that file's ISA (see the note on
 // external linkage in attention_kernels.h). No include guard: each ISA's translation unit includes it once.
 
@@ -75,4 +75,33 @@ float* scratch_floats(size_t n) {
     scratch.size = n;
   }
   return scratch.data;
+}
+
+// Register tiles: (rows × vectors) accumulators, 16 of AVX-512's 32 registers, 12 of AVX2's and SSE's 16 (the rest
+// hold the loaded operands).
+constexpr int ACC = VW == 16 ? 16 : 12;
+
+// out[r][·] = mul[r] · Σ_{j < n} P[r][j] · B[j][·] for r < R (B rows of D floats, stride ldb): P V, dS K.
+template <int D, int R>
+inline void weighted_rows(const float* p, int64_t ldp, const float* b, int64_t ldb, int64_t n, float* out,
+                          int64_t ldo, const float* mul) {
+  constexpr int DV = D / VW;
+  vf acc[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < DV; ++v) acc[r][v] = splat(0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    vf x[DV];
+    for (int v = 0; v < DV; ++v) x[v] = load(b + j * ldb + v * VW);
+    for (int r = 0; r < R; ++r) {
+      const vf w = splat(p[r * ldp + j]);
+      for (int v = 0; v < DV; ++v) acc[r][v] += w * x[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < DV; ++v) store(out + r * ldo + v * VW, acc[r][v] * mul[r]);
+}
+
+template <int D>
+constexpr int weighted_rows_per_tile() {
+  return ACC / (D / VW) > 0 ? ACC / (D / VW) : 1;
 }
