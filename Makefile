@@ -35,7 +35,8 @@ lint: $(STAMP)
 # runs share), so no compiled kernel of another run or of the other ISA is reused.
 ISA_TESTS := tests/test_cpu_fused.py tests/test_linear_cpu.py tests/test_gemm_choice.py tests/test_decode_step.py \
 	tests/test_attention_cpu.py tests/test_attention_cpu_kernels.py tests/test_decode_attention_cpu.py \
-	tests/test_attention_choice.py tests/test_cross_entropy_cpu.py \
+	tests/test_attention_choice.py tests/test_cross_entropy_cpu.py tests/test_rms_norm_cpu_kernels.py \
+	tests/test_swiglu_cpu_kernels.py \
 	tests/test_distributed_2d.py tests/test_distributed_zero.py tests/test_tensor_parallel_stages.py tests/test_reward.py \
 	tests/test_ppo_iteration.py
 

@@ -120,6 +120,47 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("addresses"), py::arg("sizes"), py::arg("q_strides"), py::arg("kv_strides"), py::arg("scale"),
         py::arg("isa"), py::arg("num_threads"));
+  // addresses: (x, residual, weight, y, h, rstd), 0 for residual and h without a residual. See csrc/cpu/rms_norm.h.
+  m.def("rms_norm_cpu",
+        [](py::tuple addresses, int64_t rows, int64_t width, float eps, int isa, int num_threads) {
+          if (addresses.size() != 6) throw std::invalid_argument("rms_norm_cpu: 6 addresses");
+          int64_t p[6];
+          for (size_t i = 0; i < 6; ++i) p[i] = addresses[i].cast<int64_t>();
+          ik::RMSNormForward a{p[0], p[1], p[2], p[3], p[4], p[5], rows, width, eps};
+          py::gil_scoped_release release;
+          ik::rms_norm_cpu(a, isa, num_threads);
+        },
+        py::arg("addresses"), py::arg("rows"), py::arg("width"), py::arg("eps"), py::arg("isa"),
+        py::arg("num_threads"));
+  // addresses: (dy, h, rstd, weight, dh_out, dh, dw, partials), 0 for dh_out, and for dw and partials without a
+  // weight gradient; partials holds num_threads × width floats.
+  m.def("rms_norm_backward_cpu",
+        [](py::tuple addresses, int64_t rows, int64_t width, int isa, int num_threads) {
+          if (addresses.size() != 8) throw std::invalid_argument("rms_norm_backward_cpu: 8 addresses");
+          int64_t p[8];
+          for (size_t i = 0; i < 8; ++i) p[i] = addresses[i].cast<int64_t>();
+          ik::RMSNormBackward a{p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], rows, width};
+          py::gil_scoped_release release;
+          ik::rms_norm_backward_cpu(a, isa, num_threads);
+        },
+        py::arg("addresses"), py::arg("rows"), py::arg("width"), py::arg("isa"), py::arg("num_threads"));
+  // addresses: (gate, up, out, dout, dgate, dup), 0 for those the pass does not use; row_strides in the same order.
+  // See csrc/cpu/swiglu.h.
+  m.def("swiglu_cpu",
+        [](py::tuple addresses, int64_t rows, int64_t width, py::tuple row_strides, float gate_multiplier,
+           float down_multiplier, bool backward, int isa, int num_threads) {
+          if (addresses.size() != 6 || row_strides.size() != 6)
+            throw std::invalid_argument("swiglu_cpu: 6 addresses and 6 row strides");
+          int64_t p[6], r[6];
+          for (size_t i = 0; i < 6; ++i) p[i] = addresses[i].cast<int64_t>();
+          for (size_t i = 0; i < 6; ++i) r[i] = row_strides[i].cast<int64_t>();
+          ik::SwiGLULaunch a{p[0], p[1], p[2], p[3], p[4], p[5], rows, width,
+                             r[0], r[1], r[2], r[3], r[4], r[5], gate_multiplier, down_multiplier};
+          py::gil_scoped_release release;
+          ik::swiglu_cpu(a, backward, isa, num_threads);
+        },
+        py::arg("addresses"), py::arg("rows"), py::arg("width"), py::arg("row_strides"), py::arg("gate_multiplier"),
+        py::arg("down_multiplier"), py::arg("backward"), py::arg("isa"), py::arg("num_threads"));
   m.def("grad_norm_cpu",
         [](int64_t table, int64_t chunks, int64_t n_chunks, int64_t chunk_size, int kind, double p,
            int64_t partials, int64_t out, int num_threads) {

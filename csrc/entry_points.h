@@ -8,6 +8,8 @@
 #include "adamw.h"
 #include "cpu/attention.h"
 #include "cpu/decode_attention.h"
+#include "cpu/rms_norm.h"
+#include "cpu/swiglu.h"
 
 namespace ik {
 
@@ -53,6 +55,12 @@ int attention_isa_cpu(int requested);
 // use. Throws std::invalid_argument (Python: ValueError) for a row length outside [0, max_keys]; returns false,
 // writing nothing, for a head dim without a kernel.
 bool decode_attention_cpu(const DecodeAttentionLaunch& a, int isa, int num_threads);
+
+// RMSNorm with the fused residual add and SwiGLU, float32 (csrc/cpu/rms_norm.h, csrc/cpu/swiglu.h), on the ISA
+// attention_cpu would use.
+void rms_norm_cpu(const RMSNormForward& a, int isa, int num_threads);
+void rms_norm_backward_cpu(const RMSNormBackward& a, int isa, int num_threads);
+void swiglu_cpu(const SwiGLULaunch& a, bool backward, int isa, int num_threads);
 
 void adamw_cpu(const AdamWLaunch& launch, int num_threads);
 void adamw_cuda(const AdamWLaunch& launch, int device, int64_t stream);

@@ -123,3 +123,12 @@ def oracle_leaf(t: torch.Tensor, kernel_dtype: torch.dtype) -> torch.Tensor:
     float32 (so the oracle's own rounding is negligible at the 1e-5 tolerance), else t's own dtype (the reference
     computes in float32 and rounds its outputs like the fp16/bf16 kernels)."""
     return t.detach().to(torch.float64 if kernel_dtype == torch.float32 else t.dtype).requires_grad_(True)
+
+
+@pytest.fixture
+def threads(request):
+    """torch's thread count set to the test's indirect parameter while it runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)

@@ -39,6 +39,14 @@ inline vf exp2_neg(vf x) {
   return p * scale;
 }
 
+// The first n < VW floats at p as a vector (the other lanes 0), and their store: a row's tail.
+inline vf load_first(const float* p, int64_t n) {
+  vf x = splat(0.f);
+  std::memcpy(&x, p, n * sizeof(float));
+  return x;
+}
+inline void store_first(float* p, vf x, int64_t n) { std::memcpy(p, &x, n * sizeof(float)); }
+
 inline float hmax(vf x) {
   float m = x[0];
   for (int i = 1; i < VW; ++i) m = x[i] > m ? x[i] : m;

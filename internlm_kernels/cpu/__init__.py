@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _ext
 from ..backend import requested
 
 
@@ -24,3 +25,14 @@ def runs_here(op: str, supported: bool, what: str) -> bool:
     if requested(op) != "auto":
         raise NotImplementedError(f"{op}: the cpu backend does not support {what}; use the reference backend")
     return False
+
+
+def extension_runs() -> bool:
+    """Whether the extension's CPU kernels run here: it is built, and torch.compile is not tracing (it traces the
+    ATen composition each kernel replaces, which Inductor fuses)."""
+    return not torch.compiler.is_compiling() and _ext.why_unavailable("cpu") is None
+
+
+def kernel_threads(numel: int) -> int:
+    """Threads for an extension kernel over ``numel`` elements: torch's count, fewer for small work."""
+    return max(1, min(torch.get_num_threads(), numel // _ext.MIN_ELEMENTS_PER_THREAD))

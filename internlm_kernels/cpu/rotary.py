@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from . import extension_runs, kernel_threads
 
 DTYPES = (torch.float32,)
 
@@ -60,11 +61,6 @@ def rotate_into(out: torch.Tensor, x: torch.Tensor, c: torch.Tensor, s: torch.Te
         out[..., 2 * half:].copy_(x[..., 2 * half:])
 
 
-def _native() -> bool:
-    """Whether the extension's rotary loop can run (it is built; not under torch.compile, which traces ATen ops)."""
-    return not torch.compiler.is_compiling() and _ext.why_unavailable("cpu") is None
-
-
 def _heads(t: torch.Tensor) -> tuple[int, int, int]:
     """(token, group, head) strides of a (tokens, groups, heads, D) view."""
     return t.stride(0), t.stride(1), t.stride(2)
@@ -73,15 +69,14 @@ def _heads(t: torch.Tensor) -> tuple[int, int, int]:
 def rotate_heads(out: torch.Tensor, x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, sign: float) -> None:
     """out = rotation of x by (c, sign·s) for x, out (tokens, groups, heads, D) float32 views (out with unit feature
     stride), c, s (tokens, rotary_dim / 2) contiguous float32: the extension's loop if it runs, else ATen ops."""
-    if not _native():
+    if not extension_runs():
         rotate_into(out, x, c[:, None, None], s[:, None, None] if sign > 0 else -s[:, None, None])
         return
     if x.stride(3) != 1:
         x = x.contiguous()
     T, G, H, D = x.shape
     _ext.load().rotary_heads_cpu(x.data_ptr(), out.data_ptr(), c.data_ptr(), s.data_ptr(), T, G, H, D, c.shape[-1],
-                                 _heads(x), _heads(out), sign, max(1, min(torch.get_num_threads(),
-                                                                          x.numel() // _ext.MIN_ELEMENTS_PER_THREAD)))
+                                 _heads(x), _heads(out), sign, kernel_threads(x.numel()))
 
 
 class RotaryFunction(torch.autograd.Function):
