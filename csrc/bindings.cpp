@@ -120,18 +120,20 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("addresses"), py::arg("sizes"), py::arg("q_strides"), py::arg("kv_strides"), py::arg("scale"),
         py::arg("isa"), py::arg("num_threads"));
-  // addresses: (x, residual, weight, y, h, rstd), 0 for residual and h without a residual. See csrc/cpu/rms_norm.h.
+  // addresses: (x, residual, weight, y, h, rstd), 0 for residual and h without a residual, for weight and rstd
+  // where not wanted. See csrc/cpu/rms_norm.h.
   m.def("rms_norm_cpu",
-        [](py::tuple addresses, int64_t rows, int64_t width, float eps, int isa, int num_threads) {
+        [](py::tuple addresses, int64_t rows, int64_t width, float eps, float square_scale, int isa,
+           int num_threads) {
           if (addresses.size() != 6) throw std::invalid_argument("rms_norm_cpu: 6 addresses");
           int64_t p[6];
           for (size_t i = 0; i < 6; ++i) p[i] = addresses[i].cast<int64_t>();
-          ik::RMSNormForward a{p[0], p[1], p[2], p[3], p[4], p[5], rows, width, eps};
+          ik::RMSNormForward a{p[0], p[1], p[2], p[3], p[4], p[5], rows, width, eps, square_scale};
           py::gil_scoped_release release;
           ik::rms_norm_cpu(a, isa, num_threads);
         },
-        py::arg("addresses"), py::arg("rows"), py::arg("width"), py::arg("eps"), py::arg("isa"),
-        py::arg("num_threads"));
+        py::arg("addresses"), py::arg("rows"), py::arg("width"), py::arg("eps"), py::arg("square_scale"),
+        py::arg("isa"), py::arg("num_threads"));
   // addresses: (dy, h, rstd, weight, dh_out, dh, dw, partials), 0 for dh_out, and for dw and partials without a
   // weight gradient; partials holds num_threads × width floats.
   m.def("rms_norm_backward_cpu",

@@ -17,11 +17,12 @@ traffic around small GEMMs, so the step is written to make as few calls as it ca
   - w1 and w3 as one (H, 2I) product; the residual adds fused into the wo and w2 products (``addmm``).
 * **Per step, once for all layers**: the cos/sin rows at pos_b = cache_seqlens[b]; the flat index of (b, h, pos_b)
   for the append; each row's key count pos_b + 1.
-* **Per layer** (~17 calls): x = r(h)·h; a = x·Waᵀ; q, k rotated; k, v appended (index_copy_); attention of each
+* **Per layer** (~13 calls): x = r(h)·h (one call of the extension's norm kernel, ``cpu.rms_norm.rms_scaled``);
+  a = x·Waᵀ; q, k rotated; k, v appended (index_copy_); attention of each
   row's g query heads per KV head over its own pos_b + 1 keys of the slot's cache, in one call of the extension's
   decode attention kernel (``internlm_kernels.cpu.decode_attention``: K and V read once per KV head, exact softmax
   in float32, no mask, output in the (B, Hq·D) layout wo reads); h = addmm(h, o, Wo); x = r(h)·h;
-  h = addmm(h, silu(a1)·a3, W2).
+  h = addmm(h, silu(a1)·a3, W2) (silu(a1)·a3 one call of its SwiGLU kernel, ``cpu.swiglu.silu_mul_packed``).
 * Without the extension (or for a head dim it has no kernel for) the attention is ATen's: scores q·Kᵀ (bmm, GQA as
   (B·Hkv, g, D) × (B·Hkv, D, S) over S = max_b(pos_b + 1) keys: no K/V repeat), an additive mask (0 / -inf for
   j > pos_b, built once per step) only when the rows' lengths differ, softmax, ·V (bmm).
@@ -35,14 +36,9 @@ import torch.nn.functional as F
 
 from internlm_kernels.cpu import decode_attention
 from internlm_kernels.cpu.gemm_choice import product
+from internlm_kernels.cpu.rms_norm import rms_scaled
 from internlm_kernels.cpu.rotary import rotate_heads
-
-
-def _rms_scaled(x: torch.Tensor, h_eps: float) -> torch.Tensor:
-    """x / sqrt(sum(x²) + H·eps) over the last dim (H of them): RMSNorm x / sqrt(mean(x²) + eps) divided by sqrt(H),
-    without its weight. The weight and the factor sqrt(H) are folded into the next product (``DecodeWeights``); the
-    norm as one ``vector_norm`` call costs fewer calls than ``mean`` (a sum and a division)."""
-    return x * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(h_eps).rsqrt_()
+from internlm_kernels.cpu.swiglu import silu_mul_packed
 
 
 class DecodeWeights:
@@ -60,7 +56,7 @@ class DecodeWeights:
             for layer in m.layers:
                 att, ff = layer.attention, layer.feed_forward
                 hidden = att.wqkv.weight.shape[1]
-                scale = hidden ** 0.5                                   # _rms_scaled's missing factor
+                scale = hidden ** 0.5                                   # rms_scaled's missing factor
                 w = (att.wqkv.weight * (layer.attention_norm.weight * scale)).view(n_kv, g + 2, D, hidden)
                 w[:, :g] *= D ** -0.5
                 rot = w[:, : g + 1].roll(D // 2, dims=2)                    # each head's rows [D/2:], [:D/2]
@@ -86,7 +82,7 @@ class CpuDecodeStep:
         shape = (config.num_hidden_layers, max_batch, self.n_kv, max_seq_len, self.head_dim)
         self.k = torch.zeros(shape, dtype=torch.float32)
         self.v = torch.zeros(shape, dtype=torch.float32)
-        hidden = config.hidden_size                                              # _rms_scaled takes H·eps
+        hidden = config.hidden_size                                              # rms_scaled takes H·eps
         self.eps = [(hidden * layer.attention_norm.eps, hidden * layer.ffn_norm.eps) for layer in model.model.layers]
         self.final_eps = hidden * model.model.norm.eps
         # Flat index of (slot b, kv head h, position 0) in a layer's (max_batch · Hkv · S_max, D) view.
@@ -125,7 +121,7 @@ class CpuDecodeStep:
             eps_attn, eps_ffn = self.eps[i]
             # q, k, v only (not the rot(q), rot(k) columns the step folds in: at T rows they cost more FLOPs than the
             # two calls they save), then the rotation as one C++ loop over the q and k heads.
-            qkv = product(_rms_scaled(h, eps_attn), wa[:, :f_qkv].t()).view(T, n_kv, g + 2, D)
+            qkv = product(rms_scaled(h, eps_attn), wa[:, :f_qkv].t()).view(T, n_kv, g + 2, D)
             qk = torch.empty(T, n_kv, g + 1, D)
             rotate_heads(qk, qkv[:, :, : g + 1], cos, sin, 1.0)
             k_cache, v_cache = self.k[i], self.v[i]
@@ -142,10 +138,9 @@ class CpuDecodeStep:
             if i == len(W.layers) - 1:          # past the last attention only the prompts' last tokens matter
                 h, out = h.index_select(0, last), out.index_select(0, last)
             h = h + product(out, wo.t())
-            a = product(_rms_scaled(h, eps_ffn), w13.t())
-            inter = a.shape[1] // 2
-            h = h + product(F.silu(a[:, :inter]).mul_(a[:, inter:]), w2.t())
-        return torch.mm(_rms_scaled(h, self.final_eps), W.head)
+            a = product(rms_scaled(h, eps_ffn), w13.t())
+            h = h + product(silu_mul_packed(a), w2.t())
+        return torch.mm(rms_scaled(h, self.final_eps), W.head)
 
     def logits(self, rows: int, tokens: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
         """Logits (rows, V) of the next token of rows 0..rows-1 of the generator's fixed buffers (rows: a batch
@@ -187,7 +182,7 @@ class CpuDecodeStep:
         h = W.embedding.index_select(0, tokens)                                 # (B, hidden): the residual stream
         for i, (wa, wo, w13, w2) in enumerate(W.layers):
             eps_attn, eps_ffn = self.eps[i]
-            a = torch.mm(_rms_scaled(h, eps_attn), wa)                          # (B, qkv | rot(qk))
+            a = torch.mm(rms_scaled(h, eps_attn), wa)                          # (B, qkv | rot(qk))
             qkv = a[:, :f_qkv].view(B, n_kv, g + 2, D)                          # per KV group: g q heads, k, v
             qk = (qkv[:, :, : g + 1] * cos).addcmul_(a[:, f_qkv:].view(B, n_kv, g + 1, D), sin)
             k_cache, v_cache = self.k[i], self.v[i]                            # (max_batch, Hkv, S_max, D)
@@ -201,7 +196,6 @@ class CpuDecodeStep:
                 scores = torch.bmm(q, keys) if mask is None else torch.baddbmm(mask, q, keys)
                 out = torch.bmm(scores.softmax(-1), v_cache[:B, :, :longest].reshape(B * n_kv, longest, D))
             h = torch.addmm(h, out.view(B, n_kv * g * D), wo)
-            a = torch.mm(_rms_scaled(h, eps_ffn), w13)                          # (B, w1 x | w3 x)
-            inter = a.shape[1] // 2
-            h = torch.addmm(h, F.silu(a[:, :inter]).mul_(a[:, inter:]), w2)
-        return torch.mm(_rms_scaled(h, self.final_eps), W.head)
+            a = torch.mm(rms_scaled(h, eps_ffn), w13)                          # (B, w1 x | w3 x)
+            h = torch.addmm(h, silu_mul_packed(a), w2)
+        return torch.mm(rms_scaled(h, self.final_eps), W.head)

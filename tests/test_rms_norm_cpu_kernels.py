@@ -88,3 +88,19 @@ def test_same_result_every_run_at_a_thread_count():
     first, second = run(), run()
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("rows,width", [(1, 7), (64, 128), (1025, 130)])
+def test_rms_scaled_matches_its_definition(monkeypatch, isa, kernel, rows, width):
+    """The generator's weightless norm x · rsqrt(Σ x² + eps_sum), by the kernel and by its ATen fallback."""
+    monkeypatch.setattr(cpu_rms_norm, "isa", lambda: isa)
+    if not kernel:
+        monkeypatch.setattr(cpu_rms_norm, "extension_runs", lambda: False)
+    x = torch.randn(rows, width) * 2
+    eps_sum = width * 1e-5
+    with torch.inference_mode():
+        got = cpu_rms_norm.rms_scaled(x, eps_sum)
+    x64 = x.double()
+    assert_close(got, x64 / (x64.square().sum(-1, keepdim=True) + eps_sum).sqrt())

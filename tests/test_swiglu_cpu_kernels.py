@@ -83,3 +83,18 @@ def test_one_gradient_strided_inputs_and_inference_mode(monkeypatch, isa):
     assert_close(frozen, expect)
     dout = torch.randn(65, 40)
     assert_close(torch.autograd.grad(out, gate, dout)[0], torch.autograd.grad(expect, g64, dout.double())[0])
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("rows,inter", [(1, 5), (64, 352), (1025, 33)])
+def test_silu_mul_packed_matches_reference(monkeypatch, isa, kernel, rows, inter):
+    """The generator's silu(a1) · a3 of its fused w1|w3 product, by the kernel and by its ATen fallback."""
+    monkeypatch.setattr(cpu_swiglu, "isa", lambda: isa)
+    if not kernel:
+        monkeypatch.setattr(cpu_swiglu, "extension_runs", lambda: False)
+    g = torch.Generator().manual_seed(rows + inter)
+    a = torch.cat((_gates(rows, inter, g), torch.randn(rows, inter, generator=g)), dim=-1)
+    with torch.inference_mode():
+        got = cpu_swiglu.silu_mul_packed(a)
+    assert_close(got, reference.swiglu_packed(a.double()))

@@ -7,12 +7,13 @@
 namespace ik {
 
 // rows × width float32 rows, every tensor contiguous; addresses as integers, 0 for an absent one.
-// Forward: h = x (+ residual), rstd = 1 / sqrt(mean(h²) + eps), y = h · rstd · weight; writes y, rstd (rows) and,
-// with a residual, h.
+// Forward: h = x (+ residual), rstd = 1 / sqrt(square_scale · Σ h² + eps), y = h · rstd (· weight); writes y, and
+// rstd (rows) and h where given (h only with a residual). The norm's square_scale is 1 / width (the mean); the
+// generator's norms, whose weights are folded into the next product, take 1 and no weight (models/decode_step.py).
 struct RMSNormForward {
   int64_t x, residual, weight, y, h, rstd;
   int64_t rows, width;
-  float eps;
+  float eps, square_scale;
 };
 
 // Backward of the forward above, from dy (and dh_out, the gradient reaching the carried sum h; 0 when none):

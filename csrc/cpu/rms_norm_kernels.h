@@ -3,7 +3,7 @@
 // is compiled for its ISA (CMakeLists.txt); csrc/cpu/rms_norm.cpp picks one at run time.
 //
 // One row of `width` features at a time, in vectors of VW floats (a shorter tail through a zero-padded vector):
-//   forward   h = x + residual,  rstd = 1 / sqrt(Σ h² / width + eps),  y = h · rstd · w
+//   forward   h = x + residual,  rstd = 1 / sqrt(Σ h² / width + eps),  y = h · rstd · w  (1 / width: square_scale)
 //   backward  n = h · rstd,  dn = dy · w,  dh = rstd · (dn - n · Σ(dn · n) / width) + dh_out,  dw += dy · n
 // Each pass reads its row twice (the sum first, then the outputs), both times from L1 at the widths of these models;
 // as ATen ops the same math is ~8 calls forward and ~10 backward, each a pass over the whole (rows, width) tensor.
@@ -57,10 +57,15 @@ inline float add_rows(const float* x, const float* r, float* h, int64_t n) {
   return hsum(acc);
 }
 
-// y = h · rstd · w over n floats.
+// y = h · rstd (· w) over n floats.
 inline void scale_row(const float* h, float rstd, const float* w, float* y, int64_t n) {
   const vf r = splat(rstd);
   int64_t i = 0;
+  if (w == nullptr) {
+    for (; i + VW <= n; i += VW) store(y + i, load(h + i) * r);
+    if (i < n) store_first(y + i, load_first(h + i, n - i) * r, n - i);
+    return;
+  }
   for (; i + VW <= n; i += VW) store(y + i, load(h + i) * r * load(w + i));
   if (i < n) store_first(y + i, load_first(h + i, n - i) * r * load_first(w + i, n - i), n - i);
 }
@@ -119,8 +124,8 @@ void rms_norm_forward(const RMSNormForward& a, int num_threads) {
     } else {
       squares = dot(xr, xr, width);
     }
-    const float r = 1.f / std::sqrt(squares / float(width) + a.eps);
-    rstd[row] = r;
+    const float r = 1.f / std::sqrt(squares * a.square_scale + a.eps);
+    if (rstd != nullptr) rstd[row] = r;
     scale_row(hr, r, w, y + row * width, width);
   }
 }

@@ -36,8 +36,21 @@ def _forward_kernel(x, residual, weight, eps):
     _ext.load().rms_norm_cpu(
         (x2.data_ptr(), 0 if r2 is None else r2.data_ptr(), weight.contiguous().data_ptr(), y.data_ptr(),
          0 if r2 is None else h.data_ptr(), rstd.data_ptr()),
-        x2.shape[0], x2.shape[1], eps, isa(), kernel_threads(x2.numel()))
+        x2.shape[0], x2.shape[1], eps, 1.0 / x2.shape[1], isa(), kernel_threads(x2.numel()))
     return y.view(x.shape), h.view(x.shape), rstd
+
+
+def rms_scaled(x: torch.Tensor, eps_sum: float) -> torch.Tensor:
+    """x · rsqrt(Σ x² + eps_sum) per row of a float32 x, no weight and no autograd: the generator's norms, whose weights
+    (and the √width the sum leaves out) are folded into the product that follows (models/decode_step.py). One kernel
+    call where the extension runs, else 5 ATen calls (``vector_norm`` costs fewer calls than ``mean``)."""
+    if not (extension_runs() and x.numel() > 0):
+        return x * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(eps_sum).rsqrt_()
+    x2 = _rows(x)
+    y = torch.empty_like(x2)
+    _ext.load().rms_norm_cpu((x2.data_ptr(), 0, 0, y.data_ptr(), 0, 0), x2.shape[0], x2.shape[1], eps_sum, 1.0,
+                             isa(), kernel_threads(x2.numel()))
+    return y.view(x.shape)
 
 
 def _backward_kernel(dy, dh_out, h, weight, rstd, need_weight_grad: bool):

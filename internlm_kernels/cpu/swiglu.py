@@ -36,6 +36,19 @@ def _launch(gate, up, out, dout, dgate, dup, gate_multiplier, down_multiplier, b
                            backward, isa(), kernel_threads(gate.numel()))
 
 
+def silu_mul_packed(a: torch.Tensor) -> torch.Tensor:
+    """silu(a[:, :I]) · a[:, I:] of a float32 (rows, 2I), no autograd: the generator's MLP after its fused w1|w3 product
+    (models/decode_step.py). One kernel call where the extension runs, else silu and an in-place product."""
+    inter = a.shape[-1] // 2
+    if not (extension_runs() and a.numel() > 0):
+        return F.silu(a[:, :inter]).mul_(a[:, inter:])
+    a2 = _rows(a)
+    gate, up = a2[:, :inter], a2[:, inter:]
+    out = torch.empty(gate.shape, dtype=a.dtype)
+    _launch(gate, up, out, None, None, None, 1.0, 1.0, backward=False)
+    return out
+
+
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, gate_multiplier=1.0, down_multiplier=1.0):
