@@ -61,7 +61,8 @@ def _assert_sum_close(got, want, magnitude):
 
 @pytest.mark.parametrize("isa", _isas())
 def test_without_weight_gradient_and_with_strided_input(monkeypatch, isa):
-    """A frozen weight (no dw, no partials) and a non-contiguous x (the kernels read a contiguous copy)."""
+    """A frozen weight (no dw, no partials), a non-contiguous x (the kernels read a contiguous copy), and the forward
+    under inference_mode."""
     monkeypatch.setattr(cpu_rms_norm, "isa", lambda: isa)
     base = torch.randn(130, 2 * 33)
     x = base[:, ::2].requires_grad_(True)
@@ -73,6 +74,8 @@ def test_without_weight_gradient_and_with_strided_input(monkeypatch, isa):
     assert_close(y, expect)
     dy = torch.randn_like(y)
     assert_close(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(expect, x64, dy.double())[0])
+    with torch.inference_mode(), ik.use_backend(rms_norm="cpu"):
+        assert_close(ik.rms_norm(x.detach(), w, 1e-6), expect)
 
 
 def test_same_result_every_run_at_a_thread_count():
