@@ -61,12 +61,12 @@ def _assert_sum_close(got, want, magnitude):
 
 @pytest.mark.parametrize("isa", _isas())
 def test_without_weight_gradient_and_with_strided_input(monkeypatch, isa):
-    """A frozen weight (no dw, no partials), a non-contiguous x (the kernels read a contiguous copy), and the forward
-    under inference_mode."""
+    """A frozen weight (no dw, no partials), a non-contiguous x and weight (the kernels read contiguous copies), and
+    the forward under inference_mode."""
     monkeypatch.setattr(cpu_rms_norm, "isa", lambda: isa)
     base = torch.randn(130, 2 * 33)
     x = base[:, ::2].requires_grad_(True)
-    w = 1 + 0.3 * torch.randn(33)
+    w = (1 + 0.3 * torch.randn(2 * 33))[::2]      # strided too: the kernels read a contiguous copy
     with ik.use_backend(rms_norm="cpu"):
         y = ik.rms_norm(x, w, 1e-6)
     x64 = x.detach().double().requires_grad_(True)

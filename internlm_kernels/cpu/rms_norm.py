@@ -30,11 +30,12 @@ def _forward_kernel(x, residual, weight, eps):
     """-> (y, h, rstd (rows,)) by the extension's kernel; h is x itself without a residual."""
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else None
+    w = weight.contiguous()         # bound to a name: a temporary's memory could be freed before the kernel reads it
     y = torch.empty_like(x2)
     h = torch.empty_like(x2) if r2 is not None else x2
     rstd = torch.empty(x2.shape[0], dtype=torch.float32)
     _ext.load().rms_norm_cpu(
-        (x2.data_ptr(), 0 if r2 is None else r2.data_ptr(), weight.contiguous().data_ptr(), y.data_ptr(),
+        (x2.data_ptr(), 0 if r2 is None else r2.data_ptr(), w.data_ptr(), y.data_ptr(),
          0 if r2 is None else h.data_ptr(), rstd.data_ptr()),
         x2.shape[0], x2.shape[1], eps, 1.0 / x2.shape[1], isa(), kernel_threads(x2.numel()))
     return y.view(x.shape), h.view(x.shape), rstd
@@ -56,14 +57,14 @@ def rms_scaled(x: torch.Tensor, eps_sum: float) -> torch.Tensor:
 def _backward_kernel(dy, dh_out, h, weight, rstd, need_weight_grad: bool):
     """-> (dh, dw or None) by the extension's kernel."""
     width = h.shape[-1]
-    h2, dy2 = _rows(h), _rows(dy)
+    h2, dy2, w = _rows(h), _rows(dy), weight.contiguous()
     dh_out2 = _rows(dh_out) if dh_out is not None else None
     dh = torch.empty_like(h2)
     threads = kernel_threads(h2.numel())
     dw = torch.empty(width, dtype=torch.float32) if need_weight_grad else None
     partials = torch.empty(threads, width, dtype=torch.float32) if need_weight_grad else None
     _ext.load().rms_norm_backward_cpu(
-        (dy2.data_ptr(), h2.data_ptr(), rstd.data_ptr(), weight.contiguous().data_ptr(),
+        (dy2.data_ptr(), h2.data_ptr(), rstd.data_ptr(), w.data_ptr(),
          0 if dh_out2 is None else dh_out2.data_ptr(), dh.data_ptr(), 0 if dw is None else dw.data_ptr(),
          0 if partials is None else partials.data_ptr()),
         h2.shape[0], width, isa(), threads)
