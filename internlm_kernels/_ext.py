@@ -61,9 +61,14 @@ def norm_kinds() -> dict[str, int]:
 MIN_ELEMENTS_PER_THREAD = 1 << 15
 
 
+def threads_for(numel: int) -> int:
+    """Threads for a CPU kernel over ``numel`` elements: torch's thread count, fewer for small work."""
+    return max(1, min(torch.get_num_threads(), numel // MIN_ELEMENTS_PER_THREAD))
+
+
 def cpu_threads(work: "WorkList") -> int:
-    """Threads for a CPU kernel over ``work``: torch's thread count, fewer for small work."""
-    return max(1, min(torch.get_num_threads(), work.numel // MIN_ELEMENTS_PER_THREAD))
+    """Threads for a CPU kernel over ``work``'s elements."""
+    return threads_for(work.numel)
 
 
 def cuda_stream(device: torch.device) -> int:

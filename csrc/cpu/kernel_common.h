@@ -1,5 +1,5 @@
-// Shared pieces of the per-ISA CPU kernel bodies (csrc/cpu/attention_kernels.h, csrc/cpu/decode_attention_kernels.h):
-// native float vectors of IK_VW lanes, exp2 of non-positive arguments, horizontal max/sum, a per-thread scratch
+// Shared pieces of the per-ISA CPU kernel bodies (csrc/cpu/{attention,decode_attention,rms_norm,swiglu}_kernels.h):
+// native float vectors of IK_VW lanes, row loops with a tail, exp2 of non-positive arguments, horizontal max/sum, a per-thread scratch
 // buffer, the weighted sum of rows (P V) both kernels run. Included *inside* each body's `namespace ik { namespace <isa> { namespace {`, after <cstdint>, <cstdlib> and
 // <cstring>, so every definition here has internal linkage and is compiled for that file's ISA (see the note on
 // external linkage in attention_kernels.h). No include guard: each ISA's translation unit includes it once.
@@ -46,6 +46,18 @@ inline vf load_first(const float* p, int64_t n) {
   return x;
 }
 inline void store_first(float* p, vf x, int64_t n) { std::memcpy(p, &x, n * sizeof(float)); }
+// n <= VW floats at p: a whole vector (n == VW) or a row's tail.
+inline vf load_n(const float* p, int64_t n) { return n == VW ? load(p) : load_first(p, n); }
+inline void store_n(float* p, vf x, int64_t n) {
+  if (n == VW) store(p, x); else store_first(p, x, n);
+}
+// Calls f(i, n) over a row of `width` floats: n = VW at each whole vector, then n < VW once for the tail if any.
+template <class F>
+inline void over_row(int64_t width, F f) {
+  int64_t i = 0;
+  for (; i + VW <= width; i += VW) f(i, int64_t(VW));
+  if (i < width) f(i, width - i);
+}
 
 inline float hmax(vf x) {
   float m = x[0];

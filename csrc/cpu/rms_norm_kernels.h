@@ -34,69 +34,43 @@ constexpr int64_t DW_BLOCK = 64;   // rows per block partial of dw
 // Σ_i a[i] · b[i] over n floats.
 inline float dot(const float* a, const float* b, int64_t n) {
   vf acc = splat(0.f);
-  int64_t i = 0;
-  for (; i + VW <= n; i += VW) acc += load(a + i) * load(b + i);
-  if (i < n) acc += load_first(a + i, n - i) * load_first(b + i, n - i);
+  over_row(n, [&](int64_t i, int64_t k) { acc += load_n(a + i, k) * load_n(b + i, k); });
   return hsum(acc);
 }
 
 // h = x + r over n floats (h may be written before being read back); returns Σ h².
 inline float add_rows(const float* x, const float* r, float* h, int64_t n) {
   vf acc = splat(0.f);
-  int64_t i = 0;
-  for (; i + VW <= n; i += VW) {
-    const vf v = load(x + i) + load(r + i);
-    store(h + i, v);
+  over_row(n, [&](int64_t i, int64_t k) {
+    const vf v = load_n(x + i, k) + load_n(r + i, k);
+    store_n(h + i, v, k);
     acc += v * v;
-  }
-  if (i < n) {
-    const vf v = load_first(x + i, n - i) + load_first(r + i, n - i);
-    store_first(h + i, v, n - i);
-    acc += v * v;
-  }
+  });
   return hsum(acc);
 }
 
 // y = h · rstd (· w) over n floats.
 inline void scale_row(const float* h, float rstd, const float* w, float* y, int64_t n) {
   const vf r = splat(rstd);
-  int64_t i = 0;
-  if (w == nullptr) {
-    for (; i + VW <= n; i += VW) store(y + i, load(h + i) * r);
-    if (i < n) store_first(y + i, load_first(h + i, n - i) * r, n - i);
-    return;
-  }
-  for (; i + VW <= n; i += VW) store(y + i, load(h + i) * r * load(w + i));
-  if (i < n) store_first(y + i, load_first(h + i, n - i) * r * load_first(w + i, n - i), n - i);
+  if (w == nullptr)
+    over_row(n, [&](int64_t i, int64_t k) { store_n(y + i, load_n(h + i, k) * r, k); });
+  else
+    over_row(n, [&](int64_t i, int64_t k) { store_n(y + i, load_n(h + i, k) * r * load_n(w + i, k), k); });
 }
 
-// The backward of one row; dw_block (n floats) accumulates dy · n when given.
+// The backward of one row; dw_block (width floats) accumulates dy · n when given.
 inline void backward_row(const float* dy, const float* h, float rstd, const float* w, const float* dh_out,
                          float* dh, float* dw_block, int64_t width) {
   // Σ (dy · w) · (h · rstd) = rstd · Σ dy · w · h
   vf acc = splat(0.f);
-  int64_t i = 0;
-  for (; i + VW <= width; i += VW) acc += load(dy + i) * load(w + i) * load(h + i);
-  if (i < width) acc += load_first(dy + i, width - i) * load_first(w + i, width - i) * load_first(h + i, width - i);
+  over_row(width, [&](int64_t i, int64_t k) { acc += load_n(dy + i, k) * load_n(w + i, k) * load_n(h + i, k); });
   const vf r = splat(rstd), m = splat(rstd * hsum(acc) / float(width));
-  auto one = [&](vf g, vf hv, vf wv, vf carried, float* dh_at, float* dw_at, int64_t n) {
-    const vf nv = hv * r;
-    const vf out = (g * wv - nv * m) * r + carried;
-    if (n == VW) store(dh_at, out); else store_first(dh_at, out, n);
-    if (dw_at != nullptr) {
-      const vf d = (n == VW ? load(dw_at) : load_first(dw_at, n)) + g * nv;
-      if (n == VW) store(dw_at, d); else store_first(dw_at, d, n);
-    }
-  };
-  for (i = 0; i + VW <= width; i += VW)
-    one(load(dy + i), load(h + i), load(w + i), dh_out != nullptr ? load(dh_out + i) : splat(0.f), dh + i,
-        dw_block != nullptr ? dw_block + i : nullptr, VW);
-  if (i < width) {
-    const int64_t n = width - i;
-    one(load_first(dy + i, n), load_first(h + i, n), load_first(w + i, n),
-        dh_out != nullptr ? load_first(dh_out + i, n) : splat(0.f), dh + i,
-        dw_block != nullptr ? dw_block + i : nullptr, n);
-  }
+  over_row(width, [&](int64_t i, int64_t k) {
+    const vf g = load_n(dy + i, k), nv = load_n(h + i, k) * r;
+    const vf carried = dh_out != nullptr ? load_n(dh_out + i, k) : splat(0.f);
+    store_n(dh + i, (g * load_n(w + i, k) - nv * m) * r + carried, k);
+    if (dw_block != nullptr) store_n(dw_block + i, load_n(dw_block + i, k) + g * nv, k);
+  });
 }
 
 // Rows [begin, end) of thread t of num_threads: equal static shares.

@@ -31,8 +31,3 @@ def extension_runs() -> bool:
     """Whether the extension's CPU kernels run here: it is built, and torch.compile is not tracing (it traces the
     ATen composition each kernel replaces, which Inductor fuses)."""
     return not torch.compiler.is_compiling() and _ext.why_unavailable("cpu") is None
-
-
-def kernel_threads(numel: int) -> int:
-    """Threads for an extension kernel over ``numel`` elements: torch's count, fewer for small work."""
-    return max(1, min(torch.get_num_threads(), numel // _ext.MIN_ELEMENTS_PER_THREAD))

@@ -41,7 +41,7 @@ def runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def _threads(q: torch.Tensor) -> int:
-    return max(1, min(torch.get_num_threads(), q.numel() // _ext.MIN_ELEMENTS_PER_THREAD))
+    return _ext.threads_for(q.numel())
 
 
 def _launch(addresses, q: torch.Tensor, k: torch.Tensor, n_seqs: int, scale: float, causal: bool,

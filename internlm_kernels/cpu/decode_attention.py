@@ -64,7 +64,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out = torch.empty(B, n_kv * g * D, dtype=torch.float32)
     if check:
         _check(q, k_cache, v_cache, seqlens_k, out)
-    threads = max(1, min(torch.get_num_threads(), B * n_kv * k_cache.shape[2] * D // _ext.MIN_ELEMENTS_PER_THREAD))
+    threads = _ext.threads_for(B * n_kv * k_cache.shape[2] * D)
     if not _ext.load().decode_attention_cpu(
             (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), seqlens_k.data_ptr()),
             (B, n_kv, g, D, k_cache.shape[2]), q.stride()[:3], k_cache.stride()[:3], scale, isa(), threads):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from . import extension_runs, kernel_threads
+from . import extension_runs
 from .attention import isa
 
 DTYPES = (torch.float32,)
@@ -37,7 +37,7 @@ def _forward_kernel(x, residual, weight, eps):
     _ext.load().rms_norm_cpu(
         (x2.data_ptr(), 0 if r2 is None else r2.data_ptr(), w.data_ptr(), y.data_ptr(),
          0 if r2 is None else h.data_ptr(), rstd.data_ptr()),
-        x2.shape[0], x2.shape[1], eps, 1.0 / x2.shape[1], isa(), kernel_threads(x2.numel()))
+        x2.shape[0], x2.shape[1], eps, 1.0 / x2.shape[1], isa(), _ext.threads_for(x2.numel()))
     return y.view(x.shape), h.view(x.shape), rstd
 
 
@@ -50,7 +50,7 @@ def rms_scaled(x: torch.Tensor, eps_sum: float) -> torch.Tensor:
     x2 = _rows(x)
     y = torch.empty_like(x2)
     _ext.load().rms_norm_cpu((x2.data_ptr(), 0, 0, y.data_ptr(), 0, 0), x2.shape[0], x2.shape[1], eps_sum, 1.0,
-                             isa(), kernel_threads(x2.numel()))
+                             isa(), _ext.threads_for(x2.numel()))
     return y.view(x.shape)
 
 
@@ -60,7 +60,7 @@ def _backward_kernel(dy, dh_out, h, weight, rstd, need_weight_grad: bool):
     h2, dy2, w = _rows(h), _rows(dy), weight.contiguous()
     dh_out2 = _rows(dh_out) if dh_out is not None else None
     dh = torch.empty_like(h2)
-    threads = kernel_threads(h2.numel())
+    threads = _ext.threads_for(h2.numel())
     dw = torch.empty(width, dtype=torch.float32) if need_weight_grad else None
     partials = torch.empty(threads, width, dtype=torch.float32) if need_weight_grad else None
     _ext.load().rms_norm_backward_cpu(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from . import extension_runs, kernel_threads
+from . import extension_runs
 
 DTYPES = (torch.float32,)
 
@@ -76,7 +76,7 @@ def rotate_heads(out: torch.Tensor, x: torch.Tensor, c: torch.Tensor, s: torch.T
         x = x.contiguous()
     T, G, H, D = x.shape
     _ext.load().rotary_heads_cpu(x.data_ptr(), out.data_ptr(), c.data_ptr(), s.data_ptr(), T, G, H, D, c.shape[-1],
-                                 _heads(x), _heads(out), sign, kernel_threads(x.numel()))
+                                 _heads(x), _heads(out), sign, _ext.threads_for(x.numel()))
 
 
 class RotaryFunction(torch.autograd.Function):

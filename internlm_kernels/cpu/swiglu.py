@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
-from . import extension_runs, kernel_threads
+from . import extension_runs
 from .attention import isa
 
 DTYPES = (torch.float32,)
@@ -33,7 +33,7 @@ def _launch(gate, up, out, dout, dgate, dup, gate_multiplier, down_multiplier, b
     views = (gate, up, out, dout, dgate, dup)
     _ext.load().swiglu_cpu(tuple(0 if t is None else t.data_ptr() for t in views), gate.shape[0], gate.shape[1],
                            tuple(0 if t is None else t.stride(0) for t in views), gate_multiplier, down_multiplier,
-                           backward, isa(), kernel_threads(gate.numel()))
+                           backward, isa(), _ext.threads_for(gate.numel()))
 
 
 def silu_mul_packed(a: torch.Tensor) -> torch.Tensor:
