@@ -130,8 +130,9 @@ def test_auto_runs_the_reference_for_what_the_cpu_path_lacks_and_forced_cpu_refu
 
 
 def test_cpu_paths_under_fullgraph_compile_match_eager():
-    """rms_norm, packed swiglu, qkv_rotary, linear and linear cross-entropy on their cpu backends, traced together
-    (the traced branches avoid out= into strided views, which Dynamo refuses)."""
+    """rms_norm, swiglu (packed and separate), qkv_rotary, linear and linear cross-entropy on their cpu backends,
+    traced together (the traced branches avoid out= into strided views, which Dynamo refuses, and the extension's
+    kernels, which Inductor cannot see into)."""
     x, r = torch.randn(13, 32, requires_grad=True), torch.randn(13, 32, requires_grad=True)
     w, gu = torch.randn(32, requires_grad=True), torch.randn(13, 64, requires_grad=True)
     wqkv, W = torch.randn(13, 2 * 4 * 8, requires_grad=True), torch.randn(11, 32, requires_grad=True)
@@ -142,7 +143,8 @@ def test_cpu_paths_under_fullgraph_compile_match_eager():
         y, h = ik.rms_norm(x, w, 1e-5, r, True)
         q, k, v = ik.qkv_rotary(wqkv, cos, sin, 2, 8, cu_seqlens=cu, max_seqlen=8)
         loss = ik.fused_linear_cross_entropy(y + h + ik.swiglu_packed(gu)[:, :32], W, target)
-        return loss + q.square().sum() + k.sum() + v.sum() + ik.linear(x, W).square().sum()
+        return (loss + q.square().sum() + k.sum() + v.sum() + ik.linear(x, W).square().sum()
+                + ik.swiglu(x, r, 0.7, 1.3).square().sum())
 
     args = (x, r, w, gu, wqkv, W)
     eager = step(*args)
