@@ -10,7 +10,7 @@ import torch
 from train.rlhf.advantages import whiten
 from train.rlhf.diagnostics import logprob_mismatch
 from train.rlhf.losses import policy_loss, value_loss
-from train.rlhf.rewards import kl_k1, last_valid_onehot, shape_rewards
+from train.rlhf.rewards import checker_scores, kl_k1, last_valid_onehot, shape_rewards
 from train.stages.ppo import gae
 
 
@@ -114,6 +114,18 @@ def test_kl_and_reward_shaping_by_hand():
         shape_rewards(scores, logp, ref, mask, kl_coef=-1.0)
     with pytest.raises(ValueError, match="scores"):
         shape_rewards(scores[:1], logp, ref, mask)
+
+
+def test_checker_scores_by_hand():
+    rm = torch.tensor([0.5, -1.0, 2.0, 0.25])
+    correct = [True, False, None, False]
+    torch.testing.assert_close(checker_scores(rm, correct, 1.5), torch.tensor([2.0, -2.5, 2.0, -1.25]))
+    assert checker_scores(rm, correct, 0.0).tolist() == rm.tolist()    # weight 0: the reward model alone
+    for bad in (-0.1, True, "1"):
+        with pytest.raises(ValueError, match="checker_weight"):
+            checker_scores(rm, correct, bad)
+    with pytest.raises(ValueError, match="rm_scores"):
+        checker_scores(rm, correct[:3], 1.0)
 
 
 def plain_policy_loss(logp, old, adv, mask, eps):

@@ -211,6 +211,7 @@ def test_ppo_summary_from_a_hand_made_state():
                  "released_round": 3, "flagged_rounds": [1], "final_flagged": False}
     text = " ".join(effect_lines(s))
     assert "+15.0%" in text and "1.20x" in text and "**not met**" not in text
+    assert "checker" not in text and "1.5 x the task checker's verdict" in " ".join(effect_lines(s, 1.5))
     # with validation accuracy per round: round 2 (0.8) is released over round 3 (0.7) and flagged round 1 (0.9)
     st.evals = [ev(e["name"], e["accuracy"], e["length"], v) for e, v in zip(st.evals, [0.5, 0.9, 0.8, 0.7])]
     s = ppo_summary(st)

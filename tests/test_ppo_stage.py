@@ -68,7 +68,9 @@ def comparisons_file(tmp_path):
 
 
 def test_rounds_then_resume_exactly(tmp_path, model_dirs):
-    slow = {"online.comparisons_file": comparisons_file(tmp_path), "rollout.validation_prompts": 3}
+    # with the checker's term in the reward (train.rlhf.rewards.checker_scores): resumed exactly as well
+    slow = {"online.comparisons_file": comparisons_file(tmp_path), "rollout.validation_prompts": 3,
+            "ppo.checker_weight": 0.5}
     full = run_ppo(micro_ppo_config(tmp_path, model_dirs, "full", **slow))
     assert full.finished and full.state.rounds_done == 2 and full.state.iterations_done == 4
     recs = records(full.run_dir)
@@ -134,6 +136,8 @@ def test_config_errors_name_the_key(tmp_path, model_dirs):
         micro_ppo_config(tmp_path, model_dirs, **{"rollout.domain": "math"})
     with pytest.raises(ConfigError, match="rollout.validation_prompts"):
         micro_ppo_config(tmp_path, model_dirs, **{"rollout.validation_prompts": -1})
+    with pytest.raises(ConfigError, match="ppo.checker_weight"):
+        micro_ppo_config(tmp_path, model_dirs, **{"ppo.checker_weight": -1.0})
     with pytest.raises(ConfigError, match="online.hackable_rm_samples"):
         micro_ppo_config(tmp_path, model_dirs, **{"online.hackable_rm_samples": 0})
     with pytest.raises(ConfigError, match="unknown key 'kl'"):

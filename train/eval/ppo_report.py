@@ -34,7 +34,7 @@ def plot_ppo(records: list[dict], out_dir: str) -> dict[str, str]:
         ends[r["round"]] = r["iteration"]
     eval_x = [ends.get(e["round"], 0) for e in evals]
     paths = {}
-    for key, it_key, eval_key, label in (("reward", "score", "reward", "reward-model score"),
+    for key, it_key, eval_key, label in (("reward", "score", "reward", "reward (ppo.checker_weight: + checker term)"),
                                          ("kl", "kl", "kl", "KL to the reference (nats / reply)"),
                                          ("accuracy", "accuracy", "accuracy", "task accuracy"),
                                          ("length", "response_length", "length", "reply length (tokens)")):
@@ -57,6 +57,12 @@ def plot_ppo(records: list[dict], out_dir: str) -> dict[str, str]:
     return paths
 
 
+def checker_weight(run_dir: str) -> float:
+    """The run's ``ppo.checker_weight`` (its ppo_config.json)."""
+    with open(os.path.join(run_dir, "ppo_config.json")) as f:
+        return float(json.load(f)["ppo"].get("checker_weight", 0.0))
+
+
 def ppo_summary(state) -> dict:
     """The ``ppo`` part of runs/summary.json: held-out greedy accuracy and reply length (tokens) of the SFT model and
     of the final policy — the released round's (``train.rlhf.release``: the best unflagged round on the validation
@@ -74,7 +80,17 @@ def _mark(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
-def effect_lines(summary: dict) -> list[str]:
+def reward_sentence(checker_weight: float) -> str:
+    """What PPO's reward is (``ppo.checker_weight``: the checker's term beside the reward model's score)."""
+    if checker_weight == 0:
+        return ("the reward model scores right answers above wrong ones, so PPO reinforces the right answers the SFT "
+                "policy samples")
+    return (f"the reward is the reward model's score plus {checker_weight:g} x the task checker's verdict (+1 right, "
+            "-1 wrong; `ppo.checker_weight`), so PPO reinforces the right answers the SFT policy samples even where "
+            "the reward model orders them wrongly, and the reward model still decides among the rest")
+
+
+def effect_lines(summary: dict, checker_weight: float = 0.0) -> list[str]:
     """The section's lead: the effect PPO exists for, and the demo's bars."""
     acc, length = summary["accuracy"], summary["length"]
     gain = acc["final"] - acc["sft"]
@@ -84,8 +100,7 @@ def effect_lines(summary: dict) -> list[str]:
             f"policy, round {summary['released_round']} ({gain:+.1%}; bar >= +10 points, {_mark(gain >= 0.10)}; the "
             "round the fast path did not flag with the best greedy accuracy on separate validation prompts, as "
             f"InternLM2 releases the best checkpoint on its validation sets; after the last round: "
-            f"{acc['last_round']:.1%}): the reward model scores right answers "
-            "above wrong ones, so PPO reinforces the right answers the SFT policy samples. A reward-hacking episode: "
+            f"{acc['last_round']:.1%}): {reward_sentence(checker_weight)}. A reward-hacking episode: "
             f"the fast path flagged round(s) {flagged or 'none'} (bar: at least one, {_mark(bool(flagged))}); the "
             f"last round {'was flagged' if summary['final_flagged'] else 'was not flagged'} (bar: not flagged, "
             f"{_mark(not summary['final_flagged'])}); final reply length {length['final']:.1f} tokens vs SFT's "
@@ -96,7 +111,7 @@ def report_lines(result: PPOResult, plots: dict[str, str], root: str = "") -> li
     st = result.state
     records = read_records(result.run_dir)
     lines = ["## PPO in rounds (COOL RLHF): accuracy rises, a reward hack is caught and patched", "",
-             *effect_lines(ppo_summary(st)),
+             *effect_lines(ppo_summary(st), checker_weight(result.run_dir)),
              "Held-out prompts (the synthetic chat tasks, exact-match checkers). Accuracy and reward from greedy "
              "replies, reward under the reward model the policy was trained against in that round; KL to the "
              "reference is the mean over sampled replies of the summed per-token log-ratio (k1).", "",

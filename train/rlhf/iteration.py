@@ -47,6 +47,8 @@ from train.rlhf.rewards import shape_rewards
 class PPOConfig:
     """The ``[ppo]`` section. Defaults are InternLM2's COOL RLHF recipe where it gives one."""
     kl_coef: float = 0.01              # per-token k1 KL penalty to the reference in the reward
+    checker_weight: float = 0.0        # + this x (+1 right / -1 wrong) on prompts with a checker (train.rlhf.rewards);
+                                       # 0 = the reward model alone (InternLM2)
     gamma: float = 1.0
     lam: float = 0.99
     clip_eps: float = 0.2              # policy ratio clip

@@ -1,4 +1,5 @@
-"""Reward shaping for PPO: the reward model's score at the last response token minus a per-token KL penalty.
+"""Reward shaping for PPO: the reward model's score (plus, optionally, a checker's verdict) at the last response
+token minus a per-token KL penalty.
 
 KL estimator: k1, the per-token log-ratio of the sampled token, ``kl_t = log pi(a_t|s_t) - log pi_ref(a_t|s_t)``
 (what OpenRLHF and InternLM's recipe use for the reward penalty). Its expectation over the policy's samples is the
@@ -8,8 +9,15 @@ exact KL(pi || pi_ref) of that step; a single sample can be negative. Both log-p
     rewards[b, t] = -kl_coef * kl[b, t] * mask[b, t]  +  score[b] * [t is the last valid position of row b]
 
 InternLM2 (COOL RLHF): kl_coef = 0.01. Tensors are (B, T) in the action layout of ``train.rlhf.advantages``.
+
+A verifiable reward beside the reward model (``checker_scores``): where a prompt has a checker (an exact answer),
+``score[b] = rm[b] + checker_weight * (+1 if the reply is right else -1)``; prompts without one keep the RM's score.
+InternLM2's recipe is the reward model alone (weight 0); a rule-based verifier summed with the learned reward is what
+RLVR-style recipes (Tulu 3) and TRL's weighted ``reward_funcs`` do.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -20,6 +28,19 @@ def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor
         raise ValueError(f"logprobs {tuple(logprobs.shape)}, ref_logprobs {tuple(ref_logprobs.shape)} and mask "
                          f"{tuple(mask.shape)} must have one shape")
     return (logprobs.float() - ref_logprobs.float()) * mask.float()
+
+
+def checker_scores(rm_scores: torch.Tensor, correct: Sequence[bool | None], checker_weight: float) -> torch.Tensor:
+    """(B,) float32: ``rm_scores`` plus ``checker_weight`` times each reply's verdict (+1 right, -1 wrong, 0 for a
+    prompt without a checker)."""
+    if rm_scores.dim() != 1 or rm_scores.shape[0] != len(correct):
+        raise ValueError(f"rm_scores must be (B,) with B = len(correct) = {len(correct)}, got {tuple(rm_scores.shape)}")
+    if not (isinstance(checker_weight, (int, float)) and not isinstance(checker_weight, bool) and checker_weight >= 0):
+        raise ValueError(f"checker_weight must be a number >= 0, got {checker_weight!r}")
+    if checker_weight == 0:
+        return rm_scores.float()
+    verdict = torch.tensor([0.0 if c is None else (1.0 if c else -1.0) for c in correct], dtype=torch.float32)
+    return rm_scores.float() + checker_weight * verdict.to(rm_scores.device)
 
 
 def last_valid_onehot(mask: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,7 @@ from train.rlhf.iteration import action_logprobs, ppo_iteration, ppo_learner
 from train.rlhf.probe_pairs import mislabelled_pairs, preference_pairs, probe_pairs, task_pairs
 from train.rlhf.release import released_round
 from train.rlhf.reward_refresh import pair_accuracy, refresh_reward_model, reward_learner
-from train.rlhf.rollouts import Generated, Sampler, SyntheticPrompts, generate_and_score, reward_ids, score
+from train.rlhf.rollouts import Generated, Sampler, SyntheticPrompts, generate_and_score, reward_scores
 from train.stages.ppo_config import PPOStageConfig, model_dir, parse_ppo_cli
 from train.stages.runner import stage_main
 
@@ -191,7 +191,8 @@ class Stage:
                                       temperature=0.0 if batch is None else self.cfg.ppo.temperature,
                                       top_p=self.cfg.rollout.top_p, stop_ids=self.stop_ids,
                                       conditions=self.conditions, reward_id=self.reward_id, generators=gen,
-                                      device=self.device, agree=self._most if share and self.dims.dp > 1 else None)
+                                      device=self.device, agree=self._most if share and self.dims.dp > 1 else None,
+                                      checker_weight=self.cfg.ppo.checker_weight)
 
     def _most(self, count: int) -> int:
         """The largest ``count`` over the ranks."""
@@ -226,9 +227,11 @@ class Stage:
                 "example": {"prompt": greedy.prompts[0].message_dicts()[-1]["content"], "reply": greedy.texts[0]}}
 
     def heldout_reward(self, reward_model, replies: list[str]) -> float:
-        """Mean score of ``replies`` to the held-out prompts (e.g. an earlier evaluation's, under a refreshed RM)."""
-        seqs = [reward_ids(self.tokenizer, p, t, self.conditions, self.reward_id) for p, t in zip(self.heldout, replies)]
-        return float(score(reward_model, seqs, self.device).mean())
+        """Mean reward of ``replies`` to the held-out prompts (e.g. an earlier evaluation's, under a refreshed RM)."""
+        correct = [p.check(t) for p, t in zip(self.heldout, replies)]
+        return float(reward_scores(reward_model, self.tokenizer, self.heldout, replies, correct,
+                                   conditions=self.conditions, reward_id=self.reward_id, device=self.device,
+                                   checker_weight=self.cfg.ppo.checker_weight).mean())
 
     def gather(self, share: Generated, group=None) -> Generated:
         """Every data-parallel rank's share of one batch, in rank order (the whole batch, as one process has it);

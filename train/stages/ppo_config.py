@@ -158,6 +158,7 @@ def validate(c: PPOStageConfig, check_paths: bool = True) -> None:
         _check(r.domain in c.conditions, f"rollout.domain {r.domain!r} has no entry in [conditions]")
     p = c.ppo
     _check(p.kl_coef >= 0, f"ppo.kl_coef must be >= 0, got {p.kl_coef}")
+    _check(p.checker_weight >= 0, f"ppo.checker_weight must be >= 0, got {p.checker_weight}")
     _check(0 <= p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
     _check(p.clip_eps > 0, f"ppo.clip_eps must be > 0, got {p.clip_eps}")
     _check(p.value_clip_eps >= 0, f"ppo.value_clip_eps must be >= 0, got {p.value_clip_eps}")
