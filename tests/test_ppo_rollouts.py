@@ -1,7 +1,6 @@
 """Rollout plumbing: the reward side's token ids, padding into a Rollout, verifiable prompts, probe pairs."""
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import torch
@@ -101,27 +100,21 @@ def test_score_runs_the_agreed_number_of_chunks():
     torch.testing.assert_close(kept, want, rtol=1e-5, atol=1e-6)
 
 
-def test_reward_scores_add_the_checkers_verdict_to_the_reward_models_score():
-    from models import InternLM2Config
-    from models.internlm2 import InternLM2ForScore
-    from train.rlhf.rollouts import reward_scores, score
-
-    torch.manual_seed(0)
-    rm = InternLM2ForScore(dataclasses.replace(InternLM2Config.preset("micro"), vocab_size=TOK.vocab_size))
-    prompts = SyntheticPrompts(0, "t", ["arithmetic", "system"], "concise").take(0, 4)
+def test_rollout_adds_the_checkers_verdict_to_the_reward_models_score():
+    """PPO's reward is the RM's score plus checker_weight x (+1 right, -1 wrong, 0 without a checker); the batch's
+    own scores (what evaluations and the hacking rules read) stay the reward model's."""
+    prompts = SyntheticPrompts(0, "t", ["arithmetic", "system"], "concise").take(0, 2)
     prompts.append(Prompt("free", "t", "concise", prompts[0].messages, ""))     # no checker
-    texts = [prompts[0].answer, "wrong", prompts[2].answer + "!", prompts[3].answer, "anything"]
+    texts = [prompts[0].answer, "wrong", "anything"]
     correct = [p.check(t) for p, t in zip(prompts, texts)]
-    assert correct == [True, False, False, True, None]
-    rid, cpu = reward_token_id(TOK), torch.device("cpu")
-    with torch.no_grad():
-        rm_only = score(rm, [reward_ids(TOK, p, t, DEFAULT_CONDITIONS, rid) for p, t in zip(prompts, texts)], cpu)
-        got = reward_scores(rm, TOK, prompts, texts, correct, conditions=DEFAULT_CONDITIONS, reward_id=rid,
-                            device=cpu, checker_weight=0.75)
-        plain = reward_scores(rm, TOK, prompts, texts, correct, conditions=DEFAULT_CONDITIONS, reward_id=rid,
-                              device=cpu)
-    torch.testing.assert_close(got, rm_only + torch.tensor([0.75, -0.75, -0.75, 0.75, 0.0]))
-    torch.testing.assert_close(plain, rm_only)
+    assert correct == [True, False, None]
+    rm = torch.tensor([0.5, 1.5, -2.0])
+    gen = Generated(prompts, [[1, 5], [1, 6, 7], [1]], [[9], [10, 11], [12]], [[-0.1], [-0.2, -0.3], [-0.4]],
+                    texts, correct, rm)
+    cpu = torch.device("cpu")
+    torch.testing.assert_close(gen.rollout(0, cpu, 0.75).scores, torch.tensor([1.25, 0.75, -2.0]))
+    torch.testing.assert_close(gen.rollout(0, cpu).scores, rm)
+    assert gen.scores.tolist() == [0.5, 1.5, -2.0] and [s.reward for s in gen.samples()] == [0.5, 1.5, -2.0]
 
 
 def test_sampler_decodes_the_prompts_together_each_from_its_own_generator():

@@ -34,7 +34,7 @@ def plot_ppo(records: list[dict], out_dir: str) -> dict[str, str]:
         ends[r["round"]] = r["iteration"]
     eval_x = [ends.get(e["round"], 0) for e in evals]
     paths = {}
-    for key, it_key, eval_key, label in (("reward", "score", "reward", "reward (ppo.checker_weight: + checker term)"),
+    for key, it_key, eval_key, label in (("reward", "rm_score", "reward", "reward-model score"),
                                          ("kl", "kl", "kl", "KL to the reference (nats / reply)"),
                                          ("accuracy", "accuracy", "accuracy", "task accuracy"),
                                          ("length", "response_length", "length", "reply length (tokens)")):

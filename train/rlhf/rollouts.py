@@ -9,8 +9,9 @@ The reward side (COOL RLHF): the reward model scores
 the domain's condition prompt added on the reward side only (the policy never sees it). For a well-formed response
 these are exactly ``train.data.preference.score_ids`` of the conditioned conversation; building them from the response
 text directly also scores malformed generations (a stray tool call or turn marker), which the chat validation would
-refuse. With ``checker_weight`` > 0 the prompt's checker adds its verdict to that score
-(``train.rlhf.rewards.checker_scores``): the reward PPO maximizes, and every "reward" figure and hacking rule sees.
+refuse. PPO's reward adds, with ``ppo.checker_weight`` > 0, the prompt checker's verdict to that score
+(``Generated.rollout``; ``train.rlhf.rewards.checker_scores``); everything else — evaluations, the fast path's rules,
+the slow path — sees the reward model's score alone: the learned reward is the part a policy can hack.
 """
 from __future__ import annotations
 
@@ -159,7 +160,7 @@ class Generated:
     sampler_logprobs: list[list[float]]   # the generator's log-prob of each response token
     texts: list[str]
     correct: list[bool | None]
-    scores: torch.Tensor               # (B,) float32 on the device: the reward (the RM's score + the checker's term)
+    scores: torch.Tensor               # (B,) float32 on the device
 
     def samples(self) -> list[Sample]:
         scores = self.scores.tolist()
@@ -178,31 +179,21 @@ class Generated:
                            ("prompts", "prompt_ids", "responses", "sampler_logprobs", "texts", "correct")),
                          torch.cat([g.scores for g in parts]))
 
-    def rollout(self, pad_id: int, device: torch.device) -> Rollout:
-        return build_rollout(self.prompt_ids, self.responses, self.scores, pad_id, device, self.sampler_logprobs)
+    def rollout(self, pad_id: int, device: torch.device, checker_weight: float = 0.0) -> Rollout:
+        """The PPO batch; its scores are the reward model's plus ``checker_weight`` x the checker's verdicts."""
+        return build_rollout(self.prompt_ids, self.responses, checker_scores(self.scores, self.correct, checker_weight),
+                             pad_id, device, self.sampler_logprobs)
 
 
 def generate_and_score(sampler: Sampler, reward_model, tokenizer, prompts: list[Prompt], *, max_new_tokens: int,
                        temperature: float, top_p: float, stop_ids: Sequence[int], conditions: Mapping[str, str],
                        reward_id: int, generators: list[torch.Generator] | None,
-                       device: torch.device, agree: Callable[[int], int] | None = None,
-                       checker_weight: float = 0.0) -> Generated:
+                       device: torch.device, agree: Callable[[int], int] | None = None) -> Generated:
     prompt_ids = [encode_prompt(list(p.messages), tokenizer) for p in prompts]
     completions = sampler(prompt_ids, max_new_tokens, temperature, top_p, stop_ids, generators)
     responses = [c.tokens for c in completions]
     texts = [response_text(tokenizer, r, stop_ids) for r in responses]
-    correct = [p.check(t) for p, t in zip(prompts, texts)]
-    return Generated(prompts, prompt_ids, responses, [c.logprobs for c in completions], texts, correct,
-                     reward_scores(reward_model, tokenizer, prompts, texts, correct, conditions=conditions,
-                                   reward_id=reward_id, device=device, checker_weight=checker_weight, agree=agree))
-
-
-def reward_scores(reward_model, tokenizer, prompts: Sequence[Prompt], texts: Sequence[str],
-                  correct: Sequence[bool | None], *, conditions: Mapping[str, str], reward_id: int,
-                  device: torch.device, checker_weight: float = 0.0,
-                  agree: Callable[[int], int] | None = None) -> torch.Tensor:
-    """(B,) float32: the reward of each reply ``texts[i]`` to ``prompts[i]``: the reward model's score (module
-    docstring) plus ``checker_weight`` times the checker's verdict ``correct[i]``."""
-    rm = score(reward_model, [reward_ids(tokenizer, p, t, conditions, reward_id) for p, t in zip(prompts, texts)],
-               device, agree=agree)
-    return checker_scores(rm, correct, checker_weight)
+    scores = score(reward_model, [reward_ids(tokenizer, p, t, conditions, reward_id) for p, t in zip(prompts, texts)],
+                   device, agree=agree)
+    return Generated(prompts, prompt_ids, responses, [c.logprobs for c in completions], texts,
+                     [p.check(t) for p, t in zip(prompts, texts)], scores)

@@ -68,7 +68,7 @@ from train.rlhf.iteration import action_logprobs, ppo_iteration, ppo_learner
 from train.rlhf.probe_pairs import mislabelled_pairs, preference_pairs, probe_pairs, task_pairs
 from train.rlhf.release import released_round
 from train.rlhf.reward_refresh import pair_accuracy, refresh_reward_model, reward_learner
-from train.rlhf.rollouts import Generated, Sampler, SyntheticPrompts, generate_and_score, reward_scores
+from train.rlhf.rollouts import Generated, Sampler, SyntheticPrompts, generate_and_score, reward_ids, score
 from train.stages.ppo_config import PPOStageConfig, model_dir, parse_ppo_cli
 from train.stages.runner import stage_main
 
@@ -191,8 +191,7 @@ class Stage:
                                       temperature=0.0 if batch is None else self.cfg.ppo.temperature,
                                       top_p=self.cfg.rollout.top_p, stop_ids=self.stop_ids,
                                       conditions=self.conditions, reward_id=self.reward_id, generators=gen,
-                                      device=self.device, agree=self._most if share and self.dims.dp > 1 else None,
-                                      checker_weight=self.cfg.ppo.checker_weight)
+                                      device=self.device, agree=self._most if share and self.dims.dp > 1 else None)
 
     def _most(self, count: int) -> int:
         """The largest ``count`` over the ranks."""
@@ -227,11 +226,9 @@ class Stage:
                 "example": {"prompt": greedy.prompts[0].message_dicts()[-1]["content"], "reply": greedy.texts[0]}}
 
     def heldout_reward(self, reward_model, replies: list[str]) -> float:
-        """Mean reward of ``replies`` to the held-out prompts (e.g. an earlier evaluation's, under a refreshed RM)."""
-        correct = [p.check(t) for p, t in zip(self.heldout, replies)]
-        return float(reward_scores(reward_model, self.tokenizer, self.heldout, replies, correct,
-                                   conditions=self.conditions, reward_id=self.reward_id, device=self.device,
-                                   checker_weight=self.cfg.ppo.checker_weight).mean())
+        """Mean score of ``replies`` to the held-out prompts (e.g. an earlier evaluation's, under a refreshed RM)."""
+        seqs = [reward_ids(self.tokenizer, p, t, self.conditions, self.reward_id) for p, t in zip(self.heldout, replies)]
+        return float(score(reward_model, seqs, self.device).mean())
 
     def gather(self, share: Generated, group=None) -> Generated:
         """Every data-parallel rank's share of one batch, in rank order (the whole batch, as one process has it);
@@ -525,12 +522,13 @@ def _iteration(stage: Stage, cfg: PPOStageConfig, actor: Learner, reference, cri
     mine = stage.generate(actor.plain_model(), reward_model, stage.train_prompts.take(start + first, share), key,
                           first, share=True)
     t_generation = time.perf_counter() - t0
-    ro = mine.rollout(stage.tokenizer.pad_id, stage.device)
+    ro = mine.rollout(stage.tokenizer.pad_id, stage.device, cfg.ppo.checker_weight)
     gen = stage.gather(mine, actor.parallel.dp_group)
     perm = torch.Generator().manual_seed(seed_of(cfg, f"{what}_minibatches", index))
     ptx = stage.next_ptx if cfg.ptx.rows and cfg.ppo.ptx_coef > 0 else None
     stats = ppo_iteration(actor, reference, critic, ro, cfg.ppo, perm, ptx, train_actor=train_actor)
     stats["accuracy"] = gen.accuracy()
+    stats["rm_score"] = float(gen.scores.mean())    # the reward model's alone ("score": PPO's, + the checker's term)
     stats["time_generation_s"] = t_generation       # sampling and the reward model's scoring
     return stats, gen
 
