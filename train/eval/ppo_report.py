@@ -58,9 +58,9 @@ def plot_ppo(records: list[dict], out_dir: str) -> dict[str, str]:
 
 
 def checker_weight(run_dir: str) -> float:
-    """The run's ``ppo.checker_weight`` (its ppo_config.json)."""
+    """The run's ``ppo.checker_weight`` (its ppo_config.json, written by every run_ppo before its rounds)."""
     with open(os.path.join(run_dir, "ppo_config.json")) as f:
-        return float(json.load(f)["ppo"].get("checker_weight", 0.0))
+        return float(json.load(f)["ppo"]["checker_weight"])
 
 
 def ppo_summary(state) -> dict:
