@@ -16,6 +16,7 @@ from distributed_harness import (
     LR,
     STEPS,
     assert_close_run,
+    float64_oracle,
     global_loss,
     micro_model,
     rank_batches,
@@ -114,15 +115,15 @@ def test_fsdp_and_zero2_equal_single_process(two_ranks):
     results, _ = two_ranks
     want = reference_run(2)
     for r in results:
-        assert_close_run(r["fsdp"], want)
-        assert_close_run(r["zero2"], want)
+        assert_close_run(r["fsdp"], want, float64_oracle(2))
+        assert_close_run(r["zero2"], want, float64_oracle(2))
 
 
 def test_tensor_parallel_equals_single_process(two_ranks):
     results, _ = two_ranks
     want = reference_run(1)
     for r in results:
-        assert_close_run(r["tp"], want)
+        assert_close_run(r["tp"], want, float64_oracle(1))
     # wqkv is split by KV group: rank r holds groups [r], i.e. rows [r * (g + 2) * D, (r + 1) * (g + 2) * D).
     full = results[0]["tp"][1]["model.layers.0.attention.wqkv.weight"]
     rows = full.shape[0] // 2

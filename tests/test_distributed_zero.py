@@ -12,6 +12,7 @@ from distributed_harness import (
     LR,
     STEPS,
     assert_close_run,
+    float64_oracle,
     global_loss,
     micro_model,
     rank_batches,
@@ -139,7 +140,7 @@ def test_zero_modes_equal_single_process(two_ranks):
     for name in CASES:
         for rank in range(2):
             run, _, buckets = two_ranks[rank][name]
-            assert_close_run(run, want)
+            assert_close_run(run, want, float64_oracle(2))
             assert [n for b in buckets for n in b] == FORWARD_ORDER, name
     on, off = two_ranks[0]["zero1"][0], two_ranks[0]["zero1_blocking"][0]
     assert on[0] == off[0]   # overlap changes when collectives run, not what they compute
@@ -161,13 +162,13 @@ def test_hybrid_shard_groups_and_one_to_four_resharding(tmp_path):
     want, saved_optimizer, (next_loss, next_params) = reference_run(4, checkpoint=str(tmp_path / "one"))
     results = run_ranks(hybrid_case, 4, str(tmp_path / "one"))
     for (run, events, _), (params, moments, masters_match, resumed) in results:
-        assert_close_run(run, want)
+        assert_close_run(run, want, float64_oracle(4))
         assert events and any(e.kind == "all_reduce" for e in events)
         assert all(torch.equal(v, want[1][k]) for k, v in params.items())
         assert all(torch.equal(moments[f"{n}.{k}"], s[k]) for n, s in saved_optimizer["state"].items()
                    for k in ("exp_avg", "exp_avg_sq"))
         assert masters_match   # the fp32 master shards follow the loaded parameters
-        assert_close_run(([resumed[0]], resumed[1]), ([next_loss], next_params))
+        assert_close_run(([resumed[0]], resumed[1]), ([next_loss], next_params), float64_oracle(4, STEPS + 1), STEPS + 1)
 
 
 def test_schedule_overlaps_and_follows_forward_order(two_ranks):
