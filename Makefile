@@ -31,8 +31,11 @@ lint: $(STAMP)
 
 # The suite runs with ATen's best ISA for this CPU (AVX-512 where present); the distributed-equality and CPU-path
 # tests run once more as on an AVX2-only CPU, so a comparison that holds for one ISA only fails here, not elsewhere.
+# AVX2_ONLY caps all three ISA choosers: ATen's kernels, MKL's and oneDNN's, which pick theirs from CPUID and ignore
+# ATEN_CPU_CAPABILITY (under it alone MKL's sgemm ran its AVX-512 path on an Intel Xeon, oneDNN on an AMD EPYC).
 # Each pass compiles into its own inductor cache under build/ (not the machine-wide /tmp one, which other checkouts'
 # runs share), so no compiled kernel of another run or of the other ISA is reused.
+AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 ISA_TESTS := tests/test_cpu_fused.py tests/test_linear_cpu.py tests/test_gemm_choice.py tests/test_decode_step.py \
 	tests/test_attention_cpu.py tests/test_attention_cpu_kernels.py tests/test_decode_attention_cpu.py \
 	tests/test_attention_choice.py tests/test_cross_entropy_cpu.py tests/test_rms_norm_cpu_kernels.py \
@@ -42,7 +45,7 @@ ISA_TESTS := tests/test_cpu_fused.py tests/test_linear_cpu.py tests/test_gemm_ch
 
 test: $(STAMP)
 	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor $(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
-	ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor-avx2 \
+	$(AVX2_ONLY) TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor-avx2 \
 		$(PY) -m pytest -q -n $(PYTEST_WORKERS) $(ISA_TESTS)
 
 # make demo SEED=1 THREADS=2: the seed reaches every stage (pretraining, SFT, reward model, PPO); THREADS empty

@@ -16,8 +16,9 @@ tokens/s(4k) of ours (InternLM2 reports about 40%). MFU counts each document's o
 CPU mode (what ``make demo`` trains): the ``tiny`` preset in float32, 8 documents × 256 and 4 × 1024 tokens per step
 (packed with cu_seqlens for ours, a (documents, length) batch for the peer: the same attention work), forward + backward + grad-norm clip +
 optimizer step (ours: FusedAdamW; the peer: torch's AdamW with ``fused=True`` and clip_grad_norm_), with 1 and with
-2 torch threads. The goal: ours >= 1.3x the peer's tokens/s at each thread count, under the default ISA and under
-ATEN_CPU_CAPABILITY=avx2; extra_info records the CPU model, the ISA and the cpu GEMM choices, the ratio to the peer
+2 torch threads. The goal: ours >= 1.3x the peer's tokens/s at each thread count, under the default ISA and as on an
+AVX2-only CPU (``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2``, the Makefile's
+AVX2_ONLY: MKL and oneDNN ignore ATen's variable); extra_info records the CPU model, the ISA and the cpu GEMM choices, the ratio to the peer
 in wall time (``vs_peer_wall``) and in process CPU time (``vs_peer_cpu``: on a loaded machine the wall time is
 mostly waiting for a core; at one thread the CPU time is the step's work), and the 1-minute load average.
 """

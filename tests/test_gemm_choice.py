@@ -54,6 +54,18 @@ def test_measured_choice_is_cached_per_shape_class(monkeypatch):
     assert all(v in ("onednn", "aten") for v in gemm_choice.choices().values())
 
 
+def test_library_isa_caps_scope_the_choices(monkeypatch):
+    """MKL's and oneDNN's ISA caps (the Makefile's AVX2_ONLY) select other GEMM kernels, so they are part of the
+    scope a measured choice is kept for."""
+    for var in gemm_choice.LIBRARY_ISA_CAPS:
+        monkeypatch.delenv(var, raising=False)
+    model, isa = gemm_choice.cpu_id.__wrapped__()
+    assert isa == torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert gemm_choice.cpu_id.__wrapped__() == (model, f"{isa} MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2")
+
+
 def test_measured_choice_is_kept_on_disk_and_reused(monkeypatch, tmp_path):
     """The first process measures and writes the file; a later one (an empty in-process cache) takes the file's
     choice without timing anything, even one its own timing would not pick."""

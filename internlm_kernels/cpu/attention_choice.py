@@ -9,7 +9,7 @@ path on Intel Xeons and not on that AMD CPU (docs/kernels/cpu.md), so the margin
 GEMMs (cpu/gemm_choice.py), the first call of each *shape class* in a process times both on its own operands (one
 warm-up each, then ``_ROUNDS`` interleaved calls; forward and backward when the call records gradients, else the
 forward; the calling thread's CPU time at one torch thread, wall time with more) and caches the faster for the
-process under (CPU model, ATen ISA, torch threads, shape class). A shape class: head dim, query and KV heads, causal,
+process under (``gemm_choice.cpu_id()``, torch threads, shape class). A shape class: head dim, query and KV heads, causal,
 whether gradients are recorded, and the number of tokens and of documents, each rounded up to a power of two.
 
 ``INTERNLM_KERNELS_CPU_ATTENTION`` pins the choice: ``kernels``, ``sdpa``, or ``measure`` (the default); ``pin(mode)``

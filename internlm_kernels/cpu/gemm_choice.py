@@ -5,7 +5,7 @@ Neither wins everywhere. On an AMD EPYC (Zen 5) MKL does not take its AVX-512 pa
 faster for training-sized products; on Intel Xeons MKL does use AVX-512; and for the few-row products of a decode
 step ATen's call is cheaper on either (docs/kernels/cpu.md). So the first product of each *shape class* in a process
 runs both candidates on its own operands (one warm-up each, then ``_ROUNDS`` interleaved timed calls; the smaller
-minimum wins) and the winner is cached for the process under (CPU model, ATen ISA, torch threads, shape class). A
+minimum wins) and the winner is cached for the process under (``cpu_id()``, torch threads, shape class). A
 call is timed in the calling thread's CPU time when torch runs one thread: on a shared machine wall time also counts
 the time the process waited for a core, which at a load of 4 on 2 cores swung single 2 ms calls by 2-3× and made the
 choice a coin toss (a weight gradient class picked the copy-then-oneDNN path at 4.6 ms over ATen's 2.4 ms); with more
@@ -58,10 +58,16 @@ def aten(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.T
 _IMPLS = {"onednn": onednn, "aten": aten}
 
 
+# MKL and oneDNN choose their kernels from CPUID, not from ATen's capability. Where these variables cap them (with
+# ATEN_CPU_CAPABILITY, a process then runs as on a narrower CPU: the Makefile's AVX2_ONLY), the products are other
+# kernels, so a choice measured under the caps holds only under them.
+LIBRARY_ISA_CAPS = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+
 @functools.cache
 def cpu_id() -> tuple[str, str]:
-    """(CPU model name, the ISA ATen dispatches to): with the thread count, the scope a measured choice is valid
-    for."""
+    """(CPU model name, the ISA the process computes with: ATen's, then MKL's and oneDNN's caps where set): with the
+    thread count, the scope a measured choice is valid for."""
     model = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -71,7 +77,8 @@ def cpu_id() -> tuple[str, str]:
                     break
     except OSError:
         pass
-    return model, torch.backends.cpu.get_cpu_capability()
+    caps = "".join(f" {var}={os.environ[var]}" for var in LIBRARY_ISA_CAPS if os.environ.get(var))
+    return model, torch.backends.cpu.get_cpu_capability() + caps
 
 
 def checked_pin(mode: str | None, modes: tuple) -> str | None:
