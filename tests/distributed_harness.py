@@ -201,19 +201,23 @@ def assert_close_run(got, want, oracle: dict, steps: int = STEPS, rtol: float = 
     (got_losses, got_params), (want_losses, want_params) = got, want
     torch.testing.assert_close(torch.tensor(got_losses), torch.tensor(want_losses), rtol=rtol, atol=0)
     assert got_params.keys() == want_params.keys() == oracle.keys()
-    # Parameters: Adam's first steps move an element by ~lr whatever the size of its gradient, so an element whose
-    # gradient is float noise (another reduction order) can differ by a small fraction of lr: atol = lr / 100.
     for k in want_params:
-        torch.testing.assert_close(got_params[k], want_params[k], rtol=1e-4, atol=LR / 100,
-                                   msg=lambda m, k=k: f"{k}: {m}")
+        got, want, exact = got_params[k].double(), want_params[k].double(), oracle[k]
+        # Element-wise: Adam's first steps move an element by ~lr whatever the size of its gradient, so an element
+        # whose gradient is float noise (another reduction order) can differ by a fraction of lr: within lr / 100
+        # (+ 1e-4 relative) of the exact value, plus twice the float32 reference's own distance from it at that
+        # element (under AVX2-only GEMMs the reference had an element of wo ~1e-4 from it, the tp x dp runs too).
+        bound = LR / 100 + 1e-4 * exact.abs() + 2 * (want - exact).abs()
+        over = (got - exact).abs() > bound
+        assert not over.any(), f"{k}: {int(over.sum())} of {over.numel()} elements farther from the float64 " \
+            f"oracle than lr/100 plus twice the float32 reference's distance, worst {float(((got - exact).abs() - bound).max()):.3g} over"
         # On average no farther from the exact (float64) training than twice the float32 single-process run is
         # (flash-attn's test criterion), plus one float32 rounding (unit roundoff 2^-24) of the parameter and of its
         # ~lr update per step: a floor for a tensor that the reference happens to get almost exact. Float32
         # rounding alone moves the reference's tensors by 1e-8 to 7e-7 on average over these steps, so two float32
         # runs that sum in different orders (ranks, GEMM kernels) differ by about that much again; a wrong gradient
         # or step (a lost micro-batch, a scale) moves them by orders of magnitude more.
-        got_err = (got_params[k].double() - oracle[k]).abs().mean()
-        want_err = (want_params[k].double() - oracle[k]).abs().mean()
-        floor = steps * 2.0 ** -24 * (oracle[k].abs().mean() + LR)
+        got_err, want_err = (got - exact).abs().mean(), (want - exact).abs().mean()
+        floor = steps * 2.0 ** -24 * (exact.abs().mean() + LR)
         assert got_err <= 2 * want_err + floor, \
             f"{k}: mean |error| {float(got_err):.3g}, float32 reference {float(want_err):.3g}, floor {float(floor):.3g}"
