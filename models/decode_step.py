@@ -66,6 +66,12 @@ class DecodeWeights:
             self.head = (model.output.weight * (m.norm.weight * m.norm.weight.shape[0] ** 0.5)).t().contiguous()
 
 
+def _prompt_heads(t: torch.Tensor, token_rows: torch.Tensor | None, P: int, n: int) -> torch.Tensor:
+    """Rows ``token_rows`` (None: all) of t (T, Hkv, [g,] D), the P prompts of n tokens each, as (P, heads, n, D)."""
+    t = t if token_rows is None else t.index_select(0, token_rows)
+    return t.reshape(P, n, -1, t.shape[-1]).transpose(1, 2)
+
+
 class CpuDecodeStep:
     """The per-slot KV cache of ``max_batch`` slots × ``max_seq_len`` positions, the prefill into it (``prefill``) and
     the decode step (``logits``)."""
@@ -102,20 +108,22 @@ class CpuDecodeStep:
         self.weights = W = DecodeWeights(self.model)
         T, D, n_kv, g = ids.shape[0], self.head_dim, self.n_kv, self.group
         f_qkv = n_kv * (g + 2) * D
-        positions = torch.cat([torch.arange(n) for n in lengths])                                # (T,)
-        slot_of = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths))           # (T,)
+        lengths_t = torch.tensor(lengths)
+        ends = lengths_t.cumsum(0)
+        length_of = torch.repeat_interleave(lengths_t, lengths_t)                                # (T,)
+        positions = torch.arange(T) - torch.repeat_interleave(ends - lengths_t, lengths_t)       # (T,)
+        slot_of = torch.repeat_interleave(torch.tensor(slots), lengths_t)                       # (T,)
         cos = self.cos.index_select(0, positions)                                               # (T, D / 2)
         sin = self.sin.index_select(0, positions)
         append_at = (self.row_base.index_select(0, slot_of) + positions[:, None]).flatten()
         groups: dict[int, list[int]] = {}                       # prompt length -> indices of the prompts
         for p, n in enumerate(lengths):
             groups.setdefault(n, []).append(p)
-        starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
-        # Per group: token rows of its prompts (P·L,) in prompt order, and their slots.
-        rows = {n: (torch.cat([torch.arange(starts[p], starts[p] + n) for p in ps]),
-                    torch.tensor([slots[p] for p in ps])) for n, ps in groups.items()}
+        # Per group: token rows of its P prompts (P·L,) in prompt order (None: every row, in order), and P.
+        rows = {n: (None if len(groups) == 1 else (length_of == n).nonzero().squeeze(1), len(ps))
+                for n, ps in groups.items()}
 
-        last = torch.tensor(starts[1:]) - 1
+        last = ends - 1
         h = W.embedding.index_select(0, ids)
         for i, (wa, wo, w13, w2) in enumerate(W.layers):
             eps_attn, eps_ffn = self.eps[i]
@@ -128,13 +136,17 @@ class CpuDecodeStep:
             k_cache.view(-1, D).index_copy_(0, append_at, qk[:, :, g].reshape(T * n_kv, D))
             v_cache.view(-1, D).index_copy_(0, append_at, qkv[:, :, g + 1].reshape(T * n_kv, D))
             out = torch.empty(T, n_kv * g * D)
-            for n, (token_rows, group_slots) in rows.items():
-                P = group_slots.shape[0]
-                q = qk[:, :, :g].index_select(0, token_rows).view(P, n, n_kv * g, D).transpose(1, 2)
-                keys = k_cache.index_select(0, group_slots)[:, :, :n]                 # (P, Hkv, n, D)
-                values = v_cache.index_select(0, group_slots)[:, :, :n]
+            for n, (token_rows, P) in rows.items():
+                # A prompt's keys are its own tokens' (a prefill starts at position 0): this layer's k and v
+                # rows, not a gather from the cache.
+                q = _prompt_heads(qk[:, :, :g], token_rows, P, n)
+                keys, values = _prompt_heads(qk[:, :, g], token_rows, P, n), _prompt_heads(qkv[:, :, g + 1], token_rows, P, n)
                 o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=1.0, enable_gqa=g > 1)
-                out.index_copy_(0, token_rows, o.transpose(1, 2).reshape(P * n, n_kv * g * D))
+                o = o.transpose(1, 2).reshape(P * n, n_kv * g * D)
+                if token_rows is None:                                   # one group: its rows are all, in order
+                    out = o
+                else:
+                    out.index_copy_(0, token_rows, o)
             if i == len(W.layers) - 1:          # past the last attention only the prompts' last tokens matter
                 h, out = h.index_select(0, last), out.index_select(0, last)
             h = h + product(out, wo.t())

@@ -376,10 +376,11 @@ class ContinuousBatchingGenerator:
     def _admit(self) -> list[tuple[int, _Request]]:
         """Move queued requests (in order) into free slots while pages and the prefill budget allow."""
         admitted: list[tuple[int, _Request]] = []
-        prefill = 0
+        prefill, free = 0, -1
         while self._queue:
             req = self._queue[0]
-            free = next((s for s, r in enumerate(self._slots) if r is None), None)
+            # Slots only fill here, so the next free one is past the last one taken.
+            free = next((s for s in range(free + 1, self.max_batch) if self._slots[s] is None), None)
             if free is None or (admitted and prefill + len(req.prompt) > self.prefill_tokens):
                 break
             n_pages = -(-(len(req.prompt) + req.max_new) // self.pool.page_size)
@@ -389,12 +390,19 @@ class ContinuousBatchingGenerator:
             self._queue.popleft()
             req.pages = pages
             self._slots[free] = req
-            row = torch.zeros(self.pages_per_seq, dtype=torch.int32)
-            row[:n_pages] = torch.tensor(pages, dtype=torch.int32)
-            self.block_table[free] = row.to(self.device)
             admitted.append((free, req))
             prefill += len(req.prompt)
+        if admitted:   # the block-table rows of every admitted request in one write
+            rows = [req.pages + [0] * (self.pages_per_seq - len(req.pages)) for _, req in admitted]
+            self.block_table[self._slot_index([slot for slot, _ in admitted])] = torch.tensor(
+                rows, dtype=torch.int32, device=self.device)
         return admitted
+
+    def _slot_index(self, slots: list[int]) -> torch.Tensor | slice:
+        """Rows ``slots`` of the per-slot buffers: a slice when they are consecutive (no gather), else an index."""
+        if slots[-1] - slots[0] == len(slots) - 1 and all(b == a + 1 for a, b in zip(slots, slots[1:])):
+            return slice(slots[0], slots[-1] + 1)
+        return torch.tensor(slots, device=self.device)
 
     def _sample(self, slot_list: list[int], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per row of ``logits`` (row i belongs to slot_list[i]), each request by its own Sampling and
@@ -444,15 +452,16 @@ class ContinuousBatchingGenerator:
             slot_list = [slot for slot, _ in admitted]
             logits = self._prefill(admitted)
             tokens, logprobs = self._sample(slot_list, logits)
-            for (slot, req), token in zip(admitted, tokens):
-                self.cache_seqlens[slot] = len(req.prompt)
-                self.tokens[slot] = token
+            at = self._slot_index(slot_list)
+            self.cache_seqlens[at] = torch.tensor([len(req.prompt) for _, req in admitted], dtype=torch.int32,
+                                                  device=self.device)
+            self.tokens[at] = tokens
             self._take(slot_list, tokens, logprobs, out)
         live = [s for s, r in enumerate(self._slots) if r is not None]
         if live:
             rows = next(b for b in self.buckets if b > live[-1])
             # Live rows 0..n-1 (the usual case) take a slice, not an index.
-            live_t = slice(0, len(live)) if live[-1] == len(live) - 1 else torch.tensor(live, device=self.device)
+            live_t = self._slot_index(live)
             logits = self._decode(rows)
             tokens, logprobs = self._sample(live, logits[live_t])
             self.cache_seqlens[live_t] += 1       # the input token is now in the cache
@@ -533,7 +542,10 @@ def _check_args(prompts, max_new_tokens, temperature, top_p, top_k, stop_token_i
     for i, p in enumerate(prompts):
         if not isinstance(p, (list, tuple)) or not p:
             raise ValueError(f"prompts[{i}] must be a non-empty list of token ids")
-        if not all(isinstance(t, int) and 0 <= t < vocab_size for t in p):
+        # Plain ints (the usual case) are checked by C loops (min, max); anything else token by token.
+        plain = set(map(type, p)) == {int}
+        if not (0 <= min(p) and max(p) < vocab_size if plain else
+                all(isinstance(t, int) and 0 <= t < vocab_size for t in p)):
             raise ValueError(f"prompts[{i}] must hold ints in [0, vocab_size={vocab_size})")
     budgets = [max_new_tokens] if isinstance(max_new_tokens, int) else max_new_tokens
     if (not isinstance(budgets, (list, tuple)) or (not isinstance(max_new_tokens, int) and len(budgets) != len(prompts))
