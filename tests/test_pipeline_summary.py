@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from train.pipeline import split_stage_args
-from train.pipeline.summary import check_summary, pretrain_summary, write_summary
+from train.pipeline.summary import build_summary, check_summary, pretrain_summary, write_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,6 +39,20 @@ def test_pretrain_summary_means_over_depths_per_length():
                    "passkey_final": {"256": pytest.approx(5 / 6), "512": pytest.approx(5 / 6), "1024": 0.5}}
     with pytest.raises(ValueError, match=r"passkey_lengths.*\['1024'\]"):
         pretrain_summary(_probe([256, 512], [[1, 1, 1], [1, 1, 1]]), final)
+
+
+def test_summary_records_the_isa_the_run_computed_with(monkeypatch):
+    """ATen's capability and MKL's / oneDNN's own caps (an AVX2-only emulation sets all three)."""
+    v = _valid()
+    stages = (v["seed"], v["pretrain"], v["sft"], v["reward"], v["ppo"], v["wall_s"], v["threads"])
+    for var in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA"):
+        monkeypatch.delenv(var, raising=False)
+    got = build_summary(*stages)
+    assert got["aten_cpu_capability"] is None and got["library_isa_caps"] == {}
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    got = build_summary(*stages)
+    assert got["aten_cpu_capability"] == "avx2" and got["library_isa_caps"] == {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def test_write_summary_round_trips_atomically(tmp_path):

@@ -14,6 +14,8 @@ import math
 import os
 import platform
 
+from internlm_kernels.cpu.gemm_choice import LIBRARY_ISA_CAPS
+
 SUMMARY_FILE = "summary.json"
 PASSKEY_LENGTHS = ("256", "512", "1024")
 # The demo's bars for the default seed (issue 21): retrieval after the long stage, and what the long stage adds.
@@ -132,6 +134,8 @@ def build_summary(seed: int, pretrain: dict, sft: dict, reward: dict, ppo: dict,
         "seed": seed, "pretrain": pretrain, "sft": sft, "reward": reward, "ppo": ppo,
         "wall_s": {k: round(v, 1) for k, v in wall_s.items()}, "threads": threads, "cpu": cpu_model(),
         "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY") or None,
+        # MKL's and oneDNN's own ISA caps: with ATEN_CPU_CAPABILITY they run the process as on a narrower CPU
+        "library_isa_caps": {var: os.environ[var] for var in LIBRARY_ISA_CAPS if os.environ.get(var)},
     })
 
 
