@@ -135,7 +135,7 @@ class CpuDecodeStep:
             k_cache, v_cache = self.k[i], self.v[i]
             k_cache.view(-1, D).index_copy_(0, append_at, qk[:, :, g].reshape(T * n_kv, D))
             v_cache.view(-1, D).index_copy_(0, append_at, qkv[:, :, g + 1].reshape(T * n_kv, D))
-            out = torch.empty(T, n_kv * g * D)
+            out = torch.empty(T, n_kv * g * D) if len(rows) > 1 else None    # one group's output is used as it is
             for n, (token_rows, P) in rows.items():
                 # A prompt's keys are its own tokens' (a prefill starts at position 0): this layer's k and v
                 # rows, not a gather from the cache.
@@ -143,7 +143,7 @@ class CpuDecodeStep:
                 keys, values = _prompt_heads(qk[:, :, g], token_rows, P, n), _prompt_heads(qkv[:, :, g + 1], token_rows, P, n)
                 o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=1.0, enable_gqa=g > 1)
                 o = o.transpose(1, 2).reshape(P * n, n_kv * g * D)
-                if token_rows is None:                                   # one group: its rows are all, in order
+                if token_rows is None:                                   # its rows are all, in order
                     out = o
                 else:
                     out.index_copy_(0, token_rows, o)

@@ -400,7 +400,7 @@ class ContinuousBatchingGenerator:
 
     def _slot_index(self, slots: list[int]) -> torch.Tensor | slice:
         """Rows ``slots`` of the per-slot buffers: a slice when they are consecutive (no gather), else an index."""
-        if slots[-1] - slots[0] == len(slots) - 1 and all(b == a + 1 for a, b in zip(slots, slots[1:])):
+        if all(b == a + 1 for a, b in zip(slots, slots[1:])):
             return slice(slots[0], slots[-1] + 1)
         return torch.tensor(slots, device=self.device)
 
@@ -460,8 +460,7 @@ class ContinuousBatchingGenerator:
         live = [s for s, r in enumerate(self._slots) if r is not None]
         if live:
             rows = next(b for b in self.buckets if b > live[-1])
-            # Live rows 0..n-1 (the usual case) take a slice, not an index.
-            live_t = self._slot_index(live)
+            live_t = self._slot_index(live)        # rows 0..n-1 (the usual case): a slice
             logits = self._decode(rows)
             tokens, logprobs = self._sample(live, logits[live_t])
             self.cache_seqlens[live_t] += 1       # the input token is now in the cache
